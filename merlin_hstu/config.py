@@ -1,0 +1,128 @@
+"""Typed experiment configuration, loaded from YAML presets shipped in `merlin_hstu/configs/`.
+
+    cfg = load_config("demo")                              # a preset name
+    cfg = load_config("my.yaml", ["train.epochs=3"])       # a file plus dotted overrides
+
+Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from merlin_hstu.hstu import HSTUEncoderConfig
+
+
+@dataclass
+class DataConfig:
+    id_column: str = "user_id"
+    id_kind: str = "user"  # user | session
+    item_column: str = "item_id"
+    action_column: Optional[str] = "action"
+    timestamp_column: Optional[str] = "timestamp"
+    max_history: int = 200  # history window H; the encoder's max_seq_len must be >= H + 1
+    min_length: int = 3  # a user needs 3 events: >= 1 history item, a train target, an eval target
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    betas: tuple = (0.9, 0.98)
+    weight_decay: float = 0.0
+    num_negatives: int = 128
+    temperature: float = 0.05
+    input_dropout: float = 0.2
+    seed: int = 42
+    eval_batch_size: int = 256
+    rank_cap: int = 2500
+    ks: tuple = (10, 50, 200)
+    eval_every: int = 0  # evaluate every n epochs during training (0: only at the end)
+    threads: int = 0  # torch intra-op threads (0: leave torch's default)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "custom"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: HSTUEncoderConfig = field(default_factory=HSTUEncoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for key in ("betas", "ks"):
+            d["train"][key] = list(d["train"][key])
+        return d
+
+
+_SECTIONS = {"data": DataConfig, "model": HSTUEncoderConfig, "train": TrainConfig}
+
+
+def _build(cls, values: dict, where: str):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for key, value in values.items():
+        if names[key].type in ("tuple", tuple) and isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(d: dict) -> ExperimentConfig:
+    d = dict(d or {})
+    unknown = sorted(set(d) - {"name", "description", *_SECTIONS})
+    if unknown:
+        raise ValueError(f"unknown top-level key(s) {unknown}; valid: name, description, data, model, train")
+    sections = {k: _build(cls, d.get(k) or {}, k) for k, cls in _SECTIONS.items()}
+    cfg = ExperimentConfig(name=d.get("name", "custom"), description=d.get("description", ""), **sections)
+    if cfg.model.max_seq_len < cfg.data.max_history + 1:
+        raise ValueError(
+            f"model.max_seq_len={cfg.model.max_seq_len} must be >= data.max_history + 1 = {cfg.data.max_history + 1}"
+        )
+    return cfg
+
+
+def preset_names() -> list:
+    return sorted(p.name[:-5] for p in resources.files("merlin_hstu.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _parse_override(text: str) -> tuple:
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value (e.g. train.epochs=3)")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def load_config(name_or_path: str | Path = "demo", overrides: Sequence[str] = ()) -> ExperimentConfig:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text())
+    else:
+        name = str(name_or_path)
+        if name not in preset_names():
+            raise ValueError(f"unknown preset {name!r}; presets: {preset_names()} (or pass a .yaml path)")
+        raw = yaml.safe_load(resources.files("merlin_hstu.configs").joinpath(f"{name}.yaml").read_text())
+    raw = raw or {}
+    for override in overrides:
+        keys, value = _parse_override(override)
+        node: Any = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return config_from_dict(raw)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,201 @@
+"""Feature roles -> column names, Merlin tags and properties: the one place they are defined.
+
+A processed dataset (see `merlin_hstu.workflows.session_workflow`) is one row per user or session:
+
+| role          | column             | tags                                | dtype                   |
+|---------------|--------------------|-------------------------------------|-------------------------|
+| user id       | raw name, e.g. `user_id`    | USER, ID  (Tags.USER_ID)   | raw dtype (not encoded) |
+| session id    | raw name, e.g. `session_id` | SESSION, ID (Tags.SESSION_ID) | raw dtype            |
+| item          | `item_id-list`     | ITEM, ID, LIST, CATEGORICAL         | int64 list, Categorify  |
+| action        | `action-list`      | LIST, CATEGORICAL                   | int64 list, Categorify  |
+| timestamp     | `timestamp-list`   | LIST, TIME, CONTINUOUS              | int64 list, unix seconds|
+| length        | `length`           | (none: not a model feature)         | int64                   |
+| interleaved   | `interleaved-list` | LIST (deliberately not CATEGORICAL) | int64 list              |
+
+Merlin has no tag for "action" (or "length", "interleaved"), so every column also carries the property
+`{"merlin_hstu_role": <role>}`; lookups below use that property first and fall back to tags, so schemas
+made by other tools (e.g. a T4R schema with an ITEM_ID list) still resolve.
+
+Categorify layout (NVTabular 23.08, checked in `nvtabular/ops/categorify.py`: PAD_OFFSET=0, NULL_OFFSET=1,
+OOV_OFFSET=2, uniques written from index 3): 0 = padding, 1 = null, 2 = out-of-vocabulary, real values 3..
+`int_domain.max + 1` is therefore the embedding-table size, and padding_idx = 0 everywhere.
+
+The interleaved column (only when interleaving is on) is [i1, a1 + K, i2, a2 + K, ...] with
+K = item cardinality = item `int_domain.max + 1`, stored as property `action_token_offset`. It is not tagged
+CATEGORICAL on purpose: T4R's `TabularSequenceFeatures.from_schema` concatenates every CATEGORICAL list
+position-wise, and this list is twice as long as the others.
+
+Note: schema properties round-trip through schema.pbtxt as protobuf Struct numbers, i.e. floats; read
+integer properties through the helpers here (`action_token_offset`, `embedding_table_size`).
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from merlin.schema import ColumnSchema, Schema, Tags
+
+# ---- canonical column names ---------------------------------------------------------------------------
+ITEM_LIST = "item_id-list"
+ACTION_LIST = "action-list"
+TIMESTAMP_LIST = "timestamp-list"
+LENGTH = "length"
+INTERLEAVED_LIST = "interleaved-list"  # only when interleaving is on
+
+# ---- roles ------------------------------------------------------------------------------------------
+ACTION_PROPERTY = "merlin_hstu_role"  # ColumnSchema property naming a column's role, e.g. {"merlin_hstu_role": "action"}
+ROLE_PROPERTY = ACTION_PROPERTY  # same key; the clearer name for non-action roles
+
+ROLE_USER_ID = "user_id"
+ROLE_SESSION_ID = "session_id"
+ROLE_ITEM = "item"
+ROLE_ACTION = "action"
+ROLE_TIMESTAMP = "timestamp"
+ROLE_LENGTH = "length"
+ROLE_INTERLEAVED = "interleaved"
+
+#: exact tag set each role's column carries (tags are replaced, not merged, so nothing leaks from the source)
+ROLE_TAGS: Dict[str, Tuple[Tags, ...]] = {
+    ROLE_USER_ID: (Tags.USER, Tags.ID),
+    ROLE_SESSION_ID: (Tags.SESSION, Tags.ID),
+    ROLE_ITEM: (Tags.ITEM, Tags.ID, Tags.LIST, Tags.CATEGORICAL),
+    ROLE_ACTION: (Tags.LIST, Tags.CATEGORICAL),
+    ROLE_TIMESTAMP: (Tags.LIST, Tags.TIME, Tags.CONTINUOUS),
+    ROLE_LENGTH: (),
+    ROLE_INTERLEAVED: (Tags.LIST,),
+}
+
+# ---- other properties ---------------------------------------------------------------------------------
+ACTION_TOKEN_OFFSET_PROPERTY = "action_token_offset"  # interleaved-list: action token = action id + offset
+TIME_UNIT_PROPERTY = "time_unit"  # timestamp-list: always "s" (unix seconds)
+
+# Categorify (NVTabular 23.08) reserved ids
+PADDING_ID = 0
+NULL_ID = 1
+OOV_ID = 2
+FIRST_REAL_ID = 3
+
+
+class SchemaRoleError(ValueError):
+    """A schema lacks a required role column, or has more than one candidate for a role."""
+
+
+def with_role(column: ColumnSchema, role: str, extra_properties: Optional[dict] = None) -> ColumnSchema:
+    """Return `column` with exactly the tags of `role` and the role property set.
+
+    Tags are replaced rather than merged: a Groupby output inherits its source column's tags, and a stray
+    ID tag on e.g. a count column would make item-id lookups ambiguous.
+    """
+    if role not in ROLE_TAGS:
+        raise ValueError(f"unknown role {role!r}; known roles: {sorted(ROLE_TAGS)}")
+    properties = {**column.properties, ROLE_PROPERTY: role, **(extra_properties or {})}
+    properties.pop("value_count", None)  # re-derived from the shape below; a stale copy would conflict
+    return ColumnSchema(
+        column.name,
+        tags=list(ROLE_TAGS[role]),
+        properties=properties,
+        dtype=column.dtype,
+        is_list=column.is_list,
+        is_ragged=column.is_ragged,
+        dims=column.shape.as_tuple if column.shape.dims is not None else None,
+    )
+
+
+def _columns_with_role(schema: Schema, role: str) -> List[str]:
+    return [c.name for c in schema if c.properties.get(ROLE_PROPERTY) == role]
+
+
+def _is_list(column: ColumnSchema) -> bool:
+    return bool(column.is_list) or Tags.LIST in column.tags or Tags.SEQUENCE in column.tags
+
+
+def _columns_with_tags(schema: Schema, tags: Iterable[Tags], list_only: bool) -> List[str]:
+    wanted = set(tags)
+    return [c.name for c in schema if wanted <= set(c.tags) and (_is_list(c) or not list_only)]
+
+
+def _find(schema: Schema, role: str, fallback_tags: Optional[Iterable[Tags]], required: bool) -> Optional[str]:
+    """Find the single column of `role`: by role property first, then by tags (list columns only)."""
+    names = _columns_with_role(schema, role)
+    how = f"property {ROLE_PROPERTY}={role!r}"
+    if not names and fallback_tags is not None:
+        names = _columns_with_tags(schema, fallback_tags, list_only=True)
+        how = "tags " + "+".join(t.value for t in fallback_tags) + " on a list column"
+    if len(names) > 1:
+        raise SchemaRoleError(
+            f"ambiguous {role} column: {names} all match {how}. Keep one, or set "
+            f"properties {{{ROLE_PROPERTY!r}: {role!r}}} on exactly one column."
+        )
+    if names:
+        return names[0]
+    if required:
+        raise SchemaRoleError(
+            f"no {role} column in schema (columns: {schema.column_names}). Expected a list column with "
+            f"property {ROLE_PROPERTY}={role!r}"
+            + (f" or tags {'+'.join(t.value for t in fallback_tags)}" if fallback_tags else "")
+            + "; produce the dataset with merlin_hstu.workflows.session_workflow.preprocess."
+        )
+    return None
+
+
+def item_list_column(schema: Schema) -> str:
+    """Name of the item-id sequence column (required)."""
+    return _find(schema, ROLE_ITEM, (Tags.ITEM, Tags.ID), required=True)
+
+
+def action_list_column(schema: Schema) -> Optional[str]:
+    """Name of the action sequence column, or None. Merlin has no action tag: found by role property only."""
+    return _find(schema, ROLE_ACTION, None, required=False)
+
+
+def timestamp_list_column(schema: Schema) -> Optional[str]:
+    """Name of the timestamp sequence column (unix seconds), or None."""
+    return _find(schema, ROLE_TIMESTAMP, (Tags.TIME,), required=False)
+
+
+def interleaved_list_column(schema: Schema) -> Optional[str]:
+    """Name of the interleaved item/action token column, or None when interleaving was off."""
+    return _find(schema, ROLE_INTERLEAVED, None, required=False)
+
+
+def length_column(schema: Schema) -> Optional[str]:
+    """Name of the per-row event-count column, or None."""
+    return _find(schema, ROLE_LENGTH, None, required=False)
+
+
+def id_column(schema: Schema) -> Optional[str]:
+    """Name of the user or session id column (role property, then USER_ID / SESSION_ID tags), or None."""
+    names = _columns_with_role(schema, ROLE_USER_ID) + _columns_with_role(schema, ROLE_SESSION_ID)
+    if not names:
+        names = [
+            c.name
+            for c in schema
+            if not _is_list(c) and Tags.ID in c.tags and (Tags.USER in c.tags or Tags.SESSION in c.tags)
+        ]
+    if len(names) > 1:
+        raise SchemaRoleError(f"ambiguous user/session id column: {names}; keep exactly one.")
+    return names[0] if names else None
+
+
+def embedding_table_size(schema: Schema, column: str) -> int:
+    """Rows an embedding table for categorical `column` needs: int_domain.max + 1 (ids 0..max)."""
+    domain = schema[column].int_domain
+    if domain is None or domain.max is None:
+        raise SchemaRoleError(
+            f"column {column!r} has no int_domain.max; it must come from a fitted Categorify "
+            "(run merlin_hstu.workflows.session_workflow.preprocess)."
+        )
+    return int(domain.max) + 1
+
+
+def action_token_offset(schema: Schema) -> int:
+    """K in the interleaved encoding: action token = encoded action id + K (K = item cardinality)."""
+    name = interleaved_list_column(schema)
+    if name is None:
+        raise SchemaRoleError(
+            f"no {ROLE_INTERLEAVED} column in schema (columns: {schema.column_names}); "
+            "preprocess with SessionWorkflowConfig(interleave_actions=True)."
+        )
+    value = schema[name].properties.get(ACTION_TOKEN_OFFSET_PROPERTY)
+    if value is None:
+        raise SchemaRoleError(f"column {name!r} lacks property {ACTION_TOKEN_OFFSET_PROPERTY!r}")
+    return int(value)

@@ -1,0 +1,167 @@
+"""Retrieval training and evaluation loops (reference protocol), plus run directories on disk.
+
+A run directory holds:
+    config.yaml      the ExperimentConfig used
+    model.pt         {"model_config": RetrievalModelConfig dict, "state_dict": ...}
+    metrics.json     final metrics of the model and of the most-popular baseline, per-epoch losses
+It is written to a temporary sibling and renamed, so a directory that exists is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from merlin_hstu.baselines import MostPopular
+from merlin_hstu.config import ExperimentConfig, dump_config, load_config
+from merlin_hstu.data import LeaveOneOut, SequenceTable, history_window, train_sequences
+from merlin_hstu.metrics import RetrievalMetricAccumulator, target_ranks
+from merlin_hstu.retrieval import (
+    HSTURetrievalModel,
+    RetrievalModelConfig,
+    SampledSoftmaxConfig,
+    next_item_training_loss,
+)
+
+
+@dataclass
+class TrainResult:
+    model: HSTURetrievalModel
+    split: LeaveOneOut
+    metrics: dict  # {"HSTU": {...}, "most-popular": {...}}
+    epoch_losses: list = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def build_model(table: SequenceTable, cfg: ExperimentConfig) -> HSTURetrievalModel:
+    model_cfg = RetrievalModelConfig(num_items=table.num_items, encoder=cfg.model, input_dropout=cfg.train.input_dropout)
+    return HSTURetrievalModel(model_cfg)
+
+
+def _invalid_ids(table: SequenceTable) -> tuple:
+    return tuple(range(table.first_item_id))
+
+
+@torch.no_grad()
+def evaluate_model(model: HSTURetrievalModel, split: LeaveOneOut, cfg: ExperimentConfig,
+                   progress: bool = False) -> dict:
+    """HR/NDCG@K and MRR on the eval samples (last item per user), all catalogue items scored."""
+    model.eval()
+    acc = RetrievalMetricAccumulator(ks=cfg.train.ks)
+    batches = split.batches(split.eval, cfg.train.eval_batch_size)
+    total = split.num_batches(split.eval, cfg.train.eval_batch_size)
+    for batch in tqdm(batches, total=total, desc="evaluate", leave=False, disable=not progress):
+        scores = model.score_all_items(batch["ids"], batch["lengths"], batch.get("timestamps"))
+        acc.update(target_ranks(scores, batch["targets"], history_window(batch),
+                                invalid_ids=_invalid_ids(split.table), rank_cap=cfg.train.rank_cap))
+    return acc.compute()
+
+
+def evaluate_most_popular(split: LeaveOneOut, cfg: ExperimentConfig) -> dict:
+    """The same protocol with every user scored by training-set popularity."""
+    baseline = MostPopular().fit(train_sequences(split.train), num_items=split.table.num_items)
+    acc = RetrievalMetricAccumulator(ks=cfg.train.ks)
+    for batch in split.batches(split.eval, cfg.train.eval_batch_size):
+        scores = baseline.scores(batch["ids"].shape[0])
+        acc.update(target_ranks(scores, batch["targets"], history_window(batch),
+                                invalid_ids=_invalid_ids(split.table), rank_cap=cfg.train.rank_cap))
+    return acc.compute()
+
+
+def train_retrieval(table: SequenceTable, cfg: ExperimentConfig, progress: bool = True,
+                    log: Callable[[str], None] = print, model_name: str = "HSTU") -> TrainResult:
+    """Train an HSTU retrieval model with sampled softmax; evaluate it and the most-popular baseline."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    split = LeaveOneOut(table, max_history=cfg.data.max_history)
+    if len(split.train.lengths) == 0:
+        raise ValueError("no user has the >= 3 events a leave-one-out train sample needs")
+    model = build_model(table, cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, betas=tuple(cfg.train.betas),
+                                  weight_decay=cfg.train.weight_decay)
+    loss_cfg = SampledSoftmaxConfig(cfg.train.num_negatives, cfg.train.temperature)
+    shuffle_gen = torch.Generator().manual_seed(cfg.train.seed)
+    negative_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    pool = table.candidate_ids
+    steps_per_epoch = split.num_batches(split.train, cfg.train.batch_size)
+    epoch_losses, metrics = [], {}
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.train.epochs * steps_per_epoch, desc=f"train {model_name}", unit="step", disable=not progress)
+    for epoch in range(cfg.train.epochs):
+        model.train()
+        total, count = 0.0, 0
+        for batch in split.batches(split.train, cfg.train.batch_size, shuffle=True, generator=shuffle_gen):
+            loss = next_item_training_loss(model, batch, pool, loss_cfg, negative_gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, count = total + loss.item(), count + 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        epoch_losses.append(total / max(count, 1))
+        if cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0 and epoch + 1 < cfg.train.epochs:
+            m = evaluate_model(model, split, cfg)
+            log(f"epoch {epoch + 1}: loss {epoch_losses[-1]:.4f}  " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
+    bar.close()
+    train_seconds = time.perf_counter() - start
+    metrics[model_name] = evaluate_model(model, split, cfg, progress=progress)
+    metrics["most-popular"] = evaluate_most_popular(split, cfg)
+    return TrainResult(model, split, metrics, epoch_losses, train_seconds)
+
+
+# --- run directories ------------------------------------------------------------------------------
+def _atomic_dir(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+def save_run(run_dir: str | Path, result: TrainResult, cfg: ExperimentConfig, extra: Optional[dict] = None) -> Path:
+    final = Path(run_dir)
+    tmp = _atomic_dir(final)
+    try:
+        (tmp / "config.yaml").write_text(dump_config(cfg))
+        torch.save({"model_config": result.model.config.to_dict(), "state_dict": result.model.state_dict()},
+                   tmp / "model.pt")
+        record = {"metrics": result.metrics, "epoch_losses": result.epoch_losses,
+                  "train_seconds": result.train_seconds, **(extra or {})}
+        (tmp / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_run(run_dir: str | Path) -> tuple:
+    """-> (HSTURetrievalModel in eval mode, ExperimentConfig, metrics record)."""
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "model.pt"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir} is not a merlin-hstu run directory: {name} is missing")
+    cfg = load_config(run_dir / "config.yaml")
+    blob = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    model = HSTURetrievalModel(RetrievalModelConfig.from_dict(blob["model_config"]))
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    metrics_path = run_dir / "metrics.json"
+    record = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    return model, cfg, record
