@@ -185,16 +185,23 @@ class HSTUEncoder(nn.Module):
         the time at which the prediction after each sequence's last event is made (the target's timestamp;
         defaults to the last event's time).  Returns [T, D]."""
         lengths = offsets[1:] - offsets[:-1]
-        width = int(lengths.max()) + 1 if lengths.numel() else 1  # +1 slot holds the query time
-        token_mask = torch.arange(width, device=values.device).unsqueeze(0) < lengths.unsqueeze(1)
+        max_len = int(lengths.max()) if lengths.numel() else 0
+        # One slot past the longest sequence holds its query time; a sequence of exactly N tokens has no such
+        # slot inside the bias table, so its last row reuses its own timestamp, as the reference does.
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"a sequence of {max_len} tokens exceeds max_seq_len={self.config.max_seq_len}; "
+                             "raise HSTUEncoderConfig.max_seq_len or truncate the sequences")
+        width = min(max_len + 1, self.config.max_seq_len)
+        token_mask = torch.arange(max_len + 1, device=values.device).unsqueeze(0) < lengths.unsqueeze(1)
         padded_times = None
         if timestamps is not None:
-            padded_times = timestamps.new_zeros(lengths.shape[0], width).index_put((token_mask,), timestamps)
+            padded_times = timestamps.new_zeros(lengths.shape[0], max_len + 1).index_put((token_mask,), timestamps)
             if query_timestamps is None:
                 last = (lengths - 1).clamp(min=0)
                 query_timestamps = padded_times.gather(1, last.unsqueeze(1)).squeeze(1)
             padded_times = padded_times.scatter(1, lengths.unsqueeze(1), query_timestamps.to(padded_times.dtype).unsqueeze(1))
-        return self._run(values, token_mask, lengths, padded_times)
+            padded_times = padded_times[:, :width]
+        return self._run(values, token_mask[:, :width], lengths, padded_times)
 
     # --- right-padded ----------------------------------------------------------------------------
     def forward(

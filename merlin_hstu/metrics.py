@@ -10,10 +10,11 @@ Protocol, per user b with target item y_b and history window h_b (the <= 200 ids
 * HR@K = [rank <= K],  NDCG@K = [rank <= K] / log2(rank + 1)  (one relevant item, so IDCG = 1),
   MRR = 1 / rank  (a missing target still adds 1 / (rank_cap + 1)), each averaged over users.
 
-Tie rule: only items with a *strictly* higher score are counted, i.e. the target wins every tie (optimistic).
-The reference uses ``torch.topk``, whose order among equal scores is unspecified, so the two agree whenever scores
-are distinct.  Caveat: a model with constant scores gets rank 1 for everyone under this rule; continuous model
-scores practically never tie, and count-based scores (most-popular) tie only among equally counted items.
+Tie rule: ties are broken by item id, as a stable sort by (-score, id) would order them: an item is ahead of the
+target when its score is higher, or equal with a smaller id.  The reference's ``torch.topk`` leaves the order of
+equal scores unspecified, so the two agree whenever scores are distinct.  Breaking ties by id (rather than in the
+target's favour) keeps a degenerate model honest: constant scores do not give everyone rank 1.  It is also the
+order ``MostPopular.recommend`` uses, so count ties rank the same way in metrics and in recommendations.
 """
 from __future__ import annotations
 
@@ -93,10 +94,12 @@ def target_ranks(
                              f"[{int(history.min())}, {int(history.max())}]")
         excluded.scatter_(1, history, True)
         # No need to un-exclude the target when it is in its own history: the count below only looks at items
-        # scored strictly above the target, which never includes the target itself, so it is always ranked.
+        # ordered strictly ahead of the target, which never includes the target itself, so it is always ranked.
 
     target_scores = scores.gather(1, targets[:, None])
-    ranks = ((scores > target_scores) & ~excluded).sum(dim=1) + 1
+    ids = torch.arange(num_items, device=scores.device).unsqueeze(0)
+    ahead = (scores > target_scores) | ((scores == target_scores) & (ids < targets[:, None]))
+    ranks = (ahead & ~excluded).sum(dim=1) + 1
     if rank_cap is not None:
         ranks = ranks.clamp(max=rank_cap + 1)
     return ranks.long()

@@ -167,6 +167,42 @@ class HSTUModel(PreTrainedModel):
         if module is self.position_embeddings:
             nn.init.xavier_normal_(module.weight)
 
+    def _check_time_inputs(self, timestamps: Optional[torch.Tensor]) -> None:
+        config = self.config
+        if config.time_bias and timestamps is None:
+            raise ValueError(
+                "HSTUModel was built with time_bias=True but got no timestamps; in T4R use "
+                "HSTUSequenceFeatures.from_schema(..., timestamp_column=...) with masking='hstu-clm', "
+                "or build the encoder with time_bias=False (registry key 'hstu')"
+            )
+        if timestamps is not None and not config.time_bias:
+            raise ValueError(
+                "HSTUModel got timestamps but was built with time_bias=False, so they would be "
+                "ignored; build it with time_bias=True (registry key 'hstu-time', or "
+                "T4RecHSTUConfig.build(..., time_bias=True))"
+            )
+
+    def _check_shapes(self, inputs_embeds: torch.Tensor, timestamps: Optional[torch.Tensor]) -> None:
+        config = self.config
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"HSTUModel expects inputs_embeds [batch, seq, hidden_size={config.hidden_size}], got "
+                f"{tuple(inputs_embeds.shape)}; project the features to hidden_size (T4R: d_output=)"
+            )
+        width = inputs_embeds.shape[1]
+        if width > config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {width} exceeds HSTUConfig.max_position_embeddings="
+                f"{config.max_position_embeddings}; raise it (T4R: total_seq_length=) or set "
+                "max_sequence_length on the T4R model/trainer to truncate"
+            )
+        if timestamps is not None:
+            if timestamps.shape != inputs_embeds.shape[:2]:
+                raise ValueError(
+                    f"timestamps must be [batch, seq] = {tuple(inputs_embeds.shape[:2])}, got "
+                    f"{tuple(timestamps.shape)}"
+                )
+
     def forward(
         self,
         inputs_embeds: torch.Tensor,
@@ -176,37 +212,10 @@ class HSTUModel(PreTrainedModel):
         """inputs_embeds [B, W, D] right-padded; lengths [B] real positions per row (default: all W);
         timestamps [B, W] event times of the item embedded at each position (query time of row i is
         timestamps[i+1], see `HSTUEncoder.forward`).  Returns (hidden [B, W, D],), zeros past lengths."""
-        config = self.config
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-            raise ValueError(
-                f"HSTUModel expects inputs_embeds [batch, seq, hidden_size={config.hidden_size}], got "
-                f"{tuple(inputs_embeds.shape)}; project the features to hidden_size (T4R: d_output=)"
-            )
-        batch, width = inputs_embeds.shape[0], inputs_embeds.shape[1]
-        if width > config.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {width} exceeds HSTUConfig.max_position_embeddings="
-                f"{config.max_position_embeddings}; raise it (T4R: total_seq_length=) or set "
-                "max_sequence_length on the T4R model/trainer to truncate"
-            )
-        if config.time_bias and timestamps is None:
-            raise ValueError(
-                "HSTUModel was built with time_bias=True but got no timestamps; in T4R use "
-                "HSTUSequenceFeatures.from_schema(..., timestamp_column=...) with masking='hstu-clm', "
-                "or build the encoder with time_bias=False (registry key 'hstu')"
-            )
-        if timestamps is not None:
-            if not config.time_bias:
-                raise ValueError(
-                    "HSTUModel got timestamps but was built with time_bias=False, so they would be "
-                    "ignored; build it with time_bias=True (registry key 'hstu-time', or "
-                    "T4RecHSTUConfig.build(..., time_bias=True))"
-                )
-            if timestamps.shape != inputs_embeds.shape[:2]:
-                raise ValueError(
-                    f"timestamps must be [batch, seq] = {tuple(inputs_embeds.shape[:2])}, got "
-                    f"{tuple(timestamps.shape)}"
-                )
+        self._check_time_inputs(timestamps)
+        if not torch.jit.is_tracing():  # shape checks would only bake constants (and warn) into a trace
+            self._check_shapes(inputs_embeds, timestamps)
+        width = inputs_embeds.shape[1]
         x = inputs_embeds
         if self.position_embeddings is not None:
             positions = torch.arange(width, device=x.device)
@@ -320,7 +329,7 @@ class HSTUCausalLanguageModeling(CausalLanguageModeling):
         self.lengths = lengths
         self.timestamps = None
         if timestamps is not None:
-            if timestamps.shape != item_ids.shape:
+            if not torch.jit.is_tracing() and timestamps.shape != item_ids.shape:
                 raise ValueError(
                     f"timestamp sequence shape {tuple(timestamps.shape)} differs from the item-id "
                     f"sequence shape {tuple(item_ids.shape)}; both lists must be padded/truncated to "
@@ -422,7 +431,7 @@ class HSTUSequenceFeatures(TabularSequenceFeatures):
                     f"input {self.timestamp_column!r} (event timestamps for HSTU) is missing"
                     + ("; it is still ragged: call the tr.Model (which pads) or pad it to [batch, seq]" if ragged else "")
                 )
-            if timestamps.dim() != 2:
+            if not torch.jit.is_tracing() and timestamps.dim() != 2:
                 raise ValueError(
                     f"input {self.timestamp_column!r} must be a padded [batch, seq] tensor, got shape "
                     f"{tuple(timestamps.shape)}"

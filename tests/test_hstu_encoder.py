@@ -619,7 +619,10 @@ def test_seeded_forward_is_bit_reproducible():
         lengths_list = [len(e) for e, _ in SEQUENCES]
         tokens = make_tokens(lengths_list, cfg.embedding_dim, seed=seed)
         x, lengths, ts = pad_batch(tokens, SEQUENCES, width=max(lengths_list) + 1, seed=seed)
-        return enc(x, lengths, ts)
+        train_out = enc(x, lengths, ts)
+        # Dropout really acts in train mode (and is off in eval, which the parity tests rely on).
+        assert max_diff(train_out, enc.eval()(x, lengths, ts)) > 1e-6
+        return train_out
 
     first, second = run(31), run(31)
     assert torch.equal(first, second)

@@ -20,7 +20,7 @@ def brute_force_ranks(scores, targets, history, invalid_ids, rank_cap):
     """Independent oracle: build the ranked list explicitly and look the target up in it.
 
     Candidates are all ids except invalid ones and history ids (the target always stays).  They are sorted by
-    descending score with the target placed first among equal scores (the documented tie rule); the rank is the
+    descending score, equal scores by ascending id (the documented tie rule); the rank is the
     1-based position in the first `rank_cap` entries, or rank_cap + 1 if the target is not among them.
     """
     out = []
@@ -29,7 +29,7 @@ def brute_force_ranks(scores, targets, history, invalid_ids, rank_cap):
         hist = {int(h) for h in history[b]} if history is not None else set()
         candidates = [j for j in range(scores.shape[1])
                       if j not in invalid_ids and (j not in hist or j == target)]
-        candidates.sort(key=lambda j: (-float(scores[b, j]), j != target))
+        candidates.sort(key=lambda j: (-float(scores[b, j]), j))
         top = candidates if rank_cap is None else candidates[:rank_cap]
         out.append(top.index(target) + 1 if target in top else rank_cap + 1)
     return out
@@ -109,9 +109,14 @@ def test_invalid_ids_are_never_ranked() -> None:
         target_ranks(scores, torch.tensor([1]), None, invalid_ids=(0, 1))
 
 
-def test_ties_favour_the_target() -> None:
+def test_ties_are_broken_by_item_id() -> None:
     scores = torch.tensor([[0.0, 2.0, 1.0, 1.0, 1.0]])
-    assert target_ranks(scores, torch.tensor([3]), None).item() == 2  # only id 1 is strictly higher
+    # id 1 is higher; id 2 ties with target 3 and has the smaller id; id 4 ties but comes after
+    assert target_ranks(scores, torch.tensor([3]), None).item() == 3
+    assert target_ranks(scores, torch.tensor([2]), None).item() == 2
+    # a degenerate constant-score model does not get rank 1 for everyone
+    flat = torch.zeros(2, 100)
+    assert target_ranks(flat, torch.tensor([50, 99]), None).tolist() == [50, 99]  # ids 1.. ahead; 0 is invalid
 
 
 def test_bad_inputs_are_named() -> None:

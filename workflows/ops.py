@@ -8,8 +8,8 @@ Two ops, both on the single chain of the workflow (see session_workflow.py):
   Doing all of it in one op keeps the workflow single-branch: on CPU, merlin.dag re-executes a Groupby once
   for every branch that selects from its output (merlin-integration.md section 5).
 
-Both ops pass columns through by name, so they must sit in the workflow at importable module paths
-(`merlin_hstu.workflows.ops`): a saved workflow pickles them by reference.
+Both live at an importable path (`merlin_hstu.workflows.ops`) because a saved workflow pickles them by
+reference; the Triton python backend that serves a workflow imports them from there.
 """
 from __future__ import annotations
 

@@ -169,8 +169,11 @@ def read_event_log(path_or_df: Union[PathLike, pd.DataFrame], config: Optional[S
 def _read_file(path: Path, config: SessionWorkflowConfig) -> pd.DataFrame:
     if not path.exists():
         raise EventLogError(f"event log {str(path)!r} does not exist")
-    if path.is_dir():
-        return pd.read_parquet(path)
+    if path.is_dir():  # e.g. an NVTabular output: part_*.parquet next to schema.pbtxt / _metadata
+        parts = sorted(path.glob("*.parquet"), key=lambda p: (len(p.name), p.name))
+        if not parts:
+            raise EventLogError(f"directory {str(path)!r} holds no *.parquet files")
+        return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in _COMPRESSION_SUFFIXES:
         suffixes = suffixes[:-1]
@@ -191,7 +194,7 @@ def _sniff_separator(path: Path) -> str:
     openers = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
     suffix = path.suffix.lower()
     if suffix == ".zst":
-        return ","  # no stdlib zstd reader: let pandas default apply; set csv_separator explicitly if needed
+        raise EventLogError(f"cannot sniff the separator of {str(path)!r}: set SessionWorkflowConfig.csv_separator")
     opener = openers.get(suffix, open)
     with opener(path, "rb") as raw:
         header = io.TextIOWrapper(raw, encoding="utf-8", errors="replace").readline()
@@ -312,6 +315,10 @@ def _check_id_dtype(series: pd.Series, col: str, fld: str) -> None:
         raise EventLogError(
             f"column {col!r} ({fld}) has dtype {dtype}; ids must be integers or strings. Fix: cast it, e.g. "
             f"df[{col!r}] = df[{col!r}].astype('int64') (or .astype(str)); float ids usually mean missing values."
+        )
+    if pd.api.types.is_unsigned_integer_dtype(dtype) and series.max() > np.iinfo(np.int64).max:
+        raise EventLogError(
+            f"column {col!r} ({fld}) has unsigned ids beyond the int64 range. Fix: df[{col!r}] = df[{col!r}].astype(str)."
         )
     if dtype == object or pd.api.types.is_string_dtype(dtype):
         kind = pd.api.types.infer_dtype(series, skipna=False)

@@ -1,0 +1,16 @@
+"""Shared pytest fixtures (keep this file minimal: every test module sees it)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The staged real datasets (/work/shared/data next to the repository); skips the test if absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared datasets not found at {SHARED_DATA}; they live next to the repository in shared/data")
+    return SHARED_DATA
