@@ -60,11 +60,11 @@ def _workflow_config(cfg):
                                  max_length=d.max_history + 2, min_length=d.min_length)
 
 
-def _preprocess(source, output: Path, cfg):
+def _preprocess(source, output: Path, cfg, overwrite: bool):
     from merlin_hstu.workflows.session_workflow import preprocess
 
     t0 = time.perf_counter()
-    result = preprocess(source, output, _workflow_config(cfg))
+    result = preprocess(source, output, _workflow_config(cfg), overwrite=overwrite)
     print(f"preprocessed {result.num_rows:,} sequences with NVTabular in {time.perf_counter() - t0:.1f} s -> {output}")
     return result
 
@@ -80,7 +80,7 @@ def cmd_presets(args) -> int:
 
 def cmd_preprocess(args) -> int:
     cfg = _load_cfg(args)
-    _preprocess(args.input, Path(args.output), cfg)
+    _preprocess(args.input, Path(args.output), cfg, overwrite=args.overwrite)
     return 0
 
 
@@ -149,13 +149,13 @@ def cmd_demo(args) -> int:
               f"{events[cfg.data.id_column].nunique():,} users, {events[cfg.data.item_column].nunique():,} items "
               f"-> {source}")
     print("[2/5] NVTabular: sessionize, Categorify, truncate, tag")
-    processed = _preprocess(source, out / "dataset", cfg)
+    processed = _preprocess(source, out / "dataset", cfg, overwrite=True)
     print("[3/5] training HSTU (sampled softmax) and the most-popular baseline")
     table, result = _train_and_report(out / "dataset", out / "run", cfg, progress=not args.no_progress)
     hstu, pop = result.metrics["HSTU"]["hr@10"], result.metrics["most-popular"]["hr@10"]
     ratio = hstu / pop if pop > 0 else float("inf")
     print(f"HSTU HR@10 / most-popular HR@10 = {ratio:.2f}x")
-    print(f"[4/5] saved: workflow -> {processed.workflow_path}, model -> {out / 'run'}")
+    print(f"[4/5] saved: workflow -> {processed.workflow_path}, model + metrics + training_curves.png -> {out / 'run'}")
     print("[5/5] top-10 recommendations (raw item ids) for three sample users")
     raw_items = load_item_id_mapping(processed.workflow_path)
     from merlin_hstu.retrieval import recommend
@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "schema.pbtxt, and the fitted workflow saved for serving.")
     p.add_argument("--input", required=True, help="event log: .csv/.parquet file or a directory of parquet files")
     p.add_argument("--output", required=True, help="output directory (gets processed/ and workflow/)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_config_args(p, "demo")
     _add_column_args(p)
     p.set_defaults(func=cmd_preprocess)
@@ -217,7 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_known_warnings() -> None:
+    """Upstream warnings that every CPU run prints and that say nothing actionable."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Tensorflow dtype mappings did not load.*")
+    warnings.filterwarnings("ignore", message=".*Initializing an NVTabular Dataset in CPU mode.*")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    _quiet_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -156,10 +156,10 @@ def recommend(model: HSTURetrievalModel, table, rows, k: int = 10, max_history: 
     lengths = torch.tensor([len(h) for h in histories])
     timestamps = torch.zeros(len(rows), width, dtype=torch.long) if table.timestamps is not None else None
     for i, (r, h) in enumerate(zip(rows, histories)):
-        ids[i, : len(h)] = torch.from_numpy(h)
+        ids[i, : len(h)] = torch.as_tensor(h.copy())
         if timestamps is not None:
             times = table.timestamps[r][-max_history:]
-            timestamps[i, : len(h)] = torch.from_numpy(times)
+            timestamps[i, : len(h)] = torch.as_tensor(times.copy())
             timestamps[i, len(h)] = int(times[-1])
     scores = model.score_all_items(ids, lengths, timestamps)
     scores[:, : table.first_item_id] = float("-inf")

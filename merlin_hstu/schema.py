@@ -42,7 +42,8 @@ LENGTH = "length"
 INTERLEAVED_LIST = "interleaved-list"  # only when interleaving is on
 
 # ---- roles ------------------------------------------------------------------------------------------
-ACTION_PROPERTY = "merlin_hstu_role"  # ColumnSchema property naming a column's role, e.g. {"merlin_hstu_role": "action"}
+# ColumnSchema property naming a column's role, e.g. {"merlin_hstu_role": "action"}
+ACTION_PROPERTY = "merlin_hstu_role"
 ROLE_PROPERTY = ACTION_PROPERTY  # same key; the clearer name for non-action roles
 
 ROLE_USER_ID = "user_id"

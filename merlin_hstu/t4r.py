@@ -37,6 +37,7 @@ import transformers
 from merlin.models.utils.registry import Registry
 from merlin.schema import ColumnSchema, Tags
 from merlin.schema import Schema as CoreSchema
+from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 from merlin_standard_lib import Schema as LegacySchema
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
@@ -354,9 +355,7 @@ class HSTUCausalLanguageModeling(CausalLanguageModeling):
 def _as_core_schema(schema: Any) -> CoreSchema:
     if isinstance(schema, CoreSchema):
         return schema
-    if isinstance(schema, LegacySchema):
-        from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
-
+    if isinstance(schema, LegacySchema):  # T4R's older schema class; same proto underneath
         return TensorflowMetadata.from_json(schema.to_json()).to_merlin_schema()
     raise TypeError(f"expected a merlin.schema.Schema, got {type(schema).__name__}")
 
@@ -422,14 +421,20 @@ class HSTUSequenceFeatures(TabularSequenceFeatures):
         output.schema = features_schema + CoreSchema([ts_column])
         return output
 
-    def forward(self, inputs: Dict[str, torch.Tensor], training: bool = False, testing: bool = False, **kwargs: Any):
+    def forward(
+        self, inputs: Dict[str, torch.Tensor], training: bool = False, testing: bool = False, **kwargs: Any
+    ) -> torch.Tensor:
         if self.timestamp_column is not None:
             timestamps = inputs.get(self.timestamp_column)
             if timestamps is None:
-                ragged = f"{self.timestamp_column}__values" in inputs
+                hint = "; add it to the batch (it is in model.input_schema)"
+                if f"{self.timestamp_column}__values" in inputs:
+                    hint = "; it is still ragged: call the tr.Model (which pads) or pad it to [batch, seq]"
+                raise ValueError(f"input {self.timestamp_column!r} (event timestamps for HSTU) is missing{hint}")
+            if timestamps.is_floating_point():
                 raise ValueError(
-                    f"input {self.timestamp_column!r} (event timestamps for HSTU) is missing"
-                    + ("; it is still ragged: call the tr.Model (which pads) or pad it to [batch, seq]" if ragged else "")
+                    f"input {self.timestamp_column!r} is {timestamps.dtype}; float timestamps lose the "
+                    "time gaps (tr.Model casts them to float32), feed int64 event times"
                 )
             if not torch.jit.is_tracing() and timestamps.dim() != 2:
                 raise ValueError(

@@ -39,6 +39,7 @@ class TrainResult:
     metrics: dict  # {"HSTU": {...}, "most-popular": {...}}
     epoch_losses: list = field(default_factory=list)
     train_seconds: float = 0.0
+    epoch_metrics: list = field(default_factory=list)  # [(epoch, metrics)] when train.eval_every > 0
 
 
 def build_model(table: SequenceTable, cfg: ExperimentConfig) -> HSTURetrievalModel:
@@ -93,7 +94,7 @@ def train_retrieval(table: SequenceTable, cfg: ExperimentConfig, progress: bool 
     negative_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     pool = table.candidate_ids
     steps_per_epoch = split.num_batches(split.train, cfg.train.batch_size)
-    epoch_losses, metrics = [], {}
+    epoch_losses, epoch_metrics, metrics = [], [], {}
     start = time.perf_counter()
     bar = tqdm(total=cfg.train.epochs * steps_per_epoch, desc=f"train {model_name}", unit="step", disable=not progress)
     for epoch in range(cfg.train.epochs):
@@ -109,13 +110,45 @@ def train_retrieval(table: SequenceTable, cfg: ExperimentConfig, progress: bool 
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
         epoch_losses.append(total / max(count, 1))
         if cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0 and epoch + 1 < cfg.train.epochs:
-            m = evaluate_model(model, split, cfg)
-            log(f"epoch {epoch + 1}: loss {epoch_losses[-1]:.4f}  " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
+            epoch_metrics.append((epoch + 1, evaluate_model(model, split, cfg)))
+            bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_losses[-1]:.3f}", hr10=f"{epoch_metrics[-1][1]['hr@10']:.3f}")
     bar.close()
     train_seconds = time.perf_counter() - start
     metrics[model_name] = evaluate_model(model, split, cfg, progress=progress)
     metrics["most-popular"] = evaluate_most_popular(split, cfg)
-    return TrainResult(model, split, metrics, epoch_losses, train_seconds)
+    if cfg.train.eval_every:
+        epoch_metrics.append((cfg.train.epochs, metrics[model_name]))
+    return TrainResult(model, split, metrics, epoch_losses, train_seconds, epoch_metrics)
+
+
+def plot_training_curves(record: dict, path: Path) -> Optional[Path]:
+    """Loss per epoch and, when recorded, HR@10 / NDCG@10 per epoch against the most-popular level."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is a convenience; the numbers are in metrics.json
+        return None
+    has_eval = bool(record.get("epoch_metrics"))
+    fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(10 if has_eval else 5, 3.6), squeeze=False)
+    losses = record["epoch_losses"]
+    axes[0, 0].plot(range(1, len(losses) + 1), losses, marker="o")
+    axes[0, 0].set(title="training loss (sampled softmax)", xlabel="epoch", ylabel="loss")
+    if has_eval:
+        ax = axes[0, 1]
+        epochs = [m["epoch"] for m in record["epoch_metrics"]]
+        for key in ("hr@10", "ndcg@10"):
+            ax.plot(epochs, [m[key] for m in record["epoch_metrics"]], marker="o", label=f"model {key}")
+        pop = record["metrics"].get("most-popular", {})
+        if "hr@10" in pop:
+            ax.axhline(pop["hr@10"], color="gray", linestyle="--", label="most-popular hr@10")
+        ax.set(title="evaluation (leave-one-out, last item)", xlabel="epoch")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # --- run directories ------------------------------------------------------------------------------
@@ -142,8 +175,10 @@ def save_run(run_dir: str | Path, result: TrainResult, cfg: ExperimentConfig, ex
         torch.save({"model_config": result.model.config.to_dict(), "state_dict": result.model.state_dict()},
                    tmp / "model.pt")
         record = {"metrics": result.metrics, "epoch_losses": result.epoch_losses,
+                  "epoch_metrics": [{"epoch": e, **m} for e, m in result.epoch_metrics],
                   "train_seconds": result.train_seconds, **(extra or {})}
         (tmp / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
+        plot_training_curves(record, tmp / "training_curves.png")
         _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

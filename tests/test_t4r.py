@@ -35,7 +35,8 @@ N_ITEMS = 60
 def list_column(name: str, dtype: str, tags, max_id: int | None = None) -> ColumnSchema:
     properties = {"domain": {"min": 0, "max": max_id, "name": name}} if max_id else {}
     return ColumnSchema(
-        name, dtype=dtype, tags=tags, is_list=True, is_ragged=True, dims=(None, (1, MAX_LEN)), properties=properties
+        name, dtype=dtype, tags=tags, is_list=True, is_ragged=True, dims=(None, (1, MAX_LEN)),
+        properties=properties,
     )
 
 
@@ -48,26 +49,21 @@ def small_schema(ts_dtype: str = "int64", ts_tags=(Tags.LIST, Tags.TIME, Tags.CO
     )
 
 
-def build_model(time_bias: bool = True, masking: str = "hstu-clm", eval_last_only: bool = True, seed: int = 0):
+def build_model(
+    time_bias: bool = True, masking: str = "hstu-clm", with_timestamps: bool = True, eval_last_only: bool = True,
+    seed: int = 0,
+):
+    """items (+ timestamps) -> d_output projection -> masking -> HSTU -> next-item task (weight tied)."""
     torch.manual_seed(seed)
-    schema = small_schema()
-    if masking == "hstu-clm":
-        inputs = t4r.HSTUSequenceFeatures.from_schema(
-            schema,
-            timestamp_column="timestamp-list",
-            max_sequence_length=MAX_LEN,
-            d_output=D_MODEL,
-            masking=masking,
-            eval_on_last_item_seq_only=eval_last_only,
-        )
+    common = dict(
+        max_sequence_length=MAX_LEN, embedding_dim_default=D_MODEL, d_output=D_MODEL, masking=masking,
+        eval_on_last_item_seq_only=eval_last_only,
+    )
+    if with_timestamps:
+        inputs = t4r.HSTUSequenceFeatures.from_schema(small_schema(), timestamp_column="timestamp-list", **common)
     else:
-        inputs = tr.TabularSequenceFeatures.from_schema(
-            schema.excluding_by_name(["timestamp-list"]),
-            max_sequence_length=MAX_LEN,
-            d_output=D_MODEL,
-            masking=masking,
-            eval_on_last_item_seq_only=eval_last_only,
-        )
+        items_only = small_schema().excluding_by_name(["timestamp-list"])
+        inputs = tr.TabularSequenceFeatures.from_schema(items_only, **common)
     config = t4r.T4RecHSTUConfig.build(D_MODEL, 2, 2, MAX_LEN, dropout=0.0, time_bias=time_bias)
     encoder = tr.TransformerBlock(config, masking=inputs.masking)
     body = tr.SequentialBlock(inputs, encoder)
@@ -196,20 +192,23 @@ def test_register_once_replaces_stale_reload_copy_and_rejects_foreign():
 
 def test_from_registry_builds_hstu_and_rejects_non_causal_masking():
     inputs = tr.TabularSequenceFeatures.from_schema(
-        small_schema().excluding_by_name(["timestamp-list"]), max_sequence_length=MAX_LEN, d_output=D_MODEL, masking="causal"
+        small_schema().excluding_by_name(["timestamp-list"]),
+        max_sequence_length=MAX_LEN, d_output=D_MODEL, masking="causal",
     )
     block = tr.TransformerBlock.from_registry(
         "hstu", d_model=D_MODEL, n_head=2, n_layer=3, total_seq_length=MAX_LEN, masking=inputs.masking
     )
     hstu = block.transformer
     assert isinstance(hstu, t4r.HSTUModel)
-    assert (hstu.config.hidden_size, hstu.config.num_attention_heads, hstu.config.num_hidden_layers) == (D_MODEL, 2, 3)
+    config = hstu.config
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (D_MODEL, 2, 3)
     assert hstu.config.max_position_embeddings == MAX_LEN and hstu.config.attention_dim == D_MODEL // 2
     assert not hstu.config.time_bias and len(hstu.encoder.layers) == 3
-    assert block.output_size() is None or True  # output size is read through config.hidden_size below
     assert block.forward_output_size(torch.Size([4, MAX_LEN, D_MODEL])) == torch.Size([4, MAX_LEN, D_MODEL])
 
-    timed = tr.TransformerBlock.from_registry("hstu-time", d_model=D_MODEL, n_head=2, n_layer=1, total_seq_length=MAX_LEN)
+    timed = tr.TransformerBlock.from_registry(
+        "hstu-time", d_model=D_MODEL, n_head=2, n_layer=1, total_seq_length=MAX_LEN
+    )
     assert timed.transformer.config.time_bias
 
     with pytest.raises(ValueError, match="not supported"):
@@ -260,8 +259,9 @@ def test_config_and_model_errors():
     with pytest.raises(ValueError, match="dropout must be in"):
         t4r.HSTUConfig(dropout=1.0)
 
-    timed = t4r.HSTUModel(t4r.HSTUConfig(hidden_size=8, num_attention_heads=2, max_position_embeddings=5, time_bias=True))
-    plain = t4r.HSTUModel(t4r.HSTUConfig(hidden_size=8, num_attention_heads=2, max_position_embeddings=5))
+    small = dict(hidden_size=8, num_attention_heads=2, max_position_embeddings=5)
+    timed = t4r.HSTUModel(t4r.HSTUConfig(**small, time_bias=True))
+    plain = t4r.HSTUModel(t4r.HSTUConfig(**small))
     x = torch.randn(2, 5, 8)
     with pytest.raises(ValueError, match="time_bias=True but got no timestamps"):
         timed(x)
@@ -289,38 +289,51 @@ def test_sequence_features_route_timestamps_out_of_the_features():
 
 
 def test_sequence_features_errors():
-    make = t4r.HSTUSequenceFeatures.from_schema
+    def make(schema, timestamp_column="timestamp-list", **kwargs):
+        kwargs = dict(dict(max_sequence_length=MAX_LEN, d_output=D_MODEL), **kwargs)
+        return t4r.HSTUSequenceFeatures.from_schema(schema, timestamp_column=timestamp_column, **kwargs)
+
     with pytest.raises(ValueError, match="'event_time' is not in the schema"):
-        make(small_schema(), timestamp_column="event_time", max_sequence_length=MAX_LEN, d_output=D_MODEL)
+        make(small_schema(), timestamp_column="event_time")
     with pytest.raises(ValueError, match="'timestamp-list' has dtype float64.*int64"):
-        make(small_schema(ts_dtype="float64"), timestamp_column="timestamp-list", max_sequence_length=MAX_LEN, d_output=D_MODEL)
+        make(small_schema(ts_dtype="float64"))
     with pytest.raises(ValueError, match="'timestamp-list' must be a list column tagged Tags.LIST"):
-        make(small_schema(ts_tags=(Tags.TIME,)), timestamp_column="timestamp-list", max_sequence_length=MAX_LEN, d_output=D_MODEL)
+        make(small_schema(ts_tags=(Tags.TIME,)))
     with pytest.raises(ValueError, match="needs masking='hstu-clm'"):
-        make(small_schema(), timestamp_column="timestamp-list", max_sequence_length=MAX_LEN, d_output=D_MODEL, masking="causal")
+        make(small_schema(), masking="causal")
+
+    # T4R's legacy (merlin_standard_lib) schemas are accepted too: converted, then checked the same way
+    from transformers4rec.data import tabular_sequence_testing_data
+
+    with pytest.raises(ValueError, match="'ts/list' is not in the schema .*'item_id/list'"):
+        make(tabular_sequence_testing_data.schema, timestamp_column="ts/list")
 
     model = build_model().eval()
     batch = padded_batch([3, 5])
     with pytest.raises(ValueError, match="input 'timestamp-list' .* is missing"):
         model({"item_id-list": batch["item_id-list"]})
+    with pytest.raises(ValueError, match="'timestamp-list' is torch.float32.*int64"):
+        model({"item_id-list": batch["item_id-list"], "timestamp-list": batch["timestamp-list"].double()})
     with pytest.raises(ValueError, match="differs from the item-id sequence shape"):
-        model.heads[0].body({"item_id-list": batch["item_id-list"], "timestamp-list": batch["timestamp-list"][:, :4]})
+        short_times = batch["timestamp-list"][:, :4]
+        model.heads[0].body({"item_id-list": batch["item_id-list"], "timestamp-list": short_times})
 
 
 # ------------------------------------------------------------------------------------------------
 # time alignment against the plain implementation, in T4R's three modes
 # ------------------------------------------------------------------------------------------------
-def semantic_times(batch, labels, columns_items):
+def semantic_times(batch, predicted, columns_items):
     """Query time of row i = timestamp of the item row i predicts (looked up by its id); key time of column
-    j = timestamp of the item embedded at column j.  Unlabelled rows / unmatched columns get time 0."""
+    j = timestamp of the item embedded at column j.  Rows predicting padding and columns holding no item
+    (mask embedding) get time 0: only rows T4R never reads can see them."""
     items, times = batch["item_id-list"], batch["timestamp-list"]
     query = torch.zeros_like(times)
     key = torch.zeros_like(times)
     for b in range(items.shape[0]):
         time_of = {int(item): int(t) for item, t in zip(items[b], times[b]) if item != 0}
         for i in range(items.shape[1]):
-            if int(labels[b, i]) in time_of:
-                query[b, i] = time_of[int(labels[b, i])]
+            if int(predicted[b, i]) in time_of:
+                query[b, i] = time_of[int(predicted[b, i])]
             if int(columns_items[b, i]) in time_of:
                 key[b, i] = time_of[int(columns_items[b, i])]
     return query, key
@@ -348,11 +361,14 @@ def test_time_alignment_matches_plain_hstu_in_train_and_eval(mode):
         masked = inputs(dict(batch), **flags)
         labels = inputs.masking.masked_targets.clone()
         out = body(dict(batch), **flags)
+    # What each row predicts under CLM (also the rows eval does not score: deeper layers read their states).
+    predicted = inputs.masking.predict_all(batch["item_id-list"]).targets
+    supervised = labels != 0
+    assert torch.equal(labels[supervised], predicted[supervised])
     lengths = (batch["item_id-list"] != 0).sum(1)
-    query, key = semantic_times(batch, labels, embedded_items(masked, unmasked, batch["item_id-list"]))
+    query, key = semantic_times(batch, predicted, embedded_items(masked, unmasked, batch["item_id-list"]))
     expected = plain_hstu(hstu, masked, lengths, query, key)
 
-    supervised = labels != 0
     if mode == "testing":  # eval_on_last_item_seq_only: only the row before the last item is scored
         assert supervised.sum(1).tolist() == [1, 1, 1, 1]
         assert supervised[torch.arange(4), lengths - 2].all()
@@ -390,30 +406,37 @@ def test_time_alignment_at_inference_uses_last_event_time():
     torch.testing.assert_close(logits, task.pre(out[rows, last])[0], rtol=1e-5, atol=1e-5)
 
 
-def test_timestamps_change_outputs_and_time_free_model_ignores_nothing():
+def test_timestamps_change_outputs_only_through_gaps():
     model = build_model().eval()
     batch = padded_batch([6, 4, 7])
-    shifted = dict(batch)
     times = batch["timestamp-list"]
-    shifted["timestamp-list"] = torch.where(batch["item_id-list"] != 0, times[:, :1] + (times - times[:, :1]) * 50, times)
+    stretched = dict(batch, **{"timestamp-list": times[:, :1] + (times - times[:, :1]) * 50})
+    offset = dict(batch, **{"timestamp-list": times + 123_456})
     with torch.no_grad():
-        base, moved = model(dict(batch)), model(shifted)
-        offset = dict(batch)
-        offset["timestamp-list"] = times + 123_456  # only gaps matter: a constant offset changes nothing
+        base = model(dict(batch))
+        assert (model(stretched) - base).abs().max() > 1e-4
+        # only gaps enter the bias: a constant offset changes nothing
         torch.testing.assert_close(model(offset), base, rtol=0, atol=0)
-    assert (base - moved).abs().max() > 1e-4
 
-    # "hstu" (no time bias) with plain T4R "causal" masking equals "hstu-clm" (which also passes lengths)
-    # at the rows T4R reads, for the same weights
-    causal = build_model(time_bias=False, masking="causal", seed=5).eval()
-    hstu_clm = build_model(time_bias=False, masking="hstu-clm", seed=5).eval()
-    hstu_clm.load_state_dict(causal.state_dict())
+
+def test_lengths_route_equals_plain_causal_masking_and_unused_timestamps_raise():
+    """'hstu' with T4R's plain "causal" masking (full padded width) equals "hstu-clm" (which passes
+    lengths) at every row T4R reads, for the same weights."""
+    batch = padded_batch([6, 4, 7, 2])
+    items_only = {"item_id-list": batch["item_id-list"]}
+    causal = build_model(time_bias=False, masking="causal", with_timestamps=False, seed=5).eval()
+    with_lengths = build_model(time_bias=False, masking="hstu-clm", with_timestamps=False, seed=6).eval()
+    with_lengths.load_state_dict(causal.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(
-            hstu_clm(dict(batch)), causal({"item_id-list": batch["item_id-list"]}), rtol=1e-5, atol=1e-5
-        )
+        torch.testing.assert_close(with_lengths(dict(items_only)), causal(dict(items_only)), rtol=1e-5, atol=1e-5)
+        a = with_lengths(dict(items_only), testing=True)
+        b = causal(dict(items_only), testing=True)
+        torch.testing.assert_close(a["predictions"], b["predictions"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-5)
+    # timestamps wired to an encoder without time bias would be silently unused: refuse
+    no_time_bias = build_model(time_bias=False, masking="hstu-clm", with_timestamps=True).eval()
     with pytest.raises(ValueError, match="built with time_bias=False"):
-        hstu_clm.eval()(dict(batch)) if False else None  # noqa: B018 - placeholder removed below
+        no_time_bias(dict(batch))
 
 
 def test_causality_through_the_t4r_model():
@@ -421,11 +444,9 @@ def test_causality_through_the_t4r_model():
     batch = padded_batch([8, 8, 8], seed=7)
     k = 5
     changed = {key: value.clone() for key, value in batch.items()}
-    changed["item_id-list"][:, k] = (batch["item_id-list"][:, k] % (N_ITEMS - 1)) + 1
-    changed["item_id-list"][:, k] = torch.where(
-        (changed["item_id-list"][:, k].unsqueeze(1) == batch["item_id-list"]).any(1),
-        N_ITEMS - 1 - batch["item_id-list"][:, k] % 3, changed["item_id-list"][:, k],
-    )
+    for b in range(3):  # replace item k by an id the row does not contain yet
+        unused = sorted(set(range(1, N_ITEMS)) - set(batch["item_id-list"][b].tolist()))
+        changed["item_id-list"][b, k] = unused[0]
     later_time = {key: value.clone() for key, value in batch.items()}
     later_time["timestamp-list"][:, k + 1 :] += 10_000_000
     with torch.no_grad():
@@ -455,7 +476,7 @@ def test_training_reduces_loss_on_a_fixed_batch():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     time_weights = model.heads[0].body[1].transformer.encoder.layers[0].relative_bias.time_weights
     assert time_weights.grad is not None and time_weights.grad.abs().sum() > 0
     assert math.isfinite(losses[-1]) and losses[-1] < 0.5 * losses[0]
@@ -509,3 +530,16 @@ def test_doc_snippet_trains_and_evaluates(tmp_path, monkeypatch):
         value = metrics[f"eval_/next-item/{key}"]
         assert 0.0 <= value <= 1.0, (key, value)
     assert math.isfinite(metrics["eval_/loss"])
+
+
+def test_doc_hugging_face_snippet():
+    blocks = python_blocks(DOC.read_text())
+    assert len(blocks) == 3, "docs/t4r.md: expected the build, train and Hugging Face snippets"
+    namespace: dict = {"merlin_hstu": merlin_hstu}
+    exec(compile(blocks[2], f"{DOC}:hf", "exec"), namespace)
+    same, hstu = namespace["same"], namespace["hstu"]
+    assert type(same) is t4r.HSTUModel and same.config.model_type == "hstu" and same.config.time_bias
+    x = torch.randn(2, 20, 32)
+    times = torch.arange(40).view(2, 20) * 1000
+    with torch.no_grad():
+        torch.testing.assert_close(same.eval()(x, timestamps=times)[0], hstu.eval()(x, timestamps=times)[0])

@@ -64,7 +64,10 @@ def decoded(processed: pd.DataFrame, item_map, action_map) -> dict:
     return {
         ident: ([item_map[i] for i in items], [action_map[a] for a in actions], [int(t) for t in times])
         for ident, items, actions, times in zip(
-            processed.iloc[:, 0], processed[roles.ITEM_LIST], processed[roles.ACTION_LIST], processed[roles.TIMESTAMP_LIST]
+            processed.iloc[:, 0],
+            processed[roles.ITEM_LIST],
+            processed[roles.ACTION_LIST],
+            processed[roles.TIMESTAMP_LIST],
         )
     }
 
@@ -245,9 +248,16 @@ def test_merlin_session_layout_matches_equivalent_event_log(tmp_path):
 
 def test_merlin_session_layout_with_mismatched_lists_is_rejected():
     bad = pd.DataFrame(
-        {"user_session": ["s"], "item_id_list_seq": [[1, 2]], "item_event_name_list_seq": [["view"]], "timestamp_first": [1]}
+        {
+            "user_session": ["s"],
+            "item_id_list_seq": [[1, 2]],
+            "item_event_name_list_seq": [["view"]],
+            "timestamp_first": [1],
+        }
     )
-    config = SessionWorkflowConfig(id_column="session_id", id_kind="session", action_column="event", timestamp_column="ts")
+    config = SessionWorkflowConfig(
+        id_column="session_id", id_kind="session", action_column="event", timestamp_column="ts"
+    )
     with pytest.raises(EventLogError, match="item_event_name_list_seq"):
         read_event_log(bad, config)
 
@@ -326,7 +336,8 @@ def test_diginetica_sample_matches_pandas(shared_data, tmp_path):
     assert df["session_id"].tolist() == ref_items.index.tolist()
     item_map = load_item_id_mapping(result.workflow_path)
     assert len(item_map) == 3 + raw["item_id"].nunique()
-    for sid, items, times, length in zip(df["session_id"], df[roles.ITEM_LIST], df[roles.TIMESTAMP_LIST], df[roles.LENGTH]):
+    rows = zip(df["session_id"], df[roles.ITEM_LIST], df[roles.TIMESTAMP_LIST], df[roles.LENGTH])
+    for sid, items, times, length in rows:
         assert [item_map[i] for i in items] == ref_items[sid][-10:]
         assert list(times) == ref_times[sid][-10:]
         assert length == min(len(ref_items[sid]), 10) == len(items) == len(times)
@@ -337,11 +348,6 @@ def test_diginetica_sample_matches_pandas(shared_data, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------------------
-def _bad(change):
-    df = hand_log()
-    return change(df)
-
-
 BAD_CASES = {
     "missing column": (lambda d: d.drop(columns=["action"]), "action"),
     "wrong dtype (float items)": (lambda d: d.assign(item_id=np.arange(len(d)) + 0.5), "item_id"),
@@ -372,7 +378,8 @@ def test_valid_variants_are_accepted():
     validate_event_log(log.assign(timestamp=pd.to_datetime(log["timestamp"], unit="s")), HAND_CONFIG)
     validate_event_log(log.assign(user_id=log["user_id"].astype(str)), HAND_CONFIG)
     validate_event_log(log.assign(note=None), HAND_CONFIG)  # extra columns are not checked
-    seconds = normalize_event_log(log.assign(timestamp=pd.to_datetime(log["timestamp"], unit="s", utc=True)), HAND_CONFIG)
+    utc = log.assign(timestamp=pd.to_datetime(log["timestamp"], unit="s", utc=True))
+    seconds = normalize_event_log(utc, HAND_CONFIG)
     assert seconds["timestamp"].tolist() == log["timestamp"].tolist()
 
 

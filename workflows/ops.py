@@ -149,7 +149,9 @@ class FinalizeSequences(Operator):
                     "domain": {"min": 0, "max": top, "name": roles.INTERLEAVED_LIST},
                     roles.ACTION_TOKEN_OFFSET_PROPERTY: self.action_token_offset,
                 }
-            inter = ColumnSchema(roles.INTERLEAVED_LIST, properties=properties, dtype=md.int64, dims=(None, (2 * lo, 2 * hi)))
+            inter = ColumnSchema(
+                roles.INTERLEAVED_LIST, properties=properties, dtype=md.int64, dims=(None, (2 * lo, 2 * hi))
+            )
             columns.append(roles.with_role(inter, roles.ROLE_INTERLEAVED))
         return Schema(columns)
 

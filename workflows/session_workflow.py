@@ -32,6 +32,8 @@ item tokens keep their encoded ids, action tokens are shifted by K = item cardin
 `int_domain.max + 1`), so one embedding table of K + |actions| rows holds both and 0 stays padding.
 K is stored in the column property `action_token_offset` (read it with `merlin_hstu.schema.action_token_offset`).
 Token 2k and 2k+1 both happened at `timestamp-list[k]`; a model repeats timestamps (`repeat_interleave(2)`).
+T4R's `MerlinDataLoader.from_schema(..., max_sequence_length=L)` pads AND cuts every LIST column to L (keeping
+the first L values), so with interleaving pass L >= 2 * max_length or the interleaved list loses its newest tokens.
 
 Timestamps must be integers (unix seconds), integral floats, or datetime64 (converted to unix seconds,
 floored). Strings, negative values and non-integral floats are rejected rather than guessed at.
@@ -54,7 +56,7 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
@@ -150,7 +152,9 @@ class SessionWorkflowConfig:
 # ---------------------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------------------
-def read_event_log(path_or_df: Union[PathLike, pd.DataFrame], config: Optional[SessionWorkflowConfig] = None) -> pd.DataFrame:
+def read_event_log(
+    path_or_df: Union[PathLike, pd.DataFrame], config: Optional[SessionWorkflowConfig] = None
+) -> pd.DataFrame:
     """Load an event log (CSV / Parquet / DataFrame); a Merlin session layout is exploded to events."""
     config = config or SessionWorkflowConfig()
     if isinstance(path_or_df, pd.DataFrame):
@@ -318,7 +322,8 @@ def _check_id_dtype(series: pd.Series, col: str, fld: str) -> None:
         )
     if pd.api.types.is_unsigned_integer_dtype(dtype) and series.max() > np.iinfo(np.int64).max:
         raise EventLogError(
-            f"column {col!r} ({fld}) has unsigned ids beyond the int64 range. Fix: df[{col!r}] = df[{col!r}].astype(str)."
+            f"column {col!r} ({fld}) has unsigned ids beyond the int64 range. "
+            f"Fix: df[{col!r}] = df[{col!r}].astype(str)."
         )
     if dtype == object or pd.api.types.is_string_dtype(dtype):
         kind = pd.api.types.infer_dtype(series, skipna=False)
