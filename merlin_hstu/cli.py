@@ -141,7 +141,8 @@ def cmd_demo(args) -> int:
     else:
         from merlin_hstu.synthetic import SyntheticConfig, generate_event_log
 
-        events = generate_event_log(SyntheticConfig(seed=cfg.train.seed))
+        synth = SyntheticConfig(seed=cfg.train.seed, **({"num_users": args.synthetic_users} if args.synthetic_users else {}))
+        events = generate_event_log(synth)
         source = out / "events.parquet"
         source.parent.mkdir(parents=True, exist_ok=True)
         events.to_parquet(source)
@@ -210,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The end-to-end main job on the embedded synthetic event log "
                                    "(or --data PATH, a real event log).")
     p.add_argument("--data", help="a raw event log to use instead of the synthetic one")
+    p.add_argument("--synthetic-users", type=int, help="size of the synthetic log (default: 2000 users)")
     p.add_argument("--output", default=str(DEFAULT_RUN_ROOT / "demo"), help="where to write (default: runs/demo)")
     _add_config_args(p, "demo")
     _add_column_args(p)
@@ -232,7 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -20,9 +20,9 @@ masking schemes in `masking_registry`.  This module plugs HSTU into those seams:
   into the encoder kwargs, filtered by the encoder's forward signature.
 
 Time alignment (why the timestamps go in unshifted).  T4R's CLM keeps column j = embedding of item j in every
-mode (in train/eval the "shift" only masks the last item's column), and row i predicts item i+1.  HSTU wants
-query time of row i = time of the item row i predicts = t[i+1], and key time of column j = t[j].  That is
-exactly what `HSTUEncoder.forward(x, lengths, timestamps=t)` does with the raw padded event times, so the
+mode (in training the "shift" only masks each last item's column, which has no label), and row i predicts
+item i+1.  HSTU wants query time of row i = time of the item row i predicts = t[i+1], and key time of
+column j = t[j].  That is exactly what `HSTUEncoder.forward(x, lengths, timestamps=t)` does with the raw padded event times, so the
 masking passes them as they are.  Padded positions are filled with the row's last event time, so at
 inference the last row (which predicts an unseen item) uses the last event's time as its query time.
 
@@ -41,6 +41,7 @@ from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 from merlin_standard_lib import Schema as LegacySchema
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers4rec.config.transformer import T4RecConfig, transformer_registry
 from transformers4rec.torch.features.sequence import TabularSequenceFeatures
 from transformers4rec.torch.masking import CausalLanguageModeling, masking_registry
@@ -472,8 +473,6 @@ def _register_once(registry: Registry, key: str, value: Any) -> None:
 
 def register() -> None:
     """Register HSTU with Hugging Face Auto classes and T4R's registries.  Idempotent."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     if HSTU_MODEL_TYPE not in CONFIG_MAPPING or CONFIG_MAPPING[HSTU_MODEL_TYPE] is not HSTUConfig:
         transformers.AutoConfig.register(HSTU_MODEL_TYPE, HSTUConfig)
     try:

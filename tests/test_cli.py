@@ -1,0 +1,100 @@
+"""The `merlin-hstu` CLI end to end: help, preprocess -> train -> evaluate, demo, errors."""
+import json
+
+import pandas as pd
+import pytest
+
+from merlin_hstu.cli import build_parser, main
+from merlin_hstu.config import load_config, preset_names
+from merlin_hstu.synthetic import SyntheticConfig, generate_event_log
+
+SMALL = ["--set", "train.epochs=2", "--set", "data.max_history=20", "--set", "model.max_seq_len=31",
+         "--set", "model.embedding_dim=16", "--set", "model.attention_dim=8", "--set", "model.linear_dim=8"]
+
+
+@pytest.mark.parametrize("command", ["preprocess", "train", "evaluate", "demo", "presets"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"merlin-hstu {command}" in text
+    if command != "presets":
+        assert "--" in text and len(text.splitlines()) > 5
+
+
+def test_top_level_help_lists_subcommands():
+    text = build_parser().format_help()
+    for command in ("preprocess", "train", "evaluate", "demo", "presets"):
+        assert command in text
+
+
+def test_presets_load_and_are_listed(capsys):
+    assert {"demo", "ml-1m-hstu", "ml-1m-hstu-large"} <= set(preset_names())
+    large = load_config("ml-1m-hstu-large")
+    assert (large.model.num_blocks, large.model.num_heads, large.model.attention_dim, large.model.max_seq_len) == (8, 2, 25, 211)
+    assert main(["presets"]) == 0
+    assert "ml-1m-hstu-large" in capsys.readouterr().out
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="epochz"):
+        load_config("demo", ["train.epochz=3"])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        load_config("demo", ["data.max_history=100"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_config("nope")
+
+
+@pytest.fixture(scope="module")
+def small_log(tmp_path_factory):
+    path = tmp_path_factory.mktemp("log") / "events.csv"
+    generate_event_log(SyntheticConfig(num_users=150, num_items=120, seed=3)).to_csv(path, index=False)
+    return path
+
+
+def test_preprocess_train_evaluate(small_log, tmp_path, capsys):
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["preprocess", "--input", str(small_log), "--output", str(data)]) == 0
+    assert (data / "processed" / "schema.pbtxt").is_file() and (data / "workflow").is_dir()
+    assert main(["preprocess", "--input", str(small_log), "--output", str(data)]) == 2  # exists, no --overwrite
+    assert "overwrite" in capsys.readouterr().err
+    assert main(["train", "--data", str(data), "--output", str(run), "--no-progress", *SMALL]) == 0
+    record = json.loads((run / "metrics.json").read_text())
+    assert set(record["metrics"]) == {"HSTU", "most-popular"}
+    assert len(record["epoch_losses"]) == 2
+    assert (run / "training_curves.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--json", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    evaluated = json.loads(out[out.index("{"):])
+    assert evaluated["HSTU"] == pytest.approx(record["metrics"]["HSTU"])  # train-time eval == reloaded eval
+
+
+def test_bad_event_log_exits_2_and_names_the_column(small_log, tmp_path, capsys):
+    df = pd.read_csv(small_log).drop(columns=["timestamp"])
+    bad = tmp_path / "bad.csv"
+    df.to_csv(bad, index=False)
+    assert main(["preprocess", "--input", str(bad), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "timestamp" in err and "error:" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_timestamp_column_switches_time_bias_off(small_log, tmp_path, capsys):
+    assert main(["demo", "--data", str(small_log), "--timestamp-column", "none", "--output", str(tmp_path / "d"),
+                 "--no-progress", *SMALL]) == 0
+    assert "time bias is switched off" in capsys.readouterr().out
+    assert load_config(tmp_path / "d" / "run" / "config.yaml").model.time_bias is False
+
+
+def test_demo_meets_its_acceptance_bar(tmp_path, capsys):
+    """The `make demo` job itself (default config, embedded dataset): HSTU HR@10 >= 2x most-popular."""
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "demo" / "run" / "metrics.json").read_text())["metrics"]
+    assert metrics["HSTU"]["hr@10"] >= 2 * metrics["most-popular"]["hr@10"]
+    assert out.count("top-10") >= 3 and "[5/5]" in out
+    # recommendations are printed as raw item ids (the synthetic catalogue starts at 100000)
+    rec_line = next(line for line in out.splitlines() if "-> top-10" in line)
+    assert all(int(x) >= 100_000 for x in rec_line.split("top-10 [")[1].rstrip("]").split(", "))
