@@ -1,30 +1,111 @@
 """merlin_hstu: HSTU generative recommenders as parts of NVIDIA Merlin.
 
-When Transformers4Rec is installed, importing the package registers HSTU with the Hugging Face Auto classes
-and T4R's registries (`merlin_hstu.t4r.register`, idempotent), so that right after `import merlin_hstu`
+Registration with Transformers4Rec and the Hugging Face Auto classes (`merlin_hstu.t4r.register`, idempotent)
+happens as soon as it can be used, without making `import merlin_hstu` pay for importing T4R (about 6 s):
 
-    tr.TransformerBlock.from_registry("hstu", d_model=..., n_head=..., n_layer=..., total_seq_length=...)
+* if `transformers4rec` or `transformers` is already imported, `import merlin_hstu` registers at once;
+* otherwise a post-import hook registers the moment `transformers4rec.torch` or `transformers` finishes
+  importing, so `tr.TransformerBlock.from_registry("hstu", ...)`, `masking="hstu-clm"` and
+  `AutoConfig.for_model("hstu")` work whichever package the user imported first.
 
-works like any built-in encoder.  T4R is imported eagerly here because it has no plugin discovery: a lazy
-hook could not guarantee that the string lookups work for a user who imported T4R before or after us.
-Without T4R installed the package still imports (the encoder and kernels need only torch).
+`merlin_hstu.HSTUConfig`, `HSTUModel`, ... are loaded lazily from `merlin_hstu.t4r` on first access.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.abc
 import importlib.util
+import sys
+import threading
 
 __version__ = "0.1.0"
 
-if importlib.util.find_spec("transformers4rec") is not None:
-    # Not wrapped in try/except ImportError: with T4R present, a broken integration must fail loudly.
-    from merlin_hstu.t4r import (  # noqa: F401
-        HSTUCausalLanguageModeling,
-        HSTUConfig,
-        HSTUModel,
-        HSTUSequenceFeatures,
-        T4RecHSTUConfig,
-        T4RecHSTUTimeConfig,
-        register,
-    )
+_T4R_EXPORTS = {
+    "HSTUCausalLanguageModeling",
+    "HSTUConfig",
+    "HSTUModel",
+    "HSTUSequenceFeatures",
+    "T4RecHSTUConfig",
+    "T4RecHSTUTimeConfig",
+}
+_TRIGGERS = ("transformers4rec.torch", "transformers")
+_lock = threading.RLock()
+_registered = False
 
-    register()
+
+def register() -> None:
+    """Register HSTU with Transformers4Rec and the Hugging Face Auto classes (idempotent)."""
+    global _registered
+    with _lock:
+        from merlin_hstu import t4r
+
+        t4r.register()
+        _registered = True
+
+
+def _mid_import(name: str) -> bool:
+    """True while module `name` is still executing its own imports (registering then would be circular)."""
+    module = sys.modules.get(name)
+    return module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False)
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Wraps the loader of the trigger modules so that `register()` runs once they have finished executing."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _TRIGGERS or _registered:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        real_exec = loader.exec_module
+
+        def exec_module(module):
+            real_exec(module)
+            if _registered:
+                return
+            if fullname == "transformers" and "transformers4rec" in sys.modules:
+                return  # T4R is importing transformers; its own trigger registers once T4R is complete
+            if _mid_import("merlin_hstu.t4r"):
+                return  # merlin_hstu.t4r is importing its dependencies; it registers itself when complete
+            _uninstall_hook()
+            register()
+
+        loader.exec_module = exec_module
+        return spec
+
+
+_hook = _RegisterAfterImport()
+
+
+def _uninstall_hook() -> None:
+    if _hook in sys.meta_path:
+        sys.meta_path.remove(_hook)
+
+
+def _install() -> None:
+    if importlib.util.find_spec("transformers4rec") is None:
+        return  # the encoder, kernels and training need only torch
+    if any(name in sys.modules for name in ("transformers4rec", "transformers")) and not _mid_import(
+        "transformers4rec.torch"
+    ):
+        register()
+    elif _hook not in sys.meta_path:
+        sys.meta_path.insert(0, _hook)
+
+
+def __getattr__(name: str):
+    if name in _T4R_EXPORTS:
+        return getattr(importlib.import_module("merlin_hstu.t4r"), name)
+    raise AttributeError(f"module 'merlin_hstu' has no attribute {name!r}")
+
+
+_install()

@@ -19,12 +19,13 @@ masking schemes in `masking_registry`.  This module plugs HSTU into those seams:
   `HSTUModel.forward(timestamps=...)`; `TransformerBlock.forward` merges `masking.transformer_arguments`
   into the encoder kwargs, filtered by the encoder's forward signature.
 
-Time alignment (why the timestamps go in unshifted).  T4R's CLM keeps column j = embedding of item j in every
-mode (in training the "shift" only masks each last item's column, which has no label), and row i predicts
-item i+1.  HSTU wants query time of row i = time of the item row i predicts = t[i+1], and key time of
-column j = t[j].  That is exactly what `HSTUEncoder.forward(x, lengths, timestamps=t)` does with the raw padded event times, so the
-masking passes them as they are.  Padded positions are filled with the row's last event time, so at
-inference the last row (which predicts an unseen item) uses the last event's time as its query time.
+Time alignment (why the timestamps go in unshifted).  T4R's CLM keeps column j = embedding of item j in
+every mode (in training the "shift" only masks each last item's column, which has no label), and row i
+predicts item i+1.  HSTU wants query time of row i = time of the item row i predicts = t[i+1], and key
+time of column j = t[j].  That is exactly what `HSTUEncoder.forward(x, lengths, timestamps=t)` does with
+the raw padded event times, so the masking passes them as they are.  Padded positions are filled with the
+row's last event time, so at inference the last row (which predicts an unseen item) uses the last event's
+time as its query time.
 
 `register()` is the one registration entry point; `merlin_hstu/__init__.py` calls it, and it is idempotent.
 """
@@ -499,3 +500,7 @@ __all__ = [
     "HSTUSequenceFeatures",
     "register",
 ]
+
+# Importing this module registers (idempotent); `import merlin_hstu` arranges for this import to happen as soon
+# as transformers4rec or transformers is imported (see merlin_hstu/__init__.py).
+register()
