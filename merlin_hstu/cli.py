@@ -6,6 +6,7 @@ Every subcommand has real --help.  Heavy imports (torch, NVTabular) happen insid
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -95,7 +96,9 @@ def _train_and_report(data_dir: Path, run_dir: Path, cfg, progress: bool):
           f"{cfg.train.epochs} epochs")
     result = train_retrieval(table, cfg, progress=progress)
     print(f"trained in {result.train_seconds:.1f} s; final epoch loss {result.epoch_losses[-1]:.4f}")
-    save_run(run_dir, result, cfg, extra={"data": str(data_dir)})
+    workflow = data_dir / "workflow"
+    save_run(run_dir, result, cfg, extra={"data": str(data_dir.resolve()),
+                                          "workflow": str(workflow.resolve()) if workflow.is_dir() else None})
     print()
     print(format_metrics_table(result.metrics))
     print()
@@ -217,7 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_column_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures and ratios (see `bench --help`)",
+                           description="Benchmarks. Each prints the machine, the exact config and its figures.")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    bench.set_defaults(func=lambda a: (bench.print_help(), 0)[1])
+    for module_name in EXTENSION_MODULES:
+        module = importlib.import_module(module_name)
+        module.register_subcommands(sub, bench_sub)
     return parser
+
+
+# Modules that add subcommands: each has `register_subcommands(subparsers, bench_subparsers)`, which must
+# stay cheap (argparse only; heavy imports inside the command functions).
+EXTENSION_MODULES: list = []
 
 
 def _quiet_known_warnings() -> None:
