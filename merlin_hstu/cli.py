@@ -91,7 +91,7 @@ def _train_and_report(data_dir: Path, run_dir: Path, cfg, progress: bool):
     from merlin_hstu.train import save_run, train_retrieval
 
     table = load_processed(data_dir)
-    print(f"{len(table.items):,} sequences, {table.num_items - table.first_item_id:,} items; "
+    print(f"{len(table.items):,} sequences, {len(table.candidate_ids):,} candidate items; "
           f"config {cfg.name}: {cfg.model.num_blocks} HSTU blocks, D={cfg.model.embedding_dim}, "
           f"{cfg.train.epochs} epochs")
     result = train_retrieval(table, cfg, progress=progress)

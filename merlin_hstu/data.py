@@ -31,17 +31,32 @@ class SequenceTable:
     keys: np.ndarray  # raw user/session ids, aligned with items
     num_items: int  # embedding rows = largest encoded id + 1
     first_item_id: int = 3  # smallest id of a real item (NVTabular Categorify: 0 pad, 1 null, 2 OOV)
+    candidates: Optional[np.ndarray] = None  # the catalogue, if not every id in [first_item_id, num_items)
 
     def __post_init__(self) -> None:
         if len(self.items) == 0:
             raise ValueError("SequenceTable has no sequences; check the input data and the min_length filter")
         if self.timestamps is not None and any(len(a) != len(b) for a, b in zip(self.items, self.timestamps)):
             raise ValueError("item and timestamp lists differ in length for at least one row")
+        if self.candidates is not None:
+            c = np.unique(np.asarray(self.candidates, dtype=np.int64))
+            if len(c) == 0 or c[0] < 1 or c[-1] >= self.num_items:
+                raise ValueError(f"candidate ids must be non-empty and lie in [1, num_items={self.num_items})")
+            self.candidates = c
 
     @property
     def candidate_ids(self) -> torch.Tensor:
-        """The catalogue: every id that is a real item (used for negatives and for ranking)."""
+        """The catalogue: every id a model ranks and samples negatives from."""
+        if self.candidates is not None:
+            return torch.from_numpy(self.candidates.copy())
         return torch.arange(self.first_item_id, self.num_items, dtype=torch.long)
+
+    @property
+    def non_candidate_ids(self) -> tuple:
+        """Embedding rows that are never ranked: padding, null / OOV rows, ids outside the catalogue."""
+        keep = np.zeros(self.num_items, dtype=bool)
+        keep[self.candidate_ids.numpy()] = True
+        return tuple(np.flatnonzero(~keep).tolist())
 
     @classmethod
     def from_frame(cls, df: pd.DataFrame, item_column: str, timestamp_column: Optional[str], key_column: str,
@@ -77,7 +92,12 @@ def load_processed(path: str | Path) -> SequenceTable:
     domain = schema[item_col].int_domain
     num_items = int(domain.max) + 1 if domain is not None and domain.max else None
     df = dataset.to_ddf().compute()
-    return SequenceTable.from_frame(df, item_col, ts_col, key_col, num_items=num_items)
+    table = SequenceTable.from_frame(df, item_col, ts_col, key_col, num_items=num_items)
+    candidates_file = path.parent / "candidates.parquet"
+    if candidates_file.is_file():
+        table.candidates = pd.read_parquet(candidates_file)["item_id"].to_numpy()
+        table.__post_init__()
+    return table
 
 
 def _window(seq: np.ndarray, end: int, max_history: int) -> np.ndarray:

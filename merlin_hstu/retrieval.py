@@ -27,7 +27,6 @@ from merlin_hstu.hstu import HSTUEncoder, HSTUEncoderConfig
 
 L2_EPS = 1e-6
 MASKED_LOGIT = -5e4  # a sampled negative that equals the positive gets this logit
-DENSE_LOGITS_MAX_ELEMENTS = 1 << 26  # P x V above this: gather sampled rows instead of a dense matmul
 
 
 def l2_normalize(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
@@ -115,17 +114,17 @@ def sampled_softmax_loss(
     user [P, D] (L2-normalised), positives [P] item ids, negative_pool [M] candidate ids; negatives are drawn
     uniformly with replacement, independently per position.
 
-    The catalogue is L2-normalised once ([V, D]) instead of per gathered row ([P, R, D]).  When the dense
-    [P, V] similarity matrix is small, it is computed with one matmul and the sampled columns are gathered
-    from it (compute-bound, no [P, R, D] tensor); otherwise the sampled rows are gathered.  Both give the
-    same logits.
+    The catalogue is L2-normalised once ([V, D]) instead of per gathered row ([P, R, D]).  When the catalogue
+    is smaller than R * D (ML-1M: 3,953 rows vs 128 * 50), the dense [P, V] similarity matrix is both smaller
+    and cheaper than the [P, R, D] gathered rows, so it is computed with one matmul and the sampled columns
+    are gathered from it; otherwise the sampled rows are gathered.  Both give the same logits.
     """
     draws = torch.randint(0, negative_pool.numel(), (positives.numel(), config.num_negatives),
                           generator=generator, device=positives.device)
     negatives = negative_pool[draws]  # [P, R]
     ids = torch.cat([positives.unsqueeze(1), negatives], dim=1)  # [P, 1 + R]
     table = model.item_vectors()  # [V, D], normalised once
-    if user.shape[0] * table.shape[0] <= DENSE_LOGITS_MAX_ELEMENTS:
+    if table.shape[0] <= config.num_negatives * table.shape[1]:
         logits = (user @ table.T).gather(1, ids)
     else:
         logits = torch.einsum("pd,prd->pr", user, table[ids])
@@ -162,6 +161,6 @@ def recommend(model: HSTURetrievalModel, table, rows, k: int = 10, max_history: 
             timestamps[i, : len(h)] = torch.as_tensor(times.copy())
             timestamps[i, len(h)] = int(times[-1])
     scores = model.score_all_items(ids, lengths, timestamps)
-    scores[:, : table.first_item_id] = float("-inf")
+    scores[:, list(table.non_candidate_ids)] = float("-inf")
     scores.scatter_(1, ids, float("-inf"))  # also hits column 0 via padding: already excluded
     return scores.topk(k, dim=1).indices.tolist()

@@ -47,22 +47,19 @@ def build_model(table: SequenceTable, cfg: ExperimentConfig) -> HSTURetrievalMod
     return HSTURetrievalModel(model_cfg)
 
 
-def _invalid_ids(table: SequenceTable) -> tuple:
-    return tuple(range(table.first_item_id))
-
-
 @torch.no_grad()
 def evaluate_model(model: HSTURetrievalModel, split: LeaveOneOut, cfg: ExperimentConfig,
                    progress: bool = False) -> dict:
     """HR/NDCG@K and MRR on the eval samples (last item per user), all catalogue items scored."""
     model.eval()
     acc = RetrievalMetricAccumulator(ks=cfg.train.ks)
+    invalid = split.table.non_candidate_ids
     batches = split.batches(split.eval, cfg.train.eval_batch_size)
     total = split.num_batches(split.eval, cfg.train.eval_batch_size)
     for batch in tqdm(batches, total=total, desc="evaluate", leave=False, disable=not progress):
         scores = model.score_all_items(batch["ids"], batch["lengths"], batch.get("timestamps"))
         acc.update(target_ranks(scores, batch["targets"], history_window(batch),
-                                invalid_ids=_invalid_ids(split.table), rank_cap=cfg.train.rank_cap))
+                                invalid_ids=invalid, rank_cap=cfg.train.rank_cap))
     return acc.compute()
 
 
@@ -70,10 +67,11 @@ def evaluate_most_popular(split: LeaveOneOut, cfg: ExperimentConfig) -> dict:
     """The same protocol with every user scored by training-set popularity."""
     baseline = MostPopular().fit(train_sequences(split.train), num_items=split.table.num_items)
     acc = RetrievalMetricAccumulator(ks=cfg.train.ks)
+    invalid = split.table.non_candidate_ids
     for batch in split.batches(split.eval, cfg.train.eval_batch_size):
         scores = baseline.scores(batch["ids"].shape[0])
         acc.update(target_ranks(scores, batch["targets"], history_window(batch),
-                                invalid_ids=_invalid_ids(split.table), rank_cap=cfg.train.rank_cap))
+                                invalid_ids=invalid, rank_cap=cfg.train.rank_cap))
     return acc.compute()
 
 

@@ -9,7 +9,6 @@ from merlin_hstu.config import load_config
 from merlin_hstu.data import LeaveOneOut, SequenceTable, history_window
 from merlin_hstu.hstu import HSTUEncoderConfig
 from merlin_hstu.retrieval import (
-    DENSE_LOGITS_MAX_ELEMENTS,
     HSTURetrievalModel,
     RetrievalModelConfig,
     SampledSoftmaxConfig,
@@ -85,22 +84,24 @@ def plain_sampled_softmax(user, positives, negatives, table, tau):
 
 
 @pytest.mark.parametrize("dense", [True, False])
-def test_sampled_softmax_matches_the_formula(dense, monkeypatch):
+def test_sampled_softmax_matches_the_formula(dense):
     torch.manual_seed(0)
     model = small_model().double()
     user = torch.nn.functional.normalize(torch.randn(6, 8, dtype=torch.float64), dim=-1)
     positives = torch.tensor([3, 4, 5, 6, 7, 3])
     pool = torch.arange(3, 9)  # small pool: accidental hits are certain
     cfg = SampledSoftmaxConfig(num_negatives=5, temperature=0.05)
+    # 40 catalogue rows: dense when 40 <= R * D (R=5, D=8); a 1-dim embedding forces the gather path
     if not dense:
-        monkeypatch.setattr(retrieval_module, "DENSE_LOGITS_MAX_ELEMENTS", 0)
+        model.item_embedding.weight.data = model.item_embedding.weight.data[:, :1].clone()
+        user = user[:, :1] / user[:, :1].abs()
+    assert (model.item_embedding.num_embeddings <= 5 * model.item_embedding.weight.shape[1]) == dense
     got = sampled_softmax_loss(model, user, positives, pool, cfg, torch.Generator().manual_seed(3))
     draws = torch.randint(0, pool.numel(), (6, 5), generator=torch.Generator().manual_seed(3))
     negatives = pool[draws]
     assert (negatives == positives.unsqueeze(1)).any(), "the test should exercise accidental hits"
     want = plain_sampled_softmax(user, positives.tolist(), negatives.tolist(), model.item_embedding.weight.detach(), 0.05)
     assert got.item() == pytest.approx(want, rel=1e-9)
-    assert DENSE_LOGITS_MAX_ELEMENTS > 6 * 40
 
 
 def test_every_history_position_predicts_the_next_item():
@@ -185,3 +186,13 @@ def test_recommend_excludes_history_and_special_rows(tiny_cfg):
         assert len(set(items)) == 10
         assert not set(items) & set(table.items[row][-12:].tolist())
         assert min(items) >= table.first_item_id
+
+
+def test_explicit_candidate_pool_limits_ranking_and_negatives():
+    table = markov_table(num_users=10)
+    table.candidates = np.arange(3, 150)
+    table.__post_init__()
+    assert table.candidate_ids.tolist() == list(range(3, 150))
+    assert table.non_candidate_ids == (0, 1, 2, *range(150, 200))
+    with pytest.raises(ValueError, match="candidate ids"):
+        SequenceTable(table.items, None, table.keys, 200, candidates=np.array([0, 5]))
