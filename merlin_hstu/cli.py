@@ -46,7 +46,7 @@ def _load_cfg(args, extra: Sequence[str] = ()):
     from merlin_hstu.config import load_config
 
     cfg = load_config(args.config, [*_column_overrides(args), *extra, *args.overrides])
-    if cfg.data.timestamp_column is None and cfg.model.time_bias:
+    if cfg.data.timestamp_column is None and getattr(cfg.model, "time_bias", False):
         print("note: the data has no timestamps, so the relative time bias is switched off (model.time_bias=false)")
         cfg.model.time_bias = False
     return cfg
@@ -92,7 +92,8 @@ def _train_and_report(data_dir: Path, run_dir: Path, cfg, progress: bool):
 
     table = load_processed(data_dir)
     print(f"{len(table.items):,} sequences, {len(table.candidate_ids):,} candidate items; "
-          f"config {cfg.name}: {cfg.model.num_blocks} HSTU blocks, D={cfg.model.embedding_dim}, "
+          f"config {cfg.name}: {cfg.model.num_blocks} {type(cfg.model).__name__[:-13]} blocks, "
+          f"D={cfg.model.embedding_dim}, "
           f"{cfg.train.epochs} epochs")
     result = train_retrieval(table, cfg, progress=progress)
     print(f"trained in {result.train_seconds:.1f} s; final epoch loss {result.epoch_losses[-1]:.4f}")

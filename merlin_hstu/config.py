@@ -16,6 +16,17 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from merlin_hstu.hstu import HSTUEncoderConfig
+from merlin_hstu.sasrec import SASRecEncoderConfig
+
+# model.type -> the encoder's typed config
+ENCODER_CONFIGS = {"hstu": HSTUEncoderConfig, "sasrec": SASRecEncoderConfig}
+
+
+def encoder_type(model_config) -> str:
+    for name, cls in ENCODER_CONFIGS.items():
+        if type(model_config) is cls:
+            return name
+    raise TypeError(f"unknown encoder config type {type(model_config).__name__}")
 
 
 @dataclass
@@ -52,17 +63,18 @@ class ExperimentConfig:
     name: str = "custom"
     description: str = ""
     data: DataConfig = field(default_factory=DataConfig)
-    model: HSTUEncoderConfig = field(default_factory=HSTUEncoderConfig)
+    model: HSTUEncoderConfig | SASRecEncoderConfig = field(default_factory=HSTUEncoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        d["model"] = {"type": encoder_type(self.model), **d["model"]}
         for key in ("betas", "ks"):
             d["train"][key] = list(d["train"][key])
         return d
 
 
-_SECTIONS = {"data": DataConfig, "model": HSTUEncoderConfig, "train": TrainConfig}
+_SECTIONS = {"data": DataConfig, "train": TrainConfig}
 
 
 def _build(cls, values: dict, where: str):
@@ -80,10 +92,15 @@ def _build(cls, values: dict, where: str):
 
 def config_from_dict(d: dict) -> ExperimentConfig:
     d = dict(d or {})
-    unknown = sorted(set(d) - {"name", "description", *_SECTIONS})
+    unknown = sorted(set(d) - {"name", "description", "model", *_SECTIONS})
     if unknown:
         raise ValueError(f"unknown top-level key(s) {unknown}; valid: name, description, data, model, train")
     sections = {k: _build(cls, d.get(k) or {}, k) for k, cls in _SECTIONS.items()}
+    model = dict(d.get("model") or {})
+    kind = model.pop("type", "hstu")
+    if kind not in ENCODER_CONFIGS:
+        raise ValueError(f"unknown model.type {kind!r}; valid: {sorted(ENCODER_CONFIGS)}")
+    sections["model"] = _build(ENCODER_CONFIGS[kind], model, f"model (type {kind})")
     cfg = ExperimentConfig(name=d.get("name", "custom"), description=d.get("description", ""), **sections)
     if cfg.model.max_seq_len < cfg.data.max_history + 1:
         raise ValueError(

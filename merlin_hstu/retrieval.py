@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from merlin_hstu.hstu import HSTUEncoder, HSTUEncoderConfig
+from merlin_hstu.sasrec import SASRecEncoder, SASRecEncoderConfig, positional_table_init
+
+ENCODERS = {HSTUEncoderConfig: HSTUEncoder, SASRecEncoderConfig: SASRecEncoder}
 
 L2_EPS = 1e-6
 MASKED_LOGIT = -5e4  # a sampled negative that equals the positive gets this logit
@@ -38,16 +41,19 @@ class RetrievalModelConfig:
     """Everything needed to rebuild a retrieval model (saved next to its weights)."""
 
     num_items: int  # embedding rows: max encoded item id + 1 (row 0 is padding)
-    encoder: HSTUEncoderConfig
+    encoder: HSTUEncoderConfig | SASRecEncoderConfig
     input_dropout: float = 0.2
 
     def to_dict(self) -> dict:
-        return {"num_items": self.num_items, "input_dropout": self.input_dropout, "encoder": self.encoder.to_dict()}
+        kind = "sasrec" if isinstance(self.encoder, SASRecEncoderConfig) else "hstu"
+        return {"num_items": self.num_items, "input_dropout": self.input_dropout,
+                "encoder_type": kind, "encoder": self.encoder.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RetrievalModelConfig":
+        enc_cls = SASRecEncoderConfig if d.get("encoder_type") == "sasrec" else HSTUEncoderConfig
         return cls(num_items=int(d["num_items"]), input_dropout=float(d["input_dropout"]),
-                   encoder=HSTUEncoderConfig(**d["encoder"]))
+                   encoder=enc_cls(**d["encoder"]))
 
 
 class HSTURetrievalModel(nn.Module):
@@ -58,14 +64,17 @@ class HSTURetrievalModel(nn.Module):
         self.item_embedding = nn.Embedding(config.num_items, dim, padding_idx=0)
         self.position_embedding = nn.Embedding(config.encoder.max_seq_len, dim)
         self.input_dropout = nn.Dropout(config.input_dropout)
-        self.encoder = HSTUEncoder(config.encoder)
+        self.encoder = ENCODERS[type(config.encoder)](config.encoder)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # Truncated normal, std 0.02, cut at +-2 std (row 0 included; padding rows get no gradient).
         nn.init.trunc_normal_(self.item_embedding.weight, std=0.02, a=-0.04, b=0.04)
-        # The reference's HSTU re-initialises the positional table with xavier_normal_.
-        nn.init.xavier_normal_(self.position_embedding.weight)
+        if isinstance(self.encoder, HSTUEncoder):
+            # The reference's HSTU re-initialises the positional table with xavier_normal_.
+            nn.init.xavier_normal_(self.position_embedding.weight)
+        else:  # SASRec keeps the preprocessor's truncated normal, std sqrt(1/D)
+            positional_table_init(self.position_embedding.weight)
 
     # --- encoding ----------------------------------------------------------------------------------
     def user_vectors(self, ids: torch.Tensor, lengths: torch.Tensor, timestamps: Optional[torch.Tensor] = None):
@@ -78,7 +87,7 @@ class HSTURetrievalModel(nn.Module):
         real = positions.unsqueeze(0) < lengths.unsqueeze(1)
         x = self.item_embedding(ids) * math.sqrt(self.item_embedding.embedding_dim) + self.position_embedding(positions)
         x = self.input_dropout(x) * real.unsqueeze(-1).to(x.dtype)
-        h = self.encoder(x, lengths, timestamps if self.config.encoder.time_bias else None)
+        h = self.encoder(x, lengths, timestamps if getattr(self.config.encoder, "time_bias", False) else None)
         return l2_normalize(h)
 
     def last_user_vector(self, ids, lengths, timestamps=None) -> torch.Tensor:

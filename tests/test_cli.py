@@ -30,11 +30,11 @@ def test_top_level_help_lists_subcommands():
 
 
 def test_presets_load_and_are_listed(capsys):
-    assert {"demo", "ml-1m-hstu", "ml-1m-hstu-large"} <= set(preset_names())
-    large = load_config("ml-1m-hstu-large")
+    assert {"demo", "hstu-ml1m", "hstu-large-ml1m", "sasrec-ml1m", "hstu-books", "sasrec-ml20m"} <= set(preset_names())
+    large = load_config("hstu-large-ml1m")
     assert (large.model.num_blocks, large.model.num_heads, large.model.attention_dim, large.model.max_seq_len) == (8, 2, 25, 211)
     assert main(["presets"]) == 0
-    assert "ml-1m-hstu-large" in capsys.readouterr().out
+    assert "hstu-large-ml1m" in capsys.readouterr().out
 
 
 def test_config_errors_name_the_key():
