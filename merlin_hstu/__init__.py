@@ -25,8 +25,11 @@ _T4R_EXPORTS = {
     "HSTUConfig",
     "HSTUModel",
     "HSTUSequenceFeatures",
+    "SASRecConfig",
+    "SASRecModel",
     "T4RecHSTUConfig",
     "T4RecHSTUTimeConfig",
+    "T4RecSASRecConfig",
 }
 _TRIGGERS = ("transformers4rec.torch", "transformers")
 _lock = threading.RLock()

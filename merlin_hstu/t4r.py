@@ -14,6 +14,8 @@ masking schemes in `masking_registry`.  This module plugs HSTU into those seams:
   what `tr.TransformerBlock.from_registry(name, d_model, n_head, n_layer, total_seq_length, masking)` builds.
 * `HSTUCausalLanguageModeling` ("hstu-clm"): T4R's causal LM masking that also hands the encoder the
   sequence lengths and, when given, the padded event timestamps.
+* `SASRecConfig` / `SASRecModel` / `T4RecSASRecConfig` (registry key "sasrec"): the reference's SASRec
+  baseline (`merlin_hstu.sasrec.SASRecEncoder`) behind the same seams, for like-for-like comparisons.
 * `HSTUSequenceFeatures`: `TabularSequenceFeatures` that takes the timestamp list column out of the features
   (raw unix times are not a useful dense input) and gives it to the masking, which passes it on as
   `HSTUModel.forward(timestamps=...)`; `TransformerBlock.forward` merges `masking.transformer_arguments`
@@ -49,6 +51,7 @@ from transformers4rec.torch.masking import CausalLanguageModeling, masking_regis
 from transformers4rec.torch.utils.torch_utils import MappingTransformerMasking
 
 from merlin_hstu.hstu import HSTUEncoder, HSTUEncoderConfig
+from merlin_hstu.sasrec import SASRecEncoder, SASRecEncoderConfig, positional_table_init
 
 HSTU_MODEL_TYPE = "hstu"
 HSTU_REGISTRY_KEY = "hstu"
@@ -473,7 +476,7 @@ def _register_once(registry: Registry, key: str, value: Any) -> None:
 
 
 def register() -> None:
-    """Register HSTU with Hugging Face Auto classes and T4R's registries.  Idempotent."""
+    """Register HSTU and the SASRec baseline with Hugging Face Auto classes and T4R's registries.  Idempotent."""
     if HSTU_MODEL_TYPE not in CONFIG_MAPPING or CONFIG_MAPPING[HSTU_MODEL_TYPE] is not HSTUConfig:
         transformers.AutoConfig.register(HSTU_MODEL_TYPE, HSTUConfig)
     try:
@@ -489,6 +492,163 @@ def register() -> None:
         _register_once(masking_registry, key, HSTUCausalLanguageModeling)
     # HSTU is causal: of T4R's built-in maskings only CLM is valid (TransformerBlock checks this list).
     MappingTransformerMasking.HSTUConfig = [CausalLanguageModeling]
+    _register_sasrec()
+
+
+# ------------------------------------------------------------------------------------------------
+# SASRec baseline (registry "sasrec"; HF model type "sasrec")
+# ------------------------------------------------------------------------------------------------
+SASREC_MODEL_TYPE = "sasrec"
+SASREC_REGISTRY_KEY = "sasrec"
+
+
+class SASRecConfig(PretrainedConfig):
+    """Hugging Face configuration of the reference's SASRec baseline (`merlin_hstu.sasrec.SASRecEncoder`).
+
+    max_position_embeddings is N, the longest padded sequence accepted and the size of the absolute
+    position table; with T4R set it to the model's max_sequence_length.  intermediate_size is the FFN
+    width (default: hidden_size, as in every reference config).  dropout covers the attention
+    probabilities and both FFN dropouts; input_dropout (default: dropout) follows the position embedding.
+    """
+
+    model_type = SASREC_MODEL_TYPE
+
+    def __init__(
+        self,
+        hidden_size: int = 64,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 1,
+        max_position_embeddings: int = 200,
+        intermediate_size: Optional[int] = None,
+        dropout: float = 0.2,
+        input_dropout: Optional[float] = None,
+        layer_norm_eps: float = 1e-8,
+        **kwargs: Any,
+    ):
+        intermediate_size = hidden_size if intermediate_size is None else intermediate_size
+        input_dropout = dropout if input_dropout is None else input_dropout
+        if not 0.0 <= input_dropout < 1.0:
+            raise ValueError(f"SASRecConfig.input_dropout must be in [0, 1), got {input_dropout}")
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.max_position_embeddings = max_position_embeddings
+        self.intermediate_size = intermediate_size
+        self.dropout = dropout
+        self.input_dropout = input_dropout
+        self.layer_norm_eps = layer_norm_eps
+        super().__init__(**kwargs)
+        self.encoder_config()  # validates every encoder field, with SASRecEncoderConfig's messages
+
+    def encoder_config(self) -> SASRecEncoderConfig:
+        return SASRecEncoderConfig(
+            embedding_dim=self.hidden_size,
+            num_blocks=self.num_hidden_layers,
+            num_heads=self.num_attention_heads,
+            ffn_hidden_dim=self.intermediate_size,
+            dropout=self.dropout,
+            max_seq_len=self.max_position_embeddings,
+            layer_norm_eps=self.layer_norm_eps,
+        )
+
+
+class SASRecModel(PreTrainedModel):
+    """SASRec as a Hugging Face model: h = SASRec^L(Dropout(x + P[0:W]) * valid) on right-padded x [B, W, D].
+
+    As in the reference's input preprocessor, P is a learned absolute position table (truncated normal,
+    std sqrt(1/D)) and positions past each length are zeroed before the first block when `lengths` is given.
+    The item embedding (and the reference's sqrt(D) scale) stays in the T4R feature block.  Causal, so it
+    pairs with T4R's causal LM masking ("clm"/"causal", or "hstu-clm", which also passes lengths).
+    """
+
+    config_class = SASRecConfig
+    base_model_prefix = "sasrec"
+    main_input_name = "inputs_embeds"
+
+    def __init__(self, config: SASRecConfig):
+        super().__init__(config)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.input_dropout = nn.Dropout(config.input_dropout)
+        self.encoder = SASRecEncoder(config.encoder_config())
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The encoder initialises itself (reference init); only the position table is ours.
+        if module is self.position_embeddings:
+            positional_table_init(module.weight)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        lengths: Optional[torch.Tensor] = None,
+        timestamps: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor]:
+        """inputs_embeds [B, W, D] right-padded; lengths [B] (default: all W).  Returns (hidden [B, W, D],),
+        zero past lengths.  `timestamps` is in the signature only so that T4R hands them over and they can
+        be refused: SASRec has no time signal, so accepting them would ignore them silently."""
+        if timestamps is not None:
+            raise ValueError(
+                "SASRecModel got timestamps, but SASRec has no time bias and would ignore them; use "
+                "TabularSequenceFeatures (not HSTUSequenceFeatures) with SASRec, or the 'hstu-time' encoder"
+            )
+        config = self.config
+        width = inputs_embeds.shape[1]
+        if not torch.jit.is_tracing():  # shape checks would only bake constants (and warn) into a trace
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+                raise ValueError(
+                    f"SASRecModel expects inputs_embeds [batch, seq, hidden_size={config.hidden_size}], got "
+                    f"{tuple(inputs_embeds.shape)}; project the features to hidden_size (T4R: d_output=)"
+                )
+            if width > config.max_position_embeddings:
+                raise ValueError(
+                    f"sequence length {width} exceeds SASRecConfig.max_position_embeddings="
+                    f"{config.max_position_embeddings}; raise it (T4R: total_seq_length=) or set "
+                    "max_sequence_length on the T4R model/trainer to truncate"
+                )
+        positions = torch.arange(width, device=inputs_embeds.device)
+        x = self.input_dropout(inputs_embeds + self.position_embeddings(positions).unsqueeze(0))
+        if lengths is not None:
+            x = x * (positions.unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(-1).to(x.dtype)
+        return (self.encoder(x, lengths=lengths),)
+
+
+class T4RecSASRecConfig(T4RecConfig, SASRecConfig):
+    """What `TransformerBlock.from_registry("sasrec", ...)` builds (T4R reads the HF config from
+    `__bases__[1]`, i.e. SASRecConfig -> SASRecModel)."""
+
+    @classmethod
+    def build(
+        cls,
+        d_model: int,
+        n_head: int,
+        n_layer: int,
+        total_seq_length: int,
+        dropout: float = 0.2,
+        **kwargs: Any,
+    ) -> "T4RecSASRecConfig":
+        return cls(
+            hidden_size=d_model,
+            num_attention_heads=n_head,
+            num_hidden_layers=n_layer,
+            max_position_embeddings=total_seq_length,
+            dropout=dropout,
+            **kwargs,
+        )
+
+
+def _register_sasrec() -> None:
+    """Register SASRec with the Hugging Face Auto classes and T4R's transformer registry.  Idempotent."""
+    if SASREC_MODEL_TYPE not in CONFIG_MAPPING or CONFIG_MAPPING[SASREC_MODEL_TYPE] is not SASRecConfig:
+        transformers.AutoConfig.register(SASREC_MODEL_TYPE, SASRecConfig)
+    try:
+        registered_model = transformers.MODEL_MAPPING[SASRecConfig]
+    except KeyError:
+        registered_model = None
+    if registered_model is not SASRecModel:
+        transformers.AutoModel.register(SASRecConfig, SASRecModel)
+    _register_once(transformer_registry, SASREC_REGISTRY_KEY, T4RecSASRecConfig)
+    # SASRec is causal: of T4R's built-in maskings only CLM is valid.
+    MappingTransformerMasking.SASRecConfig = [CausalLanguageModeling]
 
 
 __all__ = [
@@ -498,6 +658,9 @@ __all__ = [
     "T4RecHSTUTimeConfig",
     "HSTUCausalLanguageModeling",
     "HSTUSequenceFeatures",
+    "SASRecConfig",
+    "SASRecModel",
+    "T4RecSASRecConfig",
     "register",
 ]
 
