@@ -222,10 +222,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
-    bench = sub.add_parser("bench", help="benchmarks that print figures and ratios (see `bench --help`)",
-                           description="Benchmarks. Each prints the machine, the exact config and its figures.")
+    bench = sub.add_parser(
+        "bench", help="benchmarks: training quality/speed (--dataset), kernels, serving",
+        description="Benchmarks print the machine, the exact config and their figures. Without a BENCHMARK "
+                    "name: train --model on --dataset with the reference protocol over --seeds, print per-epoch "
+                    "loss and metrics, the final table beside the paper's numbers, seconds per step, epoch time "
+                    "and peak RSS, and write bench.json / bench.md / bench.png.")
+    from merlin_hstu.benchmark import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
-    bench.set_defaults(func=lambda a: (bench.print_help(), 0)[1])
+
+    def cmd_bench(args) -> int:
+        if not args.dataset:
+            bench.print_help()
+            return 2
+        from merlin_hstu.benchmark import run_bench
+
+        return run_bench(args)
+
+    bench.set_defaults(func=cmd_bench)
     for module_name in EXTENSION_MODULES:
         module = importlib.import_module(module_name)
         module.register_subcommands(sub, bench_sub)

@@ -56,6 +56,7 @@ class TrainConfig:
     ks: tuple = (10, 50, 200)
     eval_every: int = 0  # evaluate every n epochs during training (0: only at the end)
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
+    max_steps: int = 0  # stop after this many optimizer steps in total (0: run every epoch in full)
 
 
 @dataclass

@@ -40,6 +40,9 @@ class TrainResult:
     epoch_losses: list = field(default_factory=list)
     train_seconds: float = 0.0
     epoch_metrics: list = field(default_factory=list)  # [(epoch, metrics)] when train.eval_every > 0
+    step_times: list = field(default_factory=list)  # seconds per optimizer step (forward + backward + update)
+    epoch_seconds: list = field(default_factory=list)  # training time per epoch, evaluation excluded
+    eval_seconds: float = 0.0
 
 
 def build_model(table: SequenceTable, cfg: ExperimentConfig) -> HSTURetrievalModel:
@@ -76,8 +79,12 @@ def evaluate_most_popular(split: LeaveOneOut, cfg: ExperimentConfig) -> dict:
 
 
 def train_retrieval(table: SequenceTable, cfg: ExperimentConfig, progress: bool = True,
-                    log: Callable[[str], None] = print, model_name: str = "HSTU") -> TrainResult:
-    """Train an HSTU retrieval model with sampled softmax; evaluate it and the most-popular baseline."""
+                    log_epoch: Optional[Callable[[int, float, dict], None]] = None,
+                    model_name: str = "HSTU") -> TrainResult:
+    """Train a retrieval model (HSTU or SASRec encoder) with sampled softmax; evaluate it and most-popular.
+
+    `log_epoch(epoch, mean_loss, metrics)` is called after every evaluated epoch (train.eval_every)."""
+    log_epoch = log_epoch or (lambda epoch, loss, metrics: None)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
@@ -94,29 +101,51 @@ def train_retrieval(table: SequenceTable, cfg: ExperimentConfig, progress: bool 
     steps_per_epoch = split.num_batches(split.train, cfg.train.batch_size)
     epoch_losses, epoch_metrics, metrics = [], [], {}
     start = time.perf_counter()
-    bar = tqdm(total=cfg.train.epochs * steps_per_epoch, desc=f"train {model_name}", unit="step", disable=not progress)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    bar = tqdm(total=total_steps, desc=f"train {model_name}", unit="step", disable=not progress)
+    step_times, epoch_seconds, eval_seconds = [], [], 0.0
+    steps_done = 0
     for epoch in range(cfg.train.epochs):
+        if cfg.train.max_steps and steps_done >= cfg.train.max_steps:
+            break  # a smoke run: the step budget is spent
         model.train()
         total, count = 0.0, 0
+        epoch_start = time.perf_counter()
         for batch in split.batches(split.train, cfg.train.batch_size, shuffle=True, generator=shuffle_gen):
+            if cfg.train.max_steps and steps_done >= cfg.train.max_steps:
+                break
+            t0 = time.perf_counter()
             loss = next_item_training_loss(model, batch, pool, loss_cfg, negative_gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, count = total + loss.item(), count + 1
+            value = loss.item()
+            step_times.append(time.perf_counter() - t0)
+            total, count, steps_done = total + value, count + 1, steps_done + 1
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
+        epoch_seconds.append(time.perf_counter() - epoch_start)
         epoch_losses.append(total / max(count, 1))
-        if cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0 and epoch + 1 < cfg.train.epochs:
+        last = epoch + 1 == cfg.train.epochs or (cfg.train.max_steps and steps_done >= cfg.train.max_steps)
+        if cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0 and not last:
+            t0 = time.perf_counter()
             epoch_metrics.append((epoch + 1, evaluate_model(model, split, cfg)))
+            eval_seconds += time.perf_counter() - t0
             bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_losses[-1]:.3f}", hr10=f"{epoch_metrics[-1][1]['hr@10']:.3f}")
+            log_epoch(epoch + 1, epoch_losses[-1], epoch_metrics[-1][1])
     bar.close()
-    train_seconds = time.perf_counter() - start
+    train_seconds = sum(epoch_seconds)
+    t0 = time.perf_counter()
     metrics[model_name] = evaluate_model(model, split, cfg, progress=progress)
+    eval_seconds += time.perf_counter() - t0
     metrics["most-popular"] = evaluate_most_popular(split, cfg)
     if cfg.train.eval_every:
-        epoch_metrics.append((cfg.train.epochs, metrics[model_name]))
-    return TrainResult(model, split, metrics, epoch_losses, train_seconds, epoch_metrics)
+        epoch_metrics.append((len(epoch_losses), metrics[model_name]))
+        log_epoch(len(epoch_losses), epoch_losses[-1], metrics[model_name])
+    return TrainResult(model, split, metrics, epoch_losses, train_seconds, epoch_metrics, step_times,
+                       epoch_seconds, eval_seconds)
 
 
 def plot_training_curves(record: dict, path: Path) -> Optional[Path]:
