@@ -81,6 +81,20 @@ def cmd_presets(args) -> int:
 
 def cmd_preprocess(args) -> int:
     cfg = _load_cfg(args)
+    if args.dataset:
+        from merlin_hstu.workflows.datasets import default_input_dir, preprocess_dataset
+
+        source = args.input or default_input_dir(args.dataset)
+        if source is None:
+            raise ValueError(f"dataset {args.dataset!r} is not staged here: pass --input DIR with its raw files")
+        t0 = time.perf_counter()
+        result = preprocess_dataset(args.dataset, source, args.output, max_length=cfg.data.max_history + 2,
+                                    overwrite=args.overwrite)
+        print(f"preprocessed {args.dataset}: {result.num_rows:,} sequences in {time.perf_counter() - t0:.1f} s "
+              f"-> {args.output}")
+        return 0
+    if not args.input:
+        raise ValueError("pass --input LOG (a raw event log) or --dataset NAME")
     _preprocess(args.input, Path(args.output), cfg, overwrite=args.overwrite)
     return 0
 
@@ -174,6 +188,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _dataset_names() -> list:
+    # Kept in sync with merlin_hstu.workflows.datasets.DATASETS (tested); importing it here would load NVTabular.
+    return ["ml-1m", "ml-1m-prefix", "ml-20m", "ml-latest-small", "ml-100k", "amzn-books", "amazon-s3rec",
+            "amazon-s3rec-beauty", "amazon-s3rec-sports", "amazon-s3rec-toys"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="merlin-hstu",
@@ -188,8 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sessionize a raw event log with an NVTabular workflow: one row per user/session "
                                    "with chronological item / action / timestamp lists, Merlin schema tags in "
                                    "schema.pbtxt, and the fitted workflow saved for serving.")
-    p.add_argument("--input", required=True, help="event log: .csv/.parquet file or a directory of parquet files")
-    p.add_argument("--output", required=True, help="output directory (gets processed/ and workflow/)")
+    p.add_argument("--input", help="event log (.csv/.parquet file or a parquet directory), or with --dataset the "
+                                  "directory of that dataset's raw files (default: the staged copy, if any)")
+    p.add_argument("--dataset", choices=_dataset_names(), metavar="NAME",
+                   help="a public dataset with the reference's protocol: " + ", ".join(_dataset_names()))
+    p.add_argument("--output", required=True,
+                   help="output directory (gets processed/, workflow/ and candidates.parquet)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_config_args(p, "demo")
     _add_column_args(p)

@@ -98,3 +98,27 @@ def test_demo_meets_its_acceptance_bar(tmp_path, capsys):
     # recommendations are printed as raw item ids (the synthetic catalogue starts at 100000)
     rec_line = next(line for line in out.splitlines() if "-> top-10" in line)
     assert all(int(x) >= 100_000 for x in rec_line.split("top-10 [")[1].rstrip("]").split(", "))
+
+
+def test_dataset_choices_match_the_registry():
+    from merlin_hstu.cli import _dataset_names
+    from merlin_hstu.workflows.datasets import dataset_names
+
+    assert _dataset_names() == dataset_names()
+
+
+def test_preprocess_named_dataset_and_bench_smoke(tmp_path, shared_data, capsys):
+    """`preprocess --dataset ml-100k` on the staged copy, then a 2-step bench run writing its JSON/markdown/PNG."""
+    out = tmp_path / "ml100k"
+    assert main(["preprocess", "--dataset", "ml-100k", "--output", str(out)]) == 0
+    assert (out / "candidates.parquet").is_file()
+    bench_out = tmp_path / "bench"
+    assert main(["bench", "--dataset", str(out), "--model", "hstu-ml1m", "--epochs", "1", "--max-steps", "2",
+                 "--output", str(bench_out), "--no-progress", "--set", "train.eval_batch_size=512"]) == 0
+    record = json.loads((bench_out / "bench.json").read_text())
+    assert record["runs"][0]["steps"] == 2
+    assert record["timing"]["seconds_per_step"] > 0 and record["timing"]["peak_rss_gb"] > 0
+    assert set(record["mean"]) >= {"hr@10", "ndcg@10", "hr@50", "mrr"}
+    assert (bench_out / "bench.png").stat().st_size > 1000
+    assert "seconds per training step" in (bench_out / "bench.md").read_text()
+    assert "### hstu-ml1m" in capsys.readouterr().out

@@ -1,7 +1,9 @@
 """Custom NVTabular operators for the session workflow.
 
-Two ops, both on the single chain of the workflow (see session_workflow.py):
+Three ops, all on the single chain of the workflow (see session_workflow.py):
 
+* `RawItemIds` - the `item_encoding="raw"` alternative to Categorify: keeps positive integer item ids as
+  they are and gives them an int_domain (embedding rows = largest id + 1), as the reference does for MovieLens.
 * `ChronologicalGroupby` - a Groupby that stable-sorts events by time first (ties keep input order).
 * `FinalizeSequences` - after the Groupby: min-length filter, keep-most-recent truncation, `length`,
   optional interleaving, and the output schema (tags + role properties from `merlin_hstu.schema`).
@@ -21,8 +23,90 @@ from merlin.dag import ColumnSelector
 from merlin.schema import ColumnSchema, Schema
 import merlin.dtypes as md
 from nvtabular.ops import Groupby, Operator
+from nvtabular.ops.stat_operator import StatOperator
 
 from merlin_hstu import schema as roles
+
+#: ColumnSchema property set on raw-id item columns: {"item_encoding": "raw"} (Categorify columns lack it)
+ITEM_ENCODING_PROPERTY = "item_encoding"
+
+
+class RawItemIds(StatOperator):
+    """Keep item ids as given (no Categorify); fit records the id range so the schema gets an int_domain.
+
+    Why: the reference keeps raw MovieLens movie ids, so the embedding table has max_id + 1 rows and the
+    candidate pool can hold catalogue items that nobody rated (Categorify only knows the ids it saw).
+    0 is padding, so every id must be >= 1. After fit
+
+        max_id = max(largest id in the fitted data, min_max_id)      int_domain = [0, max_id]
+
+    `min_max_id` lets a catalogue larger than the rated items (e.g. ML-1M movies.dat, max 3952) size the
+    table. `transform` rejects ids outside [1, max_id] instead of passing an out-of-range index on.
+    """
+
+    def __init__(self, min_max_id: Optional[int] = None):
+        super().__init__()
+        if min_max_id is not None and (isinstance(min_max_id, bool) or int(min_max_id) < 1):
+            raise ValueError(f"RawItemIds(min_max_id=...) must be an integer >= 1 or None, got {min_max_id!r}")
+        self.min_max_id = None if min_max_id is None else int(min_max_id)
+        self.max_id: Optional[int] = None
+
+    def fit(self, col_selector: ColumnSelector, ddf):
+        names = list(col_selector.names)
+        return {"min": ddf[names].min(), "max": ddf[names].max()}
+
+    def fit_finalize(self, dask_stats) -> None:
+        mins, maxs = dask_stats["min"], dask_stats["max"]
+        for name in mins.index:
+            if int(mins[name]) < 1:
+                raise ValueError(
+                    f"column {name!r} has item id {int(mins[name])}; raw item ids must be >= 1 (0 is padding). "
+                    "Fix: shift the ids (+1) or use item_encoding='categorify'."
+                )
+        top = max(int(v) for v in maxs.to_numpy())
+        self.max_id = max(top, self.min_max_id or 0)
+
+    def clear(self) -> None:
+        self.max_id = None
+
+    def transform(self, col_selector: ColumnSelector, df: DataFrameType) -> DataFrameType:
+        if self.max_id is None:
+            raise RuntimeError("RawItemIds: fit the workflow before transforming (max_id is unknown)")
+        out = type(df)()
+        for name in col_selector.names:
+            values = df[name]
+            if not np.issubdtype(np.dtype(values.dtype), np.integer):
+                raise ValueError(
+                    f"column {name!r} has dtype {values.dtype}; raw item ids must be integers. "
+                    f"Fix: cast them, e.g. df[{name!r}] = df[{name!r}].astype('int64')."
+                )
+            bad = (values < 1) | (values > self.max_id)
+            if bool(bad.any()):
+                first = values[bad].iloc[0]
+                raise ValueError(
+                    f"column {name!r} has {int(bad.sum())} item id(s) outside 1..{self.max_id} (e.g. {first}); "
+                    "raw ids must be >= 1 and no larger than the fitted catalogue's largest id. "
+                    "Fix: re-fit the workflow on data/catalogue that includes these items."
+                )
+            out[name] = values.astype("int64")
+        return out
+
+    @property
+    def output_dtype(self):
+        return md.int64
+
+    def _compute_properties(self, col_schema: ColumnSchema, input_schema: Schema) -> ColumnSchema:
+        col_schema = super()._compute_properties(col_schema, input_schema)
+        # Before fit the domain holds only what is known (padding, or the catalogue's largest id), as an
+        # unfitted Categorify reports just its reserved ids; fit's dtype-capturing pass needs some domain
+        # downstream (FinalizeSequences' interleave offset), and the schema is rebuilt after fit.
+        top = self.max_id if self.max_id is not None else (self.min_max_id or 0)
+        properties = {
+            **col_schema.properties,
+            ITEM_ENCODING_PROPERTY: "raw",
+            "domain": {"min": 0, "max": top, "name": col_schema.name},
+        }
+        return col_schema.with_properties(properties)
 
 
 class ChronologicalGroupby(Groupby):

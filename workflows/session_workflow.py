@@ -13,7 +13,8 @@ then keeps the list order inside a session and orders sessions sharing an id by 
 Output (`preprocess`), one row per id, rows ordered by id:
 
     <id_column>       raw id (not encoded), tags USER_ID or SESSION_ID
-    item_id-list      int64 list, Categorify ids, tags ITEM, ID, LIST, CATEGORICAL, int_domain from Categorify
+    item_id-list      int64 list, Categorify ids (or raw ids, see below), tags ITEM, ID, LIST, CATEGORICAL,
+                      int_domain from Categorify (raw: [0, largest id])
     action-list       int64 list, Categorify ids, tags LIST, CATEGORICAL, property merlin_hstu_role="action"
     timestamp-list    int64 list, unix seconds, tags LIST, TIME, CONTINUOUS
     length            int64, events kept = min(n, max_length)
@@ -26,6 +27,17 @@ before truncation), then every list keeps its most recent `max_length` events.
 Categorify (NVTabular 23.08, see `nvtabular/ops/categorify.py` PAD_OFFSET/NULL_OFFSET/OOV_OFFSET): 0 padding,
 1 null, 2 out-of-vocabulary, real values 3 .. cardinality-1; `int_domain.max + 1` = embedding-table rows.
 `load_item_id_mapping` / `load_action_mapping` invert it.
+
+Raw item ids (`item_encoding="raw"`, op `RawItemIds`): positive integer item ids are kept as they are, as the
+reference does for MovieLens; 0 stays padding, ids <= 0 are rejected, and int_domain.max = the largest id of the
+data or of the candidate catalogue, so embedding rows = max id + 1 (ML-1M: 3952 + 1).
+
+Candidate pool (`<output>/candidates.parquet`, one sorted int64 column `item_id`): the ENCODED ids a model scores
+and samples negatives from. Default: every real item the workflow encodes (Categorify: 3 .. cardinality-1, which
+includes items of rows dropped by min_length, since Categorify is fitted on every event; raw: every distinct id in
+the log). `preprocess(..., candidates=raw_ids)` gives an explicit catalogue instead (e.g. all 3,883 ML-1M movies,
+rated or not); every logged item must be in it, and with Categorify every catalogue item must occur in the log
+(an unseen item has no Categorify id - use item_encoding="raw" for such catalogues).
 
 Interleaving (`interleave_actions=True`) adds `interleaved-list` = [i_1, a_1 + K, i_2, a_2 + K, ...]:
 item tokens keep their encoded ids, action tokens are shifted by K = item cardinality (item
@@ -59,7 +71,7 @@ import warnings
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -71,7 +83,7 @@ from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 from nvtabular import ops
 
 from merlin_hstu import schema as roles
-from merlin_hstu.workflows.ops import ChronologicalGroupby, FinalizeSequences
+from merlin_hstu.workflows.ops import ChronologicalGroupby, FinalizeSequences, RawItemIds
 
 PathLike = Union[str, os.PathLike]
 
@@ -87,6 +99,10 @@ MERLIN_SESSION_ID = "user_session"
 MERLIN_SESSION_ITEMS = "item_id_list_seq"
 MERLIN_SESSION_EVENTS = "item_event_name_list_seq"
 MERLIN_SESSION_TIME = "timestamp_first"
+
+ITEM_ENCODINGS = ("categorify", "raw")
+CANDIDATES_FILE = "candidates.parquet"  # <output>/candidates.parquet: column CANDIDATES_COLUMN, sorted int64
+CANDIDATES_COLUMN = "item_id"
 
 _LIKELY_MILLISECONDS = 10**11  # unix seconds above this are past year 5000: probably milliseconds
 _CSV_SUFFIXES = {".csv", ".tsv", ".txt"}
@@ -111,8 +127,13 @@ class SessionWorkflowConfig:
     min_length: int = 2  # drop sequences with fewer events (counted before truncation)
     interleave_actions: bool = False
     csv_separator: Optional[str] = None  # None: sniffed from the CSV header line
+    item_encoding: str = "categorify"  # "categorify" (0 pad, 1 null, 2 OOV, items 3..) or "raw" (ids >= 1 kept)
 
     def __post_init__(self) -> None:
+        if self.item_encoding not in ITEM_ENCODINGS:
+            raise ValueError(
+                f"SessionWorkflowConfig.item_encoding must be one of {ITEM_ENCODINGS}, got {self.item_encoding!r}"
+            )
         if self.id_kind not in ("user", "session"):
             raise ValueError(f"SessionWorkflowConfig.id_kind must be 'user' or 'session', got {self.id_kind!r}")
         for name in ("id_column", "item_column"):
@@ -309,6 +330,27 @@ def validate_event_log(df: pd.DataFrame, config: SessionWorkflowConfig) -> None:
             _timestamps_to_seconds(df[col], col)  # raises on bad timestamps
         else:
             _check_id_dtype(df[col], col, fld)
+    if config.item_encoding == "raw":
+        _check_raw_item_ids(df[config.item_column], config.item_column)
+
+
+def _check_raw_item_ids(series: pd.Series, col: str) -> None:
+    """item_encoding='raw': ids must be integers >= 1 (0 is the padding id)."""
+    if not (pd.api.types.is_integer_dtype(series.dtype) or pd.api.types.infer_dtype(series) == "integer"):
+        raise EventLogError(
+            f"column {col!r} (item_column) holds {pd.api.types.infer_dtype(series)!r} values, but "
+            "item_encoding='raw' keeps item ids as they are, so they must be integers >= 1. "
+            f"Fix: df[{col!r}] = df[{col!r}].astype('int64'), or use item_encoding='categorify'."
+        )
+    values = series.to_numpy().astype(np.int64)
+    bad = values < 1
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise EventLogError(
+            f"column {col!r} (item_column) has {int(bad.sum())} id(s) <= 0 (first at row {first}: {values[first]}); "
+            "with item_encoding='raw' 0 is the padding id, so ids must be >= 1. "
+            "Fix: shift the ids by +1 or use item_encoding='categorify'."
+        )
 
 
 def _check_id_dtype(series: pd.Series, col: str, fld: str) -> None:
@@ -406,18 +448,31 @@ def normalize_event_log(df: pd.DataFrame, config: SessionWorkflowConfig) -> pd.D
 # ---------------------------------------------------------------------------------------------------------
 # workflow
 # ---------------------------------------------------------------------------------------------------------
-def build_session_workflow(config: SessionWorkflowConfig, categories_dir: Optional[PathLike] = None) -> nvt.Workflow:
+def build_session_workflow(
+    config: SessionWorkflowConfig,
+    categories_dir: Optional[PathLike] = None,
+    *,
+    raw_item_max_id: Optional[int] = None,
+) -> nvt.Workflow:
     """The NVTabular workflow (unfitted). Input: a normalized event log (`normalize_event_log`).
 
     `categories_dir` is where Categorify writes its statistics during fit (default: a fresh temporary
     directory, never the current directory); `Workflow.save` copies them next to the saved workflow.
+    `raw_item_max_id` (item_encoding='raw' only): a lower bound for the item int_domain.max, so that a
+    catalogue with larger ids than the log (unrated items) still fits the embedding table.
     """
     out_path = str(categories_dir) if categories_dir is not None else tempfile.mkdtemp(prefix="merlin_hstu_categorify_")
+    if raw_item_max_id is not None and config.item_encoding != "raw":
+        raise ValueError("build_session_workflow(raw_item_max_id=...) needs SessionWorkflowConfig.item_encoding='raw'")
 
     def renamed(raw: str, base: str):
         return [raw] >> ops.Rename(name=base) if raw != base else [raw]
 
-    events = [config.id_column] + (renamed(config.item_column, ITEM_BASE) >> ops.Categorify(out_path=out_path))
+    if config.item_encoding == "raw":
+        item_op = RawItemIds(min_max_id=raw_item_max_id)
+    else:
+        item_op = ops.Categorify(out_path=out_path)
+    events = [config.id_column] + (renamed(config.item_column, ITEM_BASE) >> item_op)
     aggs = {ITEM_BASE: ["list"]}
     if config.action_column is not None:
         events = events + (renamed(config.action_column, ACTION_BASE) >> ops.Categorify(out_path=out_path))
@@ -449,6 +504,13 @@ class ProcessedDataset:
     schema: Schema
     workflow_path: Path  # output_dir/workflow: Workflow.save (workflow.pkl, categories/)
     num_rows: int
+    candidates_path: Optional[Path] = None  # output_dir/candidates.parquet: encoded candidate ids, sorted
+
+    def candidate_ids(self) -> np.ndarray:
+        """The encoded ids to score and to sample negatives from (int64, sorted ascending)."""
+        if self.candidates_path is None:
+            raise FileNotFoundError(f"no {CANDIDATES_FILE} recorded for {self.path}; re-run preprocess")
+        return read_candidates(self.candidates_path)
 
     @property
     def parquet_files(self) -> List[Path]:
@@ -465,9 +527,11 @@ def preprocess(
     config: Optional[SessionWorkflowConfig] = None,
     *,
     overwrite: bool = False,
+    candidates: Optional[Union[Sequence, np.ndarray, pd.Series]] = None,
 ) -> ProcessedDataset:
-    """Read, validate, fit + transform; write output_dir/{processed/, workflow/} atomically.
+    """Read, validate, fit + transform; write output_dir/{processed/, workflow/, candidates.parquet} atomically.
 
+    `candidates`: the item catalogue as RAW item ids (None: every item of the log, see the module docstring).
     Everything is written into a hidden sibling temp directory that is renamed to `output_dir` only after
     every file is complete; on any error it is removed, so no half-written output directory is left.
     An existing `output_dir` is an error unless `overwrite=True` (then it is replaced after success).
@@ -480,12 +544,16 @@ def preprocess(
     raw = read_event_log(source, config)
     validate_event_log(raw, config)
     events = normalize_event_log(raw, config)
+    catalogue = None
+    if candidates is not None:
+        catalogue = _validate_catalogue(candidates, events[config.item_column], config)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         workflow_dir, processed_dir = staging / "workflow", staging / "processed"
-        workflow = build_session_workflow(config, categories_dir=workflow_dir)
+        raw_max = int(catalogue.max()) if catalogue is not None and config.item_encoding == "raw" else None
+        workflow = build_session_workflow(config, categories_dir=workflow_dir, raw_item_max_id=raw_max)
         dataset = Dataset(events, cpu=True, npartitions=1)
         workflow.fit(dataset)
         result = workflow.transform(dataset).to_ddf().compute()
@@ -495,8 +563,10 @@ def preprocess(
                 f"events, so the output would be empty. Fix: lower SessionWorkflowConfig.min_length."
             )
         out_schema = _relocate_paths(workflow.output_schema, str(staging), str(output_dir))
+        encoded = _encoded_candidates(config, workflow_dir, events[config.item_column], catalogue)
         Dataset(result, cpu=True, schema=out_schema).to_parquet(str(processed_dir), output_files=1)
         workflow.save(str(workflow_dir))
+        pd.DataFrame({CANDIDATES_COLUMN: encoded}).to_parquet(staging / CANDIDATES_FILE, index=False)
         _atomic_replace(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -504,7 +574,82 @@ def preprocess(
 
     processed = output_dir / "processed"
     schema = TensorflowMetadata.from_proto_text_file(str(processed)).to_merlin_schema()
-    return ProcessedDataset(path=processed, schema=schema, workflow_path=output_dir / "workflow", num_rows=len(result))
+    return ProcessedDataset(path=processed, schema=schema, workflow_path=output_dir / "workflow",
+                            num_rows=len(result), candidates_path=output_dir / CANDIDATES_FILE)
+
+
+def read_candidates(path: PathLike) -> np.ndarray:
+    """The encoded candidate ids of a preprocess output (its directory or the candidates.parquet file)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CANDIDATES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no candidate pool at {path}; it is written by preprocess (re-run it)")
+    ids = pd.read_parquet(path)[CANDIDATES_COLUMN].to_numpy()
+    return ids.astype(np.int64, copy=False)
+
+
+def _validate_catalogue(candidates, items: pd.Series, config: SessionWorkflowConfig) -> np.ndarray:
+    """The raw catalogue as a sorted array; every logged item must be in it (no item silently left out)."""
+    values = pd.Series(np.asarray(candidates).ravel() if not isinstance(candidates, pd.Series) else candidates)
+    where = "preprocess(candidates=...)"
+    if len(values) == 0:
+        raise EventLogError(f"{where} is empty. Fix: pass the item catalogue, or None to use the logged items.")
+    if values.isna().any():
+        raise EventLogError(f"{where} has {int(values.isna().sum())} null id(s). Fix: drop them.")
+    integer_items = pd.api.types.is_integer_dtype(items.dtype)
+    kind = pd.api.types.infer_dtype(values, skipna=False)
+    if integer_items and kind != "integer":
+        raise EventLogError(
+            f"{where} holds {kind!r} values but column {config.item_column!r} has integer ids. "
+            "Fix: pass integer item ids, the same ids as in the log."
+        )
+    if not integer_items and kind != "string":
+        raise EventLogError(
+            f"{where} holds {kind!r} values but column {config.item_column!r} has string ids. "
+            "Fix: pass the catalogue as strings, e.g. [str(i) for i in ids]."
+        )
+    values = values.to_numpy().astype(np.int64 if integer_items else object)
+    unique = pd.unique(values)
+    if len(unique) != len(values):
+        duplicated = pd.Series(values)[pd.Series(values).duplicated()].iloc[0]
+        raise EventLogError(
+            f"{where} lists {len(values) - len(unique)} id(s) more than once (e.g. {duplicated!r}). "
+            "Fix: pass each catalogue item once."
+        )
+    if config.item_encoding == "raw" and unique.min() < 1:
+        raise EventLogError(
+            f"{where} holds id {unique.min()}; with item_encoding='raw' ids must be >= 1 (0 is padding)."
+        )
+    missing = np.setdiff1d(pd.unique(items.to_numpy()), unique)
+    if len(missing):
+        raise EventLogError(
+            f"{len(missing)} item id(s) of column {config.item_column!r} are not in {where} (e.g. "
+            f"{missing[:5].tolist()}). Fix: pass the full catalogue, or drop those events first."
+        )
+    return np.sort(unique)
+
+
+def _encoded_candidates(
+    config: SessionWorkflowConfig, workflow_dir: Path, items: pd.Series, catalogue: Optional[np.ndarray]
+) -> np.ndarray:
+    """Encoded, sorted candidate ids: raw ids kept as they are, or mapped through the fitted Categorify."""
+    if config.item_encoding == "raw":
+        source = catalogue if catalogue is not None else pd.unique(items.to_numpy())
+        return np.sort(np.asarray(source, dtype=np.int64))
+    mapping = _load_category_mapping(workflow_dir, ITEM_BASE)
+    first = int(np.flatnonzero(pd.notna(mapping))[0])
+    if catalogue is None:
+        return np.arange(first, len(mapping), dtype=np.int64)
+    code_of = {raw: code for code, raw in enumerate(mapping) if code >= first}
+    unseen = [raw for raw in catalogue if raw not in code_of]
+    if unseen:
+        raise EventLogError(
+            f"{len(unseen)} catalogue item(s) in preprocess(candidates=...) never occur in column "
+            f"{config.item_column!r} (e.g. {unseen[:5]}), so Categorify has no id for them. Fix: use "
+            "SessionWorkflowConfig(item_encoding='raw') to keep catalogue ids, or drop them from the catalogue."
+        )
+    return np.sort(np.fromiter((code_of[raw] for raw in catalogue), dtype=np.int64, count=len(catalogue)))
 
 
 def _relocate_paths(schema: Schema, old_root: str, new_root: str) -> Schema:
@@ -554,7 +699,8 @@ def _load_category_mapping(workflow_path: PathLike, column: str) -> np.ndarray:
     if not unique_path.exists():
         raise FileNotFoundError(
             f"no Categorify statistics for {column!r} at {unique_path}; pass the workflow/ directory written "
-            "by preprocess (for actions: one that was built with an action_column)."
+            "by preprocess (for actions: one that was built with an action_column). With "
+            "item_encoding='raw' there is no item mapping: encoded item ids are the raw ids."
         )
     uniques = pd.read_parquet(unique_path)
     first = roles.FIRST_REAL_ID
