@@ -1,14 +1,34 @@
-"""HSTU pointwise attention: the pure-PyTorch reference path.
+"""HSTU pointwise attention: the op, its PyTorch reference and the kernel dispatch.
 
-This is the CPU path, the default path and the oracle that every faster kernel is tested against.
-The math (reference-hstu.md §1.4):
+The math (reference-hstu.md §1.4 and §4), per sequence b and head h:
 
-    S[b,h,i,j] = <q[b,i,h], k[b,j,h]> + rab[b,i,j]        (no 1/sqrt(d) scale)
-    A[b,h,i,j] = SiLU(S) / N  * valid[b,i,j]                N is a configured constant
-    O[b,i,h]   = sum_j A[b,h,i,j] v[b,j,h]
+    S[h,i,j] = alpha * <q[i,h], k[j,h]> + bias[b,i,j]              (research HSTU: alpha = 1, no 1/sqrt(d))
+    A[h,i,j] = SiLU(S[h,i,j]) / N  *  valid[b,i,j]                   N = max_seq_len, a configured constant
+    O[i,h]   = sum_j A[h,i,j] v[j,h]
 
-`valid` is causal (j <= i) and restricted to real tokens (j < len_b).  Dividing by a constant N rather
-than by the batch's longest sequence is what keeps a sequence's output independent of its batch mates.
+Dividing by a constant N rather than by the batch's longest sequence is what keeps a sequence's output
+independent of its batch mates.  There is no softmax, so no row statistics: rows are independent sums.
+
+`valid` (reference-hstu.md §4, "valid attention mask") works on per-token *ids* rather than positions:
+
+    ids     = arange(W);  max_ids = len
+    contextual prefix c > 0:   ids = max(ids - c + 1, 0);  max_ids = len - c + 1   (the c prefix tokens share id 0)
+    num_targets given:         max_ids -= num_targets;     ids = min(ids, max_ids) (every candidate gets id max_ids)
+    dist    = ids[i] - ids[j]          (|.| when not causal)
+    valid   = (i == j) | (dist > 0)
+    window  : valid &= dist <= max_attn_len | ids[i] >= max_ids - min_full_attn_seq_len   (when max_attn_len > 0)
+    context : valid |= ids[i] == 0 & ids[j] < max_ids                                      (when c > 0)
+    and both i, j < len (real tokens only).
+
+So candidates (the last num_targets tokens) see the history and themselves but never each other, contextual
+tokens see the whole history and are seen by every history token (inside the window, when there is one:
+the window is applied before the contextual rule, as in the reference).
+
+Three entry points:
+  * `hstu_attention_reference`: padded [B, W, H, d] tensors; the oracle and the encoder's CPU path.
+  * `hstu_attention_pytorch`: jagged [L, H, d] tensors + offsets; pads, calls the reference, un-pads.
+  * `hstu_attention`: the jagged op users call; validates inputs and dispatches to PyTorch or Triton
+    (`kernel="pytorch" | "triton" | "auto"`, see `dispatch.py`).
 """
 from __future__ import annotations
 
@@ -17,7 +37,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from merlin_hstu.kernels.dispatch import TRITON_DTYPES, resolve_kernel
 
+
+# ------------------------------------------------------------------------------------------------------
+# Masks
+# ------------------------------------------------------------------------------------------------------
 def attention_mask(lengths: torch.Tensor, width: int, causal: bool = True) -> torch.Tensor:
     """Boolean [B, W, W] mask: key j is visible to query i when j < len_b (and j <= i if causal)."""
     pos = torch.arange(width, device=lengths.device)
@@ -28,6 +53,49 @@ def attention_mask(lengths: torch.Tensor, width: int, causal: bool = True) -> to
     return mask
 
 
+def valid_attention_mask(
+    lengths: torch.Tensor,
+    width: int,
+    *,
+    causal: bool = True,
+    num_targets: Optional[torch.Tensor] = None,
+    contextual_seq_len: int = 0,
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
+) -> torch.Tensor:
+    """Boolean [B, W, W]: valid[b, i, j] is True when query i may attend to key j (module docstring rules).
+
+    Rows and columns at or past len_b are always False.  Without candidates the ids do not depend on the
+    sequence, so the id arithmetic runs once on [W, W] and only the length-dependent parts are per sequence.
+    """
+    pos = torch.arange(width, device=lengths.device)
+    max_ids = lengths.unsqueeze(1)  # [B, 1]
+    ids = pos.unsqueeze(0)  # [1, W]: shared by all sequences until candidates clamp it
+    if contextual_seq_len > 0:
+        ids = (ids - contextual_seq_len + 1).clamp(min=0)
+        max_ids = max_ids - contextual_seq_len + 1
+    if num_targets is not None:
+        max_ids = max_ids - num_targets.unsqueeze(1).to(max_ids.dtype)
+        ids = torch.minimum(ids, max_ids)  # [B, W]
+    row, col = ids.unsqueeze(2), ids.unsqueeze(1)  # [B or 1, W, 1], [B or 1, 1, W]
+    dist = row - col
+    if not causal:
+        dist = dist.abs()
+    valid = (pos.unsqueeze(1) == pos.unsqueeze(0)).unsqueeze(0) | (dist > 0)
+    if max_attn_len > 0:
+        in_window = dist <= max_attn_len
+        if min_full_attn_seq_len > 0:
+            in_window = in_window | (row >= (max_ids - min_full_attn_seq_len).unsqueeze(2))
+        valid = valid & in_window
+    if contextual_seq_len > 0:
+        valid = valid | ((row == 0) & (col < max_ids.unsqueeze(2)))
+    real = pos.unsqueeze(0) < lengths.unsqueeze(1)  # [B, W]
+    return valid & real.unsqueeze(2) & real.unsqueeze(1)
+
+
+# ------------------------------------------------------------------------------------------------------
+# PyTorch reference
+# ------------------------------------------------------------------------------------------------------
 def hstu_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -36,18 +104,167 @@ def hstu_attention_reference(
     normalizer: float,
     rab: Optional[torch.Tensor] = None,
     causal: bool = True,
+    *,
+    alpha: float = 1.0,
+    num_targets: Optional[torch.Tensor] = None,
+    contextual_seq_len: int = 0,
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
 ) -> torch.Tensor:
     """Padded HSTU attention.
 
-    q, k: [B, W, H, dqk]; v: [B, W, H, dv]; lengths: [B]; rab: [B or 1, W, W] or None.
-    Returns [B, W, H, dv]; rows at or past len_b are zero.
+    q, k: [B, W, H, dqk]; v: [B, W, H, dv]; lengths: [B]; rab: [B or 1, W, W] or None (shared by all heads).
+    Returns [B, W, H, dv]; rows at or past len_b are zero.  Trace-friendly: W comes from the tensors' shape.
     """
     width = q.shape[1]
     scores = torch.einsum("bihd,bjhd->bhij", q, k)
+    if alpha != 1.0:
+        scores = scores * alpha
     if rab is not None:
         scores = scores + rab.unsqueeze(1)
-    mask = attention_mask(lengths, width, causal)
-    query_valid = torch.arange(width, device=q.device).unsqueeze(0) < lengths.unsqueeze(1)
-    mask = mask & query_valid.unsqueeze(2)
+    mask = valid_attention_mask(
+        lengths, width, causal=causal, num_targets=num_targets, contextual_seq_len=contextual_seq_len,
+        max_attn_len=max_attn_len, min_full_attn_seq_len=min_full_attn_seq_len,
+    )
     weights = F.silu(scores) * (mask.unsqueeze(1).to(scores.dtype) / normalizer)
     return torch.einsum("bhij,bjhd->bihd", weights, v)
+
+
+def jagged_to_padded(values: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """[L, *rest] jagged values -> [B, W, *rest] with zeros past each length (token_mask: [B, W] bool)."""
+    batch, width = token_mask.shape
+    return values.new_zeros((batch, width) + tuple(values.shape[1:])).index_put((token_mask,), values)
+
+
+def hstu_attention_pytorch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    max_seq_len: int,
+    *,
+    alpha: float = 1.0,
+    causal: bool = True,
+    num_targets: Optional[torch.Tensor] = None,
+    contextual_seq_len: int = 0,
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
+    attn_bias: Optional[torch.Tensor] = None,
+    max_len: Optional[int] = None,
+) -> torch.Tensor:
+    """Jagged HSTU attention in plain PyTorch: pad to the longest sequence, run the reference, un-pad.
+
+    q, k: [L, H, dqk]; v: [L, H, dv]; seq_offsets: [B+1]; attn_bias: [B or 1, W, W] with W >= max length.
+    `max_len` (the longest sequence) saves a host sync when the caller already knows it.
+    """
+    lengths = seq_offsets[1:] - seq_offsets[:-1]
+    if max_len is None:
+        max_len = int(lengths.max()) if lengths.numel() else 0
+    token_mask = torch.arange(max_len, device=q.device).unsqueeze(0) < lengths.unsqueeze(1)
+    rab = None if attn_bias is None else attn_bias[:, :max_len, :max_len]
+    out = hstu_attention_reference(
+        jagged_to_padded(q, token_mask), jagged_to_padded(k, token_mask), jagged_to_padded(v, token_mask),
+        lengths, float(max_seq_len), rab, causal, alpha=alpha, num_targets=num_targets,
+        contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len,
+        min_full_attn_seq_len=min_full_attn_seq_len,
+    )
+    return out[token_mask]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The op
+# ------------------------------------------------------------------------------------------------------
+def _check_inputs(q, k, v, seq_offsets, max_seq_len, num_targets, attn_bias, contextual_seq_len,
+                  max_attn_len, min_full_attn_seq_len) -> int:
+    """Validate shapes/values with clear messages; returns the longest sequence length."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"hstu_attention: q, k, v must be [L, H, d]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape != k.shape:
+        raise ValueError(f"hstu_attention: q and k must have the same shape [L, H, dqk]; "
+                         f"got {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"hstu_attention: v must be [L, H, dv] with q's L and H; got v {tuple(v.shape)}, "
+                         f"q {tuple(q.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"hstu_attention: q, k, v must share one float dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if seq_offsets.dim() != 1 or seq_offsets.numel() < 1 or seq_offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError("hstu_attention: seq_offsets must be a 1-D int32/int64 tensor [B+1] of cumulative "
+                         f"lengths; got {seq_offsets.dtype} {tuple(seq_offsets.shape)}")
+    for name, value in (("contextual_seq_len", contextual_seq_len), ("max_attn_len", max_attn_len),
+                        ("min_full_attn_seq_len", min_full_attn_seq_len)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"hstu_attention: {name} must be an int >= 0, got {value!r}")
+    if not isinstance(max_seq_len, int) or max_seq_len <= 0:
+        raise ValueError(f"hstu_attention: max_seq_len (the normaliser N) must be a positive int, got {max_seq_len!r}")
+    lengths = seq_offsets[1:] - seq_offsets[:-1]
+    batch = lengths.shape[0]
+    # One host sync for all value checks.
+    stats = torch.stack([
+        seq_offsets[0].long(), seq_offsets[-1].long(),
+        lengths.min().long() if batch else seq_offsets[0].long() * 0,
+        lengths.max().long() if batch else seq_offsets[0].long() * 0,
+    ]).tolist()
+    first, last, min_len, max_len = stats
+    if first != 0 or last != q.shape[0] or min_len < 0:
+        raise ValueError(f"hstu_attention: seq_offsets must start at 0, be non-decreasing and end at L={q.shape[0]}; "
+                         f"got first={first}, last={last}, smallest length={min_len}")
+    if max_len > max_seq_len:
+        raise ValueError(f"hstu_attention: a sequence of {max_len} tokens exceeds max_seq_len={max_seq_len}; "
+                         "raise max_seq_len or truncate the sequences")
+    if num_targets is not None:
+        if num_targets.shape != (batch,) or num_targets.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"hstu_attention: num_targets must be an int tensor [B={batch}], "
+                             f"got {num_targets.dtype} {tuple(num_targets.shape)}")
+        if batch and bool(((num_targets < 0) | (num_targets.to(lengths.dtype) > lengths)).any()):
+            raise ValueError("hstu_attention: num_targets must be in [0, length] for every sequence")
+    if attn_bias is not None:
+        if (attn_bias.dim() != 3 or attn_bias.shape[0] not in (1, batch) or attn_bias.shape[1] < max_len
+                or attn_bias.shape[2] < max_len or not attn_bias.dtype.is_floating_point):
+            raise ValueError(f"hstu_attention: attn_bias must be a float [B={batch} or 1, W, W] tensor with "
+                             f"W >= the longest sequence ({max_len}); got {attn_bias.dtype} {tuple(attn_bias.shape)}")
+    return max_len
+
+
+def hstu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    max_seq_len: int,
+    *,
+    alpha: float = 1.0,
+    causal: bool = True,
+    num_targets: Optional[torch.Tensor] = None,
+    contextual_seq_len: int = 0,
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
+    attn_bias: Optional[torch.Tensor] = None,
+    kernel: Optional[str] = None,
+) -> torch.Tensor:
+    """Jagged HSTU attention; returns [L, H, dv] (see the module docstring for the math and the mask).
+
+    q, k: [L, H, dqk]; v: [L, H, dv], sequences laid end to end as given by seq_offsets [B+1].
+    max_seq_len: the normaliser N (and an upper bound on every length).
+    num_targets: [B] candidates at the end of each sequence (target-aware mask), or None.
+    attn_bias: dense relative bias [B or 1, W, W] (query position i, key position j inside each sequence),
+        shared by all heads; it gets a gradient (d bias = dS summed over heads).  The research HSTU's learned
+        position/time tables reach the op this way: gather them into [B, W, W] and autograd carries the
+        gradient back to the tables.
+    kernel: "pytorch" | "triton" | "auto" | None (None and "auto" defer to the global default).
+    """
+    max_len = _check_inputs(q, k, v, seq_offsets, max_seq_len, num_targets, attn_bias, contextual_seq_len,
+                            max_attn_len, min_full_attn_seq_len)
+    tensors = [q, k, v] + ([attn_bias] if attn_bias is not None else [])
+    chosen = resolve_kernel(kernel, *tensors)
+    kwargs = dict(alpha=float(alpha), causal=bool(causal), num_targets=num_targets,
+                  contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len,
+                  min_full_attn_seq_len=min_full_attn_seq_len, attn_bias=attn_bias, max_len=max_len)
+    if chosen == "triton":
+        if q.dtype not in TRITON_DTYPES:
+            raise ValueError(f"hstu_attention: the Triton kernels take float32/bfloat16/float16, got {q.dtype}; "
+                             "use kernel='pytorch' (or 'auto') for this dtype")
+        from merlin_hstu.kernels.triton_hstu_attention import triton_hstu_attention
+
+        return triton_hstu_attention(q, k, v, seq_offsets, max_seq_len, **kwargs)
+    return hstu_attention_pytorch(q, k, v, seq_offsets, max_seq_len, **kwargs)

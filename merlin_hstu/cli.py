@@ -155,7 +155,7 @@ def cmd_demo(args) -> int:
     t_start = time.perf_counter()
     if args.data:
         source = args.data
-        print(f"[1/5] using the event log {source}")
+        print(f"[1/6] using the event log {source}")
     else:
         from merlin_hstu.synthetic import SyntheticConfig, generate_event_log
 
@@ -164,18 +164,18 @@ def cmd_demo(args) -> int:
         source = out / "events.parquet"
         source.parent.mkdir(parents=True, exist_ok=True)
         events.to_parquet(source)
-        print(f"[1/5] generated the embedded synthetic event log: {len(events):,} events, "
+        print(f"[1/6] generated the embedded synthetic event log: {len(events):,} events, "
               f"{events[cfg.data.id_column].nunique():,} users, {events[cfg.data.item_column].nunique():,} items "
               f"-> {source}")
-    print("[2/5] NVTabular: sessionize, Categorify, truncate, tag")
+    print("[2/6] NVTabular: sessionize, Categorify, truncate, tag")
     processed = _preprocess(source, out / "dataset", cfg, overwrite=True)
-    print("[3/5] training HSTU (sampled softmax) and the most-popular baseline")
+    print("[3/6] training HSTU (sampled softmax) and the most-popular baseline")
     table, result = _train_and_report(out / "dataset", out / "run", cfg, progress=not args.no_progress)
     hstu, pop = result.metrics["HSTU"]["hr@10"], result.metrics["most-popular"]["hr@10"]
     ratio = hstu / pop if pop > 0 else float("inf")
     print(f"HSTU HR@10 / most-popular HR@10 = {ratio:.2f}x")
-    print(f"[4/5] saved: workflow -> {processed.workflow_path}, model + metrics + training_curves.png -> {out / 'run'}")
-    print("[5/5] top-10 recommendations (raw item ids) for three sample users")
+    print(f"[4/6] saved: workflow -> {processed.workflow_path}, model + metrics + training_curves.png -> {out / 'run'}")
+    print("[5/6] top-10 recommendations (raw item ids) for three sample users")
     raw_items = load_item_id_mapping(processed.workflow_path)
     from merlin_hstu.retrieval import recommend
 
@@ -184,6 +184,17 @@ def cmd_demo(args) -> int:
     for row, items in zip(rows, recs):
         last = [raw_items[i] for i in table.items[row][-3:]]
         print(f"  user {table.keys[row]}: recent {last} -> top-10 {[raw_items[i] for i in items]}")
+    if args.no_serve:
+        print("[6/6] serving skipped (--no-serve)")
+    else:
+        from merlin_hstu.serving import demo_serving
+        from merlin_hstu.workflows.session_workflow import read_event_log
+
+        print("[6/6] export to a Triton model repository, serve with tritonserver, query the same users")
+        events = read_event_log(source, _workflow_config(cfg))
+        users = {table.keys[r] for r in rows}
+        sample = events[events[cfg.data.id_column].isin(users)]
+        demo_serving(out / "run", out, sample, k=10)
     print(f"demo finished in {time.perf_counter() - t_start:.0f} s")
     return 0
 
@@ -240,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(or --data PATH, a real event log).")
     p.add_argument("--data", help="a raw event log to use instead of the synthetic one")
     p.add_argument("--synthetic-users", type=int, help="size of the synthetic log (default: 2000 users)")
+    p.add_argument("--no-serve", action="store_true", help="skip the export / tritonserver / query step")
     p.add_argument("--output", default=str(DEFAULT_RUN_ROOT / "demo"), help="where to write (default: runs/demo)")
     _add_config_args(p, "demo")
     _add_column_args(p)
@@ -274,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add subcommands: each has `register_subcommands(subparsers, bench_subparsers)`, which must
 # stay cheap (argparse only; heavy imports inside the command functions).
-EXTENSION_MODULES: list = []
+EXTENSION_MODULES: list = ["merlin_hstu.serving.cli", "merlin_hstu.kernels.bench"]
 
 
 def _quiet_known_warnings() -> None:

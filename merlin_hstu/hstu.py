@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merlin_hstu.kernels.hstu_attention import hstu_attention_reference
+from merlin_hstu.kernels.dispatch import resolve_kernel, validate_kernel
+from merlin_hstu.kernels.hstu_attention import hstu_attention, hstu_attention_reference
 
 TIME_BUCKET_DIVISOR = 0.301  # log-time buckets are ln(dt) / 0.301 wide (about log2 steps)
 
@@ -51,6 +52,7 @@ class HSTUEncoderConfig:
     num_time_buckets: int = 128  # bucket ids 0..num_time_buckets
     layer_norm_eps: float = 1e-6
     causal: bool = True
+    kernel: str = "auto"  # attention kernel: "pytorch" | "triton" | "auto" (see merlin_hstu.kernels.dispatch)
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "num_blocks", "num_heads", "attention_dim", "linear_dim", "max_seq_len"):
@@ -59,6 +61,7 @@ class HSTUEncoderConfig:
                 raise ValueError(f"HSTUEncoderConfig.{name} must be a positive int, got {value!r}")
         if not 0.0 <= self.linear_dropout < 1.0:
             raise ValueError(f"HSTUEncoderConfig.linear_dropout must be in [0, 1), got {self.linear_dropout}")
+        validate_kernel(self.kernel, "HSTUEncoderConfig.kernel")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,7 +95,7 @@ class RelativeBucketedTimeAndPositionBias(nn.Module):
                 nn.init.normal_(weight, mean=0.0, std=0.02)
 
     def forward(self, width: int, query_times: Optional[torch.Tensor], key_times: Optional[torch.Tensor]):
-        if width > self.max_seq_len:
+        if not torch.jit.is_tracing() and width > self.max_seq_len:
             raise ValueError(
                 f"sequence width {width} exceeds max_seq_len={self.max_seq_len}; "
                 "raise HSTUEncoderConfig.max_seq_len or truncate the sequences"
@@ -156,11 +159,18 @@ class STULayer(nn.Module):
             return t.new_zeros(batch, width, h * d).index_put((token_mask,), t).view(batch, width, h, d)
 
         rab = self.relative_bias(width, query_times, key_times)
-        attn = hstu_attention_reference(
-            padded(q, dqk), padded(k, dqk), padded(v, dv), lengths, float(self.config.max_seq_len), rab,
-            causal=self.config.causal,
-        )
-        attn = attn.reshape(batch, width, h * dv)[token_mask]
+        if resolve_kernel(self.config.kernel, q) == "triton":  # jagged kernels: no padded q/k/v at all
+            offsets = F.pad(torch.cumsum(lengths, 0), (1, 0))
+            attn = hstu_attention(
+                q.view(-1, h, dqk), k.view(-1, h, dqk), v.view(-1, h, dv), offsets, self.config.max_seq_len,
+                attn_bias=rab, causal=self.config.causal, kernel="triton",
+            ).reshape(-1, h * dv)
+        else:
+            attn = hstu_attention_reference(
+                padded(q, dqk), padded(k, dqk), padded(v, dv), lengths, float(self.config.max_seq_len), rab,
+                causal=self.config.causal,
+            )
+            attn = attn.reshape(batch, width, h * dv)[token_mask]
         y = u * F.layer_norm(attn, (h * dv,), eps=eps)
         return x + self.output(self.dropout(y))
 

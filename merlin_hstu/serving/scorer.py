@@ -1,0 +1,144 @@
+"""The served model as one self-contained TorchScript program: jagged history in, top-K out.
+
+Why TorchScript: the exported artifact must load in a Triton python-backend stub without our classes or any
+pickle of them (merlin-integration.md §2.10).  The program is built in two parts:
+
+* the *user tower* `HSTURetrievalModel.last_user_vector` is **traced** at a fixed width W = H + 1
+  (H = the run's `data.max_history`).  A fixed width keeps the trace free of data-dependent shapes; it does not
+  change a number, because the HSTU attention normaliser N is a constant and positions >= len are masked
+  (merlin_hstu/data.py trims widths per batch for the same reason);
+* a **scripted** wrapper around it turns the workflow's jagged lists into the padded window and ranks:
+
+      len_b     = min(n_b, H)                          keep the most recent H events of each row
+      ids[b, :] = items[b][n_b - len_b : n_b], 0 ...  right-padded to W
+      ts[b, j]  = event time for j < len_b, ts[b, len_b] = query time (the last position's prediction time;
+                  a negative query time means "the last event's time", the default of `recommend`)
+      u_b       = tower(ids, len, ts)                  L2-normalised [B, D]
+      s[b, v]   = <u_b, e_v>                           e_v = E[v] / max(||E[v]||, 1e-6), cosine as in training
+      s[b, v]   = -inf  unless v is rankable           catalogue ids (>= 3, or candidates.parquet)
+      s[b, v]   = -inf  for v in ids[b, :len_b]        for rows with exclude_history (the evaluation protocol)
+      top-K     = torch.topk(s, k)
+
+`k` and `exclude_history` are runtime arguments (an int and a per-row bool tensor), so one artifact serves any K up to
+`max_k` = (#rankable ids - H): even a user whose whole window is excluded keeps >= K rankable items, so no
+result slot is ever padding.
+"""
+import copy
+import warnings
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from merlin_hstu.retrieval import HSTURetrievalModel
+
+
+class _UserTower(nn.Module):
+    """Traceable view of the retrieval model: padded window -> query vector at the last real position."""
+
+    def __init__(self, model: HSTURetrievalModel, uses_time: bool):
+        super().__init__()
+        self.model = model
+        self.uses_time = uses_time
+
+    def forward(self, ids: Tensor, lengths: Tensor, timestamps: Tensor) -> Tensor:
+        return self.model.last_user_vector(ids, lengths, timestamps if self.uses_time else None)
+
+
+class TopKScorer(nn.Module):
+    """Scripted serving program (see the module docstring).  Inputs are the session workflow's outputs."""
+
+    max_history: int
+    width: int
+    max_k: int
+
+    def __init__(self, tower: torch.jit.ScriptModule, item_vectors: Tensor, rankable: Tensor, max_history: int):
+        super().__init__()
+        self.tower = tower
+        self.register_buffer("item_vectors", item_vectors)
+        self.register_buffer("rankable", rankable)
+        self.max_history = max_history
+        self.width = max_history + 1
+        self.max_k = int(rankable.sum()) - max_history
+
+    def window(self, item_values: Tensor, item_offsets: Tensor, ts_values: Tensor,
+               query_timestamps: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Jagged lists (the workflow's `item_id-list` / `timestamp-list`) -> padded ids, lengths, times."""
+        offsets = item_offsets.to(torch.long)
+        counts = offsets[1:] - offsets[:-1]
+        batch = counts.shape[0]
+        lengths = counts.clamp(max=self.max_history)
+        row = torch.repeat_interleave(torch.arange(batch), counts)
+        position = torch.arange(item_values.shape[0]) - offsets[:-1][row]
+        column = position - (counts - lengths)[row]
+        keep = column >= 0
+        row, column = row[keep], column[keep]
+        ids = torch.zeros(batch, self.width, dtype=torch.long)
+        ids = ids.index_put([row, column], item_values.to(torch.long)[keep])
+        times = torch.zeros(batch, self.width, dtype=torch.long)
+        times = times.index_put([row, column], ts_values.to(torch.long)[keep])
+        last_time = times.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        query = query_timestamps.to(torch.long)
+        query = torch.where(query < 0, last_time, query)  # < 0: "now" = the last event's time
+        times = times.scatter(1, lengths.unsqueeze(1), query.unsqueeze(1))
+        return ids, lengths, times
+
+    def scores(self, ids: Tensor, lengths: Tensor, times: Tensor, exclude_history: Tensor) -> Tensor:
+        user = self.tower(ids, lengths, times)
+        scores = user @ self.item_vectors.t()
+        scores = scores.masked_fill(~self.rankable.unsqueeze(0), float("-inf"))
+        # Rows that keep their history scatter into column 0 (padding), which is never rankable anyway.
+        return scores.scatter(1, ids * exclude_history.to(torch.long).unsqueeze(1), float("-inf"))
+
+    def forward(self, item_values: Tensor, item_offsets: Tensor, ts_values: Tensor, query_timestamps: Tensor,
+                k: int, exclude_history: Tensor) -> Tuple[Tensor, Tensor]:
+        """item_values [N], item_offsets [B+1], ts_values [N] (aligned with the items), query_timestamps [B]
+        (< 0: the last event's time), k, exclude_history [B] bool
+        -> (scores [B, k] float32, encoded item ids [B, k] int64), best first."""
+        if k < 1 or k > self.max_k:
+            raise ValueError("top_k must be in [1, max_k]")
+        ids, lengths, times = self.window(item_values, item_offsets, ts_values, query_timestamps)
+        top = torch.topk(self.scores(ids, lengths, times, exclude_history), k, dim=1)
+        return top.values, top.indices
+
+
+def rankable_mask(num_items: int, first_item_id: int = 3, candidates: Optional[Tensor] = None) -> Tensor:
+    """bool [num_items]: the ids a recommendation may contain (catalogue ids, or an explicit candidate list)."""
+    mask = torch.zeros(num_items, dtype=torch.bool)
+    if candidates is None:
+        mask[first_item_id:] = True
+        return mask
+    candidates = torch.as_tensor(candidates, dtype=torch.long)
+    bad = candidates[(candidates < first_item_id) | (candidates >= num_items)]
+    if bad.numel():
+        raise ValueError(f"candidate ids must be encoded item ids in [{first_item_id}, {num_items}); "
+                         f"got e.g. {bad[:5].tolist()}")
+    mask[candidates] = True
+    return mask
+
+
+def build_scorer(model: HSTURetrievalModel, max_history: int, rankable: Tensor) -> torch.jit.ScriptModule:
+    """Trace the user tower at width H + 1 and script the ranking wrapper around it."""
+    if rankable.shape != (model.config.num_items,):
+        raise ValueError(f"rankable mask has shape {tuple(rankable.shape)}, expected ({model.config.num_items},)")
+    if int(rankable.sum()) - max_history < 1:
+        raise ValueError(f"only {int(rankable.sum())} rankable items for a history window of {max_history}: "
+                         "top-K needs more candidates than history items")
+    model = copy.deepcopy(model).eval().requires_grad_(False)  # no autograd state in the artifact
+    for module in model.modules():  # TorchScript runs anywhere: trace the pure-PyTorch attention path
+        if hasattr(getattr(module, "config", None), "kernel"):
+            module.config.kernel = "pytorch"
+    uses_time = bool(model.config.encoder.time_bias)
+    width = max_history + 1
+    # Example: two users with different lengths, so no shape is specialised to equal rows.
+    ids = torch.zeros(2, width, dtype=torch.long)
+    ids[0, :3], ids[1, :1] = torch.tensor([3, 4, 5]), 3
+    lengths = torch.tensor([3, 1])
+    times = torch.arange(2 * width, dtype=torch.long).view(2, width) * 60 + 1_600_000_000
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about the model's Python-side width checks; the width is fixed here on purpose.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        tower = torch.jit.trace(_UserTower(model, uses_time), (ids, lengths, times), check_trace=False)
+        item_vectors = model.item_vectors().detach().clone()
+    scorer = TopKScorer(tower, item_vectors, rankable.clone(), max_history)
+    return torch.jit.script(scorer.eval())
