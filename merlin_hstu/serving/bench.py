@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 import threading
 import time
@@ -143,16 +142,11 @@ def raw_histories(run_dir: str | Path, limit: Optional[int] = None) -> pd.DataFr
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from merlin_hstu.benchmark import machine_info
+
+    info = machine_info()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{os.cpu_count()} CPU cores ({cpu}), load average {load:.2f} at start, Python {platform.python_version()}"
+    return f"{info['cores']} CPU cores ({info['cpu']}), load average {load:.2f} at start, Python {info['python']}"
 
 
 def bench_serve(run_dir: str | Path, config: Optional[BenchConfig] = None, work_dir: Optional[Path] = None,
