@@ -94,7 +94,10 @@ class RelativeBucketedTimeAndPositionBias(nn.Module):
             if weight is not None:
                 nn.init.normal_(weight, mean=0.0, std=0.02)
 
-    def forward(self, width: int, query_times: Optional[torch.Tensor], key_times: Optional[torch.Tensor]):
+    def forward(self, width: int, query_times: Optional[torch.Tensor], key_times: Optional[torch.Tensor],
+                time_buckets: Optional[torch.Tensor] = None):
+        """`time_buckets` ([B, W, W], from `time_bucket_ids`) may be passed in precomputed: they depend only on
+        the timestamps, so a stack computes them once for all its layers."""
         if not torch.jit.is_tracing() and width > self.max_seq_len:
             raise ValueError(
                 f"sequence width {width} exceeds max_seq_len={self.max_seq_len}; "
@@ -106,12 +109,14 @@ class RelativeBucketedTimeAndPositionBias(nn.Module):
             rel = pos.unsqueeze(0) - pos.unsqueeze(1) + self.max_seq_len - 1  # [i, j] -> j - i + N - 1
             bias = self.position_weights[rel].unsqueeze(0)
         if self.time_weights is not None:
-            if query_times is None or key_times is None:
+            if time_buckets is None and (query_times is None or key_times is None):
                 raise ValueError(
                     "this HSTU encoder has time_bias=True but no timestamps were given; pass timestamps "
                     "or build it with HSTUEncoderConfig(time_bias=False)"
                 )
-            time_part = self.time_weights[time_bucket_ids(query_times, key_times, self.num_time_buckets)]
+            if time_buckets is None:
+                time_buckets = time_bucket_ids(query_times, key_times, self.num_time_buckets)
+            time_part = self.time_weights[time_buckets]
             bias = time_part if bias is None else bias + time_part
         return bias
 
@@ -147,6 +152,7 @@ class STULayer(nn.Module):
         lengths: torch.Tensor,
         query_times: Optional[torch.Tensor] = None,
         key_times: Optional[torch.Tensor] = None,
+        time_buckets: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """x: [T, D] jagged tokens; token_mask: [B, W] bool; returns [T, D]."""
         eps = self.config.layer_norm_eps
@@ -158,7 +164,7 @@ class STULayer(nn.Module):
         def padded(t: torch.Tensor, d: int) -> torch.Tensor:
             return t.new_zeros(batch, width, h * d).index_put((token_mask,), t).view(batch, width, h, d)
 
-        rab = self.relative_bias(width, query_times, key_times)
+        rab = self.relative_bias(width, query_times, key_times, time_buckets)
         if resolve_kernel(self.config.kernel, q) == "triton":  # jagged kernels: no padded q/k/v at all
             offsets = F.pad(torch.cumsum(lengths, 0), (1, 0))
             attn = hstu_attention(
@@ -238,6 +244,10 @@ class HSTUEncoder(nn.Module):
             # The last row has no next slot and reuses its own (the reference does the same).
             next_idx = torch.arange(1, width + 1, device=values.device).clamp(max=width - 1)
             query_times, key_times = padded_times[:, next_idx], padded_times
+        time_buckets = None
+        if self.config.time_bias and padded_times is not None:
+            # Shared by every layer (each gathers its own weights): computed once, not num_blocks times.
+            time_buckets = time_bucket_ids(query_times, key_times, self.config.num_time_buckets)
         for layer in self.layers:
-            values = layer(values, token_mask, lengths, query_times, key_times)
+            values = layer(values, token_mask, lengths, query_times, key_times, time_buckets)
         return values
