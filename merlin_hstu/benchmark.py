@@ -179,7 +179,8 @@ def summarize(runs: list, cfg, dataset_name: str, info: dict, args) -> dict:
         f"{timing['eval_seconds_per_run']:.1f} s",
         f"- peak RSS of the process: {timing['peak_rss_gb']:.2f} GB",
         f"- command: `merlin-hstu bench --dataset {args.dataset} --model {args.model} --epochs {args.epochs} "
-        f"--seeds {args.seeds}`",
+        f"--seeds {args.seeds}" + (" --no-epoch-eval" if args.no_epoch_eval else "")
+        + (f" --max-steps {args.max_steps}" if args.max_steps else "") + "`",
     ]
     return {"dataset": dataset_name, "model": cfg.name, "config": cfg.to_dict(), "machine": info,
             "runs": runs, "mean": {k: m for k, (m, _) in mean.items()}, "std": {k: s for k, (_, s) in mean.items()},
