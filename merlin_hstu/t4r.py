@@ -475,17 +475,21 @@ def _register_once(registry: Registry, key: str, value: Any) -> None:
     registry._registry[key] = value  # stale copy of our own class after a module reload
 
 
-def register() -> None:
-    """Register HSTU and the SASRec baseline with Hugging Face Auto classes and T4R's registries.  Idempotent."""
-    if HSTU_MODEL_TYPE not in CONFIG_MAPPING or CONFIG_MAPPING[HSTU_MODEL_TYPE] is not HSTUConfig:
-        transformers.AutoConfig.register(HSTU_MODEL_TYPE, HSTUConfig)
+def _register_auto(model_type: str, config_cls, model_cls) -> None:
+    """AutoConfig / AutoModel registration that tolerates re-imports (a stale class is replaced)."""
+    if model_type not in CONFIG_MAPPING or CONFIG_MAPPING[model_type] is not config_cls:
+        transformers.AutoConfig.register(model_type, config_cls)
     try:
-        registered_model = transformers.MODEL_MAPPING[HSTUConfig]
+        registered_model = transformers.MODEL_MAPPING[config_cls]
     except KeyError:
         registered_model = None
-    if registered_model is not HSTUModel:
-        transformers.AutoModel.register(HSTUConfig, HSTUModel)
+    if registered_model is not model_cls:
+        transformers.AutoModel.register(config_cls, model_cls)
 
+
+def register() -> None:
+    """Register HSTU and the SASRec baseline with Hugging Face Auto classes and T4R's registries.  Idempotent."""
+    _register_auto(HSTU_MODEL_TYPE, HSTUConfig, HSTUModel)
     _register_once(transformer_registry, HSTU_REGISTRY_KEY, T4RecHSTUConfig)
     _register_once(transformer_registry, HSTU_TIME_REGISTRY_KEY, T4RecHSTUTimeConfig)
     for key in HSTU_MASKING_KEYS:
@@ -638,14 +642,7 @@ class T4RecSASRecConfig(T4RecConfig, SASRecConfig):
 
 def _register_sasrec() -> None:
     """Register SASRec with the Hugging Face Auto classes and T4R's transformer registry.  Idempotent."""
-    if SASREC_MODEL_TYPE not in CONFIG_MAPPING or CONFIG_MAPPING[SASREC_MODEL_TYPE] is not SASRecConfig:
-        transformers.AutoConfig.register(SASREC_MODEL_TYPE, SASRecConfig)
-    try:
-        registered_model = transformers.MODEL_MAPPING[SASRecConfig]
-    except KeyError:
-        registered_model = None
-    if registered_model is not SASRecModel:
-        transformers.AutoModel.register(SASRecConfig, SASRecModel)
+    _register_auto(SASREC_MODEL_TYPE, SASRecConfig, SASRecModel)
     _register_once(transformer_registry, SASREC_REGISTRY_KEY, T4RecSASRecConfig)
     # SASRec is causal: of T4R's built-in maskings only CLM is valid.
     MappingTransformerMasking.SASRecConfig = [CausalLanguageModeling]
