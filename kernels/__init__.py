@@ -13,6 +13,7 @@ from merlin_hstu.kernels.hstu_attention import (
     hstu_attention,
     hstu_attention_pytorch,
     hstu_attention_reference,
+    hstu_attention_rows,
     valid_attention_mask,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "hstu_attention",
     "hstu_attention_pytorch",
     "hstu_attention_reference",
+    "hstu_attention_rows",
     "resolve_kernel",
     "set_default_kernel",
     "use_kernel",

@@ -29,6 +29,8 @@ Three entry points:
   * `hstu_attention_pytorch`: jagged [L, H, d] tensors + offsets; pads, calls the reference, un-pads.
   * `hstu_attention`: the jagged op users call; validates inputs and dispatches to PyTorch or Triton
     (`kernel="pytorch" | "triton" | "auto"`, see `dispatch.py`).
+  * `hstu_attention_rows`: a few query rows against all keys (KV-cache decoding, M-FALCON), same formula
+    and mask as the reference.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from merlin_hstu.kernels.dispatch import TRITON_DTYPES, resolve_kernel
+from merlin_hstu.kernels.pointwise_attention import pointwise_attention
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -62,13 +65,17 @@ def valid_attention_mask(
     contextual_seq_len: int = 0,
     max_attn_len: int = 0,
     min_full_attn_seq_len: int = 0,
+    rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Boolean [B, W, W]: valid[b, i, j] is True when query i may attend to key j (module docstring rules).
 
     Rows and columns at or past len_b are always False.  Without candidates the ids do not depend on the
     sequence, so the id arithmetic runs once on [W, W] and only the length-dependent parts are per sequence.
+    `rows` ([R] query positions) returns only those rows, [B, R, W], equal to the full mask's rows: what cached
+    (KV-cache) decoding needs for its few new queries against all keys.
     """
     pos = torch.arange(width, device=lengths.device)
+    qpos = pos if rows is None else rows.to(device=lengths.device, dtype=torch.long)
     max_ids = lengths.unsqueeze(1)  # [B, 1]
     ids = pos.unsqueeze(0)  # [1, W]: shared by all sequences until candidates clamp it
     if contextual_seq_len > 0:
@@ -77,11 +84,11 @@ def valid_attention_mask(
     if num_targets is not None:
         max_ids = max_ids - num_targets.unsqueeze(1).to(max_ids.dtype)
         ids = torch.minimum(ids, max_ids)  # [B, W]
-    row, col = ids.unsqueeze(2), ids.unsqueeze(1)  # [B or 1, W, 1], [B or 1, 1, W]
+    row, col = ids[:, qpos].unsqueeze(2), ids.unsqueeze(1)  # [B or 1, R, 1], [B or 1, 1, W]
     dist = row - col
     if not causal:
         dist = dist.abs()
-    valid = (pos.unsqueeze(1) == pos.unsqueeze(0)).unsqueeze(0) | (dist > 0)
+    valid = (qpos.unsqueeze(1) == pos.unsqueeze(0)).unsqueeze(0) | (dist > 0)
     if max_attn_len > 0:
         in_window = dist <= max_attn_len
         if min_full_attn_seq_len > 0:
@@ -90,7 +97,7 @@ def valid_attention_mask(
     if contextual_seq_len > 0:
         valid = valid | ((row == 0) & (col < max_ids.unsqueeze(2)))
     real = pos.unsqueeze(0) < lengths.unsqueeze(1)  # [B, W]
-    return valid & real.unsqueeze(2) & real.unsqueeze(1)
+    return valid & real[:, qpos].unsqueeze(2) & real.unsqueeze(1)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -117,17 +124,63 @@ def hstu_attention_reference(
     Returns [B, W, H, dv]; rows at or past len_b are zero.  Trace-friendly: W comes from the tensors' shape.
     """
     width = q.shape[1]
+    mask = valid_attention_mask(
+        lengths, width, causal=causal, num_targets=num_targets, contextual_seq_len=contextual_seq_len,
+        max_attn_len=max_attn_len, min_full_attn_seq_len=min_full_attn_seq_len,
+    )
+    return _masked_pointwise_attention(q, k, v, mask, normalizer, rab, alpha)
+
+
+def _masked_pointwise_attention(q, k, v, mask, normalizer: float, rab, alpha: float) -> torch.Tensor:
+    """The formula itself: q [B, R, H, dqk] against k [B, W, H, dqk], v [B, W, H, dv]; mask [B, R, W];
+    rab [B or 1, R, W] or None.  Returns [B, R, H, dv]."""
+    if torch.is_grad_enabled() and not torch.jit.is_tracing() and any(
+            t is not None and t.requires_grad for t in (q, k, v, rab)):
+        # Training: the same formula with a backward pass that keeps S only (pointwise_attention.py).
+        return pointwise_attention(q, k, v, mask, normalizer, rab, alpha)
     scores = torch.einsum("bihd,bjhd->bhij", q, k)
     if alpha != 1.0:
         scores = scores * alpha
     if rab is not None:
         scores = scores + rab.unsqueeze(1)
-    mask = valid_attention_mask(
-        lengths, width, causal=causal, num_targets=num_targets, contextual_seq_len=contextual_seq_len,
-        max_attn_len=max_attn_len, min_full_attn_seq_len=min_full_attn_seq_len,
-    )
     weights = F.silu(scores) * (mask.unsqueeze(1).to(scores.dtype) / normalizer)
     return torch.einsum("bhij,bjhd->bihd", weights, v)
+
+
+def hstu_attention_rows(
+    q_rows: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows: torch.Tensor,
+    lengths: torch.Tensor,
+    normalizer: float,
+    rab: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    *,
+    alpha: float = 1.0,
+    num_targets: Optional[torch.Tensor] = None,
+    contextual_seq_len: int = 0,
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
+) -> torch.Tensor:
+    """Cached decoding: the rows `rows` of `hstu_attention_reference`, computing only those queries.
+
+    q_rows: [B, R, H, dqk] the queries at positions `rows` ([R]); k: [B, W, H, dqk] and v: [B, W, H, dv] all
+    keys/values (a KV cache followed by the new tokens); rab: [B or 1, R, W] the bias of those rows.  Returns
+    [B, R, H, dv] == hstu_attention_reference(q, k, v, ...)[:, rows] for any q whose rows `rows` are q_rows,
+    because rows are independent sums (no softmax).  M-FALCON and incremental updates use it.
+    """
+    if rows.dim() != 1 or rows.numel() != q_rows.shape[1]:
+        raise ValueError(f"hstu_attention_rows: rows must be a 1-D tensor of the {q_rows.shape[1]} query "
+                         f"positions, got shape {tuple(rows.shape)}")
+    if k.shape[:3] != (q_rows.shape[0], k.shape[1], q_rows.shape[2]) or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"hstu_attention_rows: k, v must be [B, W, H, d] with q_rows' B and H; got "
+                         f"q_rows {tuple(q_rows.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    mask = valid_attention_mask(
+        lengths, k.shape[1], causal=causal, num_targets=num_targets, contextual_seq_len=contextual_seq_len,
+        max_attn_len=max_attn_len, min_full_attn_seq_len=min_full_attn_seq_len, rows=rows,
+    )
+    return _masked_pointwise_attention(q_rows, k, v, mask, normalizer, rab, alpha)
 
 
 def jagged_to_padded(values: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:

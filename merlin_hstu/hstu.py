@@ -155,11 +155,9 @@ class STULayer(nn.Module):
         time_buckets: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """x: [T, D] jagged tokens; token_mask: [B, W] bool; returns [T, D]."""
-        eps = self.config.layer_norm_eps
         batch, width = token_mask.shape
         h, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
-        xn = F.layer_norm(x, (x.shape[-1],), eps=eps)
-        u, v, q, k = torch.split(F.silu(xn @ self.uvqk), [h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+        u, v, q, k = self.project(x)
 
         def padded(t: torch.Tensor, d: int) -> torch.Tensor:
             return t.new_zeros(batch, width, h * d).index_put((token_mask,), t).view(batch, width, h, d)
@@ -177,7 +175,19 @@ class STULayer(nn.Module):
                 causal=self.config.causal,
             )
             attn = attn.reshape(batch, width, h * dv)[token_mask]
-        y = u * F.layer_norm(attn, (h * dv,), eps=eps)
+        return self.finish(x, u, attn)
+
+    # The two pointwise halves around the attention, public so that callers with their own attention inputs
+    # (the ranking model's target-aware mask, M-FALCON's KV-cache decoding) run exactly this layer's math.
+    def project(self, x: torch.Tensor):
+        """x [T, D] -> u, v [T, H*dv] and q, k [T, H*dqk]: SiLU(LayerNorm(x) @ W_uvqk), split u|v|q|k."""
+        h, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
+        xn = F.layer_norm(x, (x.shape[-1],), eps=self.config.layer_norm_eps)
+        return torch.split(F.silu(xn @ self.uvqk), [h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+
+    def finish(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """x [T, D], u and attn [T, H*dv] -> x + Linear_o(Dropout(u * LayerNorm(attn)))."""
+        y = u * F.layer_norm(attn, (attn.shape[-1],), eps=self.config.layer_norm_eps)
         return x + self.output(self.dropout(y))
 
 

@@ -1,0 +1,89 @@
+"""The memory-lean training ops equal the plain formulas, values and gradients (float64)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merlin_hstu.kernels import gathered_logits as gathered_module
+from merlin_hstu.kernels.gathered_logits import gathered_logits
+from merlin_hstu.kernels.pointwise_attention import pointwise_attention
+
+
+def plain_attention(q, k, v, mask, normalizer, bias, alpha):
+    """O[b,i,h] = sum_j SiLU(alpha <q_i, k_j> + bias_ij) * mask_ij / N * v_j, written as loops over b and h."""
+    out = torch.zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3], dtype=q.dtype)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[2]):
+            s = alpha * q[b, :, h] @ k[b, :, h].T
+            if bias is not None:
+                s = s + bias[b if bias.shape[0] > 1 else 0]
+            w = s * torch.sigmoid(s) * mask[b].to(s.dtype) / normalizer
+            out[b, :, h] = w @ v[b, :, h]
+    return out
+
+
+@pytest.mark.parametrize("bias_rows", [0, 1, 3])  # no bias, one bias shared by the batch, one per sequence
+@pytest.mark.parametrize("alpha", [1.0, 0.25])
+def test_pointwise_attention_matches_plain_formula_and_gradients(bias_rows, alpha):
+    torch.manual_seed(bias_rows)
+    b, r, w, h = 3, 5, 6, 2
+    q = torch.randn(b, r, h, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, w, h, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, w, h, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(bias_rows, r, w, dtype=torch.float64, requires_grad=True) if bias_rows else None
+    mask = torch.rand(b, r, w) > 0.4
+    mask[0, 1] = False  # a row that sees nothing is exactly zero
+    inputs = [t for t in (q, k, v, bias) if t is not None]
+    lean = pointwise_attention(q, k, v, mask, 7.0, bias, alpha)
+    plain = plain_attention(q, k, v, mask, 7.0, bias, alpha)
+    torch.testing.assert_close(lean, plain, rtol=0, atol=1e-12)
+    assert torch.count_nonzero(lean[0, 1]) == 0
+    grad = torch.randn_like(lean)
+    for got, want in zip(torch.autograd.grad(lean, inputs, grad), torch.autograd.grad(plain, inputs, grad)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_pointwise_attention_rejects_float_mask():
+    q = torch.randn(1, 2, 1, 2)
+    with pytest.raises(ValueError, match="mask must be a bool"):
+        pointwise_attention(q, q, q, torch.ones(1, 2, 2), 2.0)
+
+
+def test_encoder_training_path_uses_lean_attention_with_unchanged_gradients():
+    """The reference op takes the lean path only when gradients are needed; both paths agree."""
+    from merlin_hstu.kernels import hstu_attention_reference
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 5, 2, 4, dtype=torch.float64), torch.randn(2, 5, 2, 4, dtype=torch.float64)
+    v = torch.randn(2, 5, 2, 3, dtype=torch.float64)
+    lengths = torch.tensor([5, 3])
+    with torch.no_grad():
+        expected = hstu_attention_reference(q, k, v, lengths, 9.0)
+    q.requires_grad_(True)
+    out = hstu_attention_reference(q, k, v, lengths, 9.0)
+    assert out.grad_fn is not None and "PointwiseAttention" in type(out.grad_fn).__name__
+    torch.testing.assert_close(out.detach(), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_elements", [30, 10_000])  # several row chunks, one chunk
+def test_gathered_logits_equal_dense_gather(monkeypatch, chunk_elements):
+    monkeypatch.setattr(gathered_module, "CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(1)
+    user = torch.randn(23, 4, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 9, (23, 5))
+    ids[0] = 3  # repeated ids in one row accumulate their gradients
+    got = gathered_logits(user, table, ids)
+    # independent: one dot product per (p, c)
+    want = torch.stack([torch.stack([user[p] @ table[ids[p, c]] for c in range(5)]) for p in range(23)])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    grad = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, [user, table], grad), torch.autograd.grad(want, [user, table], grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_gathered_logits_explains_bad_shapes():
+    with pytest.raises(ValueError, match="ids must be an int64"):
+        gathered_logits(torch.randn(3, 2), torch.randn(4, 2), torch.zeros(3, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="one D"):
+        gathered_logits(torch.randn(3, 2), torch.randn(4, 5), torch.zeros(3, 2, dtype=torch.long))
