@@ -21,6 +21,7 @@ import threading
 __version__ = "0.1.0"
 
 _T4R_EXPORTS = {
+    "GenerativeRetrievalTask",
     "HSTUCausalLanguageModeling",
     "HSTUConfig",
     "HSTUModel",

@@ -86,13 +86,17 @@ def run_bench(args) -> int:
     from merlin_hstu.data import load_processed
     from merlin_hstu.train import plot_training_curves, train_retrieval
 
-    overrides = [f"train.epochs={args.epochs}", *args.overrides]
+    overrides = [f"train.epochs={args.epochs}"]
     if args.max_steps:
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.threads:
         overrides.append(f"train.threads={args.threads}")
     overrides.append(f"train.eval_every={0 if args.no_epoch_eval else 1}")
+    overrides += retrieval_overrides(args)
+    overrides += args.overrides  # last, so that e.g. --set train.eval_every=10 wins
+    args.model = args.model or "hstu-large-ml1m"
     cfg = load_config(args.model, overrides)
+    cfg.name += retrieval_label(args)  # e.g. hstu-ml1m+full_softmax: its own output dir, no paper row
     out = Path(args.output or f"runs/bench/{Path(args.dataset).name}-{cfg.name}")
     data_dir, dataset_name = resolve_dataset(args.dataset, args.input, Path(args.cache), cfg.data.max_history)
     table = load_processed(data_dir)
@@ -179,7 +183,7 @@ def summarize(runs: list, cfg, dataset_name: str, info: dict, args) -> dict:
         f"{timing['eval_seconds_per_run']:.1f} s",
         f"- peak RSS of the process: {timing['peak_rss_gb']:.2f} GB",
         f"- command: `merlin-hstu bench --dataset {args.dataset} --model {args.model} --epochs {args.epochs} "
-        f"--seeds {args.seeds}" + (" --no-epoch-eval" if args.no_epoch_eval else "")
+        f"--seeds {args.seeds}" + retrieval_flags(args) + (" --no-epoch-eval" if args.no_epoch_eval else "")
         + (f" --max-steps {args.max_steps}" if args.max_steps else "") + "`",
     ]
     return {"dataset": dataset_name, "model": cfg.name, "config": cfg.to_dict(), "machine": info,
@@ -202,10 +206,61 @@ def write_outputs(record: dict, out: Path, plot_fn) -> None:
         tmp.rename(out / "bench.png")
 
 
+# `--task` -> the module whose `run_bench(args)` runs it (retrieval is this module).  Each task module reads the
+# shared arguments below; `--model` names a preset (retrieval) or a model of that task (see its module).
+TASK_MODULES = {
+    "retrieval": "merlin_hstu.benchmark",
+    "ranking": "merlin_hstu.ranking_bench",
+    "ctr": "merlin_hstu.ctr_bench",
+}
+
+
+def run_task_bench(args) -> int:
+    import importlib
+
+    module = importlib.import_module(TASK_MODULES[args.task])
+    return module.run_bench(args)
+
+
+# Retrieval head / objective flags -> (config override, label suffix, flag as typed).  Each is a shortcut for a
+# `--set` override of the preset; invalid combinations fail at config load with the fix in the message.
+RETRIEVAL_OPTIONS = (
+    ("loss", "train.loss", "+{}"),
+    ("negatives", "train.negatives", "+{}"),
+    ("num_negatives", "train.num_negatives", "+n{}"),
+    ("temperature", "train.temperature", "+t{}"),
+    ("similarity", "head.similarity", "+{}"),
+)
+
+
+def retrieval_overrides(args) -> list:
+    out = [f"{key}={getattr(args, name)}" for name, key, _ in RETRIEVAL_OPTIONS
+           if getattr(args, name, None) is not None]
+    if getattr(args, "logq", False):
+        out.append("train.logq_correction=true")
+    return out
+
+
+def retrieval_label(args) -> str:
+    label = "".join(fmt.format(getattr(args, name)) for name, _, fmt in RETRIEVAL_OPTIONS
+                    if getattr(args, name, None) is not None)
+    return label + ("+logq" if getattr(args, "logq", False) else "")
+
+
+def retrieval_flags(args) -> str:
+    flags = "".join(f" --{name.replace('_', '-')} {getattr(args, name)}" for name, _, _ in RETRIEVAL_OPTIONS
+                    if getattr(args, name, None) is not None)
+    return flags + (" --logq" if getattr(args, "logq", False) else "")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=sorted(TASK_MODULES), default="retrieval",
+                   help="retrieval (default): next-item HSTU/SASRec; ranking: DLRM-HSTU multi-task ranking; "
+                        "ctr: WuKong / DLRM click-through models")
     p.add_argument("--dataset", help="dataset name (see `merlin-hstu preprocess --help`) or a preprocessed directory")
     p.add_argument("--input", help="raw files of a named dataset (default: the staged copy, where there is one)")
-    p.add_argument("--model", default="hstu-large-ml1m", help="preset name or YAML (default: hstu-large-ml1m)")
+    p.add_argument("--model", default=None,
+                   help="retrieval: preset name or YAML (default hstu-large-ml1m); ranking / ctr: see their docs")
     p.add_argument("--epochs", type=int, default=3, help="epochs per seed (default 3)")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds, run one after another (default 1)")
     p.add_argument("--seed", type=int, default=42, help="first seed (default 42)")
@@ -217,3 +272,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("retrieval head and loss (default: the preset's; docs/retrieval.md)")
+    g.add_argument("--loss", choices=["sampled_softmax", "full_softmax", "bce"],
+                   help="training loss; bce needs --num-negatives 1 --temperature 1")
+    g.add_argument("--negatives", choices=["uniform", "in_batch"],
+                   help="sampled negatives: uniform over the catalogue, or the batch's own positives")
+    g.add_argument("--logq", action="store_true", help="logQ correction of in-batch negatives (logit - log q)")
+    g.add_argument("--num-negatives", dest="num_negatives", type=int, help="negatives per position")
+    g.add_argument("--temperature", type=float, help="softmax temperature tau (> 0)")
+    g.add_argument("--similarity", choices=["dot", "mol"],
+                   help="dot product, or mixture of logits (MoL; the preset's head.mol, RAILS ML-1M by default)")

@@ -3,7 +3,12 @@
     cfg = load_config("demo")                              # a preset name
     cfg = load_config("my.yaml", ["train.epochs=3"])       # a file plus dotted overrides
 
-Unknown keys are errors (a typo must not silently fall back to a default).
+Sections: `data`, `model` (the encoder), `head` (how queries and items are compared: similarity dot | mol, query /
+item normalisation, the MoL shape; `merlin_hstu.similarity.RetrievalHeadConfig`) and `train` (optimiser, epochs and
+the objective: loss sampled_softmax | full_softmax | bce, negatives uniform | in_batch, logQ, temperature;
+`merlin_hstu.losses.RetrievalLossConfig` validates the combination).
+
+Unknown keys are errors (a typo must not silently fall back to a default); so are invalid combinations.
 """
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from merlin_hstu.hstu import HSTUEncoderConfig
+from merlin_hstu.losses import RetrievalLossConfig
 from merlin_hstu.sasrec import SASRecEncoderConfig
+from merlin_hstu.similarity import RetrievalHeadConfig
 
 # model.type -> the encoder's typed config
 ENCODER_CONFIGS = {"hstu": HSTUEncoderConfig, "sasrec": SASRecEncoderConfig}
@@ -57,6 +64,22 @@ class TrainConfig:
     eval_every: int = 0  # evaluate every n epochs during training (0: only at the end)
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
     max_steps: int = 0  # stop after this many optimizer steps in total (0: run every epoch in full)
+    loss: str = "sampled_softmax"  # sampled_softmax | full_softmax | bce
+    negatives: str = "uniform"  # uniform (over the catalogue) | in_batch (the batch's supervised positives)
+    logq_correction: bool = False  # in-batch negatives only: logit - log q(item)
+    mi_loss_weight: float = 0.0  # MoL heads: weight of the gates' mutual-information aux loss
+
+    def __post_init__(self) -> None:
+        try:  # an invalid loss / negatives / temperature combination fails here, at load time
+            self.loss_config()
+        except ValueError as error:
+            raise ValueError(f"train section: {error} (keys train.loss, train.negatives, train.num_negatives, "
+                             "train.temperature, train.logq_correction, train.mi_loss_weight)") from None
+
+    def loss_config(self) -> RetrievalLossConfig:
+        return RetrievalLossConfig(num_negatives=self.num_negatives, temperature=self.temperature, loss=self.loss,
+                                   negatives=self.negatives, logq_correction=self.logq_correction,
+                                   mi_loss_weight=self.mi_loss_weight)
 
 
 @dataclass
@@ -65,6 +88,7 @@ class ExperimentConfig:
     description: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     model: HSTUEncoderConfig | SASRecEncoderConfig = field(default_factory=HSTUEncoderConfig)
+    head: RetrievalHeadConfig = field(default_factory=RetrievalHeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -75,7 +99,7 @@ class ExperimentConfig:
         return d
 
 
-_SECTIONS = {"data": DataConfig, "train": TrainConfig}
+_SECTIONS = {"data": DataConfig, "head": RetrievalHeadConfig, "train": TrainConfig}
 
 
 def _build(cls, values: dict, where: str):
@@ -95,7 +119,7 @@ def config_from_dict(d: dict) -> ExperimentConfig:
     d = dict(d or {})
     unknown = sorted(set(d) - {"name", "description", "model", *_SECTIONS})
     if unknown:
-        raise ValueError(f"unknown top-level key(s) {unknown}; valid: name, description, data, model, train")
+        raise ValueError(f"unknown top-level key(s) {unknown}; valid: name, description, data, model, head, train")
     sections = {k: _build(cls, d.get(k) or {}, k) for k, cls in _SECTIONS.items()}
     model = dict(d.get("model") or {})
     kind = model.pop("type", "hstu")
@@ -103,6 +127,9 @@ def config_from_dict(d: dict) -> ExperimentConfig:
         raise ValueError(f"unknown model.type {kind!r}; valid: {sorted(ENCODER_CONFIGS)}")
     sections["model"] = _build(ENCODER_CONFIGS[kind], model, f"model (type {kind})")
     cfg = ExperimentConfig(name=d.get("name", "custom"), description=d.get("description", ""), **sections)
+    if cfg.train.mi_loss_weight and cfg.head.similarity != "mol":
+        raise ValueError(f"train.mi_loss_weight={cfg.train.mi_loss_weight} weighs MoL's gate loss, but "
+                         f"head.similarity={cfg.head.similarity!r}: set head.similarity=mol or mi_loss_weight=0")
     if cfg.model.max_seq_len < cfg.data.max_history + 1:
         raise ValueError(
             f"model.max_seq_len={cfg.model.max_seq_len} must be >= data.max_history + 1 = {cfg.data.max_history + 1}"

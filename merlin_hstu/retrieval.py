@@ -1,39 +1,44 @@
-"""Generative retrieval with HSTU: input embedding -> encoder -> L2-normalised user vectors, sampled softmax.
+"""Generative retrieval with HSTU: input embedding -> encoder -> query vectors -> head -> loss / top-K.
 
-The pieces follow the reference research path (reference-hstu.md §1.3, §1.6, §1.8):
+The pieces follow the reference research path (reference-hstu.md §1.3, §1.6-1.8):
 
     x      = E[ids] * sqrt(D) + P[position]        positions absolute from the oldest kept item
     x      = Dropout(x) * (position < len)         only real history tokens enter the encoder
     h      = HSTU(x)                               [B, W, D]
-    u      = h / max(||h||, 1e-6)                  the query ("user") vector at every position
-    logit  = <u_i, e_item> / tau                   e_item = E[item] / max(||E[item]||, 1e-6)
+    u      = norm_Q(h)                             the query ("user") vector at every position
+    e      = norm_X(E[item])                       the item vector
+    s(u,e) = <u, e>  or  MoL(u, e)                 merlin_hstu.similarity
 
-Training supervises every history position i to predict the next item ids[i+1] (the last real position
-predicts the target) with a (1 + R)-way softmax over the positive and R uniform random negatives drawn per
-position from the catalogue; a negative equal to the positive is masked out.  No logQ correction: uniform
-sampling has constant q, so the correction would be a constant shift of every logit.
+The reference default is norm_Q = norm_X = L2 (u / max(||u||, 1e-6)) and the dot product, so s is a cosine; the
+RAILS MoL configs use a layer norm on u, raw item embeddings and MoL (`RetrievalHeadConfig`).
+
+Training supervises every history position i to predict the next item ids[i+1] (the last real position predicts
+the target) with the configured loss (merlin_hstu.losses: sampled softmax over uniform or in-batch negatives, full
+softmax, or BCE).  Top-K over the catalogue (evaluation, `recommend`, serving) is merlin_hstu.topk.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from merlin_hstu.hstu import HSTUEncoder, HSTUEncoderConfig
+from merlin_hstu.losses import (  # noqa: F401  (re-exported: the loss API used to live here)
+    MASKED_LOGIT,
+    RetrievalLossConfig,
+    SampledSoftmaxConfig,
+    retrieval_loss,
+    sampled_softmax_loss,
+)
 from merlin_hstu.sasrec import SASRecEncoder, SASRecEncoderConfig, positional_table_init
+from merlin_hstu.similarity import L2_EPS, RetrievalHead, RetrievalHeadConfig, l2_normalize  # noqa: F401
+from merlin_hstu.topk import BruteForceTopK, build_topk, rankable_from_invalid
 
 ENCODERS = {HSTUEncoderConfig: HSTUEncoder, SASRecEncoderConfig: SASRecEncoder}
 
-L2_EPS = 1e-6
-MASKED_LOGIT = -5e4  # a sampled negative that equals the positive gets this logit
-
-
-def l2_normalize(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp(min=eps)
 
 
 @dataclass
@@ -43,17 +48,19 @@ class RetrievalModelConfig:
     num_items: int  # embedding rows: max encoded item id + 1 (row 0 is padding)
     encoder: HSTUEncoderConfig | SASRecEncoderConfig
     input_dropout: float = 0.2
+    head: RetrievalHeadConfig = field(default_factory=RetrievalHeadConfig)
 
     def to_dict(self) -> dict:
         kind = "sasrec" if isinstance(self.encoder, SASRecEncoderConfig) else "hstu"
         return {"num_items": self.num_items, "input_dropout": self.input_dropout,
-                "encoder_type": kind, "encoder": self.encoder.to_dict()}
+                "encoder_type": kind, "encoder": self.encoder.to_dict(), "head": self.head.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RetrievalModelConfig":
         enc_cls = SASRecEncoderConfig if d.get("encoder_type") == "sasrec" else HSTUEncoderConfig
+        # Runs saved before the head existed are dot-product / L2 models: the default head.
         return cls(num_items=int(d["num_items"]), input_dropout=float(d["input_dropout"]),
-                   encoder=enc_cls(**d["encoder"]))
+                   encoder=enc_cls(**d["encoder"]), head=RetrievalHeadConfig.from_dict(d.get("head")))
 
 
 class HSTURetrievalModel(nn.Module):
@@ -65,6 +72,8 @@ class HSTURetrievalModel(nn.Module):
         self.position_embedding = nn.Embedding(config.encoder.max_seq_len, dim)
         self.input_dropout = nn.Dropout(config.input_dropout)
         self.encoder = ENCODERS[type(config.encoder)](config.encoder)
+        # A dot-product head has no parameters (and draws no random numbers): existing models are unchanged.
+        self.head = RetrievalHead(config.head, dim, dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -79,7 +88,8 @@ class HSTURetrievalModel(nn.Module):
     # --- encoding ----------------------------------------------------------------------------------
     def user_vectors(self, ids: torch.Tensor, lengths: torch.Tensor, timestamps: Optional[torch.Tensor] = None):
         """ids [B, W] (positions >= len are ignored, position len may hold the target), lengths [B],
-        timestamps [B, W] (event times, the target's time at position len) -> L2-normalised [B, W, D]."""
+        timestamps [B, W] (event times, the target's time at position len) -> query vectors [B, W, D]
+        (L2-normalised with the default head)."""
         width = ids.shape[1]
         if width > self.config.encoder.max_seq_len:
             raise ValueError(f"batch width {width} exceeds encoder.max_seq_len={self.config.encoder.max_seq_len}")
@@ -88,7 +98,7 @@ class HSTURetrievalModel(nn.Module):
         x = self.item_embedding(ids) * math.sqrt(self.item_embedding.embedding_dim) + self.position_embedding(positions)
         x = self.input_dropout(x) * real.unsqueeze(-1).to(x.dtype)
         h = self.encoder(x, lengths, timestamps if getattr(self.config.encoder, "time_bias", False) else None)
-        return l2_normalize(h)
+        return self.head.normalize_query(h)
 
     def last_user_vector(self, ids, lengths, timestamps=None) -> torch.Tensor:
         """The query vector at the last real position (predicts the item after the history): [B, D]."""
@@ -97,60 +107,35 @@ class HSTURetrievalModel(nn.Module):
 
     def item_vectors(self, item_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         weight = self.item_embedding.weight if item_ids is None else self.item_embedding(item_ids)
-        return l2_normalize(weight)
+        return self.head.normalize_items(weight)
+
+    @torch.no_grad()
+    def topk(self, rankable: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None) -> BruteForceTopK:
+        """A brute-force top-K module over the current item table (MIPS, or MoL for a MoL head)."""
+        return build_topk(self.head, self.item_vectors().detach(), rankable, chunk_size)
 
     def score_all_items(self, ids, lengths, timestamps=None) -> torch.Tensor:
-        """Cosine similarity of each user's query vector with every catalogue row: [B, num_items]."""
-        return self.last_user_vector(ids, lengths, timestamps) @ self.item_vectors().T
+        """Similarity of each user's query vector with every catalogue row: [B, num_items] (cosine by default)."""
+        query = self.last_user_vector(ids, lengths, timestamps)
+        if not self.head.is_mol:  # one matmul; the top-K module computes the same in chunks
+            return query @ self.item_vectors().T
+        return self.topk().scores(query)
 
 
-@dataclass
-class SampledSoftmaxConfig:
-    num_negatives: int = 128
-    temperature: float = 0.05
+def next_item_training_loss(model, batch: dict, negative_pool, config: RetrievalLossConfig, generator=None):
+    """Every history position i predicts ids[i+1]; the last real position predicts the target at ids[len].
+    `negative_pool` is the catalogue: what uniform negatives and the full softmax range over."""
+    user = model.user_vectors(batch["ids"], batch["lengths"], batch.get("timestamps"))
+    supervised, labels = supervision(batch["ids"], batch["lengths"])
+    return retrieval_loss(model, user[supervised], labels[supervised], negative_pool, config, generator)
 
 
-def sampled_softmax_loss(
-    model: HSTURetrievalModel,
-    user: torch.Tensor,
-    positives: torch.Tensor,
-    negative_pool: torch.Tensor,
-    config: SampledSoftmaxConfig,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """Token-level mean (1 + R)-way softmax loss over supervised positions.
-
-    user [P, D] (L2-normalised), positives [P] item ids, negative_pool [M] candidate ids; negatives are drawn
-    uniformly with replacement, independently per position.
-
-    The catalogue is L2-normalised once ([V, D]) instead of per gathered row ([P, R, D]).  When the catalogue
-    is smaller than R * D (ML-1M: 3,953 rows vs 128 * 50), the dense [P, V] similarity matrix is both smaller
-    and cheaper than the [P, R, D] gathered rows, so it is computed with one matmul and the sampled columns
-    are gathered from it; otherwise the sampled rows are gathered.  Both give the same logits.
-    """
-    draws = torch.randint(0, negative_pool.numel(), (positives.numel(), config.num_negatives),
-                          generator=generator, device=positives.device)
-    negatives = negative_pool[draws]  # [P, R]
-    ids = torch.cat([positives.unsqueeze(1), negatives], dim=1)  # [P, 1 + R]
-    table = model.item_vectors()  # [V, D], normalised once
-    if table.shape[0] <= config.num_negatives * table.shape[1]:
-        logits = (user @ table.T).gather(1, ids)
-    else:
-        logits = torch.einsum("pd,prd->pr", user, table[ids])
-    accidental = torch.cat([torch.zeros_like(positives, dtype=torch.bool).unsqueeze(1),
-                            negatives == positives.unsqueeze(1)], dim=1)
-    logits = logits.masked_fill(accidental, MASKED_LOGIT * config.temperature) / config.temperature
-    return -F.log_softmax(logits, dim=1)[:, 0].mean()
-
-
-def next_item_training_loss(model, batch: dict, negative_pool, config: SampledSoftmaxConfig, generator=None):
-    """Every history position i predicts ids[i+1]; the last real position predicts the target at ids[len]."""
-    ids, lengths = batch["ids"], batch["lengths"]
-    user = model.user_vectors(ids, lengths, batch.get("timestamps"))
-    width = ids.shape[1]
+def supervision(ids: torch.Tensor, lengths: torch.Tensor):
+    """(mask [B, W]: positions that predict an item, labels [B, W]: the item each predicts, ids[i+1]).
+    Padding is never a label: positions >= len, and positions whose next id is 0, are not supervised."""
     labels = torch.cat([ids[:, 1:], ids.new_zeros(ids.shape[0], 1)], dim=1)
-    supervised = (torch.arange(width, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)) & (labels != 0)
-    return sampled_softmax_loss(model, user[supervised], labels[supervised], negative_pool, config, generator)
+    real = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)
+    return real & (labels != 0), labels
 
 
 @torch.no_grad()
@@ -169,7 +154,7 @@ def recommend(model: HSTURetrievalModel, table, rows, k: int = 10, max_history: 
             times = table.timestamps[r][-max_history:]
             timestamps[i, : len(h)] = torch.as_tensor(times.copy())
             timestamps[i, len(h)] = int(times[-1])
-    scores = model.score_all_items(ids, lengths, timestamps)
-    scores[:, list(table.non_candidate_ids)] = float("-inf")
-    scores.scatter_(1, ids, float("-inf"))  # also hits column 0 via padding: already excluded
-    return scores.topk(k, dim=1).indices.tolist()
+    topk = model.topk(rankable_from_invalid(model.config.num_items, table.non_candidate_ids))
+    history = ids.masked_fill(torch.arange(width).unsqueeze(0) >= lengths.unsqueeze(1), -1)
+    _, top = topk(model.last_user_vector(ids, lengths, timestamps), k, exclude=history)
+    return top.tolist()

@@ -658,8 +658,13 @@ __all__ = [
     "SASRecConfig",
     "SASRecModel",
     "T4RecSASRecConfig",
+    "GenerativeRetrievalTask",
     "register",
 ]
+
+# The generative-retrieval task (losses, negatives, MoL) lives in its own module; T4R has no task registry, so it
+# is used by instance and re-exported here beside the encoders.
+from merlin_hstu.t4r_retrieval import GenerativeRetrievalTask  # noqa: E402
 
 # Importing this module registers (idempotent); `import merlin_hstu` arranges for this import to happen as soon
 # as transformers4rec or transformers is imported (see merlin_hstu/__init__.py).

@@ -24,12 +24,8 @@ from merlin_hstu.baselines import MostPopular
 from merlin_hstu.config import ExperimentConfig, dump_config, load_config
 from merlin_hstu.data import LeaveOneOut, SequenceTable, history_window, train_sequences
 from merlin_hstu.metrics import RetrievalMetricAccumulator, target_ranks
-from merlin_hstu.retrieval import (
-    HSTURetrievalModel,
-    RetrievalModelConfig,
-    SampledSoftmaxConfig,
-    next_item_training_loss,
-)
+from merlin_hstu.retrieval import HSTURetrievalModel, RetrievalModelConfig, next_item_training_loss
+from merlin_hstu.topk import rankable_from_invalid
 
 
 @dataclass
@@ -46,23 +42,26 @@ class TrainResult:
 
 
 def build_model(table: SequenceTable, cfg: ExperimentConfig) -> HSTURetrievalModel:
-    model_cfg = RetrievalModelConfig(num_items=table.num_items, encoder=cfg.model, input_dropout=cfg.train.input_dropout)
+    model_cfg = RetrievalModelConfig(num_items=table.num_items, encoder=cfg.model, input_dropout=cfg.train.input_dropout,
+                                     head=cfg.head)
     return HSTURetrievalModel(model_cfg)
 
 
 @torch.no_grad()
 def evaluate_model(model: HSTURetrievalModel, split: LeaveOneOut, cfg: ExperimentConfig,
                    progress: bool = False) -> dict:
-    """HR/NDCG@K and MRR on the eval samples (last item per user), all catalogue items scored."""
+    """HR/NDCG@K and MRR on the eval samples (last item per user), all catalogue items scored.
+
+    Ranks come from the model's brute-force top-K module (merlin_hstu.topk: chunked MIPS or MoL, history-window
+    filtered, top-`rank_cap` list), the module serving traces as well."""
     model.eval()
     acc = RetrievalMetricAccumulator(ks=cfg.train.ks)
-    invalid = split.table.non_candidate_ids
+    topk = model.topk(rankable_from_invalid(split.table.num_items, split.table.non_candidate_ids))
     batches = split.batches(split.eval, cfg.train.eval_batch_size)
     total = split.num_batches(split.eval, cfg.train.eval_batch_size)
     for batch in tqdm(batches, total=total, desc="evaluate", leave=False, disable=not progress):
-        scores = model.score_all_items(batch["ids"], batch["lengths"], batch.get("timestamps"))
-        acc.update(target_ranks(scores, batch["targets"], history_window(batch),
-                                invalid_ids=invalid, rank_cap=cfg.train.rank_cap))
+        query = model.last_user_vector(batch["ids"], batch["lengths"], batch.get("timestamps"))
+        acc.update(topk.target_ranks(query, batch["targets"], history_window(batch), rank_cap=cfg.train.rank_cap))
     return acc.compute()
 
 
@@ -81,7 +80,9 @@ def evaluate_most_popular(split: LeaveOneOut, cfg: ExperimentConfig) -> dict:
 def train_retrieval(table: SequenceTable, cfg: ExperimentConfig, progress: bool = True,
                     log_epoch: Optional[Callable[[int, float, dict], None]] = None,
                     model_name: str = "HSTU") -> TrainResult:
-    """Train a retrieval model (HSTU or SASRec encoder) with sampled softmax; evaluate it and most-popular.
+    """Train a retrieval model (HSTU or SASRec encoder) with the configured head and loss (`cfg.head`,
+    `cfg.train.loss` / `negatives`; reference default: dot product, sampled softmax over 128 uniform negatives);
+    evaluate it and most-popular.
 
     `log_epoch(epoch, mean_loss, metrics)` is called after every evaluated epoch (train.eval_every)."""
     log_epoch = log_epoch or (lambda epoch, loss, metrics: None)
@@ -94,7 +95,7 @@ def train_retrieval(table: SequenceTable, cfg: ExperimentConfig, progress: bool 
     model = build_model(table, cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, betas=tuple(cfg.train.betas),
                                   weight_decay=cfg.train.weight_decay)
-    loss_cfg = SampledSoftmaxConfig(cfg.train.num_negatives, cfg.train.temperature)
+    loss_cfg = cfg.train.loss_config()
     shuffle_gen = torch.Generator().manual_seed(cfg.train.seed)
     negative_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     pool = table.candidate_ids
@@ -161,7 +162,7 @@ def plot_training_curves(record: dict, path: Path) -> Optional[Path]:
     fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(10 if has_eval else 5, 3.6), squeeze=False)
     losses = record["epoch_losses"]
     axes[0, 0].plot(range(1, len(losses) + 1), losses, marker="o")
-    axes[0, 0].set(title="training loss (sampled softmax)", xlabel="epoch", ylabel="loss")
+    axes[0, 0].set(title=f"training loss ({record.get('loss', 'sampled_softmax')})", xlabel="epoch", ylabel="loss")
     if has_eval:
         ax = axes[0, 1]
         epochs = [m["epoch"] for m in record["epoch_metrics"]]
@@ -201,7 +202,7 @@ def save_run(run_dir: str | Path, result: TrainResult, cfg: ExperimentConfig, ex
         (tmp / "config.yaml").write_text(dump_config(cfg))
         torch.save({"model_config": result.model.config.to_dict(), "state_dict": result.model.state_dict()},
                    tmp / "model.pt")
-        record = {"metrics": result.metrics, "epoch_losses": result.epoch_losses,
+        record = {"metrics": result.metrics, "epoch_losses": result.epoch_losses, "loss": cfg.train.loss,
                   "epoch_metrics": [{"epoch": e, **m} for e, m in result.epoch_metrics],
                   "train_seconds": result.train_seconds, **(extra or {})}
         (tmp / "metrics.json").write_text(json.dumps(record, indent=2, default=str))

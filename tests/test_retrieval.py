@@ -10,13 +10,14 @@ from merlin_hstu.data import LeaveOneOut, SequenceTable, history_window
 from merlin_hstu.hstu import HSTUEncoderConfig
 from merlin_hstu.retrieval import (
     HSTURetrievalModel,
+    RetrievalLossConfig,
     RetrievalModelConfig,
     SampledSoftmaxConfig,
     next_item_training_loss,
     recommend,
+    retrieval_loss,
     sampled_softmax_loss,
 )
-import merlin_hstu.retrieval as retrieval_module
 from merlin_hstu.train import evaluate_model, load_run, save_run, train_retrieval
 
 
@@ -105,24 +106,24 @@ def test_sampled_softmax_matches_the_formula(dense):
 
 
 def test_every_history_position_predicts_the_next_item():
+    """The loss of a batch equals the loss computed directly on the supervised (position, next item) pairs:
+    row 0 (len 3) supervises positions 0, 1, 2 with 4, 5, 6 (the last predicts the target), row 1 position 0."""
     torch.manual_seed(0)
-    model = small_model(time_bias=False)
+    model = small_model(time_bias=False).eval()
     ids = torch.tensor([[3, 4, 5, 6, 0], [7, 8, 0, 0, 0]])
     lengths = torch.tensor([3, 1])
-    captured = {}
-
-    def spy(model_, user, positives, pool, cfg, generator=None):
-        captured["positives"], captured["n"] = positives.tolist(), user.shape[0]
-        return user.sum()
-
-    original = retrieval_module.sampled_softmax_loss
-    retrieval_module.sampled_softmax_loss = spy
-    try:
-        next_item_training_loss(model, {"ids": ids, "lengths": lengths}, torch.arange(3, 40), SampledSoftmaxConfig())
-    finally:
-        retrieval_module.sampled_softmax_loss = original
-    assert captured["positives"] == [4, 5, 6, 8]  # 3 positions of row 0 (last predicts target 6), 1 of row 1
-    assert captured["n"] == 4
+    pool = torch.arange(3, 40)
+    user = model.user_vectors(ids, lengths)
+    picked = user[torch.tensor([0, 0, 0, 1]), torch.tensor([0, 1, 2, 0])]
+    positives = torch.tensor([4, 5, 6, 8])
+    for cfg in (SampledSoftmaxConfig(), RetrievalLossConfig(loss="full_softmax")):
+        got = next_item_training_loss(model, {"ids": ids, "lengths": lengths}, pool, cfg,
+                                      torch.Generator().manual_seed(7))
+        want = retrieval_loss(model, picked, positives, pool, cfg, torch.Generator().manual_seed(7))
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    # and a different supervision set gives a different loss (the comparison is not vacuous)
+    other = retrieval_loss(model, picked, torch.tensor([4, 5, 9, 8]), pool, RetrievalLossConfig(loss="full_softmax"))
+    assert other.item() != pytest.approx(got.item(), rel=1e-6)
 
 
 def test_user_vectors_ignore_positions_at_and_after_len():
@@ -196,3 +197,27 @@ def test_explicit_candidate_pool_limits_ranking_and_negatives():
     assert table.non_candidate_ids == (0, 1, 2, *range(150, 200))
     with pytest.raises(ValueError, match="candidate ids"):
         SequenceTable(table.items, None, table.keys, 200, candidates=np.array([0, 5]))
+
+
+@pytest.mark.parametrize("similarity", ["dot", "mol"])
+def test_evaluation_through_topk_equals_ranking_every_score(similarity):
+    """evaluate_model (top-K module, top-rank_cap list) == metrics.target_ranks over score_all_items."""
+    from merlin_hstu.metrics import RetrievalMetricAccumulator, target_ranks
+
+    table = markov_table(num_users=80)
+    cfg = load_config("demo", ["data.max_history=12", "model.max_seq_len=16", "model.embedding_dim=16",
+                               "model.attention_dim=8", "model.linear_dim=8", "train.rank_cap=20",
+                               f"head.similarity={similarity}", "head.topk_chunk_size=37",
+                               "head.mol.query_hidden_dim=16", "head.mol.component_dim=8"])
+    from merlin_hstu.train import build_model
+
+    torch.manual_seed(0)
+    model = build_model(table, cfg).eval()
+    split = LeaveOneOut(table, cfg.data.max_history)
+    acc = RetrievalMetricAccumulator(ks=cfg.train.ks)
+    with torch.no_grad():
+        for batch in split.batches(split.eval, cfg.train.eval_batch_size):
+            scores = model.score_all_items(batch["ids"], batch["lengths"], batch["timestamps"])
+            acc.update(target_ranks(scores, batch["targets"], history_window(batch),
+                                    invalid_ids=table.non_candidate_ids, rank_cap=20))
+    assert evaluate_model(model, split, cfg) == pytest.approx(acc.compute(), abs=1e-12)

@@ -304,6 +304,50 @@ def test_string_ids_without_timestamps_in_process(tmp_path):
         assert ids[b].tolist() == [mapping[i] for i in torch.topk(scores, 10).indices.tolist()]
 
 
+def test_mol_run_exports_and_serves_the_offline_topk(tmp_path):
+    """A mixture-of-logits run through the same export path: the served raw ids are the offline top-K module's
+    ids (history filtered) mapped back to raw ids, and the TorchScript scorer gives the offline scores."""
+    from merlin_hstu.data import load_processed
+    from merlin_hstu.serving.contract import RequestContract
+    from merlin_hstu.serving.core import ServingEnsemble
+    from merlin_hstu.serving.export import export_repository, read_serving_record
+    from merlin_hstu.topk import rankable_from_invalid
+    from merlin_hstu.train import load_run
+    from merlin_hstu.workflows.session_workflow import load_item_id_mapping
+
+    events = generate_event_log(SyntheticConfig(num_users=60, num_items=80, min_events=4, max_events=25, seed=11))
+    events.to_parquet(tmp_path / "log.parquet")
+    mol = [*TRAIN, "--set", "head.similarity=mol", "--set", "head.query_norm=layer_norm", "--set", "head.item_norm=none",
+           "--set", "head.mol.query_hidden_dim=16", "--set", "head.mol.component_dim=8", "--set", "head.topk_chunk_size=32",
+           "--set", "train.temperature=1.0", "--set", "train.mi_loss_weight=0.001"]
+    assert main(["preprocess", "--input", str(tmp_path / "log.parquet"), "--output", str(tmp_path / "data"), *mol]) == 0
+    assert main(["train", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run"), "--no-progress", *mol]) == 0
+    repo = export_repository(tmp_path / "run", tmp_path / "repo")
+    record = read_serving_record(repo)
+    assert record["model"]["head"]["similarity"] == "mol"
+    contract = RequestContract(**record["contract"])
+    served = ServingEnsemble.load(repo / "hstu_topk_batched" / "1" / "ensemble", contract)
+    model, _, run_record = load_run(tmp_path / "run")
+    assert model.head.is_mol
+    mapping = load_item_id_mapping(run_record["workflow"])
+    table = load_processed(tmp_path / "data")
+    topk = model.topk(rankable_from_invalid(model.config.num_items, (0, 1, 2)))
+    users = [table.keys[r] for r in (0, 9, 33)]
+    request = contract.validate(request_from_events(contract, events[events["user_id"].isin(users)]))
+    ids, scores = served.run([request])[0]
+    for b, user in enumerate(pd.unique(events[events["user_id"].isin(users)]["user_id"])):
+        row = list(table.keys).index(user)
+        hist = torch.from_numpy(table.items[row][-H:].copy())
+        times = torch.from_numpy(table.timestamps[row][-H:].copy())
+        n = len(hist)
+        with torch.no_grad():
+            query = model.last_user_vector(torch.cat([hist, torch.zeros(1, dtype=torch.long)])[None],
+                                           torch.tensor([n]), torch.cat([times, times[-1:]])[None])
+            want_scores, want_ids = topk(query, 10, exclude=hist[None])
+        assert ids[b].tolist() == [mapping[i] for i in want_ids[0].tolist()], f"user {user}"
+        np.testing.assert_allclose(scores[b], want_scores[0].numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_server_start_errors_explain_the_problem(tmp_path):
     from merlin_hstu.serving.server import ServerConfig, ServerStartError, TritonServer
 

@@ -543,3 +543,133 @@ def test_doc_hugging_face_snippet():
     times = torch.arange(40).view(2, 20) * 1000
     with torch.no_grad():
         torch.testing.assert_close(same.eval()(x, timestamps=times)[0], hstu.eval()(x, timestamps=times)[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# generative retrieval task (merlin_hstu.t4r_retrieval)
+# ------------------------------------------------------------------------------------------------
+SMALL_MOL = dict(query_hidden_dim=16, component_dim=8, gate_query_hidden_dim=8, gate_item_hidden_dim=8,
+                 gate_logits_hidden_dim=8, item_dropout=0.0, gate_dropout=0.0)
+
+
+def build_retrieval_model(seed: int = 0, **options):
+    torch.manual_seed(seed)
+    inputs = t4r.HSTUSequenceFeatures.from_schema(
+        small_schema(), timestamp_column="timestamp-list", max_sequence_length=MAX_LEN,
+        embedding_dim_default=D_MODEL, d_output=D_MODEL, masking="hstu-clm")
+    config = t4r.T4RecHSTUConfig.build(D_MODEL, 2, 2, MAX_LEN, dropout=0.0, time_bias=True)
+    body = tr.SequentialBlock(inputs, tr.TransformerBlock(config, masking=inputs.masking))
+    return tr.Model(tr.Head(body, merlin_hstu.GenerativeRetrievalTask(**options)))
+
+
+RETRIEVAL_OPTIONS = [
+    dict(num_negatives=16),
+    dict(num_negatives=16, negatives="in_batch", logq_correction=True),
+    dict(loss="full_softmax", l2_norm=False, temperature=1.0),
+    dict(loss="bce", num_negatives=1, temperature=1.0),
+    dict(num_negatives=16, similarity="mol", query_norm="layer_norm", l2_norm=False, temperature=1.0,
+         mol=SMALL_MOL, mi_loss_weight=0.001),
+]
+
+
+@pytest.mark.parametrize("options", RETRIEVAL_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()
+                                                                            if k != "mol"))
+def test_retrieval_task_trains_with_every_option(options):
+    model = build_retrieval_model(**options).train()
+    batch = padded_batch([8, 7, 6, 8, 5, 8], seed=11)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        torch.manual_seed(5)  # the same negatives every step: one fixed problem
+        loss = model(dict(batch), training=True)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.7 * losses[0], losses
+
+
+def test_retrieval_task_full_softmax_matches_a_plain_loop_on_the_clm_targets():
+    model = build_retrieval_model(loss="full_softmax", temperature=0.5).train()
+    lengths = [8, 3, 6]
+    batch = padded_batch(lengths, seed=3)
+    out = model(dict(batch), training=True)
+    # CLM: position i predicts item i + 1, padding never a label
+    want_labels = [int(v) for b, n in enumerate(lengths) for v in batch["item_id-list"][b, 1:n]]
+    assert out["labels"].tolist() == want_labels
+    table = model.heads[0].prediction_task_dict["next-item"].item_embedding_table.weight.detach().double()
+    items = table / table.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    total = 0.0
+    for u, y in zip(out["predictions"].double(), want_labels):
+        logits = [float(u @ items[j]) / 0.5 for j in range(1, N_ITEMS)]  # every id but padding 0
+        m = max(logits)
+        total += m + math.log(sum(math.exp(v - m) for v in logits)) - logits[y - 1]
+    assert out["loss"].item() == pytest.approx(total / len(want_labels), rel=1e-5)
+
+
+def test_retrieval_task_evaluation_inference_top_k_and_trace():
+    model = build_retrieval_model(similarity="mol", query_norm="layer_norm", l2_norm=False, temperature=1.0,
+                                  mol=SMALL_MOL, topk_chunk_size=16).eval()  # 60 items: 4 chunks
+    batch = padded_batch([3, 7, 5], seed=2)
+    with torch.no_grad():
+        evaluated = model(dict(batch), testing=True)
+        # evaluation scores the last item of each session (eval_on_last_item_seq_only) against every item
+        assert evaluated["predictions"].shape == (3, N_ITEMS) and math.isfinite(evaluated["loss"].item())
+        scores = model(dict(batch))
+        assert scores.shape == (3, N_ITEMS) and torch.isinf(scores[:, 0]).all()  # padding is never recommended
+        model.top_k = 5
+        top_scores, top_ids = model(dict(batch))
+        assert torch.equal(top_ids, torch.topk(scores, 5).indices)
+        model.top_k = None
+        example = ragged(batch)
+        traced = torch.jit.trace(model, (example,), strict=True)
+        for lengths, seed in (([3, 7, 5], 2), ([2, 4], 4), ([8, 1, 6, 8], 5)):
+            ragged_batch = ragged(padded_batch(lengths, seed=seed))
+            torch.testing.assert_close(traced(ragged_batch), model(ragged_batch), rtol=1e-5, atol=1e-5)
+
+
+def test_retrieval_task_rejects_invalid_combinations_at_construction():
+    with pytest.raises(ValueError, match="num_negatives=1 and temperature=1.0"):
+        merlin_hstu.GenerativeRetrievalTask(loss="bce")
+    with pytest.raises(ValueError, match="in-batch negatives"):
+        merlin_hstu.GenerativeRetrievalTask(logq_correction=True)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        merlin_hstu.GenerativeRetrievalTask(temperature=0)
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        merlin_hstu.GenerativeRetrievalTask(similarity="cosine")
+    with pytest.raises(ValueError, match="has no gates"):
+        merlin_hstu.GenerativeRetrievalTask(mi_loss_weight=0.1)
+
+
+def test_retrieval_doc_snippets_run():
+    """docs/retrieval.md: the Python snippets work as written (with `model`/`batch`/`table` and `body` supplied)."""
+    import numpy as np
+
+    from merlin_hstu.data import LeaveOneOut, SequenceTable
+    from merlin_hstu.hstu import HSTUEncoderConfig
+    from merlin_hstu.retrieval import HSTURetrievalModel, RetrievalModelConfig
+
+    blocks = python_blocks((DOC.parent / "retrieval.md").read_text())
+    assert len(blocks) == 2, "docs/retrieval.md: expected the loss snippet and the T4R snippet"
+    rng = np.random.default_rng(0)
+    table = SequenceTable([rng.integers(3, 40, size=int(n)) for n in rng.integers(4, 12, size=20)], None,
+                          np.arange(20), 40)
+    split = LeaveOneOut(table, max_history=10)
+    model = HSTURetrievalModel(RetrievalModelConfig(40, HSTUEncoderConfig(embedding_dim=8, num_blocks=1, num_heads=1,
+                                                                           attention_dim=8, linear_dim=8,
+                                                                           max_seq_len=12, time_bias=False)))
+    namespace = {"model": model, "batch": next(split.batches(split.train, 8)), "table": table}
+    exec(compile(blocks[0], "docs/retrieval.md:loss", "exec"), namespace)
+    assert math.isfinite(namespace["loss"].item())
+
+    torch.manual_seed(0)
+    inputs = t4r.HSTUSequenceFeatures.from_schema(
+        small_schema(), timestamp_column="timestamp-list", max_sequence_length=MAX_LEN,
+        embedding_dim_default=D_MODEL, d_output=D_MODEL, masking="hstu-clm")
+    encoder = tr.TransformerBlock(t4r.T4RecHSTUConfig.build(D_MODEL, 2, 2, MAX_LEN, time_bias=True),
+                                  masking=inputs.masking)
+    namespace = {"body": tr.SequentialBlock(inputs, encoder)}
+    exec(compile(blocks[1], "docs/retrieval.md:t4r", "exec"), namespace)
+    out = namespace["model"](padded_batch([8, 5, 7], seed=1), training=True)
+    assert math.isfinite(out["loss"].item())
+    assert namespace["task"].output.head.is_mol

@@ -13,11 +13,18 @@ pickle of them (merlin-integration.md §2.10).  The program is built in two part
       ids[b, :] = items[b][n_b - len_b : n_b], 0 ...  right-padded to W
       ts[b, j]  = event time for j < len_b, ts[b, len_b] = query time (the last position's prediction time;
                   a negative query time means "the last event's time", the default of `recommend`)
-      u_b       = tower(ids, len, ts)                  L2-normalised [B, D]
-      s[b, v]   = <u_b, e_v>                           e_v = E[v] / max(||E[v]||, 1e-6), cosine as in training
+      u_b       = tower(ids, len, ts)                  the query vector [B, D] (L2-normalised by default)
+      s[b, :]   = catalogue(u_b)                       every item's score: the model's top-K module
+                                                       (merlin_hstu.topk), traced: <u_b, e_v> with
+                                                       e_v = E[v] / max(||E[v]||, 1e-6) for the dot product
+                                                       (cosine as in training), or the MoL score
       s[b, v]   = -inf  unless v is rankable           catalogue ids (>= 3, or candidates.parquet)
       s[b, v]   = -inf  for v in ids[b, :len_b]        for rows with exclude_history (the evaluation protocol)
       top-K     = torch.topk(s, k)
+
+The catalogue part is the same `scores` code that offline evaluation and `recommend` rank with, traced with the
+item side precomputed (MoL: item components and item gates of all V items are constants of the program), so
+served ids equal offline ids.
 
 `k` and `exclude_history` are runtime arguments (an int and a per-row bool tensor), so one artifact serves any K up to
 `max_k` = (#rankable ids - H): even a user whose whole window is excluded keeps >= K rankable items, so no
@@ -31,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from merlin_hstu.retrieval import HSTURetrievalModel
+from merlin_hstu.topk import BruteForceTopK
 
 
 class _UserTower(nn.Module):
@@ -45,6 +53,17 @@ class _UserTower(nn.Module):
         return self.model.last_user_vector(ids, lengths, timestamps if self.uses_time else None)
 
 
+class _CatalogueScores(nn.Module):
+    """Traceable view of a top-K module: query vectors [B, D] -> unmasked scores of every item [B, V]."""
+
+    def __init__(self, topk: BruteForceTopK):
+        super().__init__()
+        self.topk = topk
+
+    def forward(self, query: Tensor) -> Tensor:
+        return self.topk.scores(query)
+
+
 class TopKScorer(nn.Module):
     """Scripted serving program (see the module docstring).  Inputs are the session workflow's outputs."""
 
@@ -52,10 +71,11 @@ class TopKScorer(nn.Module):
     width: int
     max_k: int
 
-    def __init__(self, tower: torch.jit.ScriptModule, item_vectors: Tensor, rankable: Tensor, max_history: int):
+    def __init__(self, tower: torch.jit.ScriptModule, catalogue: torch.jit.ScriptModule, rankable: Tensor,
+                 max_history: int):
         super().__init__()
         self.tower = tower
-        self.register_buffer("item_vectors", item_vectors)
+        self.catalogue = catalogue
         self.register_buffer("rankable", rankable)
         self.max_history = max_history
         self.width = max_history + 1
@@ -85,7 +105,7 @@ class TopKScorer(nn.Module):
 
     def scores(self, ids: Tensor, lengths: Tensor, times: Tensor, exclude_history: Tensor) -> Tensor:
         user = self.tower(ids, lengths, times)
-        scores = user @ self.item_vectors.t()
+        scores = self.catalogue(user)
         scores = scores.masked_fill(~self.rankable.unsqueeze(0), float("-inf"))
         # Rows that keep their history scatter into column 0 (padding), which is never rankable anyway.
         return scores.scatter(1, ids * exclude_history.to(torch.long).unsqueeze(1), float("-inf"))
@@ -118,7 +138,8 @@ def rankable_mask(num_items: int, first_item_id: int = 3, candidates: Optional[T
 
 
 def build_scorer(model: HSTURetrievalModel, max_history: int, rankable: Tensor) -> torch.jit.ScriptModule:
-    """Trace the user tower at width H + 1 and script the ranking wrapper around it."""
+    """Trace the user tower at width H + 1 and the catalogue scores (MIPS or MoL top-K module), and script the
+    ranking wrapper around them."""
     if rankable.shape != (model.config.num_items,):
         raise ValueError(f"rankable mask has shape {tuple(rankable.shape)}, expected ({model.config.num_items},)")
     if int(rankable.sum()) - max_history < 1:
@@ -139,6 +160,7 @@ def build_scorer(model: HSTURetrievalModel, max_history: int, rankable: Tensor) 
         # The tracer warns about the model's Python-side width checks; the width is fixed here on purpose.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         tower = torch.jit.trace(_UserTower(model, uses_time), (ids, lengths, times), check_trace=False)
-        item_vectors = model.item_vectors().detach().clone()
-    scorer = TopKScorer(tower, item_vectors, rankable.clone(), max_history)
+        query = tower(ids, lengths, times)
+        catalogue = torch.jit.trace(_CatalogueScores(model.topk()), query, check_trace=False)
+    scorer = TopKScorer(tower, catalogue, rankable.clone(), max_history)
     return torch.jit.script(scorer.eval())
