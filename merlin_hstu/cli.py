@@ -273,9 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         if not args.dataset:
             bench.print_help()
             return 2
-        from merlin_hstu.benchmark import run_bench
+        from merlin_hstu.benchmark import run_task_bench
 
-        return run_bench(args)
+        return run_task_bench(args)
 
     bench.set_defaults(func=cmd_bench)
     for module_name in EXTENSION_MODULES:
@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add subcommands: each has `register_subcommands(subparsers, bench_subparsers)`, which must
 # stay cheap (argparse only; heavy imports inside the command functions).
-EXTENSION_MODULES: list = ["merlin_hstu.serving.cli", "merlin_hstu.kernels.bench"]
+EXTENSION_MODULES: list = ["merlin_hstu.serving.cli", "merlin_hstu.kernels.bench", "merlin_hstu.ranking_cli",
+                          "merlin_hstu.mfalcon_bench"]
 
 
 def _quiet_known_warnings() -> None:
