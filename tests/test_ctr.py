@@ -39,13 +39,6 @@ def criteo_dir(tmp_path_factory):
     return preprocess_criteo(src, root / "criteo", CriteoWorkflowConfig(freq_threshold=2, valid_fraction=0.25))
 
 
-@pytest.fixture()
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ------------------------------------------------------------------------------------------------
 # T4R

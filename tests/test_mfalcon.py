@@ -17,13 +17,7 @@ CONTEXT = {"age": 4, "city": 3}
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run tiny ops: one intra-op thread avoids OpenMP barrier waits on a shared CPU (10x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def build(seed=0, **kw) -> DlrmHSTU:

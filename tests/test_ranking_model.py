@@ -30,13 +30,7 @@ TASKS = (RankingTask("click", bit=0), RankingTask("like", bit=1, weight=0.5),
 CONTEXT = {"age": 4, "city": 3}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run tiny ops: one intra-op thread avoids OpenMP barrier waits on a shared CPU (10x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def small_config(**kw) -> DlrmHSTUConfig:

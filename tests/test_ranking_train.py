@@ -28,13 +28,7 @@ from test_ranking_metrics import loop_gauc, pairwise_auc
 NUM_ITEMS = 40  # ids 3..39 are real items
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is faster, and far faster when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def synthetic_frame(num_users: int = 120, k: int = 4, seed: int = 0):

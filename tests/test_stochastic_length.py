@@ -16,13 +16,7 @@ from merlin_hstu.ranking_batch import RankingBatch, RankingTask
 from merlin_hstu.stochastic_length import StochasticLength, StochasticLengthConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run tiny ops: one intra-op thread avoids OpenMP barrier waits on a shared CPU (10x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def plain_threshold(n_max: int, alpha: float) -> int:
