@@ -32,40 +32,19 @@ import torch
 import merlin.dtypes as md
 from merlin.dag import BaseOperator, ColumnSelector, DataFormats
 from merlin.schema import ColumnSchema, Schema, Tags
-from merlin.systems.dag.ops.workflow import TransformWorkflow
+
+from merlin_hstu.serving.ops import InlineWorkflow  # re-exported: ranking_export builds on it
 
 OUTPUT = "click_probability"
-WORKFLOW_DIR = "workflow"
 MODEL_FILE = "ctr_model.pt"
-
-
-class InlineWorkflow(TransformWorkflow):
-    """A fitted NVTabular workflow run inside the executor (a subclass: merlin-systems sends the exact type
-    `TransformWorkflow` to a separate Triton model).  Saved with `Workflow.save` next to ensemble.pkl, not pickled;
-    subclasses write `transform`."""
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "workflow"}
-
-    def save_artifacts(self, artifact_path: Optional[str] = None) -> None:
-        if artifact_path and self.workflow is not None:
-            self.workflow.save(str(Path(artifact_path) / WORKFLOW_DIR))
-
-    def load_artifacts(self, artifact_path: Optional[str] = None) -> None:
-        path = Path(artifact_path) / WORKFLOW_DIR if artifact_path else None
-        if path is None or not path.is_dir():
-            return  # merlin.dag calls load_artifacts("") on every op while it builds the graph
-        import nvtabular as nvt
-
-        self.workflow = nvt.Workflow.load(str(path))
-
-    @property
-    def supported_formats(self) -> DataFormats:
-        return DataFormats.PANDAS_DATAFRAME
 
 
 class CriteoWorkflowInline(InlineWorkflow):
     """The fitted Criteo workflow, run inside the executor.  Bytes -> str, "" -> missing, integers -> float64."""
+
+    @property
+    def supported_formats(self) -> DataFormats:
+        return DataFormats.PANDAS_DATAFRAME
 
     def __init__(self, workflow=None, categorical: Optional[List[str]] = None, integer: Optional[List[str]] = None):
         super().__init__(workflow)

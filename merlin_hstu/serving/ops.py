@@ -62,23 +62,14 @@ def _values_offsets(column: pd.Series) -> tuple:
     return values, offsets
 
 
-class SessionWorkflowFromRequest(TransformWorkflow):
-    """Per-user request lists -> the fitted session workflow -> its item (and time) lists, in request order.
+class InlineWorkflow(TransformWorkflow):
+    """A fitted NVTabular workflow run inside the executor process.
 
     A `TransformWorkflow` subclass on purpose: merlin-systems maps the exact type `TransformWorkflow` to a
-    separate Triton model called over BLS; this one runs in-process.  The workflow is saved with
-    `Workflow.save` (NVTabular's own format) rather than inside ensemble.pkl, and reloaded with the
-    min-length filter off (`load_serving_workflow`): every request row must produce an output row.
+    separate Triton model called over BLS; a subclass runs in-process.  The workflow is saved with `Workflow.save`
+    (NVTabular's own format) next to ensemble.pkl rather than pickled into it.  Subclasses write `transform`
+    and may override `load_workflow`.
     """
-
-    def __init__(self, workflow=None, id_column: str = "user_id", list_columns: Optional[List[str]] = None,
-                 item_list: str = "item_id-list", time_list: Optional[str] = None):
-        super().__init__(workflow)
-        self.id_column = id_column
-        self.list_columns = list(list_columns or [])
-        self.item_list = item_list
-        self.time_list = time_list
-        self.key_dtype = workflow.input_schema[id_column].dtype if workflow is not None else md.int64
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "workflow"}
@@ -91,9 +82,34 @@ class SessionWorkflowFromRequest(TransformWorkflow):
         path = Path(artifact_path) / WORKFLOW_DIR if artifact_path else None
         if path is None or not path.is_dir():
             return  # merlin.dag's Graph calls load_artifacts("") on every op while building
+        self.workflow = self.load_workflow(path)
+
+    def load_workflow(self, path: Path):
+        import nvtabular as nvt
+
+        return nvt.Workflow.load(str(path))
+
+
+class SessionWorkflowFromRequest(InlineWorkflow):
+    """Per-user request lists -> the fitted session workflow -> its item (and time) lists, in request order.
+
+    Runs in-process (`InlineWorkflow`); the workflow is reloaded with the min-length filter off
+    (`load_serving_workflow`): every request row must produce an output row.
+    """
+
+    def __init__(self, workflow=None, id_column: str = "user_id", list_columns: Optional[List[str]] = None,
+                 item_list: str = "item_id-list", time_list: Optional[str] = None):
+        super().__init__(workflow)
+        self.id_column = id_column
+        self.list_columns = list(list_columns or [])
+        self.item_list = item_list
+        self.time_list = time_list
+        self.key_dtype = workflow.input_schema[id_column].dtype if workflow is not None else md.int64
+
+    def load_workflow(self, path: Path):
         from merlin_hstu.workflows.session_workflow import load_serving_workflow
 
-        self.workflow = load_serving_workflow(path)
+        return load_serving_workflow(path)  # the min-length filter off: every request row gives an output row
 
     def compute_input_schema(self, root_schema: Schema, parents_schema: Schema, deps_schema: Schema,
                              selector: ColumnSelector) -> Schema:
