@@ -19,9 +19,7 @@ the same raw line gives the same features offline and served, and served AUC equ
 """
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -150,14 +148,11 @@ def write_repository(ensemble, output_dir, overwrite: bool = False) -> Path:
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; remove it or pass overwrite=True")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the repository is an ordinary directory
+    from merlin_hstu.workflows.session_workflow import _atomic_replace, _public_staging_dir
+
+    staging = _public_staging_dir(output_dir)
     try:
         ensemble.export(str(staging))
-        from merlin_hstu.workflows.session_workflow import _atomic_replace
-
         _atomic_replace(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

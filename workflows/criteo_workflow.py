@@ -57,7 +57,7 @@ from merlin.schema import Schema, Tags
 from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 from nvtabular import ops
 
-from merlin_hstu.workflows.session_workflow import _atomic_replace, _relocate_paths
+from merlin_hstu.workflows.session_workflow import _atomic_replace, _public_staging_dir, _relocate_paths
 
 PathLike = Union[str, os.PathLike]
 
@@ -299,10 +299,7 @@ def preprocess_criteo(source: Union[PathLike, pd.DataFrame], output_dir: PathLik
         parts[VALID] = df.iloc[len(df) - n_valid:].reset_index(drop=True)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary directory
+    staging = _public_staging_dir(output_dir)
     try:
         workflow_dir = staging / "workflow"
         workflow = build_criteo_workflow(config, categories_dir=workflow_dir)

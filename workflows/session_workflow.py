@@ -663,6 +663,16 @@ def _relocate_paths(schema: Schema, old_root: str, new_root: str) -> Schema:
     return Schema(columns)
 
 
+def _public_staging_dir(target: Path) -> Path:
+    """A fresh staging directory beside `target` (renamed into place by `_atomic_replace`), with the permissions
+    of an ordinary directory: mkdtemp makes it private, the finished output should not be."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    return staging
+
+
 def _atomic_replace(staging: Path, target: Path) -> None:
     if not target.exists():
         os.rename(staging, target)
