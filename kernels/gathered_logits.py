@@ -11,7 +11,8 @@ keeps only the gathered [P, C] logits, and rebuilds each chunk's sparse gradient
     backward: G_c = scatter_add(zeros[|c|, V], ids[c], grad[c])
               grad_user[c] = G_c @ table;   grad_table += G_c^T @ user[c]
 
-Same numbers as `(user @ table.T).gather(1, ids)` (the test compares them); memory O(chunk * V).
+Same numbers as `(user @ table.T).gather(1, ids)` (the test compares them); memory O(chunk * V), one chunk
+buffer per pass, reused (a fresh 32 MB block per chunk would be a fresh mmap, page-faulted and zeroed each time).
 """
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ class _GatheredLogits(torch.autograd.Function):
         rows = _chunk_rows(table.shape[0])
         out = user.new_empty(ids.shape)
         table_t = table.t()
+        dense = user.new_empty(min(rows, user.shape[0]), table.shape[0])  # one buffer reused by every chunk
         for start in range(0, user.shape[0], rows):
-            stop = start + rows
-            torch.gather(user[start:stop] @ table_t, 1, ids[start:stop], out=out[start:stop])
+            stop = min(start + rows, user.shape[0])
+            block = torch.mm(user[start:stop], table_t, out=dense[: stop - start])
+            torch.gather(block, 1, ids[start:stop], out=out[start:stop])
         ctx.save_for_backward(user, table, ids)
         return out
 
@@ -45,9 +48,10 @@ class _GatheredLogits(torch.autograd.Function):
         grad_user = torch.empty_like(user) if need_user else None
         grad_table = torch.zeros_like(table) if need_table else None
         grad = grad.contiguous()
+        buffer = grad.new_empty(min(rows, user.shape[0]), table.shape[0])  # reused: no fresh pages per chunk
         for start in range(0, user.shape[0], rows):
-            stop = start + rows
-            dense = grad.new_zeros(min(stop, user.shape[0]) - start, table.shape[0])
+            stop = min(start + rows, user.shape[0])
+            dense = buffer[: stop - start].zero_()
             dense.scatter_add_(1, ids[start:stop], grad[start:stop])
             if need_user:
                 torch.mm(dense, table, out=grad_user[start:stop])

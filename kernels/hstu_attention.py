@@ -117,17 +117,21 @@ def hstu_attention_reference(
     contextual_seq_len: int = 0,
     max_attn_len: int = 0,
     min_full_attn_seq_len: int = 0,
+    mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Padded HSTU attention.
 
     q, k: [B, W, H, dqk]; v: [B, W, H, dv]; lengths: [B]; rab: [B or 1, W, W] or None (shared by all heads).
     Returns [B, W, H, dv]; rows at or past len_b are zero.  Trace-friendly: W comes from the tensors' shape.
+    `mask`: the `valid_attention_mask` of these lengths and options, when the caller already has it (a layer
+    stack builds it once for all its layers); it is not recomputed or checked against the options.
     """
     width = q.shape[1]
-    mask = valid_attention_mask(
-        lengths, width, causal=causal, num_targets=num_targets, contextual_seq_len=contextual_seq_len,
-        max_attn_len=max_attn_len, min_full_attn_seq_len=min_full_attn_seq_len,
-    )
+    if mask is None:
+        mask = valid_attention_mask(
+            lengths, width, causal=causal, num_targets=num_targets, contextual_seq_len=contextual_seq_len,
+            max_attn_len=max_attn_len, min_full_attn_seq_len=min_full_attn_seq_len,
+        )
     return _masked_pointwise_attention(q, k, v, mask, normalizer, rab, alpha)
 
 

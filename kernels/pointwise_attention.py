@@ -5,18 +5,24 @@
     O = A v                           [B, R, H, dv]
 
 Plain autograd keeps three [B, H, R, W]-sized tensors per layer for the backward pass: S (for SiLU's
-derivative), A (for the A v product) and the float-converted mask.  This Function keeps only S and the boolean
-mask, and recomputes A from S in the backward pass, where SiLU's derivative needs sigmoid(S) anyway:
+derivative), A (for the A v product) and the float-converted mask.  This Function keeps none of them: it saves
+q, k, v, the bias ([B or 1, R, W], a factor H smaller than S) and the boolean mask, and rebuilds S in the
+backward pass with one extra q k^T product.  Two exact rewrites keep every [B, H, R, W] pass cheap:
 
-    sig  = sigmoid(S)
-    A    = S * sig * valid / N                            (recomputed; one extra multiply)
-    dV   = A^T dO
-    dA   = dO V^T
-    dS   = dA * sig * (1 + S * (1 - sig)) * valid / N
+  * invalid entries of S are set to -1e4 instead of multiplying by the mask: SiLU(-1e4) and SiLU'(-1e4) are
+    exactly (-)0 in every float type (sigmoid(-1e4) underflows to 0), so A and dS are zero there, as the mask
+    makes them;
+  * 1/N is applied to the small [B, R, H, dv] tensors (O, and dO in the backward pass), not to [B, H, R, W].
+
+Backward, with dO' = dO / N and S rebuilt:
+
+    dV   = SiLU(S)^T dO'                               (SiLU(S) is a temporary, freed before the next line)
+    dS   = (dO' V^T) * SiLU'(S)                        (ATen's fused SiLU backward, in place)
     dq   = alpha * dS k,   dk = alpha * dS^T q,   dbias = sum over heads (and over B when bias is shared) of dS
 
-At the hstu-large-ml1m shape (B 128, H 2, W 201, 8 layers) that is about 0.45 GB less activation memory
-(docs/benchmarks.md).  The padded reference in hstu_attention.py stays the plain formula and the test oracle.
+At the hstu-large-ml1m shape (B 128, H 2, W 211, 8 layers) that keeps 23 MB per layer instead of 46 MB (S) and
+at most two [B, H, R, W] buffers alive at once in the backward pass (docs/benchmarks.md).  The padded
+reference in hstu_attention.py stays the plain formula and the test oracle.
 """
 from __future__ import annotations
 
@@ -24,39 +30,42 @@ from typing import Optional
 
 import torch
 
+# Any score at or below this has SiLU(s) == SiLU'(s) == 0 exactly in float16/bfloat16/float32/float64.
+MASKED_SCORE = -1.0e4
+
+
+def _scores(q, k, bias, mask, alpha: float) -> torch.Tensor:
+    """S = alpha q k^T + bias, with MASKED_SCORE wherever mask is False: [B, H, R, W]."""
+    scores = torch.einsum("bihd,bjhd->bhij", q, k)
+    if alpha != 1.0:
+        scores.mul_(alpha)
+    if bias is not None:
+        scores.add_(bias.unsqueeze(1))
+    return scores.masked_fill_(~mask.unsqueeze(1), MASKED_SCORE)
+
 
 class _PointwiseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, mask, normalizer: float, alpha: float):
         # q [B, R, H, dqk], k [B, W, H, dqk], v [B, W, H, dv], bias [B or 1, R, W] or None, mask [B, R, W] bool
-        scores = torch.einsum("bihd,bjhd->bhij", q, k)
-        if alpha != 1.0:
-            scores.mul_(alpha)
-        if bias is not None:
-            scores.add_(bias.unsqueeze(1))
-        weights = torch.nn.functional.silu(scores).mul_(mask.unsqueeze(1)).div_(normalizer)
-        out = torch.einsum("bhij,bjhd->bihd", weights, v)
-        ctx.save_for_backward(q, k, v, scores, mask)
-        ctx.bias_shape = None if bias is None else bias.shape
+        weights = torch.nn.functional.silu(_scores(q, k, bias, mask, alpha), inplace=True)
+        out = torch.einsum("bhij,bjhd->bihd", weights, v).div_(normalizer)
+        ctx.save_for_backward(q, k, v, bias, mask)
         ctx.normalizer, ctx.alpha = normalizer, alpha
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, scores, mask = ctx.saved_tensors
-        scale = mask.unsqueeze(1).to(scores.dtype).div_(ctx.normalizer)  # [B, 1, R, W]
-        sig = torch.sigmoid(scores)
-        grad_v = grad_w = None
+        q, k, v, bias, mask = ctx.saved_tensors
+        grad_out = grad_out / ctx.normalizer
+        scores = _scores(q, k, bias, mask, ctx.alpha)
+        grad_v = None
         if ctx.needs_input_grad[2]:
-            weights = scores * sig * scale
-            grad_v = torch.einsum("bhij,bihd->bjhd", weights, grad_out)
-            del weights
-        grad_w = torch.einsum("bihd,bjhd->bhij", grad_out, v)
-        # dS = dA * SiLU'(S) * valid / N, SiLU'(S) = sig * (1 + S * (1 - sig)); built in place in grad_w
-        silu_grad = torch.addcmul(sig, scores * sig, 1.0 - sig)
-        del sig
-        grad_s = grad_w.mul_(silu_grad).mul_(scale)
-        del silu_grad, scale
+            grad_v = torch.einsum("bhij,bihd->bjhd", torch.nn.functional.silu(scores), grad_out)
+        # dS = (dO' V^T) * SiLU'(S), written into the dO' V^T buffer by ATen's fused SiLU backward
+        grad_s = torch.einsum("bihd,bjhd->bhij", grad_out, v)
+        torch.ops.aten.silu_backward.grad_input(grad_s, scores, grad_input=grad_s)
+        del scores
         grad_q = grad_k = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_q = torch.einsum("bhij,bjhd->bihd", grad_s, k)
@@ -66,9 +75,9 @@ class _PointwiseAttention(torch.autograd.Function):
             grad_k = torch.einsum("bhij,bihd->bjhd", grad_s, q)
             if ctx.alpha != 1.0:
                 grad_k.mul_(ctx.alpha)
-        if ctx.bias_shape is not None and ctx.needs_input_grad[3]:
+        if bias is not None and ctx.needs_input_grad[3]:
             grad_bias = grad_s.sum(dim=1)
-            if ctx.bias_shape[0] == 1 and grad_bias.shape[0] != 1:
+            if bias.shape[0] == 1 and grad_bias.shape[0] != 1:
                 grad_bias = grad_bias.sum(dim=0, keepdim=True)
         return grad_q, grad_k, grad_v, grad_bias, None, None, None
 

@@ -37,6 +37,8 @@ REFERENCE_SECONDS_PER_STEP = {"hstu-large-ml1m": 4.3, "sasrec-ml1m": 2.4, "hstu-
 def machine_info() -> dict:
     import torch
 
+    from merlin_hstu.allocator import describe as describe_allocator
+
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -47,7 +49,13 @@ def machine_info() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "allocator": describe_allocator()}
+
+
+def machine_summary(info: dict) -> str:
+    """One line for printed output and markdown records: CPU, cores, torch, threads, GPU, malloc settings."""
+    return (f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
+            f"GPU {info['gpu'] or 'none'}, {info.get('allocator', 'glibc defaults')}")
 
 
 def peak_rss_gb() -> float:
@@ -104,8 +112,7 @@ def run_bench(args) -> int:
         print("note: this dataset has no timestamps: the relative time bias is switched off (model.time_bias=false)")
         cfg.model.time_bias = False
     info = machine_info()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
-          f"GPU: {info['gpu'] or 'none'}")
+    print(f"machine: {machine_summary(info)}")
     print(f"dataset {dataset_name}: {len(table.items):,} users, {len(table.candidate_ids):,} candidate items; "
           f"model {cfg.name} ({type(cfg.model).__name__}); {cfg.train.epochs} epochs; seeds {args.seeds}")
 
@@ -169,8 +176,7 @@ def summarize(runs: list, cfg, dataset_name: str, info: dict, args) -> dict:
     lines = [
         f"### {cfg.name} on {dataset_name}, {cfg.train.epochs} epochs, seeds {[r['seed'] for r in runs]}",
         "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['threads']} threads, "
-        f"GPU {info['gpu'] or 'none'}. Date {datetime.now(timezone.utc):%Y-%m-%d}.",
+        f"Machine: {machine_summary(info)}. Date {datetime.now(timezone.utc):%Y-%m-%d}.",
         "",
         "```",
         table,
@@ -184,7 +190,9 @@ def summarize(runs: list, cfg, dataset_name: str, info: dict, args) -> dict:
         f"- peak RSS of the process: {timing['peak_rss_gb']:.2f} GB",
         f"- command: `merlin-hstu bench --dataset {args.dataset} --model {args.model} --epochs {args.epochs} "
         f"--seeds {args.seeds}" + retrieval_flags(args) + (" --no-epoch-eval" if args.no_epoch_eval else "")
-        + (f" --max-steps {args.max_steps}" if args.max_steps else "") + "`",
+        + (f" --max-steps {args.max_steps}" if args.max_steps else "")
+        + (f" --threads {args.threads}" if args.threads else "")
+        + "".join(f" --set {o}" for o in args.overrides) + "`",
     ]
     return {"dataset": dataset_name, "model": cfg.name, "config": cfg.to_dict(), "machine": info,
             "runs": runs, "mean": {k: m for k, (m, _) in mean.items()}, "std": {k: s for k, (_, s) in mean.items()},

@@ -309,5 +309,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `merlin-hstu` console script: restart under the tuned glibc malloc settings (merlin_hstu/allocator.py;
+    `MERLIN_HSTU_MALLOC=default` opts out), then run `main`."""
+    from merlin_hstu.allocator import reexec_tuned
+
+    reexec_tuned("merlin_hstu.cli")
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

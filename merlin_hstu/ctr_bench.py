@@ -40,6 +40,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from merlin_hstu.benchmark import machine_info, machine_summary
 from merlin_hstu.ctr_data import CTRData, CTRTensors
 from merlin_hstu.dlrm import DLRM, DLRMConfig, LogisticRegression
 from merlin_hstu.ranking_metrics import binary_task_metrics
@@ -252,12 +253,6 @@ def _train_config(args, overrides: Dict[str, object]) -> CTRTrainConfig:
     return _apply_fields(cfg, overrides, "train")
 
 
-def _machine() -> dict:
-    from merlin_hstu.benchmark import machine_info
-
-    return machine_info()
-
-
 def run_bench(args) -> int:
     sections = parse_overrides(getattr(args, "overrides", []))
     models = [m.strip() for m in (args.model or "wukong").split(",") if m.strip()]
@@ -269,9 +264,8 @@ def run_bench(args) -> int:
         torch.set_num_threads(train_cfg.threads)
     progress = not args.no_progress
     data = load_ctr_dataset(args.dataset, Path(args.cache), sections["data"], args.input)
-    info = _machine()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
-          f"GPU: {info['gpu'] or 'none'}")
+    info = machine_info()
+    print(f"machine: {machine_summary(info)}")
     print(f"dataset {data.name}: {len(data.train):,} train / {len(data.valid):,} valid rows, "
           f"{data.num_dense} dense + {len(data.cardinalities)} categorical features, "
           f"positive rate {float(data.train.labels.mean()):.3f}")
@@ -356,8 +350,7 @@ def summarize(runs: Dict[str, List[dict]], data: CTRData, train_cfg: CTRTrainCon
         f"### CTR on {data.name}: {', '.join(runs)}; {train_cfg.epochs} epochs, seeds "
         f"{[r['seed'] for r in next(iter(runs.values()))]}",
         "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['threads']} threads, "
-        f"GPU {info['gpu'] or 'none'}; shared with other jobs, so times are noisy. "
+        f"Machine: {machine_summary(info)}; shared with other jobs, so times are noisy. "
         f"Date {datetime.now(timezone.utc):%Y-%m-%d}.",
         f"Data: {len(data.train):,} train / {len(data.valid):,} valid rows, {data.num_dense} dense + "
         f"{len(data.cardinalities)} categorical features; batch {train_cfg.batch_size}, Adam lr {train_cfg.learning_rate}.",

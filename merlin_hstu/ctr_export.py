@@ -31,6 +31,7 @@ import merlin.dtypes as md
 from merlin.dag import BaseOperator, ColumnSelector, DataFormats
 from merlin.schema import ColumnSchema, Schema, Tags
 
+from merlin_hstu.atomic_dir import publish_dir, staging_dir
 from merlin_hstu.serving.ops import InlineWorkflow  # re-exported: ranking_export builds on it
 
 OUTPUT = "click_probability"
@@ -147,13 +148,10 @@ def write_repository(ensemble, output_dir, overwrite: bool = False) -> Path:
     output_dir = Path(output_dir).resolve()
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; remove it or pass overwrite=True")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    from merlin_hstu.workflows.session_workflow import _atomic_replace, _public_staging_dir
-
-    staging = _public_staging_dir(output_dir)
+    staging = staging_dir(output_dir)
     try:
         ensemble.export(str(staging))
-        _atomic_replace(staging, output_dir)
+        publish_dir(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from merlin_hstu.kernels.bucket_gather import bucket_gather
 from merlin_hstu.kernels.dispatch import resolve_kernel, validate_kernel
-from merlin_hstu.kernels.hstu_attention import hstu_attention, hstu_attention_reference
+from merlin_hstu.kernels.hstu_attention import hstu_attention, hstu_attention_reference, valid_attention_mask
 
 TIME_BUCKET_DIVISOR = 0.301  # log-time buckets are ln(dt) / 0.301 wide (about log2 steps)
 
@@ -116,7 +117,7 @@ class RelativeBucketedTimeAndPositionBias(nn.Module):
                 )
             if time_buckets is None:
                 time_buckets = time_bucket_ids(query_times, key_times, self.num_time_buckets)
-            time_part = self.time_weights[time_buckets]
+            time_part = bucket_gather(self.time_weights, time_buckets)
             bias = time_part if bias is None else bias + time_part
         return bias
 
@@ -153,8 +154,10 @@ class STULayer(nn.Module):
         query_times: Optional[torch.Tensor] = None,
         key_times: Optional[torch.Tensor] = None,
         time_buckets: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """x: [T, D] jagged tokens; token_mask: [B, W] bool; returns [T, D]."""
+        """x: [T, D] jagged tokens; token_mask: [B, W] bool; returns [T, D].  `time_buckets` and
+        `attention_mask` (the padded path's `valid_attention_mask`) may be passed in, shared by a stack."""
         batch, width = token_mask.shape
         h, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
         u, v, q, k = self.project(x)
@@ -172,7 +175,7 @@ class STULayer(nn.Module):
         else:
             attn = hstu_attention_reference(
                 padded(q, dqk), padded(k, dqk), padded(v, dv), lengths, float(self.config.max_seq_len), rab,
-                causal=self.config.causal,
+                causal=self.config.causal, mask=attention_mask,
             )
             attn = attn.reshape(batch, width, h * dv)[token_mask]
         return self.finish(x, u, attn)
@@ -258,6 +261,10 @@ class HSTUEncoder(nn.Module):
         if self.config.time_bias and padded_times is not None:
             # Shared by every layer (each gathers its own weights): computed once, not num_blocks times.
             time_buckets = time_bucket_ids(query_times, key_times, self.config.num_time_buckets)
+        attention_mask = None
+        if resolve_kernel(self.config.kernel, values) != "triton":
+            # The padded path's [B, W, W] mask depends on the lengths only: built once, not num_blocks times.
+            attention_mask = valid_attention_mask(lengths, width, causal=self.config.causal)
         for layer in self.layers:
-            values = layer(values, token_mask, lengths, query_times, key_times, time_buckets)
+            values = layer(values, token_mask, lengths, query_times, key_times, time_buckets, attention_mask)
         return values

@@ -143,7 +143,10 @@ class ItemPriorBaseline(nn.Module):
 
     @classmethod
     def fit(cls, dataset, train_split: str = "train", alpha: float = 10.0) -> "ItemPriorBaseline":
-        """Count over every UIH event (inputs of all users) and the stored candidates of `train_split`'s users."""
+        """Count over every UIH event (inputs of all users) and the stored candidates of `train_split`'s users.
+        `alpha` >= 0 pseudo-counts of the global rate smooth each item's rate."""
+        if not alpha >= 0:
+            raise ValueError(f"ItemPriorBaseline.fit: alpha must be >= 0 (pseudo-counts of the global rate), got {alpha}")
         known = dataset.history_mask()
         rows = dataset.rows(train_split)
         ends = dataset.row_offsets[rows + 1]
@@ -157,7 +160,9 @@ class ItemPriorBaseline(nn.Module):
         for t in range(len(dataset.tasks)):
             positives = np.bincount(items, weights=labels[:, t], minlength=dataset.num_items)
             prior = labels[:, t].mean()
-            rates[:, t] = (positives + alpha * prior) / (counts + alpha)
+            # an item never seen (possible only with alpha == 0) gets the global rate, not 0/0
+            rates[:, t] = np.divide(positives + alpha * prior, counts + alpha, out=np.full(dataset.num_items, prior),
+                                    where=counts + alpha > 0)
         return cls(torch.from_numpy(rates).float(), dataset.tasks)
 
     def forward(self, batch: RankingBatch) -> Tensor:

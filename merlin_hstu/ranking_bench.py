@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import yaml
 
-from merlin_hstu.benchmark import _mean_std, machine_info, peak_rss_gb
+from merlin_hstu.benchmark import _mean_std, machine_info, machine_summary, peak_rss_gb
 from merlin_hstu.ranking_baseline import ItemPriorBaseline, build_dlrm_baseline
 from merlin_hstu.ranking_data import META_FILE, RankingDataset
 from merlin_hstu.ranking_train import (
@@ -137,8 +137,7 @@ def run_bench(args) -> int:
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)  # before machine_info, which reports the thread count
     info = machine_info()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
-          f"GPU: {info['gpu'] or 'none'}")
+    print(f"machine: {machine_summary(info)}")
     print(f"dataset {dataset_name} ({data_dir}):")
     print("  " + dataset.summary().replace("\n", "\n  "))
     print(f"model {model_name}; tasks {[t.name for t in dataset.tasks]}; {train_cfg.epochs} epochs; "
@@ -222,8 +221,7 @@ def summarize(runs, model_name, model_config, num_params, train_cfg, data, datas
     lines = [
         f"### {model_name} on {dataset_name}, {train_cfg.epochs} epochs, seeds {[r['seed'] for r in runs]}",
         "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['threads']} threads, "
-        f"GPU {info['gpu'] or 'none'}. Date {datetime.now(timezone.utc):%Y-%m-%d}. "
+        f"Machine: {machine_summary(info)}. Date {datetime.now(timezone.utc):%Y-%m-%d}. "
         f"Test users {len(dataset.rows(train_cfg.eval_split)):,} ({dataset.num_samples(train_cfg.eval_split):,} "
         f"samples); training samples {dataset.num_samples(train_cfg.train_split):,} "
         f"(train_windows={dataset.train_windows}).",

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from merlin_hstu.benchmark import machine_info, peak_rss_gb, resolve_dataset
+    from merlin_hstu.benchmark import machine_info, machine_summary, peak_rss_gb, resolve_dataset
     from merlin_hstu.config import load_config
     from merlin_hstu.data import LeaveOneOut, load_processed
     from merlin_hstu.retrieval import next_item_training_loss
@@ -74,8 +74,7 @@ def main(argv=None) -> int:
         runs[name] = {"model": model, "optimizer": optimizer, "loss": cfg.train.loss_config(), "times": [],
                       "generator": torch.Generator().manual_seed(args.seed + 1)}
     info = machine_info()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
-          f"GPU: {info['gpu'] or 'none'}")
+    print(f"machine: {machine_summary(info)}")
     print(f"{dataset_name}, preset {args.model}, batch {base.train.batch_size}; one warm-up step, then "
           f"{args.rounds} rounds of one step per variant")
     pool = table.candidate_ids

@@ -9,9 +9,7 @@ It is written to a temporary sibling and renamed, so a directory that exists is 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from merlin_hstu.atomic_dir import publish_dir, staging_dir
 from merlin_hstu.baselines import MostPopular
 from merlin_hstu.config import ExperimentConfig, dump_config, load_config
 from merlin_hstu.data import LeaveOneOut, SequenceTable, history_window, train_sequences
@@ -101,7 +100,6 @@ def train_retrieval(table: SequenceTable, cfg: ExperimentConfig, progress: bool 
     pool = table.candidate_ids
     steps_per_epoch = split.num_batches(split.train, cfg.train.batch_size)
     epoch_losses, epoch_metrics, metrics = [], [], {}
-    start = time.perf_counter()
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -180,24 +178,9 @@ def plot_training_curves(record: dict, path: Path) -> Optional[Path]:
 
 
 # --- run directories ------------------------------------------------------------------------------
-def _atomic_dir(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-
-
 def save_run(run_dir: str | Path, result: TrainResult, cfg: ExperimentConfig, extra: Optional[dict] = None) -> Path:
     final = Path(run_dir)
-    tmp = _atomic_dir(final)
+    tmp = staging_dir(final)
     try:
         (tmp / "config.yaml").write_text(dump_config(cfg))
         torch.save({"model_config": result.model.config.to_dict(), "state_dict": result.model.state_dict()},
@@ -207,7 +190,7 @@ def save_run(run_dir: str | Path, result: TrainResult, cfg: ExperimentConfig, ex
                   "train_seconds": result.train_seconds, **(extra or {})}
         (tmp / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
         plot_training_curves(record, tmp / "training_curves.png")
-        _publish(tmp, final)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

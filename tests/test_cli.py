@@ -120,5 +120,8 @@ def test_preprocess_named_dataset_and_bench_smoke(tmp_path, shared_data, capsys)
     assert record["timing"]["seconds_per_step"] > 0 and record["timing"]["peak_rss_gb"] > 0
     assert set(record["mean"]) >= {"hr@10", "ndcg@10", "hr@50", "mrr"}
     assert (bench_out / "bench.png").stat().st_size > 1000
-    assert "seconds per training step" in (bench_out / "bench.md").read_text()
+    markdown = (bench_out / "bench.md").read_text()
+    assert "seconds per training step" in markdown
+    # the recorded command reproduces the run, overrides included
+    assert "--max-steps 2 --set train.eval_batch_size=512`" in markdown
     assert "### hstu-ml1m" in capsys.readouterr().out

@@ -87,3 +87,30 @@ def test_gathered_logits_explains_bad_shapes():
         gathered_logits(torch.randn(3, 2), torch.randn(4, 2), torch.zeros(3, 2, dtype=torch.int32))
     with pytest.raises(ValueError, match="one D"):
         gathered_logits(torch.randn(3, 2), torch.randn(4, 5), torch.zeros(3, 2, dtype=torch.long))
+
+
+def test_bucket_gather_equals_plain_indexing_values_and_gradients():
+    from merlin_hstu.kernels.bucket_gather import bucket_gather
+
+    torch.manual_seed(2)
+    weights = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    buckets = torch.randint(0, 7, (3, 5, 5))
+    buckets[0, 0] = 6  # one bin hit many times accumulates
+    got = bucket_gather(weights, buckets)
+    want = torch.stack([weights[int(i)] for i in buckets.reshape(-1)]).reshape(3, 5, 5)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    grad = torch.randn_like(got)
+    (g_got,) = torch.autograd.grad(got, weights, grad)
+    g_want = torch.zeros(7, dtype=torch.float64)
+    for i, g in zip(buckets.reshape(-1).tolist(), grad.reshape(-1).tolist()):
+        g_want[i] += g
+    torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12)
+
+
+def test_bucket_gather_rejects_bad_inputs():
+    from merlin_hstu.kernels.bucket_gather import bucket_gather
+
+    with pytest.raises(ValueError, match="buckets must be int64"):
+        bucket_gather(torch.randn(4), torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="weights must be 1-D"):
+        bucket_gather(torch.randn(4, 1), torch.zeros(2, dtype=torch.long))

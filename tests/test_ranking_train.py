@@ -153,6 +153,10 @@ def test_item_prior_counts_histories_and_training_candidates(dataset):
             positives[item] += [action & 1, (action >> 1) & 1]
     seen = counts > 0
     np.testing.assert_allclose(prior.rates[seen].numpy(), positives[seen] / counts[seen, None], rtol=1e-6)
+    # never-seen items get the global rate (not 0/0), and a negative smoothing count is refused
+    assert torch.isfinite(prior.rates).all()
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        ItemPriorBaseline.fit(dataset, alpha=-1.0)
     metrics = evaluate_ranking(prior, dataset.batches("test", 16))
     assert metrics["good"]["auc"] > 0.99  # the synthetic label is a function of the item
 

@@ -57,7 +57,8 @@ from merlin.schema import Schema, Tags
 from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 from nvtabular import ops
 
-from merlin_hstu.workflows.session_workflow import _atomic_replace, _public_staging_dir, _relocate_paths
+from merlin_hstu.atomic_dir import publish_dir, staging_dir
+from merlin_hstu.workflows.session_workflow import _relocate_paths
 
 PathLike = Union[str, os.PathLike]
 
@@ -298,8 +299,7 @@ def preprocess_criteo(source: Union[PathLike, pd.DataFrame], output_dir: PathLik
     if n_valid:
         parts[VALID] = df.iloc[len(df) - n_valid:].reset_index(drop=True)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = _public_staging_dir(output_dir)
+    staging = staging_dir(output_dir)
     try:
         workflow_dir = staging / "workflow"
         workflow = build_criteo_workflow(config, categories_dir=workflow_dir)
@@ -311,7 +311,7 @@ def preprocess_criteo(source: Union[PathLike, pd.DataFrame], output_dir: PathLik
             Dataset(result, cpu=True, schema=schema).to_parquet(str(staging / "processed" / name), output_files=1)
             rows[name] = len(result)
         workflow.save(str(workflow_dir))
-        _atomic_replace(staging, output_dir)
+        publish_dir(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

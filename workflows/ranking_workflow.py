@@ -93,12 +93,12 @@ from merlin_hstu.ranking_data import (
     WATCH_TIME_LIST,
     read_processed_frame,
 )
+from merlin_hstu.atomic_dir import publish_dir, staging_dir
 from merlin_hstu.workflows.ops import ChronologicalGroupby, RawItemIds
 from merlin_hstu.workflows.session_workflow import (
     ITEM_ENCODINGS,
     EventLogError,
     SessionWorkflowConfig,
-    _atomic_replace,
     _relocate_paths,
     normalize_event_log,
     read_event_log,
@@ -582,8 +582,7 @@ def preprocess_ranking(source: Union[PathLike, pd.DataFrame], output_dir: PathLi
     validate_ranking_log(raw, config)
     events = normalize_ranking_log(raw, config)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    staging = staging_dir(output_dir)
     try:
         workflow_dir, processed_dir = staging / "workflow", staging / "processed"
         workflow = build_ranking_workflow(config, categories_dir=workflow_dir, raw_item_max_id=raw_item_max_id)
@@ -600,7 +599,7 @@ def preprocess_ranking(source: Union[PathLike, pd.DataFrame], output_dir: PathLi
         workflow.save(str(workflow_dir))
         meta = _meta(config, tasks, out_schema, result, test_fraction, split_seed, description)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
-        _atomic_replace(staging, output_dir)
+        publish_dir(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -66,7 +66,6 @@ import lzma
 import os
 import shutil
 import tempfile
-import uuid
 import warnings
 from dataclasses import dataclass
 from itertools import chain
@@ -83,6 +82,7 @@ from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 from nvtabular import ops
 
 from merlin_hstu import schema as roles
+from merlin_hstu.atomic_dir import publish_dir, staging_dir
 from merlin_hstu.workflows.ops import ChronologicalGroupby, FinalizeSequences, RawItemIds
 
 PathLike = Union[str, os.PathLike]
@@ -548,8 +548,7 @@ def preprocess(
     if candidates is not None:
         catalogue = _validate_catalogue(candidates, events[config.item_column], config)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    staging = staging_dir(output_dir)
     try:
         workflow_dir, processed_dir = staging / "workflow", staging / "processed"
         raw_max = int(catalogue.max()) if catalogue is not None and config.item_encoding == "raw" else None
@@ -567,7 +566,7 @@ def preprocess(
         Dataset(result, cpu=True, schema=out_schema).to_parquet(str(processed_dir), output_files=1)
         workflow.save(str(workflow_dir))
         pd.DataFrame({CANDIDATES_COLUMN: encoded}).to_parquet(staging / CANDIDATES_FILE, index=False)
-        _atomic_replace(staging, output_dir)
+        publish_dir(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -661,30 +660,6 @@ def _relocate_paths(schema: Schema, old_root: str, new_root: str) -> Schema:
             col = col.with_properties({**col.properties, "cat_path": new_root + path[len(old_root):]})
         columns.append(col)
     return Schema(columns)
-
-
-def _public_staging_dir(target: Path) -> Path:
-    """A fresh staging directory beside `target` (renamed into place by `_atomic_replace`), with the permissions
-    of an ordinary directory: mkdtemp makes it private, the finished output should not be."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)
-    return staging
-
-
-def _atomic_replace(staging: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(staging, target)
-        return
-    trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(target, trash)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(trash, target)
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

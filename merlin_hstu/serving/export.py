@@ -24,10 +24,8 @@ for clients that cannot add that dimension, at the cost of one BLS hop (docs/ser
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import Optional
 
 import numpy as np
 
+from merlin_hstu.atomic_dir import publish_dir, staging_dir
 from merlin_hstu.serving.contract import CONTRACT_PARAMETER, EXCLUDE_HISTORY, QUERY_TIMESTAMP, TOP_K, RequestContract
 
 SERVING_FILE = "serving.json"
@@ -263,8 +262,7 @@ def export_repository(run_dir: str | Path, output: str | Path, config: Optional[
         raise FileExistsError(f"{output} already exists; remove it or pass overwrite=True (--overwrite)")
     parts = load_serving_parts(run_dir, config)
     ensemble = build_ensemble(parts)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    staging = staging_dir(output)
     try:
         entry_dir, batched_dir = staging / config.model_name, staging / config.batched_name
         (entry_dir / "1").mkdir(parents=True)
@@ -279,7 +277,7 @@ def export_repository(run_dir: str | Path, output: str | Path, config: Optional[
             op.save_artifacts(str(ensemble_dir))
         _smoke_test(ensemble_dir, parts)
         (staging / SERVING_FILE).write_text(json.dumps(_serving_record(parts, config), indent=2, default=str))
-        _publish(staging, output)
+        publish_dir(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -314,16 +312,6 @@ def _serving_record(parts: ServingParts, config: ExportConfig) -> dict:
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
     }
-
-
-def _publish(staging: Path, output: Path) -> None:
-    if output.exists():
-        trash = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(trash)
-        staging.rename(output)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        staging.rename(output)
 
 
 def read_serving_record(repo: str | Path) -> dict:

@@ -1,0 +1,41 @@
+"""Directories that appear complete or not at all: build in a staging directory beside the target, then rename.
+
+Every writer of a multi-file output (preprocess outputs, run directories, model repositories) uses these two
+functions, so an interrupted write never leaves a half-written directory under the final name, and a
+replaced output is swapped in one rename (the old one is restored if that rename fails).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh, empty directory beside `target` (same filesystem, so `publish_dir` is a rename), with the
+    permissions of an ordinary directory: mkdtemp makes it private (0700), the finished output should not be."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    return staging
+
+
+def publish_dir(staging: Path, target: Path) -> None:
+    """Rename `staging` to `target`, replacing an existing `target` (moved aside first, deleted after)."""
+    staging, target = Path(staging), Path(target)
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(target, trash)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(trash, target)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
