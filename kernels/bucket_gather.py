@@ -34,4 +34,7 @@ def bucket_gather(weights: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"bucket_gather: weights must be 1-D, got shape {tuple(weights.shape)}")
     if buckets.dtype != torch.long:
         raise ValueError(f"bucket_gather: buckets must be int64, got {buckets.dtype}")
+    if torch.jit.is_tracing() or not (torch.is_grad_enabled() and weights.requires_grad):
+        # no backward to make cheap; a traced graph (serving) must hold plain ops, not a Python Function
+        return weights.take(buckets)
     return _BucketGather.apply(weights, buckets)

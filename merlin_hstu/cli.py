@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Modules that add subcommands: each has `register_subcommands(subparsers, bench_subparsers)`, which must
 # stay cheap (argparse only; heavy imports inside the command functions).
 EXTENSION_MODULES: list = ["merlin_hstu.serving.cli", "merlin_hstu.kernels.bench", "merlin_hstu.ranking_cli",
-                          "merlin_hstu.mfalcon_bench"]
+                          "merlin_hstu.mfalcon_bench", "merlin_hstu.bench_compare"]
 
 
 def _quiet_known_warnings() -> None:
@@ -315,7 +315,15 @@ def entry() -> None:
     from merlin_hstu.allocator import reexec_tuned
 
     reexec_tuned("merlin_hstu.cli")
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `merlin-hstu presets | head`: the reader left; stop quietly, not with a traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
+        code = 141  # 128 + SIGPIPE, what a shell tool reports
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -125,3 +125,13 @@ def test_preprocess_named_dataset_and_bench_smoke(tmp_path, shared_data, capsys)
     # the recorded command reproduces the run, overrides included
     assert "--max-steps 2 --set train.eval_batch_size=512`" in markdown
     assert "### hstu-ml1m" in capsys.readouterr().out
+    # `bench compare` reads the record back: one table row with its numbers, and the per-epoch figure
+    assert main(["bench", "compare", str(bench_out), "--output", str(tmp_path / "cmp.png"),
+                 "--markdown", str(tmp_path / "cmp.md")]) == 0
+    row = (tmp_path / "cmp.md").read_text().splitlines()[2].split(" | ")
+    assert row[0] == "| hstu-ml1m" and row[2:4] == ["1", "1"]
+    assert float(row[4]) == pytest.approx(record["mean"]["hr@10"], abs=5e-5)
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["bench", "compare", str(tmp_path / "bad.json")]) == 2
+    assert "is not a retrieval bench record" in capsys.readouterr().err

@@ -114,3 +114,24 @@ def test_bucket_gather_rejects_bad_inputs():
         bucket_gather(torch.randn(4), torch.zeros(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="weights must be 1-D"):
         bucket_gather(torch.randn(4, 1), torch.zeros(2, dtype=torch.long))
+
+
+def test_bucket_gather_traces_to_plain_ops():
+    """A traced (served) graph holds `take`, not the Python Function, so torch.jit.save accepts it."""
+    import io
+
+    from merlin_hstu.kernels.bucket_gather import bucket_gather
+
+    class Bias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weights = torch.nn.Parameter(torch.randn(5))
+
+        def forward(self, buckets):
+            return bucket_gather(self.weights, buckets)
+
+    module = Bias()
+    traced = torch.jit.trace(module, torch.randint(0, 5, (2, 3)))
+    torch.jit.save(traced, io.BytesIO())
+    buckets = torch.randint(0, 5, (4, 2))
+    torch.testing.assert_close(traced(buckets), module.weights.detach()[buckets])
