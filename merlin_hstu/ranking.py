@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from merlin_hstu.hstu import HSTUEncoder, HSTUEncoderConfig, STULayer, time_bucket_ids
+from merlin_hstu.kernels.bucket_gather import bucket_gather
 from merlin_hstu.kernels.dispatch import validate_kernel
 from merlin_hstu.kernels.hstu_attention import hstu_attention, jagged_to_padded
 from merlin_hstu.ranking_batch import RankingBatch, RankingTask, multitask_loss
@@ -352,7 +353,7 @@ class DlrmHSTU(nn.Module):
         if index.relative_position is not None:
             bias = table.position_weights[index.relative_position]
         if index.time_bucket is not None:
-            part = table.time_weights[index.time_bucket]
+            part = bucket_gather(table.time_weights, index.time_bucket)
             bias = part if bias is None else bias + part
         return None if bias is None else bias * index.keep.to(bias.dtype)
 
