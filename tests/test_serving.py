@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import http.client as http_client
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -37,7 +38,7 @@ TRAIN = ["--set", "train.epochs=1", "--set", f"data.max_history={H}", "--set", f
 
 def _free_port(used=()) -> int:
     while True:
-        port = random.randint(18000, 40000)
+        port = random.randint(18000, 32000)  # below the ephemeral range (server.free_port says why)
         if port in used:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -52,7 +53,7 @@ def _ready(http: str) -> bool:
     try:
         with urllib.request.urlopen(f"http://{http}/v2/health/ready", timeout=2) as reply:
             return reply.status == 200
-    except OSError:
+    except (OSError, http_client.HTTPException):
         return False
 
 
@@ -579,3 +580,28 @@ def test_serve_stops_cleanly_on_sigterm(server, client):
     assert "stopped (tritonserver exit code 0)" in text, text[-3000:]
     with pytest.raises(ProcessLookupError):
         os.kill(server["triton_pid"], 0)
+
+
+def test_free_ports_avoid_the_ephemeral_range_and_garbled_probes_mean_not_ready(tmp_path):
+    """A readiness probe to a port in the ephemeral range can connect to itself and read its own request back
+    (http.client.BadStatusLine); ports come from below that range, and such an answer counts as "not ready"."""
+    import threading
+
+    from merlin_hstu.serving.server import ServerConfig, TritonServer, _ephemeral_range_start, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(20000 <= p < _ephemeral_range_start() for p in ports)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as echo:  # answers with the request it got
+        echo.bind(("127.0.0.1", 0))
+        echo.listen(1)
+
+        def serve_once():
+            conn, _ = echo.accept()
+            with conn:
+                conn.sendall(conn.recv(4096))
+
+        thread = threading.Thread(target=serve_once, daemon=True)
+        thread.start()
+        server = TritonServer(ServerConfig([tmp_path], http_port=echo.getsockname()[1], grpc_port=0))
+        assert server.is_ready() is False
+        thread.join(timeout=5)

@@ -20,7 +20,9 @@ load with its error lines and a hint).
 from __future__ import annotations
 
 import collections
+import http.client
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -108,8 +110,29 @@ class TritonInstallation:
         return found
 
 
+def _ephemeral_range_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A free TCP port below the kernel's ephemeral range.  A port from that range (what binding port 0 gives)
+    can be picked as the source port of our own readiness probe while the server is still starting, and the
+    probe then connects to itself (TCP simultaneous open), reads its own request back and holds the port."""
+    low, high = 20000, _ephemeral_range_start()
+    if high - low >= 100:
+        rng = random.Random()
+        for _ in range(200):
+            port = rng.randrange(low, high)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no room below the range: any free port
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -257,7 +280,8 @@ class TritonServer:
         try:
             with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as reply:
                 return reply.status == 200
-        except (urllib.error.URLError, ConnectionError, OSError):
+        except (urllib.error.URLError, http.client.HTTPException, OSError):
+            # not listening yet, or a garbled answer (e.g. a probe connected to itself): not ready
             return False
 
     def wait_ready(self, timeout_s: Optional[float] = None, stop: Optional[threading.Event] = None) -> bool:
