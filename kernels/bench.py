@@ -290,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register_subcommands(subparsers, bench_subparsers) -> None:
-    """Hook for merlin_hstu.cli.EXTENSION_MODULES: adds `bench kernels`."""
+    """Hook for merlin_hstu.cli.main.EXTENSION_MODULES: adds `bench kernels`."""
     p = bench_subparsers.add_parser("kernels", help="HSTU attention: Triton vs PyTorch reference vs SDPA",
                                     description=__doc__.split("\n\n")[0])
     add_arguments(p)

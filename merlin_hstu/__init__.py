@@ -1,6 +1,6 @@
 """merlin_hstu: HSTU generative recommenders as parts of NVIDIA Merlin.
 
-Registration with Transformers4Rec and the Hugging Face Auto classes (`merlin_hstu.t4r.register`, idempotent)
+Registration with Transformers4Rec and the Hugging Face Auto classes (`merlin_hstu.t4r.encoders.register`, idempotent)
 happens as soon as it can be used, without making `import merlin_hstu` pay for importing T4R (about 6 s):
 
 * if `transformers4rec` or `transformers` is already imported, `import merlin_hstu` registers at once;
@@ -8,7 +8,7 @@ happens as soon as it can be used, without making `import merlin_hstu` pay for i
   importing, so `tr.TransformerBlock.from_registry("hstu", ...)`, `masking="hstu-clm"` and
   `AutoConfig.for_model("hstu")` work whichever package the user imported first.
 
-`merlin_hstu.HSTUConfig`, `HSTUModel`, ... are loaded lazily from `merlin_hstu.t4r` on first access.
+`merlin_hstu.HSTUConfig`, `HSTUModel`, ... are loaded lazily from `merlin_hstu.t4r.encoders` on first access.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def register() -> None:
     """Register HSTU with Transformers4Rec and the Hugging Face Auto classes (idempotent)."""
     global _registered
     with _lock:
-        from merlin_hstu import t4r
+        from merlin_hstu.t4r import encoders as t4r
 
         t4r.register()
         _registered = True
@@ -78,8 +78,8 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
                 return
             if fullname == "transformers" and "transformers4rec" in sys.modules:
                 return  # T4R is importing transformers; its own trigger registers once T4R is complete
-            if _mid_import("merlin_hstu.t4r"):
-                return  # merlin_hstu.t4r is importing its dependencies; it registers itself when complete
+            if _mid_import("merlin_hstu.t4r.encoders"):
+                return  # merlin_hstu.t4r.encoders is importing its dependencies; it registers itself when complete
             _uninstall_hook()
             register()
 
@@ -108,7 +108,7 @@ def _install() -> None:
 
 def __getattr__(name: str):
     if name in _T4R_EXPORTS:
-        return getattr(importlib.import_module("merlin_hstu.t4r"), name)
+        return getattr(importlib.import_module("merlin_hstu.t4r.encoders"), name)
     raise AttributeError(f"module 'merlin_hstu' has no attribute {name!r}")
 
 

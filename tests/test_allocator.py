@@ -1,4 +1,4 @@
-"""The console script restarts under tuned glibc malloc settings unless told not to (merlin_hstu/allocator.py)."""
+"""The console script restarts under tuned glibc malloc settings unless told not to (merlin_hstu/common/allocator.py)."""
 from __future__ import annotations
 
 import os
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from merlin_hstu import allocator
-from merlin_hstu.allocator import TUNABLES, describe, tuned_environment
+from merlin_hstu.common import allocator
+from merlin_hstu.common.allocator import TUNABLES, describe, tuned_environment
 
 GLIBC_OK = allocator._glibc_version() is not None and allocator._glibc_version() >= (2, 35)
 
@@ -38,7 +38,7 @@ def test_reexec_starts_the_module_under_the_tuned_environment(tmp_path, switch, 
     if switch:
         env["MERLIN_HSTU_MALLOC"] = switch
     code = ("import sys; sys.argv = ['merlin-hstu', 'a', 'b']\n"
-            "from merlin_hstu.allocator import reexec_tuned\nreexec_tuned('show_env')\nprint('not replaced')")
+            "from merlin_hstu.common.allocator import reexec_tuned\nreexec_tuned('show_env')\nprint('not replaced')")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     if switch == "default":
         assert out.strip() == "not replaced"

@@ -6,8 +6,8 @@ import stat
 
 import pytest
 
-from merlin_hstu import atomic_dir
-from merlin_hstu.atomic_dir import publish_dir, staging_dir
+from merlin_hstu.common import atomic_dir
+from merlin_hstu.common.atomic_dir import publish_dir, staging_dir
 
 
 def test_staging_is_a_public_sibling_and_publish_creates_the_target(tmp_path):

@@ -4,9 +4,9 @@ import json
 import pandas as pd
 import pytest
 
-from merlin_hstu.cli import build_parser, main
-from merlin_hstu.config import load_config, preset_names
-from merlin_hstu.synthetic import SyntheticConfig, generate_event_log
+from merlin_hstu.cli.main import build_parser, main
+from merlin_hstu.retrieval.config import load_config, preset_names
+from merlin_hstu.data.synthetic import SyntheticConfig, generate_event_log
 
 SMALL = ["--set", "train.epochs=2", "--set", "data.max_history=20", "--set", "model.max_seq_len=31",
          "--set", "model.embedding_dim=16", "--set", "model.attention_dim=8", "--set", "model.linear_dim=8"]
@@ -101,7 +101,7 @@ def test_demo_meets_its_acceptance_bar(tmp_path, capsys):
 
 
 def test_dataset_choices_match_the_registry():
-    from merlin_hstu.cli import _dataset_names
+    from merlin_hstu.cli.main import _dataset_names
     from merlin_hstu.workflows.datasets import dataset_names
 
     assert _dataset_names() == dataset_names()

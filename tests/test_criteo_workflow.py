@@ -16,7 +16,7 @@ import nvtabular as nvt
 from merlin.io import Dataset
 from merlin.schema import Tags
 
-from merlin_hstu.ctr_data import SyntheticCriteoConfig, generate_synthetic_criteo, load_criteo_tensors, write_criteo_tsv
+from merlin_hstu.ctr.data import SyntheticCriteoConfig, generate_synthetic_criteo, load_criteo_tensors, write_criteo_tsv
 from merlin_hstu.workflows.criteo_workflow import (CATEGORICAL_COLUMNS, INTEGER_COLUMNS, CriteoFormatError,
                                                    CriteoWorkflowConfig, preprocess_criteo, read_criteo_tsv)
 

@@ -1,5 +1,5 @@
-"""WuKong in Transformers4Rec (merlin_hstu.t4r_ctr), the CTR bench (`bench --task ctr`), export and serving of a
-WuKong model with its Criteo workflow (merlin_hstu.ctr_export, a real tritonserver), the ml-1m CTR table."""
+"""WuKong in Transformers4Rec (merlin_hstu.t4r.ctr), the CTR bench (`bench --task ctr`), export and serving of a
+WuKong model with its Criteo workflow (merlin_hstu.serving.ctr, a real tritonserver), the ml-1m CTR table."""
 from __future__ import annotations
 
 import json
@@ -15,15 +15,15 @@ from merlin.dataloader.torch import Loader
 from merlin.io import Dataset
 from transformers4rec.config.trainer import T4RecTrainingArguments
 
-from merlin_hstu import ranking_metrics
-from merlin_hstu.cli import main
-from merlin_hstu.ctr_bench import CTRTrainConfig, build_ctr_model, parse_overrides, predict_logits, train_ctr
-from merlin_hstu.ctr_data import (ML1M_CTR_CATEGORICAL, SyntheticCriteoConfig, encode_ml1m_ctr,
+from merlin_hstu.common import metrics as ranking_metrics
+from merlin_hstu.cli.main import main
+from merlin_hstu.bench.ctr import CTRTrainConfig, build_ctr_model, parse_overrides, predict_logits, train_ctr
+from merlin_hstu.ctr.data import (ML1M_CTR_CATEGORICAL, SyntheticCriteoConfig, encode_ml1m_ctr,
                                   generate_synthetic_criteo, load_criteo_tensors, ml1m_ctr_frame, write_criteo_tsv)
-from merlin_hstu.ctr_export import OUTPUT, build_ctr_ensemble, export_ctr_ensemble, query_ctr
+from merlin_hstu.serving.ctr import OUTPUT, build_ctr_ensemble, export_ctr_ensemble, query_ctr
 from merlin_hstu.serving.server import ServerConfig, TritonServer
-from merlin_hstu.t4r_ctr import CTRBinaryClassificationTask, WukongBlock, wukong_ctr_model
-from merlin_hstu.wukong import WukongConfig
+from merlin_hstu.t4r.ctr import CTRBinaryClassificationTask, WukongBlock, wukong_ctr_model
+from merlin_hstu.ctr.wukong import WukongConfig
 from merlin_hstu.workflows.criteo_workflow import CriteoWorkflowConfig, preprocess_criteo, read_criteo_tsv
 
 SMALL_TOWER = WukongConfig(num_layers=2, lcb_feature_num=4, fmb_feature_num=4, compressed_feature_num=4,

@@ -13,7 +13,7 @@ import pytest
 import nvtabular as nvt
 from merlin.io import Dataset
 
-from merlin_hstu import schema as roles
+from merlin_hstu.common import schema as roles
 from merlin_hstu.workflows.datasets import (
     DATASETS,
     DatasetFormatError,

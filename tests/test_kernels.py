@@ -358,7 +358,7 @@ def test_kernel_switch_resolution():
 
 
 def test_encoder_config_validates_kernel():
-    from merlin_hstu.hstu import HSTUEncoderConfig
+    from merlin_hstu.encoders.hstu import HSTUEncoderConfig
 
     assert HSTUEncoderConfig().kernel == "auto"
     with pytest.raises(ValueError, match="HSTUEncoderConfig.kernel must be one of"):
@@ -366,7 +366,7 @@ def test_encoder_config_validates_kernel():
 
 
 def _encoder_pair():
-    from merlin_hstu.hstu import HSTUEncoder, HSTUEncoderConfig
+    from merlin_hstu.encoders.hstu import HSTUEncoder, HSTUEncoderConfig
 
     common = dict(embedding_dim=16, num_blocks=2, num_heads=2, attention_dim=8, linear_dim=12, max_seq_len=40,
                   linear_dropout=0.0)
@@ -407,7 +407,7 @@ def test_encoder_same_results_with_either_kernel():
         close(param_grads[1][name], g, name)
     assert float(param_grads[0]["layers.0.relative_bias.time_weights"].abs().max()) > 0
     # The global switch reaches a module left at "auto".
-    from merlin_hstu.hstu import HSTUEncoder, HSTUEncoderConfig
+    from merlin_hstu.encoders.hstu import HSTUEncoder, HSTUEncoderConfig
 
     auto = HSTUEncoder(HSTUEncoderConfig(**{**ref.config.to_dict(), "kernel": "auto"}))
     auto.load_state_dict(ref.state_dict())

@@ -1,6 +1,6 @@
 """Retrieval losses and negative samplers against plain, loop-per-position implementations of their formulas.
 
-Every reference below is written from the formula in merlin_hstu/losses.py and negatives.py docstrings, one
+Every reference below is written from the formula in merlin_hstu/retrieval/losses.py and negatives.py docstrings, one
 position (and one candidate) at a time in float64 Python arithmetic.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections import Counter
 import pytest
 import torch
 
-from merlin_hstu.hstu import HSTUEncoderConfig
-from merlin_hstu.losses import (
+from merlin_hstu.encoders.hstu import HSTUEncoderConfig
+from merlin_hstu.retrieval.losses import (
     MASKED_LOGIT,
     RetrievalLossConfig,
     bce_loss,
@@ -20,9 +20,9 @@ from merlin_hstu.losses import (
     retrieval_loss,
     softmax_loss_over_sample,
 )
-from merlin_hstu.negatives import NegativeSample, in_batch_negatives, sample_negatives, uniform_negatives
-from merlin_hstu.retrieval import HSTURetrievalModel, RetrievalModelConfig, next_item_training_loss, supervision
-from merlin_hstu.similarity import MoLConfig, RetrievalHeadConfig
+from merlin_hstu.retrieval.negatives import NegativeSample, in_batch_negatives, sample_negatives, uniform_negatives
+from merlin_hstu.retrieval.model import HSTURetrievalModel, RetrievalModelConfig, next_item_training_loss, supervision
+from merlin_hstu.retrieval.similarity import MoLConfig, RetrievalHeadConfig
 
 V, D = 30, 8
 
@@ -173,7 +173,7 @@ def test_bce_matches_plain_loop(similarity, negatives):
 
 
 def test_mol_mi_loss_is_added_with_its_weight():
-    from merlin_hstu.similarity import mutual_information_loss
+    from merlin_hstu.retrieval.similarity import mutual_information_loss
 
     model = tiny_model("mol").eval()
     user, positives, pool = queries(), torch.tensor([3, 4, 5, 4, 6, 3, 4]), torch.arange(3, 12)
@@ -204,7 +204,7 @@ def test_invalid_combinations_are_rejected_at_construction(kwargs, message):
 
 
 def test_config_file_rejects_invalid_objectives_with_the_key_names():
-    from merlin_hstu.config import load_config
+    from merlin_hstu.retrieval.config import load_config
 
     with pytest.raises(ValueError, match="train.num_negatives"):
         load_config("hstu-ml1m", ["train.loss=bce"])
@@ -258,8 +258,8 @@ def test_a_tiny_training_run_decreases_the_loss(loss, negatives, logq, similarit
 def test_bench_flags_select_the_objective_and_reject_bad_combinations(tmp_path, capsys):
     import json
 
-    from merlin_hstu.cli import main
-    from merlin_hstu.synthetic import SyntheticConfig, generate_event_log
+    from merlin_hstu.cli.main import main
+    from merlin_hstu.data.synthetic import SyntheticConfig, generate_event_log
 
     log = tmp_path / "log.parquet"
     generate_event_log(SyntheticConfig(num_users=40, num_items=80, min_events=4, max_events=15, seed=2)).to_parquet(log)
@@ -281,7 +281,7 @@ def test_bench_flags_select_the_objective_and_reject_bad_combinations(tmp_path, 
     assert main([*bench, "--loss", "bce", "--output", str(tmp_path / "bad")]) == 2
     assert "num_negatives=1 and temperature=1.0" in capsys.readouterr().err
     # the side-by-side step timer runs every named variant on the same batches
-    from merlin_hstu import retrieval_bench
+    from merlin_hstu.bench import heads as retrieval_bench
 
     assert retrieval_bench.main(["--dataset", str(tmp_path / "data"), "--model", "demo", "--rounds", "1",
                                  "--variants", "dot-sampled,dot-bce", "--output", str(tmp_path / "heads")]) == 0

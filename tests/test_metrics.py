@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from merlin_hstu.baselines import MostPopular
-from merlin_hstu.metrics import (
+from merlin_hstu.retrieval.baselines import MostPopular
+from merlin_hstu.retrieval.metrics import (
     RetrievalMetricAccumulator,
     format_metrics_table,
     metric_names,

@@ -1,4 +1,4 @@
-"""M-FALCON (merlin_hstu.mfalcon): cached scoring == the full model one candidate at a time; incremental
+"""M-FALCON (merlin_hstu.ranking.mfalcon): cached scoring == the full model one candidate at a time; incremental
 KV-cache updates == recomputing from scratch; the rows-only attention == the reference's rows; the bench runs."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from merlin_hstu.kernels.hstu_attention import hstu_attention_reference, hstu_attention_rows, valid_attention_mask
-from merlin_hstu.mfalcon import MFalconScorer, UserHistory, score_without_cache
-from merlin_hstu.ranking import DlrmHSTU, DlrmHSTUConfig
-from merlin_hstu.ranking_batch import RankingTask
+from merlin_hstu.ranking.mfalcon import MFalconScorer, UserHistory, score_without_cache
+from merlin_hstu.ranking.model import DlrmHSTU, DlrmHSTUConfig
+from merlin_hstu.ranking.batch import RankingTask
 
 TASKS = (RankingTask("click", bit=0), RankingTask("like", bit=1), RankingTask("watch", kind="regression"))
 CONTEXT = {"age": 4, "city": 3}
@@ -161,7 +161,7 @@ def test_bad_use_raises_clear_errors():
 
 
 def test_bench_mfalcon_runs_and_writes_records(tmp_path, capsys):
-    from merlin_hstu.cli import main
+    from merlin_hstu.cli.main import main
 
     rc = main(["bench", "mfalcon", "--history", "40", "--candidates", "24", "--micro-batches", "8,24", "--sample", "3",
                "--repeats", "1", "--no-cache-batches", "1", "--embedding-dim", "16", "--num-blocks", "1",

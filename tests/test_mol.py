@@ -1,4 +1,4 @@
-"""Mixture of logits (merlin_hstu.similarity.MixtureOfLogits) against a plain implementation of its formula.
+"""Mixture of logits (merlin_hstu.retrieval.similarity.MixtureOfLogits) against a plain implementation of its formula.
 
 `plain_mol` below computes one (query, item) pair at a time from the module's weights with explicit matrix
 products and Python sums, following reference-hstu.md §1.7 / the similarity module docstring.
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from merlin_hstu.similarity import (
+from merlin_hstu.retrieval.similarity import (
     MixtureOfLogits,
     MoLConfig,
     RetrievalHead,

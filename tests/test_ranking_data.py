@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from merlin.schema import Tags
 
-from merlin_hstu import schema as roles
-from merlin_hstu.cli import main
-from merlin_hstu.ranking_batch import RankingTask
-from merlin_hstu.ranking_cli import RANKING_DATASET_NAMES
-from merlin_hstu.ranking_data import RankingDataset, user_split
+from merlin_hstu.common import schema as roles
+from merlin_hstu.cli.main import main
+from merlin_hstu.ranking.batch import RankingTask
+from merlin_hstu.cli.ranking import RANKING_DATASET_NAMES
+from merlin_hstu.ranking.data import RankingDataset, user_split
 from merlin_hstu.workflows import ranking_workflow as rw
 from merlin_hstu.workflows.session_workflow import _load_category_mapping, load_item_id_mapping
 

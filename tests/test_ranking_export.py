@@ -1,4 +1,4 @@
-"""Export of a DLRM-HSTU ranking model with its fitted ranking workflow (merlin_hstu.ranking_export), served by a
+"""Export of a DLRM-HSTU ranking model with its fitted ranking workflow (merlin_hstu.serving.ranking), served by a
 real tritonserver: served per-task scores equal the offline model's on the test users, so do the AUCs; unseen
 raw ids score as the OOV id; bad requests fail with a message naming the field."""
 from __future__ import annotations
@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from merlin_hstu import ranking_metrics
-from merlin_hstu.ranking import DlrmHSTU, DlrmHSTUConfig
-from merlin_hstu.ranking_batch import RankingBatch
-from merlin_hstu.ranking_data import RankingDataset
-from merlin_hstu.ranking_export import (RANKING_RECORD, RankingRequest, RankingServingError, export_ranking_ensemble,
+from merlin_hstu.common import metrics as ranking_metrics
+from merlin_hstu.ranking.model import DlrmHSTU, DlrmHSTUConfig
+from merlin_hstu.ranking.batch import RankingBatch
+from merlin_hstu.ranking.data import RankingDataset
+from merlin_hstu.serving.ranking import (RANKING_RECORD, RankingRequest, RankingServingError, export_ranking_ensemble,
                                         query_ranking)
-from merlin_hstu.ranking_train import RankingTrainConfig, predict_ranking, train_ranking
+from merlin_hstu.ranking.train import RankingTrainConfig, predict_ranking, train_ranking
 from merlin_hstu.serving.server import ServerConfig, TritonServer
 from merlin_hstu.workflows import ranking_workflow as rw
 
@@ -134,7 +134,7 @@ def test_served_scores_and_auc_equal_offline(trained, tmp_path):
 
 def test_export_rejects_what_it_cannot_serve(trained, tmp_path):
     _, ds, model, _ = trained
-    with pytest.raises(ValueError, match="needs a trained merlin_hstu.ranking.DlrmHSTU"):
+    with pytest.raises(ValueError, match="needs a trained merlin_hstu.ranking.model.DlrmHSTU"):
         export_ranking_ensemble(torch.nn.Linear(2, 2), ds.path, tmp_path / "a")
     other = DlrmHSTU(model.config, ds.num_items, {"age": 8}, ds.tasks)
     with pytest.raises(ValueError, match=r"contextual features \['age'\] differ from the dataset's"):

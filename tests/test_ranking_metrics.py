@@ -1,4 +1,4 @@
-"""Ranking metrics (merlin_hstu.ranking_metrics) against plain implementations written here: AUC by counting
+"""Ranking metrics (merlin_hstu.common.metrics) against plain implementations written here: AUC by counting
 positive/negative pairs (ties one half), GAUC as a per-user loop with impression weights, log loss and NE from
 their formulas."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from merlin_hstu.ranking_metrics import auc, binary_task_metrics, gauc, log_loss, normalized_entropy
+from merlin_hstu.common.metrics import auc, binary_task_metrics, gauc, log_loss, normalized_entropy
 
 
 def pairwise_auc(labels, scores) -> float:

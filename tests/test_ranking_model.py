@@ -1,8 +1,8 @@
-"""DLRM-HSTU (merlin_hstu.ranking): layout, numeric parity with a plain implementation, target-aware mask,
+"""DLRM-HSTU (merlin_hstu.ranking.model): layout, numeric parity with a plain implementation, target-aware mask,
 multi-task loss, planted-data training, input validation.
 
 The plain implementation below reads only the raw parameter tensors from the model's state_dict and loops over
-users, tokens and heads.  Its rules (module docstring of merlin_hstu/ranking.py):
+users, tokens and heads.  Its rules (module docstring of merlin_hstu/ranking/model.py):
 
     tokens      [contextual E_f[v]*sqrt(D) ...] + per event (E[item]*sqrt(D) + act) or (E[item]*sqrt(D), act)
                 + per candidate E[cand]*sqrt(D) + W_a unknown + b_a;   act = W_a concat_b([bit b] E_a[b]) + b_a
@@ -21,9 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from merlin_hstu.ranking import INTERACTIONS, DlrmHSTU, DlrmHSTUConfig, register_interaction
-from merlin_hstu.ranking_batch import RankingBatch, RankingTask, multitask_loss
-from merlin_hstu.ranking_metrics import auc
+from merlin_hstu.ranking.model import INTERACTIONS, DlrmHSTU, DlrmHSTUConfig, register_interaction
+from merlin_hstu.ranking.batch import RankingBatch, RankingTask, multitask_loss
+from merlin_hstu.common.metrics import auc
 
 TASKS = (RankingTask("click", bit=0), RankingTask("like", bit=1, weight=0.5),
          RankingTask("watch", kind="regression", weight=0.2))
@@ -394,7 +394,7 @@ def labels_to_bitmask(labels: torch.Tensor) -> torch.Tensor:
 def test_t4r_head_matches_the_model_and_trains():
     import transformers4rec.torch as tr
 
-    from merlin_hstu.t4r_ranking import ranking_head
+    from merlin_hstu.t4r.ranking import ranking_head
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(3)

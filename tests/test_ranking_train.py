@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from merlin_hstu import schema as roles
-from merlin_hstu.cli import main
-from merlin_hstu.ranking_baseline import DlrmBaseline, DlrmBaselineConfig, ItemPriorBaseline, build_dlrm_baseline
-from merlin_hstu.ranking_batch import RankingTask
-from merlin_hstu.ranking_data import (
+from merlin_hstu.common import schema as roles
+from merlin_hstu.cli.main import main
+from merlin_hstu.ranking.baselines import DlrmBaseline, DlrmBaselineConfig, ItemPriorBaseline, build_dlrm_baseline
+from merlin_hstu.ranking.batch import RankingTask
+from merlin_hstu.ranking.data import (
     CANDIDATE_ACTION_LIST,
     CANDIDATE_ITEM_LIST,
     CANDIDATE_WATCH_TIME_LIST,
@@ -22,7 +22,7 @@ from merlin_hstu.ranking_data import (
     WATCH_TIME_LIST,
     RankingDataset,
 )
-from merlin_hstu.ranking_train import RankingTrainConfig, evaluate_ranking, train_ranking
+from merlin_hstu.ranking.train import RankingTrainConfig, evaluate_ranking, train_ranking
 from test_ranking_metrics import loop_gauc, pairwise_auc
 
 NUM_ITEMS = 40  # ids 3..39 are real items
@@ -229,7 +229,7 @@ def test_bench_ranking_baseline_writes_its_record(dataset_dir, tmp_path, capsys)
 
 
 def test_bench_ranking_dlrm_hstu_smoke(dataset_dir, tmp_path):
-    pytest.importorskip("merlin_hstu.ranking")
+    pytest.importorskip("merlin_hstu.ranking.model")
     out = tmp_path / "hstu"
     rc = main(["bench", "--task", "ranking", "--dataset", str(dataset_dir), "--epochs", "1", "--max-steps", "2",
                "--output", str(out), "--no-progress", "--set", "model.embedding_dim=16", "--set", "model.num_blocks=1",

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from merlin_hstu.config import load_config
-from merlin_hstu.data import LeaveOneOut, SequenceTable, history_window
-from merlin_hstu.hstu import HSTUEncoderConfig
-from merlin_hstu.retrieval import (
+from merlin_hstu.retrieval.config import load_config
+from merlin_hstu.retrieval.data import LeaveOneOut, SequenceTable, history_window
+from merlin_hstu.encoders.hstu import HSTUEncoderConfig
+from merlin_hstu.retrieval.model import (
     HSTURetrievalModel,
     RetrievalLossConfig,
     RetrievalModelConfig,
@@ -18,7 +18,7 @@ from merlin_hstu.retrieval import (
     retrieval_loss,
     sampled_softmax_loss,
 )
-from merlin_hstu.train import evaluate_model, load_run, save_run, train_retrieval
+from merlin_hstu.retrieval.train import evaluate_model, load_run, save_run, train_retrieval
 
 
 def markov_table(num_users=300, num_items=200, seed=0, with_time=True):
@@ -202,14 +202,14 @@ def test_explicit_candidate_pool_limits_ranking_and_negatives():
 @pytest.mark.parametrize("similarity", ["dot", "mol"])
 def test_evaluation_through_topk_equals_ranking_every_score(similarity):
     """evaluate_model (top-K module, top-rank_cap list) == metrics.target_ranks over score_all_items."""
-    from merlin_hstu.metrics import RetrievalMetricAccumulator, target_ranks
+    from merlin_hstu.retrieval.metrics import RetrievalMetricAccumulator, target_ranks
 
     table = markov_table(num_users=80)
     cfg = load_config("demo", ["data.max_history=12", "model.max_seq_len=16", "model.embedding_dim=16",
                                "model.attention_dim=8", "model.linear_dim=8", "train.rank_cap=20",
                                f"head.similarity={similarity}", "head.topk_chunk_size=37",
                                "head.mol.query_hidden_dim=16", "head.mol.component_dim=8"])
-    from merlin_hstu.train import build_model
+    from merlin_hstu.retrieval.train import build_model
 
     torch.manual_seed(0)
     model = build_model(table, cfg).eval()

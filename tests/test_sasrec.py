@@ -1,4 +1,4 @@
-"""SASRec baseline encoder (merlin_hstu.sasrec) and its Transformers4Rec registration ("sasrec").
+"""SASRec baseline encoder (merlin_hstu.encoders.sasrec) and its Transformers4Rec registration ("sasrec").
 
 Numeric checks compare against `plain_sasrec` below: an independent, one-sequence-at-a-time implementation
 of the reference's block (reference-hstu.md §1.5) with hand-written layer norm, per-head attention with an
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import merlin_hstu
-from merlin_hstu.sasrec import SASRecEncoder, SASRecEncoderConfig, positional_table_init
+from merlin_hstu.encoders.sasrec import SASRecEncoder, SASRecEncoderConfig, positional_table_init
 
 ATOL = 1e-6
 
@@ -313,7 +313,7 @@ def test_t4r_registration_and_block():
     from transformers4rec.config.transformer import transformer_registry
     from transformers4rec.torch.masking import MaskedLanguageModeling
 
-    import merlin_hstu.t4r as t4r
+    import merlin_hstu.t4r.encoders as t4r
 
     def snapshot():
         return (
@@ -346,7 +346,7 @@ def test_t4r_registration_and_block():
 def test_t4r_model_forward_equals_plain_sasrec_with_positions(tmp_path):
     import transformers
 
-    import merlin_hstu.t4r as t4r
+    import merlin_hstu.t4r.encoders as t4r
 
     torch.manual_seed(0)
     config = t4r.SASRecConfig(hidden_size=8, num_attention_heads=2, num_hidden_layers=2,

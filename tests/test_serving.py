@@ -25,10 +25,10 @@ import pandas as pd
 import pytest
 import torch
 
-from merlin_hstu.cli import main
+from merlin_hstu.cli.main import main
 from merlin_hstu.serving.client import HSTUClient, ServingError, request_from_events
 from merlin_hstu.serving.contract import BadRequest
-from merlin_hstu.synthetic import SyntheticConfig, generate_event_log
+from merlin_hstu.data.synthetic import SyntheticConfig, generate_event_log
 
 H = 12  # history window of the tiny model (the synthetic users have up to 40 events: long histories occur)
 TRAIN = ["--set", "train.epochs=1", "--set", f"data.max_history={H}", "--set", f"model.max_seq_len={H + 5}",
@@ -87,7 +87,7 @@ def server(repos, tmp_path_factory):
     out_path = tmp_path_factory.mktemp("serve") / "serve.log"
     out = open(out_path, "w")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "merlin_hstu.cli", "serve", str(repos[0]), str(repos[1]),
+    proc = subprocess.Popen([sys.executable, "-m", "merlin_hstu.cli.main", "serve", str(repos[0]), str(repos[1]),
                              "--http-port", str(http), "--grpc-port", str(grpc)],
                             stdout=out, stderr=subprocess.STDOUT, env=env)
     handle = {"proc": proc, "http": f"127.0.0.1:{http}", "grpc": f"grpc://127.0.0.1:{grpc}", "log": out_path}
@@ -124,7 +124,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def reference(trained):
     """The independent reference: full fitted workflow in-process + eager model + plain ranking."""
-    from merlin_hstu.train import load_run
+    from merlin_hstu.retrieval.train import load_run
     from merlin_hstu.workflows.session_workflow import (
         SessionWorkflowConfig,
         load_item_id_mapping,
@@ -267,11 +267,11 @@ def test_export_is_self_contained(trained, tmp_path):
 
 def test_string_ids_without_timestamps_in_process(tmp_path):
     """A log with string user/item ids and no timestamps: the export serves raw string ids, no query time."""
-    from merlin_hstu.data import load_processed
+    from merlin_hstu.retrieval.data import load_processed
     from merlin_hstu.serving.contract import RequestContract
     from merlin_hstu.serving.core import ServingEnsemble
     from merlin_hstu.serving.export import export_repository, read_serving_record
-    from merlin_hstu.train import load_run
+    from merlin_hstu.retrieval.train import load_run
 
     events = generate_event_log(SyntheticConfig(num_users=60, num_items=80, min_events=4, max_events=20, seed=9))
     events = events.drop(columns=["timestamp"]).assign(user_id=lambda d: "u" + d["user_id"].astype(str),
@@ -308,12 +308,12 @@ def test_string_ids_without_timestamps_in_process(tmp_path):
 def test_mol_run_exports_and_serves_the_offline_topk(tmp_path):
     """A mixture-of-logits run through the same export path: the served raw ids are the offline top-K module's
     ids (history filtered) mapped back to raw ids, and the TorchScript scorer gives the offline scores."""
-    from merlin_hstu.data import load_processed
+    from merlin_hstu.retrieval.data import load_processed
     from merlin_hstu.serving.contract import RequestContract
     from merlin_hstu.serving.core import ServingEnsemble
     from merlin_hstu.serving.export import export_repository, read_serving_record
-    from merlin_hstu.topk import rankable_from_invalid
-    from merlin_hstu.train import load_run
+    from merlin_hstu.retrieval.topk import rankable_from_invalid
+    from merlin_hstu.retrieval.train import load_run
     from merlin_hstu.workflows.session_workflow import load_item_id_mapping
 
     events = generate_event_log(SyntheticConfig(num_users=60, num_items=80, min_events=4, max_events=25, seed=11))
@@ -397,8 +397,8 @@ def test_hr10_through_server_equals_offline_evaluation(trained, client, referenc
     """Held-out protocol through the server: history = events before each user's last one, query time = the
     target's time.  The evaluation ranks the target even when it is in the history window, so for those users
     an unfiltered top-(10 + H) list is fetched and the window's other items removed client-side."""
-    from merlin_hstu.data import LeaveOneOut, history_window, load_processed
-    from merlin_hstu.metrics import target_ranks
+    from merlin_hstu.retrieval.data import LeaveOneOut, history_window, load_processed
+    from merlin_hstu.retrieval.metrics import target_ranks
 
     table = load_processed(trained["data"])
     split = LeaveOneOut(table, max_history=H)

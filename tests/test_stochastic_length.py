@@ -1,4 +1,4 @@
-"""Stochastic length (merlin_hstu.stochastic_length, HSTU paper §3.3).
+"""Stochastic length (merlin_hstu.ranking.stochastic_length, HSTU paper §3.3).
 
 The formula, written out here independently: threshold L = floor(N^(alpha/2)); a history of n <= L events is kept
 whole; a longer one is kept whole with probability p = N^alpha / n^2 and otherwise replaced by L of its events
@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from merlin_hstu.ranking import DlrmHSTU, DlrmHSTUConfig
-from merlin_hstu.ranking_batch import RankingBatch, RankingTask
-from merlin_hstu.stochastic_length import StochasticLength, StochasticLengthConfig
+from merlin_hstu.ranking.model import DlrmHSTU, DlrmHSTUConfig
+from merlin_hstu.ranking.batch import RankingBatch, RankingTask
+from merlin_hstu.ranking.stochastic_length import StochasticLength, StochasticLengthConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

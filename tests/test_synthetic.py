@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from merlin_hstu.baselines import MostPopular
-from merlin_hstu.metrics import retrieval_metrics, target_ranks
-from merlin_hstu.synthetic import (
+from merlin_hstu.retrieval.baselines import MostPopular
+from merlin_hstu.retrieval.metrics import retrieval_metrics, target_ranks
+from merlin_hstu.data.synthetic import (
     EVENT_LOG_COLUMNS,
     SyntheticConfig,
     build_catalogue,

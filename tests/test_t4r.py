@@ -1,4 +1,4 @@
-"""Transformers4Rec integration of HSTU (merlin_hstu.t4r).
+"""Transformers4Rec integration of HSTU (merlin_hstu.t4r.encoders).
 
 The numeric checks compare the T4R model against `plain_hstu` below: an independent, loop-per-sequence
 re-implementation of the research HSTU math that takes explicit per-row query times and per-column key times.
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import merlin_hstu
-import merlin_hstu.t4r as t4r
+import merlin_hstu.t4r.encoders as t4r
 import transformers
 import transformers4rec.torch as tr
 from merlin.models.utils.registry import Registry
@@ -546,7 +546,7 @@ def test_doc_hugging_face_snippet():
 
 
 # ------------------------------------------------------------------------------------------------
-# generative retrieval task (merlin_hstu.t4r_retrieval)
+# generative retrieval task (merlin_hstu.t4r.retrieval)
 # ------------------------------------------------------------------------------------------------
 SMALL_MOL = dict(query_hidden_dim=16, component_dim=8, gate_query_hidden_dim=8, gate_item_hidden_dim=8,
                  gate_logits_hidden_dim=8, item_dropout=0.0, gate_dropout=0.0)
@@ -645,9 +645,9 @@ def test_retrieval_doc_snippets_run():
     """docs/retrieval.md: the Python snippets work as written (with `model`/`batch`/`table` and `body` supplied)."""
     import numpy as np
 
-    from merlin_hstu.data import LeaveOneOut, SequenceTable
-    from merlin_hstu.hstu import HSTUEncoderConfig
-    from merlin_hstu.retrieval import HSTURetrievalModel, RetrievalModelConfig
+    from merlin_hstu.retrieval.data import LeaveOneOut, SequenceTable
+    from merlin_hstu.encoders.hstu import HSTUEncoderConfig
+    from merlin_hstu.retrieval.model import HSTURetrievalModel, RetrievalModelConfig
 
     blocks = python_blocks((DOC.parent / "retrieval.md").read_text())
     assert len(blocks) == 2, "docs/retrieval.md: expected the loss snippet and the T4R snippet"

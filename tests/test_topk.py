@@ -1,13 +1,13 @@
-"""Brute-force top-K (merlin_hstu.topk): chunked == unchunked, history filtering, tie order, the evaluation ranks,
+"""Brute-force top-K (merlin_hstu.retrieval.topk): chunked == unchunked, history filtering, tie order, the evaluation ranks,
 MoL top-K against plain scoring, and traceability."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from merlin_hstu.metrics import target_ranks as reference_target_ranks
-from merlin_hstu.similarity import MixtureOfLogits, MoLConfig
-from merlin_hstu.topk import BruteForceTopK, MIPSBruteForceTopK, MoLBruteForceTopK, rankable_from_invalid
+from merlin_hstu.retrieval.metrics import target_ranks as reference_target_ranks
+from merlin_hstu.retrieval.similarity import MixtureOfLogits, MoLConfig
+from merlin_hstu.retrieval.topk import BruteForceTopK, MIPSBruteForceTopK, MoLBruteForceTopK, rankable_from_invalid
 
 
 class GivenScores(BruteForceTopK):

@@ -12,7 +12,7 @@ from merlin.io import Dataset
 from merlin.schema import ColumnSchema, Schema, Tags
 from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 
-from merlin_hstu import schema as roles
+from merlin_hstu.common import schema as roles
 from merlin_hstu.workflows.session_workflow import (
     EventLogError,
     SessionWorkflowConfig,

@@ -1,4 +1,4 @@
-"""WuKong blocks, DLRM and logistic regression (merlin_hstu.wukong, merlin_hstu.dlrm).
+"""WuKong blocks, DLRM and logistic regression (merlin_hstu.ctr.wukong, merlin_hstu.ctr.dlrm).
 
 Numeric checks compare against plain loop implementations of the formulas written here, reading the weights out
 of the modules: FMB = MLP(LN(flatten(X X^T Y))), LCB = W_L X, layer = LN_d(concat(FMB, LCB) + R X), DLRM's
@@ -11,11 +11,12 @@ import math
 import pytest
 import torch
 
-from merlin_hstu.ctr_bench import CTRTrainConfig, build_ctr_model, train_ctr
-from merlin_hstu.ctr_data import CTRData, CTRTensors
-from merlin_hstu.dlrm import DLRM, DLRMConfig, LogisticRegression
-from merlin_hstu.wukong import (FactorizationMachineBlock, LinearCompressBlock, WukongConfig, WukongLayer,
-                                WukongModel, WukongModelConfig, WukongTower)
+from merlin_hstu.bench.ctr import CTRTrainConfig, build_ctr_model, train_ctr
+from merlin_hstu.ctr.data import CTRData, CTRTensors
+from merlin_hstu.ctr.dlrm import DLRM, DLRMConfig, LogisticRegression
+from merlin_hstu.ctr.wukong import WukongModel, WukongModelConfig
+from merlin_hstu.encoders.wukong import (FactorizationMachineBlock, LinearCompressBlock, WukongConfig, WukongLayer,
+                                         WukongTower)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ from merlin.schema import Schema, Tags
 from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 from nvtabular import ops
 
-from merlin_hstu.atomic_dir import publish_dir, staging_dir
+from merlin_hstu.common.atomic_dir import publish_dir, staging_dir
 from merlin_hstu.workflows.session_workflow import _relocate_paths
 
 PathLike = Union[str, os.PathLike]

@@ -6,7 +6,7 @@ Three ops, all on the single chain of the workflow (see session_workflow.py):
   they are and gives them an int_domain (embedding rows = largest id + 1), as the reference does for MovieLens.
 * `ChronologicalGroupby` - a Groupby that stable-sorts events by time first (ties keep input order).
 * `FinalizeSequences` - after the Groupby: min-length filter, keep-most-recent truncation, `length`,
-  optional interleaving, and the output schema (tags + role properties from `merlin_hstu.schema`).
+  optional interleaving, and the output schema (tags + role properties from `merlin_hstu.common.schema`).
   Doing all of it in one op keeps the workflow single-branch: on CPU, merlin.dag re-executes a Groupby once
   for every branch that selects from its output (merlin-integration.md section 5).
 
@@ -25,7 +25,7 @@ import merlin.dtypes as md
 from nvtabular.ops import Groupby, Operator
 from nvtabular.ops.stat_operator import StatOperator
 
-from merlin_hstu import schema as roles
+from merlin_hstu.common import schema as roles
 
 #: ColumnSchema property set on raw-id item columns: {"item_encoding": "raw"} (Categorify columns lack it)
 ITEM_ENCODING_PROPERTY = "item_encoding"

@@ -79,9 +79,9 @@ from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 from nvtabular import ops
 from nvtabular.ops import Operator
 
-from merlin_hstu import schema as roles
-from merlin_hstu.ranking_batch import RankingTask
-from merlin_hstu.ranking_data import (
+from merlin_hstu.common import schema as roles
+from merlin_hstu.ranking.batch import RankingTask
+from merlin_hstu.ranking.data import (
     CANDIDATE_ACTION_LIST,
     CANDIDATE_ITEM_LIST,
     CANDIDATE_WATCH_TIME_LIST,
@@ -93,7 +93,7 @@ from merlin_hstu.ranking_data import (
     WATCH_TIME_LIST,
     read_processed_frame,
 )
-from merlin_hstu.atomic_dir import publish_dir, staging_dir
+from merlin_hstu.common.atomic_dir import publish_dir, staging_dir
 from merlin_hstu.workflows.ops import ChronologicalGroupby, RawItemIds
 from merlin_hstu.workflows.session_workflow import (
     ITEM_ENCODINGS,
@@ -107,7 +107,7 @@ from merlin_hstu.workflows.session_workflow import (
 
 PathLike = Union[str, os.PathLike]
 
-# ---- roles of the ranking-only columns (names: merlin_hstu.ranking_data) --------------------------------
+# ---- roles of the ranking-only columns (names: merlin_hstu.ranking.data) --------------------------------
 ROLE_WATCH_TIME = "watch_time"
 ROLE_CANDIDATE_ITEM = "candidate_item"
 ROLE_CANDIDATE_ACTION = "candidate_action"

@@ -42,7 +42,7 @@ rated or not); every logged item must be in it, and with Categorify every catalo
 Interleaving (`interleave_actions=True`) adds `interleaved-list` = [i_1, a_1 + K, i_2, a_2 + K, ...]:
 item tokens keep their encoded ids, action tokens are shifted by K = item cardinality (item
 `int_domain.max + 1`), so one embedding table of K + |actions| rows holds both and 0 stays padding.
-K is stored in the column property `action_token_offset` (read it with `merlin_hstu.schema.action_token_offset`).
+K is stored in the column property `action_token_offset` (read it with `merlin_hstu.common.schema.action_token_offset`).
 Token 2k and 2k+1 both happened at `timestamp-list[k]`; a model repeats timestamps (`repeat_interleave(2)`).
 T4R's `MerlinDataLoader.from_schema(..., max_sequence_length=L)` pads AND cuts every LIST column to L (keeping
 the first L values), so with interleaving pass L >= 2 * max_length or the interleaved list loses its newest tokens.
@@ -81,8 +81,8 @@ from merlin.schema import Schema
 from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 from nvtabular import ops
 
-from merlin_hstu import schema as roles
-from merlin_hstu.atomic_dir import publish_dir, staging_dir
+from merlin_hstu.common import schema as roles
+from merlin_hstu.common.atomic_dir import publish_dir, staging_dir
 from merlin_hstu.workflows.ops import ChronologicalGroupby, FinalizeSequences, RawItemIds
 
 PathLike = Union[str, os.PathLike]

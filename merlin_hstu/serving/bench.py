@@ -113,8 +113,8 @@ def run_load(send: Callable[[object, int], object], make_client: Callable[[], ob
 
 def raw_histories(run_dir: str | Path, limit: Optional[int] = None) -> pd.DataFrame:
     """The run's users as raw event rows (their most recent events as preprocessed), decoded back to raw ids."""
-    from merlin_hstu import schema as roles
-    from merlin_hstu.config import load_config
+    from merlin_hstu.common import schema as roles
+    from merlin_hstu.retrieval.config import load_config
     from merlin_hstu.workflows.session_workflow import load_action_mapping, load_item_id_mapping
 
     run_dir = Path(run_dir)
@@ -142,7 +142,7 @@ def raw_histories(run_dir: str | Path, limit: Optional[int] = None) -> pd.DataFr
 
 
 def _machine() -> str:
-    from merlin_hstu.benchmark import machine_info
+    from merlin_hstu.bench.retrieval import machine_info
 
     info = machine_info()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

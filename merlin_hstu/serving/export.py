@@ -33,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-from merlin_hstu.atomic_dir import publish_dir, staging_dir
+from merlin_hstu.common.atomic_dir import publish_dir, staging_dir
 from merlin_hstu.serving.contract import CONTRACT_PARAMETER, EXCLUDE_HISTORY, QUERY_TIMESTAMP, TOP_K, RequestContract
 
 SERVING_FILE = "serving.json"
@@ -104,9 +104,9 @@ def load_candidates(path: Path, num_items: int) -> np.ndarray:
 
 def load_serving_parts(run_dir: str | Path, config: Optional[ExportConfig] = None) -> ServingParts:
     """Load the run, its fitted workflow (serving mode) and build the TorchScript scorer."""
-    from merlin_hstu import schema as roles
+    from merlin_hstu.common import schema as roles
     from merlin_hstu.serving.scorer import build_scorer, rankable_mask
-    from merlin_hstu.train import load_run
+    from merlin_hstu.retrieval.train import load_run
     from merlin_hstu.workflows.session_workflow import load_item_id_mapping, load_serving_workflow
 
     config = config or ExportConfig()
@@ -179,7 +179,7 @@ def build_ensemble(parts: ServingParts):
     from merlin.schema import ColumnSchema, Schema
     from merlin.systems.dag.ensemble import Ensemble
 
-    from merlin_hstu import schema as roles
+    from merlin_hstu.common import schema as roles
     from merlin_hstu.serving import ops
 
     c = parts.contract

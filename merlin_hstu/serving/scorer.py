@@ -6,7 +6,7 @@ pickle of them (merlin-integration.md §2.10).  The program is built in two part
 * the *user tower* `HSTURetrievalModel.last_user_vector` is **traced** at a fixed width W = H + 1
   (H = the run's `data.max_history`).  A fixed width keeps the trace free of data-dependent shapes; it does not
   change a number, because the HSTU attention normaliser N is a constant and positions >= len are masked
-  (merlin_hstu/data.py trims widths per batch for the same reason);
+  (merlin_hstu/retrieval/data.py trims widths per batch for the same reason);
 * a **scripted** wrapper around it turns the workflow's jagged lists into the padded window and ranks:
 
       len_b     = min(n_b, H)                          keep the most recent H events of each row
@@ -15,7 +15,7 @@ pickle of them (merlin-integration.md §2.10).  The program is built in two part
                   a negative query time means "the last event's time", the default of `recommend`)
       u_b       = tower(ids, len, ts)                  the query vector [B, D] (L2-normalised by default)
       s[b, :]   = catalogue(u_b)                       every item's score: the model's top-K module
-                                                       (merlin_hstu.topk), traced: <u_b, e_v> with
+                                                       (merlin_hstu.retrieval.topk), traced: <u_b, e_v> with
                                                        e_v = E[v] / max(||E[v]||, 1e-6) for the dot product
                                                        (cosine as in training), or the MoL score
       s[b, v]   = -inf  unless v is rankable           catalogue ids (>= 3, or candidates.parquet)
@@ -37,8 +37,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from merlin_hstu.retrieval import HSTURetrievalModel
-from merlin_hstu.topk import BruteForceTopK
+from merlin_hstu.retrieval.model import HSTURetrievalModel
+from merlin_hstu.retrieval.topk import BruteForceTopK
 
 
 class _UserTower(nn.Module):

@@ -46,7 +46,7 @@ def export_stock_repository(run_dir: str | Path, output: str | Path, top_k: int 
     from merlin.systems.dag.ops.pytorch import PredictPyTorch
     from merlin.systems.dag.ops.workflow import TransformWorkflow
 
-    from merlin_hstu import schema as roles
+    from merlin_hstu.common import schema as roles
     from merlin_hstu.serving.export import ExportConfig, load_serving_parts
 
     # The stock path runs the whole fitted workflow, exactly as `TransformWorkflow(wf)` would.

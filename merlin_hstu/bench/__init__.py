@@ -1,0 +1,1 @@
+"""Benchmark commands and their records (`merlin-hstu bench ...`)."""

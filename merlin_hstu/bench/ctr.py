@@ -1,0 +1,499 @@
+"""CTR training / evaluation for WuKong, DLRM and logistic regression, and `merlin-hstu bench --task ctr`.
+
+    merlin-hstu bench --task ctr --dataset synthetic-criteo --model wukong,dlrm,logreg --seeds 3
+    merlin-hstu bench --task ctr --dataset ml-1m-prefix-ctr --model wukong --set model.num_layers=3
+    merlin-hstu bench --task ctr --dataset synthetic-criteo --model wukong --set scaling=true
+
+Datasets: `synthetic-criteo` (the planted-interaction generator of `merlin_hstu.ctr.data`, written as a Criteo TSV
+and run through the NVTabular Criteo workflow once, cached under --cache), `ml-1m-prefix-ctr` (the MovieLens
+prefix as a CTR table) or a directory written by `merlin_hstu.workflows.criteo_workflow.preprocess_criteo`.
+`--model` takes one model or a comma list; models listed together run in one process, one after another per
+seed, so their step-time ratios are measured side by side.
+
+Training: Adam on binary cross-entropy of the logits, shuffled mini-batches, fixed seeds.  Metrics on the
+validation split after the last epoch: AUC, log loss, normalized entropy (`merlin_hstu.common.metrics`).
+Step time: median over the steps after the first (warm-up) of forward + backward + update.
+
+Overrides (`--set KEY=VALUE`, repeatable):
+    model.<field>   WuKong: embedding_dim, top_mlp, top_dropout and the tower's num_layers, lcb_feature_num,
+                    fmb_feature_num, compressed_feature_num, fmb_mlp, fmb_layer_norm, dropout;
+                    DLRM: embedding_dim, bottom_mlp, top_mlp.  Applied to every listed model that has the field.
+    train.<field>   CTRTrainConfig: batch_size, learning_rate, weight_decay, eval_batch_size
+    data.<field>    synthetic-criteo: SyntheticCriteoConfig fields (num_rows, seed, ...) and freq_threshold
+    scaling=true    the WuKong scaling curve instead: AUC / log loss over scaling.layers x scaling.widths
+                    (width w sets lcb = fmb = compressed feature counts to w); writes scaling.png
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from merlin_hstu.bench.retrieval import machine_info, machine_summary
+from merlin_hstu.ctr.data import CTRData, CTRTensors
+from merlin_hstu.ctr.dlrm import DLRM, DLRMConfig, LogisticRegression
+from merlin_hstu.common.metrics import binary_task_metrics
+from merlin_hstu.ctr.wukong import WukongConfig, WukongModel, WukongModelConfig
+
+MODELS = ("wukong", "dlrm", "logreg")
+DATASETS = ("synthetic-criteo", "ml-1m-prefix-ctr")
+DEFAULT_SCALING_LAYERS = (1, 2, 3)
+DEFAULT_SCALING_WIDTHS = (4, 8, 16)
+
+
+@dataclass
+class CTRTrainConfig:
+    epochs: int = 3
+    batch_size: int = 512
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    eval_batch_size: int = 8192
+    seed: int = 42
+    max_steps: int = 0  # 0: run every epoch in full
+    threads: int = 0  # torch intra-op threads (0: torch's default)
+
+
+@dataclass
+class CTRResult:
+    model: nn.Module
+    metrics: Dict[str, float]  # validation auc / logloss / ne after the last epoch
+    epoch_losses: List[float]
+    step_times: List[float]
+    parameters: int
+    dense_parameters: int  # without the embedding tables
+    train_seconds: float
+
+    @property
+    def seconds_per_step(self) -> float:
+        steady = self.step_times[1:] or self.step_times
+        return statistics.median(steady) if steady else float("nan")
+
+
+def count_parameters(model: nn.Module, embeddings: bool = True) -> int:
+    """Trainable parameters; embeddings=False leaves out embedding tables (the dense / interaction part)."""
+    skip = set()
+    if not embeddings:
+        skip = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in skip)
+
+
+def _apply_fields(config, values: Dict[str, object], where: str):
+    names = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {where} key(s) {unknown}; valid: {sorted(names)}")
+    return dataclasses.replace(config, **values)
+
+
+def build_ctr_model(name: str, cardinalities, num_dense: int, overrides: Optional[Dict[str, object]] = None
+                    ) -> nn.Module:
+    """`wukong` | `dlrm` | `logreg` with `model.<field>` overrides (WuKong tower fields may be given flat)."""
+    overrides = dict(overrides or {})
+    if name == "wukong":
+        tower_fields = {f.name for f in dataclasses.fields(WukongConfig)}
+        tower = {k: overrides.pop(k) for k in list(overrides) if k in tower_fields}
+        cfg = _apply_fields(WukongModelConfig(), overrides, "model (wukong)")
+        cfg.tower = _apply_fields(cfg.tower, tower, "model (wukong tower)")
+        cfg.__post_init__()  # re-validate after replace
+        return WukongModel(cardinalities, num_dense, cfg)
+    if name == "dlrm":
+        return DLRM(cardinalities, num_dense, _apply_fields(DLRMConfig(), overrides, "model (dlrm)"))
+    if name == "logreg":
+        if overrides:
+            raise ValueError(f"logreg has no model options (got {sorted(overrides)})")
+        return LogisticRegression(cardinalities, num_dense)
+    raise ValueError(f"unknown CTR model {name!r}; use one of {list(MODELS)}")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, tensors: CTRTensors, batch_size: int = 8192) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(dense, sparse) for dense, sparse, _ in tensors.batches(batch_size)])
+
+
+def evaluate_ctr(model: nn.Module, tensors: CTRTensors, batch_size: int = 8192) -> Dict[str, float]:
+    """AUC, log loss and NE of `model` on a split (ranking_metrics.binary_task_metrics on the logits)."""
+    return binary_task_metrics(tensors.labels, predict_logits(model, tensors, batch_size))
+
+
+def train_ctr(model: nn.Module, data: CTRData, cfg: CTRTrainConfig, progress: bool = False,
+              desc: str = "train") -> CTRResult:
+    """Adam on BCE-with-logits over shuffled batches; evaluate on data.valid after the last epoch."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    steps_per_epoch = data.train.num_batches(cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False)
+    step_times, epoch_losses, steps = [], [], 0
+    start = time.perf_counter()
+    for _ in range(cfg.epochs):
+        if cfg.max_steps and steps >= cfg.max_steps:
+            break
+        model.train()
+        loss_sum, seen = 0.0, 0
+        for dense, sparse, labels in data.train.batches(cfg.batch_size, shuffle=True, generator=shuffle):
+            if cfg.max_steps and steps >= cfg.max_steps:
+                break
+            t0 = time.perf_counter()
+            loss = nn.functional.binary_cross_entropy_with_logits(model(dense, sparse), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step_times.append(time.perf_counter() - t0)
+            loss_sum, seen, steps = loss_sum + loss.item() * len(labels), seen + len(labels), steps + 1
+            bar.update(1)
+        epoch_losses.append(loss_sum / max(seen, 1))
+        bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}")
+    bar.close()
+    train_seconds = time.perf_counter() - start
+    metrics = evaluate_ctr(model, data.valid, cfg.eval_batch_size)
+    return CTRResult(model, metrics, epoch_losses, step_times, count_parameters(model),
+                     count_parameters(model, embeddings=False), train_seconds)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# datasets
+# ---------------------------------------------------------------------------------------------------------
+def load_ctr_dataset(name_or_path: str, cache_root: Path, data_overrides: Dict[str, object],
+                     input_dir: Optional[str] = None, log: Callable[[str], None] = print) -> CTRData:
+    from merlin_hstu.ctr.data import load_criteo_tensors, load_ml1m_ctr
+
+    if name_or_path == "synthetic-criteo":
+        return _synthetic_criteo(cache_root, data_overrides, log)
+    if data_overrides:
+        raise ValueError(f"data.* overrides apply to synthetic-criteo only (got {sorted(data_overrides)})")
+    if name_or_path == "ml-1m-prefix-ctr":
+        return load_ml1m_ctr(input_dir)
+    path = Path(name_or_path)
+    if (path / "processed" / "train").is_dir():
+        return load_criteo_tensors(path)
+    raise ValueError(f"unknown CTR dataset {name_or_path!r}: use {' | '.join(DATASETS)} or a directory written by "
+                     "merlin_hstu.workflows.criteo_workflow.preprocess_criteo")
+
+
+SYNTHETIC_FREQ_THRESHOLD = 5  # Categorify freq_threshold for synthetic-criteo (its noise columns are Zipf-long)
+
+
+def _synthetic_criteo(cache_root: Path, overrides: Dict[str, object], log) -> CTRData:
+    """Generate (seeded) -> Criteo TSV -> NVTabular Criteo workflow, cached by a hash of the full config."""
+    from merlin_hstu.ctr.data import (GENERATOR_VERSION, SyntheticCriteoConfig, generate_synthetic_criteo,
+                                      load_criteo_tensors, write_criteo_tsv)
+    from merlin_hstu.workflows.criteo_workflow import CriteoWorkflowConfig, preprocess_criteo
+
+    overrides = dict(overrides)
+    workflow_cfg = CriteoWorkflowConfig(freq_threshold=int(overrides.pop("freq_threshold", SYNTHETIC_FREQ_THRESHOLD)))
+    cfg = _apply_fields(SyntheticCriteoConfig(), overrides, "data (synthetic-criteo)")
+    cfg.__post_init__()
+    described = {"generator_version": GENERATOR_VERSION, **dataclasses.asdict(cfg),
+                 "freq_threshold": workflow_cfg.freq_threshold, "valid_fraction": workflow_cfg.valid_fraction}
+    digest = hashlib.sha1(json.dumps(described, sort_keys=True).encode()).hexdigest()[:10]
+    out = cache_root / f"synthetic-criteo-{cfg.num_rows}-{digest}"
+    ceilings_path = out / "ceilings.json"
+    if not ceilings_path.is_file():
+        log(f"generating synthetic Criteo-layout data ({cfg.num_rows:,} rows, seed {cfg.seed}) -> {out}")
+        synthetic = generate_synthetic_criteo(cfg)
+        staging = cache_root / f".{out.name}.tsv"
+        tsv = write_criteo_tsv(synthetic.frame, staging)
+        t0 = time.perf_counter()
+        try:
+            preprocess_criteo(tsv, out, workflow_cfg, overwrite=True)
+        finally:
+            tsv.unlink(missing_ok=True)
+        log(f"NVTabular Criteo workflow: {time.perf_counter() - t0:.1f} s")
+        n_valid = int(round(cfg.num_rows * workflow_cfg.valid_fraction))
+        ceilings = synthetic.ceiling_aucs(slice(cfg.num_rows - n_valid, None))
+        write_atomic(out, {"ceilings.json": json.dumps({"config": described, "valid_ceiling_auc": ceilings}),
+                           "config.json": json.dumps(described, indent=2)})
+    data = load_criteo_tensors(out)
+    data.name = "synthetic-criteo"
+    data.info["config"] = described
+    data.info["ceiling_auc"] = json.loads(ceilings_path.read_text())["valid_ceiling_auc"]
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------------------
+def parse_overrides(items) -> Dict[str, Dict[str, object]]:
+    """`section.key=value` strings -> {"model": {...}, "train": {...}, "data": {...}, "scaling": {...}}."""
+    out: Dict[str, Dict[str, object]] = {"model": {}, "train": {}, "data": {}, "scaling": {}}
+    for text in items or ():
+        if "=" not in text:
+            raise ValueError(f"--set {text!r} must look like section.key=value, e.g. model.num_layers=3")
+        key, raw = text.split("=", 1)
+        value = yaml.safe_load(raw)
+        if key.strip() == "scaling":
+            out["scaling"]["enabled"] = bool(value)
+            continue
+        section, _, name = key.strip().partition(".")
+        if section not in out or not name:
+            raise ValueError(f"--set {text!r}: use model.<key>, train.<key>, data.<key>, scaling=true or "
+                             "scaling.layers=[..] / scaling.widths=[..]")
+        out[section][name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _train_config(args, overrides: Dict[str, object]) -> CTRTrainConfig:
+    cfg = CTRTrainConfig(epochs=args.epochs, max_steps=args.max_steps or 0, threads=args.threads or 0)
+    return _apply_fields(cfg, overrides, "train")
+
+
+def run_bench(args) -> int:
+    sections = parse_overrides(getattr(args, "overrides", []))
+    models = [m.strip() for m in (args.model or "wukong").split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"--model {','.join(unknown)}: CTR models are {', '.join(MODELS)} (comma-separate several)")
+    train_cfg = _train_config(args, sections["train"])
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    progress = not args.no_progress
+    data = load_ctr_dataset(args.dataset, Path(args.cache), sections["data"], args.input)
+    info = machine_info()
+    print(f"machine: {machine_summary(info)}")
+    print(f"dataset {data.name}: {len(data.train):,} train / {len(data.valid):,} valid rows, "
+          f"{data.num_dense} dense + {len(data.cardinalities)} categorical features, "
+          f"positive rate {float(data.train.labels.mean()):.3f}")
+    if sections["scaling"].get("enabled"):
+        return run_scaling(args, data, train_cfg, sections, info)
+    out = Path(args.output or f"runs/bench/ctr-{Path(args.dataset).name}-{'-'.join(models)}")
+    runs: Dict[str, List[dict]] = {m: [] for m in models}
+    for i in range(args.seeds):
+        seed = args.seed + i
+        for name in models:
+            torch.manual_seed(seed)
+            model = build_ctr_model(name, data.cardinalities, data.num_dense, _model_overrides(name, sections))
+            result = train_ctr(model, data, dataclasses.replace(train_cfg, seed=seed), progress,
+                               desc=f"{name} seed {seed}")
+            runs[name].append({"seed": seed, **result.metrics, "seconds_per_step": result.seconds_per_step,
+                               "parameters": result.parameters, "dense_parameters": result.dense_parameters,
+                               "epoch_losses": result.epoch_losses,
+                               "train_seconds": result.train_seconds, "steps": len(result.step_times)})
+            print(f"{name:7s} seed {seed}: auc {result.metrics['auc']:.4f}  logloss {result.metrics['logloss']:.4f}  "
+                  f"ne {result.metrics['ne']:.4f}  {result.seconds_per_step * 1e3:.1f} ms/step  "
+                  f"{result.parameters:,} params ({result.dense_parameters:,} outside embeddings)")
+    record = summarize(runs, data, train_cfg, info, args, sections)
+    write_atomic(out, {"ctr_bench.json": json.dumps(record, indent=2, default=str), "ctr_bench.md": record["markdown"]})
+    print()
+    print(record["markdown"])
+    print(f"\nwrote {out / 'ctr_bench.json'}, {out / 'ctr_bench.md'}")
+    return 0
+
+
+def _model_overrides(name: str, sections) -> Dict[str, object]:
+    """model.* keys that this model has (so one --set list can serve `--model wukong,dlrm`)."""
+    values = sections["model"]
+    if name == "logreg":
+        return {}
+    if name == "dlrm":
+        fields = {f.name for f in dataclasses.fields(DLRMConfig)}
+    else:
+        fields = {f.name for f in dataclasses.fields(WukongModelConfig)} | {f.name for f in dataclasses.fields(WukongConfig)}
+    known = {f.name for f in dataclasses.fields(DLRMConfig)} | {f.name for f in dataclasses.fields(WukongModelConfig)} \
+        | {f.name for f in dataclasses.fields(WukongConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown model key(s) {unknown}; WuKong: {sorted(known - {'bottom_mlp'})}, "
+                         f"DLRM: {sorted(f.name for f in dataclasses.fields(DLRMConfig))}")
+    return {k: v for k, v in values.items() if k in fields}
+
+
+def _mean_std(values) -> tuple:
+    values = [v for v in values]
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _command(args) -> str:
+    parts = [f"merlin-hstu bench --task ctr --dataset {args.dataset} --model {args.model or 'wukong'}",
+             f"--epochs {args.epochs} --seeds {args.seeds}"]
+    if args.seed != 42:
+        parts.append(f"--seed {args.seed}")
+    if args.max_steps:
+        parts.append(f"--max-steps {args.max_steps}")
+    if args.threads:
+        parts.append(f"--threads {args.threads}")
+    parts += [f"--set {o}" for o in getattr(args, "overrides", [])]
+    return " ".join(parts)
+
+
+def summarize(runs: Dict[str, List[dict]], data: CTRData, train_cfg: CTRTrainConfig, info: dict, args,
+              sections) -> dict:
+    rows, summary = [], {}
+    for name, seeds in runs.items():
+        s = {k: _mean_std(r[k] for r in seeds) for k in ("auc", "logloss", "ne", "seconds_per_step")}
+        summary[name] = {**{k: m for k, (m, _) in s.items()}, **{f"{k}_std": sd for k, (_, sd) in s.items()},
+                         "parameters": seeds[0]["parameters"], "dense_parameters": seeds[0]["dense_parameters"]}
+        rows.append(f"| {name} | {s['auc'][0]:.4f} ± {s['auc'][1]:.4f} | {s['logloss'][0]:.4f} ± {s['logloss'][1]:.4f} "
+                    f"| {s['ne'][0]:.4f} | {s['seconds_per_step'][0] * 1e3:.1f} | {seeds[0]['parameters']:,} "
+                    f"| {seeds[0]['dense_parameters']:,} |")
+    ratio = ""
+    if "wukong" in summary and "dlrm" in summary:
+        ratio = (f"- WuKong / DLRM step time (same process): "
+                 f"{summary['wukong']['seconds_per_step'] / summary['dlrm']['seconds_per_step']:.2f}x; "
+                 f"AUC difference {summary['wukong']['auc'] - summary['dlrm']['auc']:+.4f}")
+    lines = [
+        f"### CTR on {data.name}: {', '.join(runs)}; {train_cfg.epochs} epochs, seeds "
+        f"{[r['seed'] for r in next(iter(runs.values()))]}",
+        "",
+        f"Machine: {machine_summary(info)}; shared with other jobs, so times are noisy. "
+        f"Date {datetime.now(timezone.utc):%Y-%m-%d}.",
+        f"Data: {len(data.train):,} train / {len(data.valid):,} valid rows, {data.num_dense} dense + "
+        f"{len(data.cardinalities)} categorical features; batch {train_cfg.batch_size}, Adam lr {train_cfg.learning_rate}.",
+        "",
+        "| model | valid AUC (mean ± std) | valid logloss (mean ± std) | NE | ms / step | parameters "
+        "| of which outside embeddings |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    lines += _ceiling_lines(data)
+    if ratio:
+        lines.append(ratio)
+    lines.append(f"- command: `{_command(args)}`")
+    return {"task": "ctr", "dataset": data.name, "data_info": data.info, "train": dataclasses.asdict(train_cfg),
+            "model_overrides": sections["model"], "machine": info, "runs": runs, "summary": summary,
+            "markdown": "\n".join(lines), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_atomic(out: Path, files: Dict[str, object]) -> None:
+    """Write text (str) or bytes-producing callables (path -> None) to temp names, then rename each."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        tmp = out / f".{name}.tmp{Path(name).suffix}"
+        if callable(content):
+            content(tmp)
+        else:
+            tmp.write_text(content)
+        tmp.rename(out / name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scaling curve
+# ---------------------------------------------------------------------------------------------------------
+def run_scaling(args, data: CTRData, train_cfg: CTRTrainConfig, sections, info: dict) -> int:
+    """Train WuKong over layers x widths (one seed) and record quality against parameters."""
+    layers = [int(v) for v in sections["scaling"].get("layers", DEFAULT_SCALING_LAYERS)]
+    widths = [int(v) for v in sections["scaling"].get("widths", DEFAULT_SCALING_WIDTHS)]
+    out = Path(args.output or f"runs/bench/ctr-{Path(args.dataset).name}-wukong-scaling")
+    base = _model_overrides("wukong", sections)
+    points = []
+    baselines = {}
+    for name in ("logreg", "dlrm"):
+        torch.manual_seed(args.seed)
+        result = train_ctr(build_ctr_model(name, data.cardinalities, data.num_dense,
+                                           _model_overrides(name, sections)),
+                           data, dataclasses.replace(train_cfg, seed=args.seed), not args.no_progress, desc=name)
+        baselines[name] = {**result.metrics, "parameters": result.parameters,
+                           "dense_parameters": result.dense_parameters,
+                           "seconds_per_step": result.seconds_per_step}
+        print(f"{name}: auc {result.metrics['auc']:.4f} logloss {result.metrics['logloss']:.4f}")
+    for num_layers in layers:
+        for width in widths:
+            overrides = {**base, "num_layers": num_layers, "lcb_feature_num": width, "fmb_feature_num": width,
+                         "compressed_feature_num": width}
+            torch.manual_seed(args.seed)
+            model = build_ctr_model("wukong", data.cardinalities, data.num_dense, overrides)
+            result = train_ctr(model, data, dataclasses.replace(train_cfg, seed=args.seed), not args.no_progress,
+                               desc=f"wukong L={num_layers} w={width}")
+            points.append({"layers": num_layers, "width": width, **result.metrics, "parameters": result.parameters,
+                           "dense_parameters": result.dense_parameters,
+                           "seconds_per_step": result.seconds_per_step})
+            print(f"wukong layers {num_layers} width {width}: auc {result.metrics['auc']:.4f} "
+                  f"logloss {result.metrics['logloss']:.4f} params {result.parameters:,} "
+                  f"({result.dense_parameters:,} outside embeddings) "
+                  f"{result.seconds_per_step * 1e3:.1f} ms/step")
+    ceilings = data.info.get("ceiling_auc")
+    table = ["| model | layers | width (n_F = n_L = k) | valid AUC | valid logloss | parameters outside embeddings "
+             "| ms / step |", "|---|---|---|---|---|---|---|"]
+    table += [f"| wukong | {p['layers']} | {p['width']} | {p['auc']:.4f} | {p['logloss']:.4f} "
+              f"| {p['dense_parameters']:,} | {p['seconds_per_step'] * 1e3:.1f} |" for p in points]
+    table += [f"| {name} | - | - | {b['auc']:.4f} | {b['logloss']:.4f} | {b['dense_parameters']:,} "
+              f"| {b['seconds_per_step'] * 1e3:.1f} |" for name, b in baselines.items()]
+    lines = [f"### WuKong scaling on {data.name}: layers {layers} x widths {widths}, {train_cfg.epochs} epochs, "
+             f"seed {args.seed}", "",
+             f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, GPU {info['gpu'] or 'none'}; "
+             f"shared, times noisy. Date {datetime.now(timezone.utc):%Y-%m-%d}.", "", *table, ""]
+    lines += _ceiling_lines(data)
+    lines.append(f"- command: `{_command(args)}`")
+    record = {"task": "ctr-scaling", "dataset": data.name, "data_info": data.info, "machine": info,
+              "train": dataclasses.asdict(train_cfg), "points": points, "baselines": baselines,
+              "markdown": "\n".join(lines), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    files = {"scaling.json": json.dumps(record, indent=2, default=str), "scaling.md": record["markdown"]}
+    try:
+        import matplotlib  # noqa: F401
+
+        files["scaling.png"] = lambda path: plot_scaling(points, baselines, ceilings, path)
+    except ImportError:
+        print("matplotlib is not installed: scaling.png skipped")
+    write_atomic(out, files)
+    print()
+    print(record["markdown"])
+    print(f"\nwrote {', '.join(str(out / f) for f in files)}")
+    return 0
+
+
+def _ceiling_lines(data: CTRData) -> List[str]:
+    ceilings = data.info.get("ceiling_auc")
+    if not ceilings:
+        return []
+    return ["- ceiling: AUC of the planted logit on the validation rows, keeping orders "
+            + ", ".join(f"{k.replace('order', '')}: {v:.4f}" for k, v in ceilings.items())
+            + " (a model that captures exactly those orders could reach it)"]
+
+
+def plot_scaling(points: List[dict], baselines: Dict[str, dict], ceilings: Optional[Dict[str, float]],
+                 path: Path) -> None:
+    """AUC and log loss against the parameters outside the embedding tables, one line per depth.  The y range
+    fits WuKong, DLRM and the full ceiling; a baseline outside it is named in the legend with its value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for metric, ax in zip(("auc", "logloss"), axes):
+        shown = [p[metric] for p in points]
+        for num_layers in sorted({p["layers"] for p in points}):
+            row = sorted((p for p in points if p["layers"] == num_layers), key=lambda p: p["dense_parameters"])
+            ax.plot([p["dense_parameters"] for p in row], [p[metric] for p in row], marker="o",
+                    label=f"WuKong, {num_layers} layer{'s' if num_layers > 1 else ''}")
+            for p in row:
+                ax.annotate(f"w{p['width']}", (p["dense_parameters"], p[metric]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        if "dlrm" in baselines:
+            shown.append(baselines["dlrm"][metric])
+        if metric == "auc" and ceilings and "order<=3" in ceilings:
+            shown.append(ceilings["order<=3"])
+            ax.axhline(ceilings["order<=3"], linestyle="-.", color="black", linewidth=0.8,
+                       label=f"ceiling: planted logit ({ceilings['order<=3']:.3f})")
+        low, high = min(shown), max(shown)
+        pad = max(high - low, 1e-3) * 0.15
+        for (name, b), style in zip(baselines.items(), ("--", ":", "-")):
+            inside = low - pad <= b[metric] <= high + pad
+            ax.axhline(b[metric], linestyle=style, color="gray",
+                       label=f"{name}: {b[metric]:.3f}" + ("" if inside else " (off scale)"))
+        ax.set_ylim(low - pad, high + pad)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters outside the embedding tables")
+        ax.set_ylabel(f"validation {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("WuKong scaling on synthetic Criteo-layout data (width w: n_F = n_L = k = w)")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""Click-through-rate models on tabular features: WuKong, DLRM, logistic regression; data and training entry."""

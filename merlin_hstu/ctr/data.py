@@ -1,0 +1,351 @@
+"""CTR data for the WuKong / DLRM models: a synthetic Criteo-layout generator with planted interactions, the
+ml-1m-prefix CTR table, and the tensors the models train on.
+
+Synthetic Criteo layout (`generate_synthetic_criteo`, seeded; `write_criteo_tsv` writes the 40-field TSV that
+`merlin_hstu.workflows.criteo_workflow` reads).  The real Criteo logs may not be redistributed, so the
+benchmark plants a known structure instead:
+
+* I1..I13: counts floor(exp(N(mu_j, 1.2))) (I2 is -1 in 5% of rows, as in Criteo); a fraction `missing_rate`
+  of every integer and categorical field is empty.  z_j = standardised log(1 + max(I_j, 0)) with missing = 0,
+  i.e. exactly what the workflow computes, so the planted signal survives preprocessing.
+* C1..C26: 8-hex-digit strings.  The columns that carry signal (C1..C10) draw their values uniformly from
+  small vocabularies; the others are noise with Zipf-distributed values and Criteo-like vocabularies up to
+  `max_cardinality`.  s_j(v) = +-1 is a fixed random sign per value of column j (half the values each).
+* label ~ Bernoulli(sigmoid(logit)) with
+
+      logit = base
+            + a1 (z_1 + s_1 + s_2)                                   order 1
+            + a2 (s_3 s_4 + s_5 s_6 + z_2 s_7)                       order 2
+            + a3 (s_3 s_4 s_8 + s_5 s_6 s_9 + z_2 s_7 s_10)          order 3
+
+  A product of independent balanced signs has no lower-order part, so logistic regression cannot see the
+  order-2/3 terms at all, and a model limited to pairwise terms cannot see the order-3 ones.  Each order-3
+  term extends an order-2 term by one more column - the way a stack of interaction layers builds them (layer
+  2 multiplies a learned pair with a third feature).  A "pure" three-way sign product with no order-2 part
+  is a 3-bit parity: the gradient carries no first-order signal towards it, and in our runs no model (WuKong
+  included) picked it up within a few epochs among 26 columns (a small clean case is learned: see
+  tests/test_wukong.py).  `extra_columns` / `extra_terms` make the problem harder for scaling curves: more
+  signal columns and more random nested (order-2 + order-3) terms over them.  The generator also returns the planted logit split by order
+  (`SyntheticCriteo.ceiling_aucs`): the AUC a model capturing orders <= 1, <= 2, <= 3 could reach.
+
+ml-1m-prefix CTR (`load_ml1m_ctr`): every rating of the staged MovieLens-1M prefix is one impression,
+label = rating >= 4.  Categorical features: user id, item id, gender, age, occupation, zip prefix (first 3
+characters), first and second genre, hour and weekday of the rating (UTC).  Dense features: log(1 + ratings
+of the user in train), log(1 + ratings of the item in train), release year (from the title), standardised
+with train statistics.  Split: per user by time - each user's last 20% of ratings (at least one, stable sort
+by timestamp) are the validation rows, so every validation rating is later than that user's train ratings.
+Categorical ids are 1.. in order of first appearance in train; 0 is a value never seen in train.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+# Which columns carry the planted signal (1-based Criteo names); see the module docstring.
+MAIN_DENSE, MAIN_CATEGORICAL = 1, (1, 2)  # z_1; s_1, s_2
+ORDER2_PAIRS = ((3, 4), (5, 6))  # s_3 s_4, s_5 s_6
+ORDER2_DENSE_PAIR = (2, 7)  # z_2 s_7
+ORDER3_EXTRA = (8, 9, 10)  # the third column of each order-3 term, in the order of the three order-2 terms
+GENERATOR_VERSION = 2  # bump when the generated data changes (benchmark caches key on it)
+SIGNAL_COLUMNS = 10  # C1..C10 carry signal (uniform, small vocabularies); C11..C26 are noise
+
+@dataclass
+class SyntheticCriteoConfig:
+    """Size, seed and planted-signal strengths of the synthetic Criteo-layout data."""
+
+    num_rows: int = 200_000
+    seed: int = 0
+    signal_cardinality: int = 10  # vocabulary of each signal column C1..C10 (uniform values)
+    max_cardinality: int = 50_000  # largest noise-column vocabulary (C11..C26 span 20 .. this, log-spaced)
+    zipf_exponent: float = 1.1  # noise columns: P(value rank r) ~ 1 / r^exponent
+    missing_rate: float = 0.02
+    base_logit: float = -1.0
+    order1: float = 0.4
+    order2: float = 0.8
+    order3: float = 1.0
+    # difficulty knob (scaling curves): C11..C(10 + extra_columns) become signal columns too, and extra_terms
+    # random nested terms  extra_strength * (s_a s_b + s_a s_b s_c)  over distinct signal columns a, b, c >= 3
+    extra_columns: int = 0
+    extra_terms: int = 0
+    extra_strength: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("num_rows", "signal_cardinality", "max_cardinality"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 2:
+                raise ValueError(f"SyntheticCriteoConfig.{name} must be an integer >= 2, got {value!r}")
+        if not 0 <= self.extra_columns <= 26 - SIGNAL_COLUMNS or self.extra_terms < 0:
+            raise ValueError(f"SyntheticCriteoConfig.extra_columns must be in [0, {26 - SIGNAL_COLUMNS}] and "
+                             f"extra_terms >= 0, got {self.extra_columns}, {self.extra_terms}")
+        if not 0.0 <= self.missing_rate < 1.0:
+            raise ValueError(f"SyntheticCriteoConfig.missing_rate must be in [0, 1), got {self.missing_rate}")
+
+    @property
+    def signal_columns(self) -> int:
+        return SIGNAL_COLUMNS + self.extra_columns
+
+    def cardinalities(self) -> List[int]:
+        noise = np.geomspace(20, self.max_cardinality, 26 - self.signal_columns).round().astype(int).tolist()
+        return [self.signal_cardinality] * self.signal_columns + noise
+
+
+@dataclass
+class SyntheticCriteo:
+    frame: pd.DataFrame  # label (int), I1..I13 (nullable Int64), C1..C26 (str or None)
+    planted_logit: np.ndarray  # [num_rows] the logit the labels were drawn from
+    planted_terms: Dict[str, np.ndarray]  # "order1" / "order2" / "order3" parts of it (plus base_logit)
+
+    def ceiling_aucs(self, rows: slice = slice(None)) -> Dict[str, float]:
+        """AUC of the planted logit truncated to orders <= 1, <= 2 and all: what a model that captures
+        exactly those orders could reach on `rows`."""
+        from merlin_hstu.common.metrics import auc
+
+        y = self.frame["label"].to_numpy()[rows]
+        t = {k: v[rows] for k, v in self.planted_terms.items()}
+        return {"order<=1": auc(y, t["order1"]), "order<=2": auc(y, t["order1"] + t["order2"]),
+                "order<=3": auc(y, self.planted_logit[rows])}
+
+
+def _balanced_signs(rng: np.random.Generator, n: int) -> np.ndarray:
+    signs = np.where(np.arange(n) % 2 == 0, 1.0, -1.0)
+    return rng.permutation(signs)
+
+
+def generate_synthetic_criteo(config: Optional[SyntheticCriteoConfig] = None) -> SyntheticCriteo:
+    """Rows in the Criteo layout with the planted logit of the module docstring (deterministic per seed)."""
+    cfg = config or SyntheticCriteoConfig()
+    rng = np.random.default_rng(cfg.seed)
+    n = cfg.num_rows
+    # integers: log-normal counts, I2 sometimes -1, some missing
+    mu = rng.uniform(0.0, 4.0, 13)
+    ints = np.floor(np.exp(rng.normal(mu, 1.2, size=(n, 13)))).astype(np.int64)
+    ints[rng.random(n) < 0.05, 1] = -1
+    int_missing = rng.random((n, 13)) < cfg.missing_rate
+    logs = np.log1p(np.where(int_missing, 0, np.maximum(ints, 0)))
+    z = (logs - logs.mean(0)) / logs.std(0)  # what the workflow's FillMissing/Clip/LogOp/Normalize gives
+
+    cards = cfg.cardinalities()
+    codes = np.empty((n, 26), dtype=np.int64)
+    signs = np.empty((n, 26))
+    for j, card in enumerate(cards):
+        if j < cfg.signal_columns:
+            codes[:, j] = rng.integers(0, card, n)
+        else:
+            p = 1.0 / np.arange(1, card + 1) ** cfg.zipf_exponent
+            codes[:, j] = rng.choice(card, size=n, p=p / p.sum())
+        signs[:, j] = _balanced_signs(rng, card)[codes[:, j]]
+    cat_missing = rng.random((n, 26)) < cfg.missing_rate
+    signs[cat_missing] = 0.0  # a missing value carries no signal (it maps to the null id)
+
+    s = lambda c: signs[:, c - 1]  # noqa: E731  (1-based Criteo column numbers read like the docstring)
+    pairs = [s(a) * s(b) for a, b in ORDER2_PAIRS] + [z[:, ORDER2_DENSE_PAIR[0] - 1] * s(ORDER2_DENSE_PAIR[1])]
+    terms = {"order1": cfg.order1 * (z[:, MAIN_DENSE - 1] + s(MAIN_CATEGORICAL[0]) + s(MAIN_CATEGORICAL[1])),
+             "order2": cfg.order2 * sum(pairs),
+             "order3": cfg.order3 * sum(pair * s(c) for pair, c in zip(pairs, ORDER3_EXTRA))}
+    extra = np.random.default_rng([cfg.seed, 1])  # its own stream: extra_terms=0 leaves the data unchanged
+    for _ in range(cfg.extra_terms):
+        a, b, c = extra.choice(np.arange(3, cfg.signal_columns + 1), size=3, replace=False)
+        terms["order2"] = terms["order2"] + cfg.extra_strength * s(a) * s(b)
+        terms["order3"] = terms["order3"] + cfg.extra_strength * s(a) * s(b) * s(c)
+    logit = cfg.base_logit + terms["order1"] + terms["order2"] + terms["order3"]
+    labels = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
+
+    frame = {"label": labels}
+    for j in range(13):
+        frame[f"I{j + 1}"] = pd.array(np.where(int_missing[:, j], 0, ints[:, j]), dtype="Int64")
+        frame[f"I{j + 1}"][int_missing[:, j]] = pd.NA
+    for j, card in enumerate(cards):
+        hashes = rng.choice(2**32, size=card, replace=False)
+        vocab = np.array([f"{h:08x}" for h in hashes], dtype=object)
+        values = vocab[codes[:, j]]
+        values[cat_missing[:, j]] = None
+        frame[f"C{j + 1}"] = values
+    return SyntheticCriteo(pd.DataFrame(frame), logit, terms)
+
+
+def write_criteo_tsv(frame: pd.DataFrame, path: PathLike) -> Path:
+    """Write rows in the Criteo layout (tab-separated, no header, empty = missing); temp file then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            frame.to_csv(f, sep="\t", header=False, index=False, na_rep="")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tensors
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class CTRTensors:
+    """One split as tensors: dense [N, m] float32, sparse [N, c] int64 (< cardinalities), labels [N] float32."""
+
+    dense: torch.Tensor
+    sparse: torch.Tensor
+    labels: torch.Tensor
+    dense_names: List[str]
+    sparse_names: List[str]
+    cardinalities: List[int]
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        if self.dense.shape != (n, len(self.dense_names)) or self.sparse.shape != (n, len(self.sparse_names)):
+            raise ValueError(f"CTRTensors: dense {tuple(self.dense.shape)} / sparse {tuple(self.sparse.shape)} "
+                             f"do not match {n} labels and {len(self.dense_names)} dense / "
+                             f"{len(self.sparse_names)} categorical names")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None
+                ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(dense, sparse, labels) batches; the last one may be smaller."""
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        for start in range(0, len(self), batch_size):
+            idx = order[start:start + batch_size]
+            yield self.dense[idx], self.sparse[idx], self.labels[idx]
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)
+
+
+@dataclass
+class CTRData:
+    name: str
+    train: CTRTensors
+    valid: CTRTensors
+    info: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def cardinalities(self) -> List[int]:
+        return self.train.cardinalities
+
+    @property
+    def num_dense(self) -> int:
+        return len(self.train.dense_names)
+
+
+def tensors_from_frame(df: pd.DataFrame, dense: Sequence[str], sparse: Sequence[str], label: str,
+                       cardinalities: Sequence[int]) -> CTRTensors:
+    missing = [c for c in [*dense, *sparse, label] if c not in df.columns]
+    if missing:
+        raise ValueError(f"CTR frame lacks column(s) {missing} (has {list(df.columns)})")
+    return CTRTensors(
+        dense=torch.as_tensor(df[list(dense)].to_numpy(dtype=np.float32).reshape(len(df), len(dense))),
+        sparse=torch.as_tensor(df[list(sparse)].to_numpy(dtype=np.int64).reshape(len(df), len(sparse))),
+        labels=torch.as_tensor(df[label].to_numpy(dtype=np.float32)),
+        dense_names=list(dense), sparse_names=list(sparse), cardinalities=[int(c) for c in cardinalities])
+
+
+def load_criteo_tensors(path: PathLike) -> CTRData:
+    """A `preprocess_criteo` output (or any processed dir with train/valid splits tagged CONTINUOUS /
+    CATEGORICAL / TARGET) as tensors; table sizes come from the schema (int_domain.max + 1)."""
+    from merlin.schema import Tags
+
+    from merlin_hstu.workflows.criteo_workflow import TRAIN, VALID, load_criteo_dataset
+
+    dataset = load_criteo_dataset(path)
+    if VALID not in dataset.splits:
+        raise ValueError(f"{path} has no processed/valid split; preprocess with valid_fraction > 0")
+    schema = dataset.schema
+    dense = schema.select_by_tag(Tags.CONTINUOUS).column_names
+    sparse = schema.select_by_tag(Tags.CATEGORICAL).column_names
+    targets = schema.select_by_tag(Tags.TARGET).column_names
+    if len(targets) != 1:
+        raise ValueError(f"{path}: expected one TARGET column in the schema, found {targets}")
+    cards = []
+    for name in sparse:
+        domain = schema[name].int_domain
+        if domain is None or domain.max is None:
+            raise ValueError(f"{path}: categorical column {name!r} has no int_domain.max in schema.pbtxt")
+        cards.append(int(domain.max) + 1)
+    splits = {}
+    for name in (TRAIN, VALID):
+        df = dataset.to_pandas(name)
+        splits[name] = tensors_from_frame(df, dense, sparse, targets[0], cards)
+    return CTRData(Path(path).name, splits[TRAIN], splits[VALID],
+                   {"path": str(path), "rows": dataset.num_rows, "workflow": str(dataset.workflow_path)})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ml-1m-prefix CTR
+# ---------------------------------------------------------------------------------------------------------
+ML1M_CTR_CATEGORICAL = ["user_id", "item_id", "gender", "age", "occupation", "zip_prefix", "genre_1", "genre_2",
+                        "hour", "weekday"]
+ML1M_CTR_DENSE = ["user_log_count", "item_log_count", "release_year"]
+ML1M_CTR_LABEL = "label"
+VALID_FRACTION = 0.2
+
+
+def ml1m_ctr_frame(events: pd.DataFrame, users: pd.DataFrame, movies: pd.DataFrame) -> pd.DataFrame:
+    """One row per rating with raw feature values, the label and the split ("train" / "valid")."""
+    df = events.merge(users, on="user_id", how="left", validate="many_to_one")
+    df = df.merge(movies, on="item_id", how="left", validate="many_to_one")
+    df[ML1M_CTR_LABEL] = (df["rating"] >= 4).astype(np.int64)
+    df["zip_prefix"] = df["zip_code"].astype(str).str[:3]
+    genres = df["genres"].fillna("").str.split("|")
+    df["genre_1"] = genres.str[0].fillna("none")
+    df["genre_2"] = genres.str[1].fillna("none")
+    when = pd.to_datetime(df["timestamp"], unit="s", utc=True)
+    df["hour"], df["weekday"] = when.dt.hour, when.dt.weekday
+    df["release_year"] = pd.to_numeric(df["title"].str.extract(r"\((\d{4})\)\s*$")[0], errors="coerce")
+    # per-user time split: stable sort by time, the last ceil(20%) of each user's ratings are validation
+    df = df.reset_index(drop=True)
+    order = np.lexsort((np.arange(len(df)), df["timestamp"].to_numpy(), df["user_id"].to_numpy()))
+    df = df.iloc[order].reset_index(drop=True)
+    rank = df.groupby("user_id").cumcount().to_numpy()
+    count = df.groupby("user_id")["user_id"].transform("size").to_numpy()
+    n_valid = np.maximum(1, np.ceil(count * VALID_FRACTION)).astype(np.int64)
+    df["split"] = np.where(rank >= count - n_valid, "valid", "train")
+    return df
+
+
+def encode_ml1m_ctr(df: pd.DataFrame) -> CTRData:
+    """Ids and standardised dense features from the train rows only (unseen values -> id 0)."""
+    train = df["split"].to_numpy() == "train"
+    out = pd.DataFrame({ML1M_CTR_LABEL: df[ML1M_CTR_LABEL].to_numpy()})
+    cards = []
+    for name in ML1M_CTR_CATEGORICAL:
+        vocab = pd.unique(df.loc[train, name])
+        codes = pd.Index(vocab).get_indexer(df[name])
+        out[name] = codes + 1  # get_indexer gives -1 for unseen -> 0
+        cards.append(len(vocab) + 1)
+    user_counts = df.loc[train, "user_id"].value_counts()
+    item_counts = df.loc[train, "item_id"].value_counts()
+    dense = {"user_log_count": np.log1p(df["user_id"].map(user_counts).fillna(0).to_numpy(dtype=np.float64)),
+             "item_log_count": np.log1p(df["item_id"].map(item_counts).fillna(0).to_numpy(dtype=np.float64)),
+             "release_year": df["release_year"].to_numpy(dtype=np.float64)}
+    for name, values in dense.items():
+        fill = np.nanmean(values[train])
+        values = np.where(np.isnan(values), fill, values)
+        std = values[train].std() or 1.0
+        out[name] = (values - values[train].mean()) / std
+    args = (ML1M_CTR_DENSE, ML1M_CTR_CATEGORICAL, ML1M_CTR_LABEL, cards)
+    return CTRData("ml-1m-prefix-ctr", tensors_from_frame(out[train], *args), tensors_from_frame(out[~train], *args),
+                   {"rows": {"train": int(train.sum()), "valid": int((~train).sum())},
+                    "positive_rate": float(out[ML1M_CTR_LABEL].mean())})
+
+
+def load_ml1m_ctr(input_dir: Optional[PathLike] = None) -> CTRData:
+    """The ml-1m-prefix CTR table (module docstring) from the staged MovieLens files or `input_dir`."""
+    from merlin_hstu.workflows.datasets import default_input_dir, load_dataset
+
+    source = input_dir or default_input_dir("ml-1m-prefix")
+    if source is None:
+        raise ValueError("ml-1m-prefix is not staged here: pass --input DIR with ratings.dat, movies.dat, users.dat")
+    loaded = load_dataset("ml-1m-prefix", source)
+    return encode_ml1m_ctr(ml1m_ctr_frame(loaded.events, loaded.user_features, loaded.item_features))

@@ -1,0 +1,1 @@
+"""Sequence encoders and interaction towers: the STU layer and stack (HSTU), SASRec, WuKong."""

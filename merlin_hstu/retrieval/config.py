@@ -1,0 +1,173 @@
+"""Typed experiment configuration, loaded from YAML presets shipped in `merlin_hstu/configs/`.
+
+    cfg = load_config("demo")                              # a preset name
+    cfg = load_config("my.yaml", ["train.epochs=3"])       # a file plus dotted overrides
+
+Sections: `data`, `model` (the encoder), `head` (how queries and items are compared: similarity dot | mol, query /
+item normalisation, the MoL shape; `merlin_hstu.retrieval.similarity.RetrievalHeadConfig`) and `train` (optimiser, epochs and
+the objective: loss sampled_softmax | full_softmax | bce, negatives uniform | in_batch, logQ, temperature;
+`merlin_hstu.retrieval.losses.RetrievalLossConfig` validates the combination).
+
+Unknown keys are errors (a typo must not silently fall back to a default); so are invalid combinations.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from merlin_hstu.encoders.hstu import HSTUEncoderConfig
+from merlin_hstu.retrieval.losses import RetrievalLossConfig
+from merlin_hstu.encoders.sasrec import SASRecEncoderConfig
+from merlin_hstu.retrieval.similarity import RetrievalHeadConfig
+
+# model.type -> the encoder's typed config
+ENCODER_CONFIGS = {"hstu": HSTUEncoderConfig, "sasrec": SASRecEncoderConfig}
+
+
+def encoder_type(model_config) -> str:
+    for name, cls in ENCODER_CONFIGS.items():
+        if type(model_config) is cls:
+            return name
+    raise TypeError(f"unknown encoder config type {type(model_config).__name__}")
+
+
+@dataclass
+class DataConfig:
+    id_column: str = "user_id"
+    id_kind: str = "user"  # user | session
+    item_column: str = "item_id"
+    action_column: Optional[str] = "action"
+    timestamp_column: Optional[str] = "timestamp"
+    max_history: int = 200  # history window H; the encoder's max_seq_len must be >= H + 1
+    min_length: int = 3  # a user needs 3 events: >= 1 history item, a train target, an eval target
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    betas: tuple = (0.9, 0.98)
+    weight_decay: float = 0.0
+    num_negatives: int = 128
+    temperature: float = 0.05
+    input_dropout: float = 0.2
+    seed: int = 42
+    eval_batch_size: int = 256
+    rank_cap: int = 2500
+    ks: tuple = (10, 50, 200)
+    eval_every: int = 0  # evaluate every n epochs during training (0: only at the end)
+    threads: int = 0  # torch intra-op threads (0: leave torch's default)
+    max_steps: int = 0  # stop after this many optimizer steps in total (0: run every epoch in full)
+    loss: str = "sampled_softmax"  # sampled_softmax | full_softmax | bce
+    negatives: str = "uniform"  # uniform (over the catalogue) | in_batch (the batch's supervised positives)
+    logq_correction: bool = False  # in-batch negatives only: logit - log q(item)
+    mi_loss_weight: float = 0.0  # MoL heads: weight of the gates' mutual-information aux loss
+
+    def __post_init__(self) -> None:
+        try:  # an invalid loss / negatives / temperature combination fails here, at load time
+            self.loss_config()
+        except ValueError as error:
+            raise ValueError(f"train section: {error} (keys train.loss, train.negatives, train.num_negatives, "
+                             "train.temperature, train.logq_correction, train.mi_loss_weight)") from None
+
+    def loss_config(self) -> RetrievalLossConfig:
+        return RetrievalLossConfig(num_negatives=self.num_negatives, temperature=self.temperature, loss=self.loss,
+                                   negatives=self.negatives, logq_correction=self.logq_correction,
+                                   mi_loss_weight=self.mi_loss_weight)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "custom"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: HSTUEncoderConfig | SASRecEncoderConfig = field(default_factory=HSTUEncoderConfig)
+    head: RetrievalHeadConfig = field(default_factory=RetrievalHeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"] = {"type": encoder_type(self.model), **d["model"]}
+        for key in ("betas", "ks"):
+            d["train"][key] = list(d["train"][key])
+        return d
+
+
+_SECTIONS = {"data": DataConfig, "head": RetrievalHeadConfig, "train": TrainConfig}
+
+
+def _build(cls, values: dict, where: str):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for key, value in values.items():
+        if names[key].type in ("tuple", tuple) and isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(d: dict) -> ExperimentConfig:
+    d = dict(d or {})
+    unknown = sorted(set(d) - {"name", "description", "model", *_SECTIONS})
+    if unknown:
+        raise ValueError(f"unknown top-level key(s) {unknown}; valid: name, description, data, model, head, train")
+    sections = {k: _build(cls, d.get(k) or {}, k) for k, cls in _SECTIONS.items()}
+    model = dict(d.get("model") or {})
+    kind = model.pop("type", "hstu")
+    if kind not in ENCODER_CONFIGS:
+        raise ValueError(f"unknown model.type {kind!r}; valid: {sorted(ENCODER_CONFIGS)}")
+    sections["model"] = _build(ENCODER_CONFIGS[kind], model, f"model (type {kind})")
+    cfg = ExperimentConfig(name=d.get("name", "custom"), description=d.get("description", ""), **sections)
+    if cfg.train.mi_loss_weight and cfg.head.similarity != "mol":
+        raise ValueError(f"train.mi_loss_weight={cfg.train.mi_loss_weight} weighs MoL's gate loss, but "
+                         f"head.similarity={cfg.head.similarity!r}: set head.similarity=mol or mi_loss_weight=0")
+    if cfg.model.max_seq_len < cfg.data.max_history + 1:
+        raise ValueError(
+            f"model.max_seq_len={cfg.model.max_seq_len} must be >= data.max_history + 1 = {cfg.data.max_history + 1}"
+        )
+    return cfg
+
+
+def preset_names() -> list:
+    return sorted(p.name[:-5] for p in resources.files("merlin_hstu.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _parse_override(text: str) -> tuple:
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value (e.g. train.epochs=3)")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def load_config(name_or_path: str | Path = "demo", overrides: Sequence[str] = ()) -> ExperimentConfig:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text())
+    else:
+        name = str(name_or_path)
+        if name not in preset_names():
+            raise ValueError(f"unknown preset {name!r}; presets: {preset_names()} (or pass a .yaml path)")
+        raw = yaml.safe_load(resources.files("merlin_hstu.configs").joinpath(f"{name}.yaml").read_text())
+    raw = raw or {}
+    for override in overrides:
+        keys, value = _parse_override(override)
+        node: Any = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return config_from_dict(raw)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,161 @@
+"""Generative retrieval as a Transformers4Rec prediction task: `GenerativeRetrievalTask`.
+
+A drop-in replacement for T4R's `NextItemPredictionTask` (merlin-integration.md §2.6, §2.9d) with the retrieval
+options of merlin_hstu, each independent of the others:
+
+    loss            sampled_softmax | full_softmax | bce                 (merlin_hstu.retrieval.losses)
+    negatives       uniform (over the catalogue) | in_batch, + logq_correction   (merlin_hstu.retrieval.negatives)
+    num_negatives   R per supervised position;  temperature tau > 0
+    l2_norm         L2-normalise query and item vectors (on: the reference's cosine / tau)
+    similarity      dot | mol  (mixture of logits, merlin_hstu.retrieval.similarity; `mol=MoLConfig(...)` sets its shape)
+
+    task = GenerativeRetrievalTask(loss="sampled_softmax", negatives="in_batch", logq_correction=True,
+                                   num_negatives=64, temperature=0.05, similarity="mol")
+    model = tr.Model(tr.Head(body, task))
+
+Items are scored against the input item-embedding table (weight tying; T4R inserts a projection when the body
+width differs from the item embedding width).  What each mode does:
+
+* training (`training=True`): the supervised positions come from the masking (T4R's `masked_targets`, padding
+  removed) and the configured loss is computed by merlin_hstu.retrieval.losses - the same code `merlin-hstu train` runs.
+  The output dict holds `loss`, `labels` (the positive ids) and `predictions` (the query vectors the loss saw);
+* evaluation (`testing=True`): every catalogue item is scored, logits = s / tau, and T4R's cross-entropy and ranking
+  metrics run on them unchanged;
+* inference: scores [B, V] of every item for the last position (padding and ids below `first_item_id` get -inf),
+  or `(scores, ids)` of the top-k with `tr.Model(..., top_k=k)`.  Traceable with `torch.jit.trace`.
+
+Invalid option combinations (e.g. BCE with 128 negatives, logQ with uniform negatives) raise `ValueError` when the
+task is constructed.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+from transformers4rec.torch.block.base import Block
+from transformers4rec.torch.model.prediction_task import NextItemPredictionTask
+
+from merlin_hstu.retrieval.losses import RetrievalLossConfig, retrieval_loss
+from merlin_hstu.retrieval.similarity import MoLConfig, RetrievalHead, RetrievalHeadConfig
+
+
+class RetrievalOutput(nn.Module):
+    """The task's output layer (T4R's `pre`): (x, targets, training, testing) -> (logits, targets), plus the
+    training loss.  Holds the retrieval head; the item table is T4R's item embedding (shared, not copied)."""
+
+    def __init__(self, item_embedding_table: nn.Embedding, head: RetrievalHead, loss_config: RetrievalLossConfig,
+                 first_item_id: int):
+        super().__init__()
+        num_items = item_embedding_table.num_embeddings
+        if not 0 < first_item_id < num_items:
+            raise ValueError(f"first_item_id must be in [1, {num_items}) (ids below it are padding / special rows), "
+                             f"got {first_item_id}")
+        self.item_embedding_table = item_embedding_table
+        self.head = head
+        self.loss_config = loss_config
+        self.register_buffer("catalogue", torch.arange(first_item_id, num_items), persistent=False)
+        rankable = torch.zeros(num_items, dtype=torch.bool)
+        rankable[first_item_id:] = True
+        self.register_buffer("rankable", rankable, persistent=False)
+
+    def item_vectors(self, item_ids: Optional[Tensor] = None) -> Tensor:
+        table = self.item_embedding_table
+        return self.head.normalize_items(table.weight if item_ids is None else table(item_ids))
+
+    def forward(self, inputs: Tensor, targets: Optional[Tensor] = None, training: bool = False,
+                testing: bool = False, **kwargs):
+        """inputs [N, D] body outputs -> scores [N, V] (/ tau in training or testing), targets unchanged."""
+        query = self.head.normalize_query(inputs)
+        scores = self.head.catalogue_scores(query, self.item_vectors())
+        scores = scores.masked_fill(~self.rankable.unsqueeze(0), float("-inf"))
+        if training or testing:
+            scores = scores / self.loss_config.temperature
+        return scores, targets
+
+    def loss(self, inputs: Tensor, positives: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Configured loss of body outputs [P, D] at supervised positions with positive ids [P]."""
+        return retrieval_loss(self, self.head.normalize_query(inputs), positives, self.catalogue,
+                              self.loss_config, generator)
+
+
+class GenerativeRetrievalTask(NextItemPredictionTask):
+    """Next-item generative retrieval with selectable loss, negatives, normalisation and similarity.
+
+    Arguments (see the module docstring): loss, negatives, num_negatives, temperature, logq_correction, l2_norm,
+    similarity, mol (MoLConfig or dict; default: the RAILS ML-1M shape), mi_loss_weight (MoL's aux loss),
+    query_norm ("l2" | "layer_norm" | "none"; overrides l2_norm for the query side), first_item_id (smallest
+    real item id: negatives, the full softmax and recommendations use ids >= it; default padding_idx + 1; use 3
+    for NVTabular Categorify's 0 pad / 1 null / 2 OOV), topk_chunk_size (items scored at a time when scoring the
+    catalogue without gradients; 0: automatic), plus NextItemPredictionTask's metrics, task_name and task_block.
+    """
+
+    def __init__(
+        self,
+        loss: str = "sampled_softmax",
+        negatives: str = "uniform",
+        num_negatives: int = 128,
+        temperature: float = 0.05,
+        logq_correction: bool = False,
+        l2_norm: bool = True,
+        similarity: str = "dot",
+        mol: Optional[Union[MoLConfig, dict]] = None,
+        mi_loss_weight: float = 0.0,
+        query_norm: Optional[str] = None,
+        first_item_id: Optional[int] = None,
+        topk_chunk_size: int = 0,
+        metrics=NextItemPredictionTask.DEFAULT_METRICS,
+        task_name: str = "next-item",
+        task_block=None,
+    ):
+        # Both configs validate here, so a bad combination fails at construction, not at the first batch.
+        loss_config = RetrievalLossConfig(num_negatives=num_negatives, temperature=temperature, loss=loss,
+                                               negatives=negatives, logq_correction=logq_correction,
+                                               mi_loss_weight=mi_loss_weight)
+        head_config = RetrievalHeadConfig(similarity=similarity,
+                                          query_norm=query_norm or ("l2" if l2_norm else "none"),
+                                          item_norm="l2" if l2_norm else "none",
+                                          mol=mol if mol is not None else MoLConfig(),
+                                          topk_chunk_size=topk_chunk_size)
+        if mi_loss_weight and similarity != "mol":
+            raise ValueError(f"mi_loss_weight={mi_loss_weight} weighs MoL's gate loss; similarity={similarity!r} "
+                             "has no gates: set similarity='mol' or mi_loss_weight=0")
+        if first_item_id is not None and (isinstance(first_item_id, bool) or int(first_item_id) < 1):
+            raise ValueError(f"first_item_id must be an int >= 1, got {first_item_id!r}")
+        super().__init__(metrics=metrics, task_block=task_block, task_name=task_name, weight_tying=True)
+        self.loss_config, self.head_config, self.first_item_id = loss_config, head_config, first_item_id
+
+    def build(self, body, input_size, device=None, inputs=None, task_block=None, pre=None):
+        super().build(body, input_size, device=device, inputs=inputs, task_block=task_block, pre=pre)
+        table = self.item_embedding_table
+        dim = table.weight.shape[1]  # weight tying: T4R projects the body output to the item width if needed
+        head = RetrievalHead(self.head_config, dim, dim)
+        first = self.first_item_id if self.first_item_id is not None else self.padding_idx + 1
+        self.pre = Block(RetrievalOutput(table, head, self.loss_config, first), [-1, self.target_dim])
+        if device:
+            self.pre.to(device)
+
+    @property
+    def output(self) -> RetrievalOutput:
+        return self.pre.module
+
+    def forward(self, inputs, targets=None, training=False, testing=False, top_k=None, **kwargs):
+        if not training:  # evaluation and inference: T4R's own path over our full-catalogue logits
+            return super().forward(inputs, targets=targets, training=training, testing=testing, top_k=top_k,
+                                   **kwargs)
+        x = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+        x = x.float()
+        if self.task_block:
+            x = self.task_block(x)
+        labels = self.masking.masked_targets.flatten()
+        supervised = labels != self.padding_idx
+        x = self.remove_pad_3d(x, supervised)
+        positives = labels[supervised].long()
+        loss = self.output.loss(x, positives)
+        return {"loss": loss, "labels": positives, "predictions": self.output.head.normalize_query(x).detach()}
+
+    def _get_name(self) -> str:
+        return "GenerativeRetrievalTask"
+
+
+__all__ = ["GenerativeRetrievalTask", "RetrievalOutput"]
