@@ -40,130 +40,15 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from merlin_hstu.bench.retrieval import machine_info, machine_summary
-from merlin_hstu.ctr.data import CTRData, CTRTensors
-from merlin_hstu.ctr.dlrm import DLRM, DLRMConfig, LogisticRegression
-from merlin_hstu.common.metrics import binary_task_metrics
-from merlin_hstu.ctr.wukong import WukongConfig, WukongModel, WukongModelConfig
+from merlin_hstu.bench.retrieval import machine_info, machine_summary, mean_std
+from merlin_hstu.common.overrides import overrides_by_section, replace_fields
+from merlin_hstu.ctr.data import CTRData
+from merlin_hstu.ctr.train import (MODELS, CTRResult, CTRTrainConfig, build_ctr_model, count_parameters,  # noqa: F401
+                                   evaluate_ctr, predict_logits, train_ctr)
 
-MODELS = ("wukong", "dlrm", "logreg")
 DATASETS = ("synthetic-criteo", "ml-1m-prefix-ctr")
 DEFAULT_SCALING_LAYERS = (1, 2, 3)
 DEFAULT_SCALING_WIDTHS = (4, 8, 16)
-
-
-@dataclass
-class CTRTrainConfig:
-    epochs: int = 3
-    batch_size: int = 512
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.0
-    eval_batch_size: int = 8192
-    seed: int = 42
-    max_steps: int = 0  # 0: run every epoch in full
-    threads: int = 0  # torch intra-op threads (0: torch's default)
-
-
-@dataclass
-class CTRResult:
-    model: nn.Module
-    metrics: Dict[str, float]  # validation auc / logloss / ne after the last epoch
-    epoch_losses: List[float]
-    step_times: List[float]
-    parameters: int
-    dense_parameters: int  # without the embedding tables
-    train_seconds: float
-
-    @property
-    def seconds_per_step(self) -> float:
-        steady = self.step_times[1:] or self.step_times
-        return statistics.median(steady) if steady else float("nan")
-
-
-def count_parameters(model: nn.Module, embeddings: bool = True) -> int:
-    """Trainable parameters; embeddings=False leaves out embedding tables (the dense / interaction part)."""
-    skip = set()
-    if not embeddings:
-        skip = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in skip)
-
-
-def _apply_fields(config, values: Dict[str, object], where: str):
-    names = {f.name for f in dataclasses.fields(config)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown {where} key(s) {unknown}; valid: {sorted(names)}")
-    return dataclasses.replace(config, **values)
-
-
-def build_ctr_model(name: str, cardinalities, num_dense: int, overrides: Optional[Dict[str, object]] = None
-                    ) -> nn.Module:
-    """`wukong` | `dlrm` | `logreg` with `model.<field>` overrides (WuKong tower fields may be given flat)."""
-    overrides = dict(overrides or {})
-    if name == "wukong":
-        tower_fields = {f.name for f in dataclasses.fields(WukongConfig)}
-        tower = {k: overrides.pop(k) for k in list(overrides) if k in tower_fields}
-        cfg = _apply_fields(WukongModelConfig(), overrides, "model (wukong)")
-        cfg.tower = _apply_fields(cfg.tower, tower, "model (wukong tower)")
-        cfg.__post_init__()  # re-validate after replace
-        return WukongModel(cardinalities, num_dense, cfg)
-    if name == "dlrm":
-        return DLRM(cardinalities, num_dense, _apply_fields(DLRMConfig(), overrides, "model (dlrm)"))
-    if name == "logreg":
-        if overrides:
-            raise ValueError(f"logreg has no model options (got {sorted(overrides)})")
-        return LogisticRegression(cardinalities, num_dense)
-    raise ValueError(f"unknown CTR model {name!r}; use one of {list(MODELS)}")
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, tensors: CTRTensors, batch_size: int = 8192) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(dense, sparse) for dense, sparse, _ in tensors.batches(batch_size)])
-
-
-def evaluate_ctr(model: nn.Module, tensors: CTRTensors, batch_size: int = 8192) -> Dict[str, float]:
-    """AUC, log loss and NE of `model` on a split (ranking_metrics.binary_task_metrics on the logits)."""
-    return binary_task_metrics(tensors.labels, predict_logits(model, tensors, batch_size))
-
-
-def train_ctr(model: nn.Module, data: CTRData, cfg: CTRTrainConfig, progress: bool = False,
-              desc: str = "train") -> CTRResult:
-    """Adam on BCE-with-logits over shuffled batches; evaluate on data.valid after the last epoch."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    steps_per_epoch = data.train.num_batches(cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False)
-    step_times, epoch_losses, steps = [], [], 0
-    start = time.perf_counter()
-    for _ in range(cfg.epochs):
-        if cfg.max_steps and steps >= cfg.max_steps:
-            break
-        model.train()
-        loss_sum, seen = 0.0, 0
-        for dense, sparse, labels in data.train.batches(cfg.batch_size, shuffle=True, generator=shuffle):
-            if cfg.max_steps and steps >= cfg.max_steps:
-                break
-            t0 = time.perf_counter()
-            loss = nn.functional.binary_cross_entropy_with_logits(model(dense, sparse), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step_times.append(time.perf_counter() - t0)
-            loss_sum, seen, steps = loss_sum + loss.item() * len(labels), seen + len(labels), steps + 1
-            bar.update(1)
-        epoch_losses.append(loss_sum / max(seen, 1))
-        bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}")
-    bar.close()
-    train_seconds = time.perf_counter() - start
-    metrics = evaluate_ctr(model, data.valid, cfg.eval_batch_size)
-    return CTRResult(model, metrics, epoch_losses, step_times, count_parameters(model),
-                     count_parameters(model, embeddings=False), train_seconds)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,7 +82,7 @@ def _synthetic_criteo(cache_root: Path, overrides: Dict[str, object], log) -> CT
 
     overrides = dict(overrides)
     workflow_cfg = CriteoWorkflowConfig(freq_threshold=int(overrides.pop("freq_threshold", SYNTHETIC_FREQ_THRESHOLD)))
-    cfg = _apply_fields(SyntheticCriteoConfig(), overrides, "data (synthetic-criteo)")
+    cfg = replace_fields(SyntheticCriteoConfig(), overrides, "data (synthetic-criteo)")
     cfg.__post_init__()
     described = {"generator_version": GENERATOR_VERSION, **dataclasses.asdict(cfg),
                  "freq_threshold": workflow_cfg.freq_threshold, "valid_fraction": workflow_cfg.valid_fraction}
@@ -231,26 +116,12 @@ def _synthetic_criteo(cache_root: Path, overrides: Dict[str, object], log) -> CT
 # ---------------------------------------------------------------------------------------------------------
 def parse_overrides(items) -> Dict[str, Dict[str, object]]:
     """`section.key=value` strings -> {"model": {...}, "train": {...}, "data": {...}, "scaling": {...}}."""
-    out: Dict[str, Dict[str, object]] = {"model": {}, "train": {}, "data": {}, "scaling": {}}
-    for text in items or ():
-        if "=" not in text:
-            raise ValueError(f"--set {text!r} must look like section.key=value, e.g. model.num_layers=3")
-        key, raw = text.split("=", 1)
-        value = yaml.safe_load(raw)
-        if key.strip() == "scaling":
-            out["scaling"]["enabled"] = bool(value)
-            continue
-        section, _, name = key.strip().partition(".")
-        if section not in out or not name:
-            raise ValueError(f"--set {text!r}: use model.<key>, train.<key>, data.<key>, scaling=true or "
-                             "scaling.layers=[..] / scaling.widths=[..]")
-        out[section][name] = tuple(value) if isinstance(value, list) else value
-    return out
+    return overrides_by_section(items, ("model", "train", "data", "scaling"), flags=("scaling",))
 
 
 def _train_config(args, overrides: Dict[str, object]) -> CTRTrainConfig:
     cfg = CTRTrainConfig(epochs=args.epochs, max_steps=args.max_steps or 0, threads=args.threads or 0)
-    return _apply_fields(cfg, overrides, "train")
+    return replace_fields(cfg, overrides, "train")
 
 
 def run_bench(args) -> int:
@@ -313,11 +184,6 @@ def _model_overrides(name: str, sections) -> Dict[str, object]:
     return {k: v for k, v in values.items() if k in fields}
 
 
-def _mean_std(values) -> tuple:
-    values = [v for v in values]
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _command(args) -> str:
     parts = [f"merlin-hstu bench --task ctr --dataset {args.dataset} --model {args.model or 'wukong'}",
              f"--epochs {args.epochs} --seeds {args.seeds}"]
@@ -335,7 +201,7 @@ def summarize(runs: Dict[str, List[dict]], data: CTRData, train_cfg: CTRTrainCon
               sections) -> dict:
     rows, summary = [], {}
     for name, seeds in runs.items():
-        s = {k: _mean_std(r[k] for r in seeds) for k in ("auc", "logloss", "ne", "seconds_per_step")}
+        s = {k: mean_std(r[k] for r in seeds) for k in ("auc", "logloss", "ne", "seconds_per_step")}
         summary[name] = {**{k: m for k, (m, _) in s.items()}, **{f"{k}_std": sd for k, (_, sd) in s.items()},
                          "parameters": seeds[0]["parameters"], "dense_parameters": seeds[0]["dense_parameters"]}
         rows.append(f"| {name} | {s['auc'][0]:.4f} ± {s['auc'][1]:.4f} | {s['logloss'][0]:.4f} ± {s['logloss'][1]:.4f} "

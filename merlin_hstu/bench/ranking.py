@@ -28,8 +28,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import yaml
 
-from merlin_hstu.bench.retrieval import _mean_std, machine_info, machine_summary, peak_rss_gb
+from merlin_hstu.common.overrides import overrides_by_section
+from merlin_hstu.bench.retrieval import mean_std, machine_info, machine_summary, peak_rss_gb
 from merlin_hstu.ranking.baselines import ItemPriorBaseline, build_dlrm_baseline
+from merlin_hstu.ranking.config import MODELS as RANKING_MODELS
 from merlin_hstu.ranking.data import META_FILE, RankingDataset
 from merlin_hstu.ranking.train import (
     RankingTrainConfig,
@@ -44,22 +46,8 @@ DATA_DEFAULTS = {"num_candidates": 10, "max_uih_len": 200, "test_fraction": None
 TABLE_METRICS = ("auc", "gauc", "ne")
 
 
-def _build_dlrm_hstu(dataset: RankingDataset, overrides: dict) -> torch.nn.Module:
-    """DLRM-HSTU (merlin_hstu.ranking.model) sized for the dataset; `overrides` are DlrmHSTUConfig fields."""
-    from merlin_hstu.ranking import model as ranking
-
-    if hasattr(ranking, "build_dlrm_hstu"):
-        return ranking.build_dlrm_hstu(dataset, overrides)
-    values = {"num_action_bits": dataset.num_action_bits, **overrides}
-    config = _dataclass_from(ranking.DlrmHSTUConfig, values, "dlrm-hstu (DlrmHSTUConfig)")
-    return ranking.DlrmHSTU(config, dataset.num_items, dataset.contextual_cardinalities, dataset.tasks)
-
-
 #: --model name -> builder(dataset, model overrides) -> a module with forward(RankingBatch) -> [Lc, T]
-MODELS: Dict[str, Callable[[RankingDataset, dict], torch.nn.Module]] = {
-    "dlrm-hstu": _build_dlrm_hstu,
-    "dlrm-baseline": build_dlrm_baseline,
-}
+MODELS: Dict[str, Callable[[RankingDataset, dict], torch.nn.Module]] = RANKING_MODELS
 
 
 def _dataclass_from(cls, values: dict, what: str):
@@ -72,17 +60,10 @@ def _dataclass_from(cls, values: dict, what: str):
 
 def parse_overrides(items: List[str]) -> Dict[str, dict]:
     """['model.embedding_dim=32', 'train.batch_size=64'] -> {"model": {...}, "train": {...}, "data": {...}}."""
-    out: Dict[str, dict] = {"model": {}, "train": {}, "data": {}}
-    for text in items:
-        if "=" not in text or "." not in text.split("=", 1)[0]:
-            raise ValueError(f"--set {text!r} must look like SECTION.KEY=VALUE, e.g. --set train.batch_size=64")
-        key, raw = text.split("=", 1)
-        section, name = key.strip().split(".", 1)
-        if section not in out:
-            raise ValueError(f"--set {text!r}: the ranking bench takes sections {sorted(out)}, not {section!r}")
-        if section == "data" and name not in DATA_DEFAULTS:
-            raise ValueError(f"--set {text!r}: unknown data option {name!r}; valid: {sorted(DATA_DEFAULTS)}")
-        out[section][name] = yaml.safe_load(raw)
+    out = overrides_by_section(items, ("model", "train", "data"))
+    unknown = sorted(set(out["data"]) - set(DATA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"--set data.{unknown[0]}: unknown data option; valid: {sorted(DATA_DEFAULTS)}")
     return out
 
 
@@ -199,14 +180,14 @@ def summarize(runs, model_name, model_config, num_params, train_cfg, data, datas
               info, args) -> dict:
     tasks = [(t.name, t.kind) for t in dataset.tasks]
     keys = [(t, m) for t in runs[0]["metrics"] for m in runs[0]["metrics"][t]]
-    stats = {(t, m): _mean_std(r["metrics"][t][m] for r in runs) for t, m in keys}
+    stats = {(t, m): mean_std(r["metrics"][t][m] for r in runs) for t, m in keys}
     mean = {t: {m: stats[(t, m)][0] for tt, m in keys if tt == t} for t in runs[0]["metrics"]}
     std = {t: {m: stats[(t, m)][1] for tt, m in keys if tt == t} for t in runs[0]["metrics"]}
     rows = {f"{model_name} (mean of {len(runs)})": mean}
     if len(runs) > 1:
         rows[f"{model_name} (std)"] = std
     rows["item prior (no learning)"] = prior_metrics
-    sps = _mean_std(r["seconds_per_step_median"] for r in runs)
+    sps = mean_std(r["seconds_per_step_median"] for r in runs)
     epochs = [s for r in runs for s in r["epoch_seconds"]]
     timing = {"seconds_per_step": sps[0], "seconds_per_step_std": sps[1],
               "epoch_seconds_median": statistics.median(epochs) if epochs else None,

@@ -62,7 +62,7 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ru_maxrss is KiB on Linux
 
 
-def _mean_std(values):
+def mean_std(values):
     values = list(values)
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -151,7 +151,7 @@ def summarize(runs: list, cfg, dataset_name: str, info: dict, args) -> dict:
     from merlin_hstu.retrieval.metrics import format_metrics_table
 
     keys = list(runs[0]["metrics"])
-    mean = {k: _mean_std(r["metrics"][k] for r in runs) for k in keys}
+    mean = {k: mean_std(r["metrics"][k] for r in runs) for k in keys}
     rows = {f"{cfg.name} (mean of {len(runs)})": {k: m for k, (m, _) in mean.items()}}
     if len(runs) > 1:
         rows[f"{cfg.name} (std)"] = {k: s for k, (_, s) in mean.items()}
@@ -162,7 +162,7 @@ def summarize(runs: list, cfg, dataset_name: str, info: dict, args) -> dict:
     ref = REFERENCE_ML1M_PREFIX_3_EPOCHS.get(cfg.name) if dataset_name == "ml-1m-prefix" else None
     if ref and cfg.train.epochs == 3:
         rows["reference impl., 3 epochs, this CPU"] = ref
-    sps = _mean_std(r["seconds_per_step_median"] for r in runs)
+    sps = mean_std(r["seconds_per_step_median"] for r in runs)
     full_epochs = [s for r in runs for s in r["epoch_seconds"]]
     timing = {
         "seconds_per_step": sps[0],

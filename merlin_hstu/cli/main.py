@@ -16,9 +16,10 @@ from typing import Optional, Sequence
 DEFAULT_RUN_ROOT = Path("runs")
 
 
-def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
+def _add_config_args(p: argparse.ArgumentParser, default: Optional[str]) -> None:
+    shown = default or "the task's: demo | dlrm-hstu | wukong"
     p.add_argument("--config", default=default,
-                   help=f"preset name or path to a YAML file (default: {default}); "
+                   help=f"preset name or path to a YAML file (default: {shown}); "
                         "presets: see `merlin-hstu presets`")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set train.epochs=3 (repeatable)")
@@ -45,7 +46,7 @@ def _column_overrides(args) -> list:
 def _load_cfg(args, extra: Sequence[str] = ()):
     from merlin_hstu.retrieval.config import load_config
 
-    cfg = load_config(args.config, [*_column_overrides(args), *extra, *args.overrides])
+    cfg = load_config(args.config or "demo", [*_column_overrides(args), *extra, *args.overrides])
     if cfg.data.timestamp_column is None and getattr(cfg.model, "time_bias", False):
         print("note: the data has no timestamps, so the relative time bias is switched off (model.time_bias=false)")
         cfg.model.time_bias = False
@@ -72,10 +73,14 @@ def _preprocess(source, output: Path, cfg, overwrite: bool):
 
 # --- subcommands ----------------------------------------------------------------------------------
 def cmd_presets(args) -> int:
-    from merlin_hstu.retrieval.config import load_config, preset_names
+    from merlin_hstu.common.presets import TASKS, preset_names, read_preset
 
-    for name in preset_names():
-        print(f"{name:22s} {' '.join(load_config(name).description.split())}")
+    for task in TASKS:
+        if args.task and task != args.task:
+            continue
+        print(f"{task}:")
+        for name in preset_names(task):
+            print(f"  {name:22s} {' '.join(str(read_preset(task, name).get('description', '')).split())}")
     return 0
 
 
@@ -99,7 +104,9 @@ def cmd_preprocess(args) -> int:
     return 0
 
 
-def _train_and_report(data_dir: Path, run_dir: Path, cfg, progress: bool):
+def train_and_report(data_dir: Path, run_dir: Path, cfg, progress: bool, checkpoint_dir=None, resume: bool = False,
+                     fingerprint: str = ""):
+    """Retrieval: train on a preprocessed directory through the one loop, save the run, print the metrics table."""
     from merlin_hstu.retrieval.data import load_processed
     from merlin_hstu.retrieval.metrics import format_metrics_table
     from merlin_hstu.retrieval.train import save_run, train_retrieval
@@ -109,8 +116,10 @@ def _train_and_report(data_dir: Path, run_dir: Path, cfg, progress: bool):
           f"config {cfg.name}: {cfg.model.num_blocks} {type(cfg.model).__name__[:-13]} blocks, "
           f"D={cfg.model.embedding_dim}, "
           f"{cfg.train.epochs} epochs")
-    result = train_retrieval(table, cfg, progress=progress)
-    print(f"trained in {result.train_seconds:.1f} s; final epoch loss {result.epoch_losses[-1]:.4f}")
+    result = train_retrieval(table, cfg, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume,
+                             fingerprint=fingerprint)
+    print(f"trained in {result.train_seconds:.1f} s on {result.fit.device} ({result.fit.precision}); "
+          f"final epoch loss {result.epoch_losses[-1]:.4f}")
     workflow = data_dir / "workflow"
     save_run(run_dir, result, cfg, extra={"data": str(data_dir.resolve()),
                                           "workflow": str(workflow.resolve()) if workflow.is_dir() else None})
@@ -118,31 +127,6 @@ def _train_and_report(data_dir: Path, run_dir: Path, cfg, progress: bool):
     print(format_metrics_table(result.metrics))
     print()
     return table, result
-
-
-def cmd_train(args) -> int:
-    cfg = _load_cfg(args)
-    _train_and_report(Path(args.data), Path(args.output), cfg, progress=not args.no_progress)
-    print(f"run saved to {args.output}")
-    return 0
-
-
-def cmd_evaluate(args) -> int:
-    from merlin_hstu.retrieval.data import LeaveOneOut, load_processed
-    from merlin_hstu.retrieval.metrics import format_metrics_table
-    from merlin_hstu.retrieval.train import evaluate_model, evaluate_most_popular, load_run
-
-    model, cfg, record = load_run(args.run)
-    data = args.data or record.get("data")
-    if not data:
-        raise SystemExit("error: --data is required (the run does not record its dataset)")
-    split = LeaveOneOut(load_processed(data), max_history=cfg.data.max_history)
-    metrics = {"HSTU": evaluate_model(model, split, cfg, progress=not args.no_progress),
-               "most-popular": evaluate_most_popular(split, cfg)}
-    print(format_metrics_table(metrics))
-    if args.json:
-        print(json.dumps(metrics, indent=2))
-    return 0
 
 
 def cmd_demo(args) -> int:
@@ -170,7 +154,7 @@ def cmd_demo(args) -> int:
     print("[2/6] NVTabular: sessionize, Categorify, truncate, tag")
     processed = _preprocess(source, out / "dataset", cfg, overwrite=True)
     print("[3/6] training HSTU (sampled softmax) and the most-popular baseline")
-    table, result = _train_and_report(out / "dataset", out / "run", cfg, progress=not args.no_progress)
+    table, result = train_and_report(out / "dataset", out / "run", cfg, progress=not args.no_progress)
     hstu, pop = result.metrics["HSTU"]["hr@10"], result.metrics["most-popular"]["hr@10"]
     ratio = hstu / pop if pop > 0 else float("inf")
     print(f"HSTU HR@10 / most-popular HR@10 = {ratio:.2f}x")
@@ -212,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("presets", help="list the shipped config presets")
+    p = sub.add_parser("presets", help="list the shipped config presets of every task")
+    p.add_argument("--task", choices=["retrieval", "ranking", "ctr"], help="only this task's presets")
     p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("preprocess", help="raw event log (CSV/Parquet) -> NVTabular-processed sequences + workflow",
@@ -229,22 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, "demo")
     _add_column_args(p)
     p.set_defaults(func=cmd_preprocess)
-
-    p = sub.add_parser("train", help="train HSTU retrieval on preprocessed data; evaluate; save a run directory",
-                       description="Train with next-item sampled softmax at every history position, evaluate with "
-                                   "the reference leave-one-out protocol, and save config/model/metrics.")
-    p.add_argument("--data", required=True, help="output directory of `merlin-hstu preprocess`")
-    p.add_argument("--output", default=str(DEFAULT_RUN_ROOT / "train"), help="run directory to write")
-    _add_config_args(p, "demo")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("evaluate", help="evaluate a saved run (HR/NDCG@K, MRR) beside most-popular")
-    p.add_argument("--run", required=True, help="run directory written by `train` or `demo`")
-    p.add_argument("--data", help="preprocessed data (default: the dataset the run was trained on)")
-    p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="end to end: generate -> NVTabular -> train -> metrics -> save -> recommend",
                        description="The end-to-end main job on the embedded synthetic event log "
@@ -286,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add subcommands: each has `register_subcommands(subparsers, bench_subparsers)`, which must
 # stay cheap (argparse only; heavy imports inside the command functions).
-EXTENSION_MODULES: list = ["merlin_hstu.cli.serving", "merlin_hstu.kernels.bench", "merlin_hstu.cli.ranking",
+EXTENSION_MODULES: list = ["merlin_hstu.cli.train", "merlin_hstu.cli.serving", "merlin_hstu.kernels.bench", "merlin_hstu.cli.ranking",
                           "merlin_hstu.bench.mfalcon", "merlin_hstu.bench.compare"]
 
 

@@ -211,6 +211,11 @@ class CTRTensors:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def take(self, index: torch.Tensor) -> "CTRTensors":
+        """The rows at `index`, as a new split."""
+        return CTRTensors(self.dense[index], self.sparse[index], self.labels[index], self.dense_names,
+                          self.sparse_names, self.cardinalities)
+
     def batches(self, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None
                 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(dense, sparse, labels) batches; the last one may be smaller."""

@@ -236,6 +236,20 @@ class RankingDataset:
                       for name, rows in ds.splits.items()}
         return ds
 
+    def hold_out_validation(self, fraction: float, seed: int) -> None:
+        """Move a seeded `fraction` of the training users into a "validation" split (one sample each, their last
+        K events), for early stopping; the test users are untouched."""
+        train = self.splits["train"]
+        count = int(round(len(train) * fraction))
+        if not 0.0 < fraction < 1.0 or count < 1 or count >= len(train):
+            raise ValueError(f"train.validation_fraction={fraction!r} of {len(train)} training users leaves an empty "
+                             "split; use a fraction in (0, 1) and more users")
+        chosen = np.zeros(len(train), dtype=bool)
+        chosen[np.random.default_rng(seed).permutation(len(train))[:count]] = True
+        self.splits["validation"], self.splits["train"] = train[chosen], train[~chosen]
+        self.samples["validation"] = self._sample_index(self.splits["validation"], windows=1)
+        self.samples["train"] = self._sample_index(self.splits["train"], windows=self.train_windows)
+
     def _sample_index(self, rows: np.ndarray, windows: int) -> SampleIndex:
         """The last-K sample of each row, plus up to windows - 1 earlier ones (0: all) cut from its UIH."""
         start = self.row_offsets[rows]

@@ -46,6 +46,7 @@ training only.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -453,3 +454,15 @@ class DlrmHSTU(nn.Module):
                              f"{[t.name for t in self.tasks]}; build the model with the workflow's tasks")
         return multitask_loss(self(batch), batch.labels.to(self.item_embedding.weight.device), self.tasks,
                               sample_weight)
+
+
+def build_dlrm_hstu(dataset, overrides: Optional[dict] = None) -> DlrmHSTU:
+    """A DlrmHSTU sized for `dataset` (a RankingDataset: items, contextual features, tasks, action bits);
+    `overrides` are DlrmHSTUConfig fields (unknown ones are errors naming the valid fields)."""
+    values = {"num_action_bits": dataset.num_action_bits, **(overrides or {})}
+    known = {f.name for f in dataclasses.fields(DlrmHSTUConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown dlrm-hstu (DlrmHSTUConfig) option(s) {unknown}; valid: {sorted(known)}")
+    config = DlrmHSTUConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    return DlrmHSTU(config, dataset.num_items, dataset.contextual_cardinalities, dataset.tasks)

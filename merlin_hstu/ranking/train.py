@@ -1,4 +1,4 @@
-"""Training and evaluation loops for multi-task ranking models.
+"""Training and evaluation of multi-task ranking models (training runs through `merlin_hstu.train.loop.fit`).
 
 Any model works that maps a `RankingBatch` to `[num candidates, num tasks]` (logits for binary tasks, values for
 regression tasks): DLRM-HSTU (`merlin_hstu.ranking.model`), the DLRM-style baseline (`merlin_hstu.ranking.baselines`).
@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -26,13 +27,16 @@ from tqdm.auto import tqdm
 
 from merlin_hstu.ranking.batch import RankingBatch, RankingTask, multitask_loss
 from merlin_hstu.common.metrics import binary_task_metrics, gauc
+from merlin_hstu.train.config import LoopConfig
+from merlin_hstu.train.loop import FitResult, fit, move_to
 
 OPTIMIZERS = ("adam", "adamw")
 
 
 @dataclass
-class RankingTrainConfig:
-    """Optimisation and evaluation settings (defaults: the reference's dense Adam, lr 1e-3, betas .95/.999)."""
+class RankingTrainConfig(LoopConfig):
+    """Optimisation and evaluation settings (defaults: the reference's dense Adam, lr 1e-3, betas .95/.999); the
+    loop's own settings (device, precision, schedule, checkpoints, early stopping) come from `LoopConfig`."""
 
     epochs: int = 3
     batch_size: int = 16  # users per step (each brings its K candidates)
@@ -49,6 +53,7 @@ class RankingTrainConfig:
     eval_split: str = "test"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.betas = tuple(self.betas)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"RankingTrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
@@ -74,6 +79,7 @@ class RankingTrainResult:
     step_times: List[float] = field(default_factory=list)  # forward + backward + update, seconds
     epoch_seconds: List[float] = field(default_factory=list)  # training time per epoch, evaluation excluded
     eval_seconds: float = 0.0
+    fit: Optional[FitResult] = None  # the loop's full record (device, precision, validation, early stop)
 
     @property
     def train_seconds(self) -> float:
@@ -95,9 +101,10 @@ def predict_ranking(model: torch.nn.Module, batches: Iterable[RankingBatch], pro
     model.eval()
     preds, labels, users, tasks = [], [], [], None
     offset = 0  # batches without user ids: number the rows across batches
+    device = next(model.parameters()).device
     try:
         for batch in tqdm(batches, total=total, desc="evaluate", leave=False, disable=not progress):
-            out = model(batch)
+            out = model(move_to(batch, device))
             _check_predictions(out, batch)
             if tasks is None:
                 tasks = batch.tasks
@@ -156,81 +163,156 @@ def make_optimizer(model: torch.nn.Module, config: RankingTrainConfig) -> torch.
                weight_decay=config.weight_decay)
 
 
+class RankingTrainingTask:
+    """Multi-task ranking for `merlin_hstu.train.loop.fit`: the dataset's samples shuffled each epoch with
+    numpy default_rng(seed * 1000 + epoch) (stateless, so resuming needs no generator state), loss =
+    `multitask_loss`, evaluation = `evaluate_ranking`."""
+
+    name = "ranking"
+    sample_weighted_loss = False
+
+    def __init__(self, dataset, config: RankingTrainConfig):
+        self.dataset, self.config = dataset, config
+
+    def steps_per_epoch(self) -> int:
+        return self.dataset.num_batches(self.config.train_split, self.config.batch_size)
+
+    def epoch_batches(self, epoch: int):
+        return self.dataset.batches(self.config.train_split, self.config.batch_size, shuffle=True,
+                                    seed=self.config.seed * 1000 + epoch)
+
+    def batch_size(self, batch: RankingBatch) -> int:
+        return batch.batch_size
+
+    def loss(self, model, batch: RankingBatch):
+        predictions = model(batch)
+        _check_predictions(predictions, batch)
+        return multitask_loss(predictions.float(), batch.labels, batch.tasks)
+
+    def evaluate(self, model, split: str, progress: bool = False):
+        name = {"eval": self.config.eval_split, "validation": "validation"}[split]
+        total = self.dataset.num_batches(name, self.config.eval_batch_size)
+        if total == 0:
+            raise ValueError(f"split {name!r} has no users to evaluate on")
+        return evaluate_ranking(model, self.dataset.batches(name, self.config.eval_batch_size), progress=progress,
+                                total=total)
+
+    def monitor(self, metrics, name: Optional[str]):
+        """`task.metric` (e.g. "liked.auc"); default: the first binary task's AUC (or the first task's -MSE)."""
+        if name is None:
+            task = next((t for t in self.dataset.tasks if t.kind == "binary"), self.dataset.tasks[0])
+            name = f"{task.name}.auc" if task.kind == "binary" else f"{task.name}.mse"
+        task_name, _, metric = name.partition(".")
+        if task_name not in metrics or metric not in metrics[task_name]:
+            raise ValueError(f"train.early_stopping_metric={name!r}: use TASK.METRIC with a task of "
+                             f"{sorted(metrics)} and a metric of {sorted(next(iter(metrics.values())))}")
+        value = float(metrics[task_name][metric])
+        return name, -value if metric in ("mse", "rmse", "ne", "logloss") else value
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, mid_epoch: bool) -> None:
+        pass
+
+
 def train_ranking(model: torch.nn.Module, dataset, config: Optional[RankingTrainConfig] = None,
                   progress: bool = True,
                   log_epoch: Optional[Callable[[int, float, Dict[str, Dict[str, float]]], None]] = None,
-                  name: str = "model") -> RankingTrainResult:
-    """Train `model` on `dataset.batches(config.train_split, ...)`; evaluate on `config.eval_split`.
+                  name: str = "model", checkpoint_dir=None, resume: bool = False, fingerprint: str = "",
+                  stop_after_steps: int = 0) -> RankingTrainResult:
+    """Train `model` on `dataset.batches(config.train_split, ...)` through the one training loop; evaluate on
+    `config.eval_split`.
 
     `dataset` is a `merlin_hstu.ranking.data.RankingDataset` (anything with `batches(split, batch_size, shuffle,
     seed)` and `num_batches(split, batch_size)`). `log_epoch(epoch, mean loss, metrics)` is called after every
     evaluated epoch. The final evaluation is always run and is `result.metrics`.
     """
     config = config or RankingTrainConfig()
-    log_epoch = log_epoch or (lambda epoch, loss, metrics: None)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    optimizer = make_optimizer(model, config)
-    steps_per_epoch = dataset.num_batches(config.train_split, config.batch_size)
-    if steps_per_epoch == 0:
-        raise ValueError(f"split {config.train_split!r} has no users to train on")
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
-    n_eval = dataset.num_batches(config.eval_split, config.eval_batch_size)
-    if n_eval == 0:
+    if config.validation_fraction:
+        dataset.hold_out_validation(config.validation_fraction, seed=config.seed)
+    if dataset.num_batches(config.eval_split, config.eval_batch_size) == 0:
         raise ValueError(f"split {config.eval_split!r} has no users to evaluate on")
+    task = RankingTrainingTask(dataset, config)
+    if task.steps_per_epoch() == 0:
+        raise ValueError(f"split {config.train_split!r} has no users to train on")
+    fitted = fit(task, model, lambda m: make_optimizer(m, config), config, epochs=config.epochs,
+                 max_steps=config.max_steps, eval_every=config.eval_every, checkpoint_dir=checkpoint_dir,
+                 resume=resume, fingerprint=fingerprint, progress=progress, desc=f"train {name}",
+                 log_epoch=log_epoch, stop_after_steps=stop_after_steps)
+    return RankingTrainResult(model=model, metrics=fitted.metrics, epoch_losses=fitted.epoch_losses,
+                              epoch_task_losses=fitted.epoch_extra_losses, epoch_metrics=fitted.epoch_metrics,
+                              step_times=fitted.step_times, epoch_seconds=fitted.epoch_seconds,
+                              eval_seconds=fitted.eval_seconds, fit=fitted)
 
-    def evaluate(show: bool) -> Dict[str, Dict[str, float]]:
-        return evaluate_ranking(model, dataset.batches(config.eval_split, config.eval_batch_size), progress=show,
-                                total=n_eval)
 
-    result = RankingTrainResult(model=model, metrics={})
-    bar = tqdm(total=total_steps, desc=f"train {name}", unit="step", disable=not progress)
-    steps = 0
-    for epoch in range(config.epochs):
-        if config.max_steps and steps >= config.max_steps:
-            break  # a smoke run: the step budget is spent
-        model.train()
-        total, task_totals, count = 0.0, {}, 0
-        epoch_start = time.perf_counter()
-        for batch in dataset.batches(config.train_split, config.batch_size, shuffle=True,
-                                     seed=config.seed * 1000 + epoch):
-            if config.max_steps and steps >= config.max_steps:
-                break
-            t0 = time.perf_counter()
-            predictions = model(batch)
-            _check_predictions(predictions, batch)
-            loss, per_task = multitask_loss(predictions, batch.labels, batch.tasks)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = loss.item()
-            result.step_times.append(time.perf_counter() - t0)
-            if not math.isfinite(value):
-                raise FloatingPointError(f"the training loss became {value} at step {steps + 1} (epoch {epoch + 1}); "
-                                         "lower the learning rate")
-            total, count, steps = total + value, count + 1, steps + 1
-            for task, v in per_task.items():
-                task_totals[task] = task_totals.get(task, 0.0) + v.item()
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}")
-        result.epoch_seconds.append(time.perf_counter() - epoch_start)
-        result.epoch_losses.append(total / max(count, 1))
-        result.epoch_task_losses.append({k: v / max(count, 1) for k, v in task_totals.items()})
-        last = epoch + 1 == config.epochs or bool(config.max_steps and steps >= config.max_steps)
-        if config.eval_every and (epoch + 1) % config.eval_every == 0 and not last:
-            t0 = time.perf_counter()
-            metrics = evaluate(False)
-            result.eval_seconds += time.perf_counter() - t0
-            result.epoch_metrics.append((epoch + 1, metrics))
-            log_epoch(epoch + 1, result.epoch_losses[-1], metrics)
-    bar.close()
-    t0 = time.perf_counter()
-    result.metrics = evaluate(progress)
-    result.eval_seconds += time.perf_counter() - t0
-    result.epoch_metrics.append((len(result.epoch_losses), result.metrics))
-    log_epoch(len(result.epoch_losses), result.epoch_losses[-1] if result.epoch_losses else float("nan"),
-              result.metrics)
-    return result
+# ---------------------------------------------------------------------------------------------------------------
+# run directories (merlin_hstu.train.run_dir)
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class DatasetShape:
+    """What a ranking model's size depends on: enough to rebuild it without the dataset."""
+
+    num_items: int
+    contextual_cardinalities: Dict[str, int]
+    tasks: Tuple[RankingTask, ...]
+    num_action_bits: int
+
+    @classmethod
+    def of(cls, dataset) -> "DatasetShape":
+        return cls(int(dataset.num_items), dict(dataset.contextual_cardinalities), tuple(dataset.tasks),
+                   int(dataset.num_action_bits))
+
+
+def save_run(run_dir, model: torch.nn.Module, cfg, result: RankingTrainResult, dataset,
+             extra: Optional[dict] = None):
+    """Publish a ranking run directory: config.yaml (RankingExperimentConfig), model.pt (weights + the dataset's
+    shape), metrics.json, run.json (task, data, device, ...), training_curves.png."""
+    import json
+    from dataclasses import asdict
+
+    from merlin_hstu.ranking.config import dump_config
+    from merlin_hstu.train.run_dir import plot_losses, write_run
+
+    shape = DatasetShape.of(dataset)
+    blob = {"task": "ranking", "model_type": cfg.model_type,
+            "shape": {"num_items": shape.num_items, "contextual_cardinalities": shape.contextual_cardinalities,
+                      "tasks": [asdict(t) for t in shape.tasks], "num_action_bits": shape.num_action_bits},
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    record = {"metrics": result.metrics, "epoch_losses": result.epoch_losses,
+              "epoch_task_losses": result.epoch_task_losses,
+              "epoch_metrics": [{"epoch": e, **m} for e, m in result.epoch_metrics],
+              "train_seconds": result.train_seconds, **(extra or {})}
+    fitted = result.fit
+    data_dir = getattr(dataset, "path", None)
+    run = {"model_type": cfg.model_type, "data": str(Path(data_dir).resolve()) if data_dir else None,
+           "workflow": str((Path(data_dir) / "workflow").resolve()) if data_dir else None,
+           "device": fitted.device if fitted else "cpu", "precision": fitted.precision if fitted else "fp32",
+           "steps": fitted.steps if fitted else len(result.step_times),
+           "resumed_from": fitted.resumed_from if fitted else None,
+           "stopped_early": fitted.stopped_early if fitted else False}
+    return write_run(run_dir, "ranking", {
+        "config.yaml": lambda path: path.write_text(dump_config(cfg)),
+        "model.pt": lambda path: torch.save(blob, path),
+        "metrics.json": lambda path: path.write_text(json.dumps(record, indent=2, default=str)),
+        "training_curves.png": lambda path: plot_losses(result.epoch_losses, path, "ranking"),
+    }, run)
+
+
+def load_run(run_dir) -> tuple:
+    """-> (ranking model in eval mode on the CPU, RankingExperimentConfig, record)."""
+    from merlin_hstu.ranking.config import load_config
+    from merlin_hstu.train.run_dir import read_record
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    blob = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)
+    s = blob["shape"]
+    shape = DatasetShape(int(s["num_items"]), dict(s["contextual_cardinalities"]),
+                         tuple(RankingTask(**t) for t in s["tasks"]), int(s["num_action_bits"]))
+    model = cfg.build_model(shape)
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), cfg, read_record(run_dir)

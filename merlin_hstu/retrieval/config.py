@@ -1,4 +1,4 @@
-"""Typed experiment configuration, loaded from YAML presets shipped in `merlin_hstu/configs/`.
+"""Typed retrieval experiment configuration, loaded from YAML presets shipped in `merlin_hstu/configs/retrieval/`.
 
     cfg = load_config("demo")                              # a preset name
     cfg = load_config("my.yaml", ["train.epochs=3"])       # a file plus dotted overrides
@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
 
+from merlin_hstu.common import presets
 from merlin_hstu.encoders.hstu import HSTUEncoderConfig
 from merlin_hstu.retrieval.losses import RetrievalLossConfig
 from merlin_hstu.encoders.sasrec import SASRecEncoderConfig
 from merlin_hstu.retrieval.similarity import RetrievalHeadConfig
+from merlin_hstu.train.config import LoopConfig
 
 # model.type -> the encoder's typed config
 ENCODER_CONFIGS = {"hstu": HSTUEncoderConfig, "sasrec": SASRecEncoderConfig}
@@ -48,7 +49,10 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoopConfig):
+    """The retrieval objective and protocol; the loop's own settings (device, precision, schedule, checkpoints,
+    early stopping) are inherited from `merlin_hstu.train.config.LoopConfig`."""
+
     epochs: int = 10
     batch_size: int = 128
     learning_rate: float = 1e-3
@@ -70,6 +74,7 @@ class TrainConfig:
     mi_loss_weight: float = 0.0  # MoL heads: weight of the gates' mutual-information aux loss
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         try:  # an invalid loss / negatives / temperature combination fails here, at load time
             self.loss_config()
         except ValueError as error:
@@ -138,35 +143,12 @@ def config_from_dict(d: dict) -> ExperimentConfig:
 
 
 def preset_names() -> list:
-    return sorted(p.name[:-5] for p in resources.files("merlin_hstu.configs").iterdir() if p.name.endswith(".yaml"))
-
-
-def _parse_override(text: str) -> tuple:
-    if "=" not in text:
-        raise ValueError(f"override {text!r} must look like section.key=value (e.g. train.epochs=3)")
-    key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    return presets.preset_names("retrieval")
 
 
 def load_config(name_or_path: str | Path = "demo", overrides: Sequence[str] = ()) -> ExperimentConfig:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text())
-    else:
-        name = str(name_or_path)
-        if name not in preset_names():
-            raise ValueError(f"unknown preset {name!r}; presets: {preset_names()} (or pass a .yaml path)")
-        raw = yaml.safe_load(resources.files("merlin_hstu.configs").joinpath(f"{name}.yaml").read_text())
-    raw = raw or {}
-    for override in overrides:
-        keys, value = _parse_override(override)
-        node: Any = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return config_from_dict(raw)
+    """A retrieval preset (merlin_hstu/configs/retrieval/) or YAML file, with dotted `overrides`."""
+    return config_from_dict(presets.read_preset("retrieval", name_or_path, overrides))
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -121,6 +121,28 @@ class LeaveOneOut:
         self.table, self.max_history = table, max_history
         self.train = self._build(holdout=2)
         self.eval = self._build(holdout=1)
+        self.validation: Optional[_Padded] = None
+
+    def hold_out_validation(self, fraction: float, seed: int) -> None:
+        """Move a seeded `fraction` of the train samples (one per user: history -> second-to-last item) into
+        `self.validation`; they are no longer trained on. The eval samples (last items) are untouched, so the
+        validation split never sees a test target."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"validation fraction must be in (0, 1), got {fraction!r}")
+        n = len(self.train.lengths)
+        count = int(round(n * fraction))
+        if count < 1 or count >= n:
+            raise ValueError(f"train.validation_fraction={fraction} of {n} train samples leaves an empty split; "
+                             "use more data or another fraction")
+        chosen = np.zeros(n, dtype=bool)
+        chosen[np.random.default_rng(seed).permutation(n)[:count]] = True
+
+        def take(mask: np.ndarray) -> _Padded:
+            t = self.train
+            return _Padded(t.ids[mask], t.lengths[mask], None if t.timestamps is None else t.timestamps[mask],
+                           t.rows[mask])
+
+        self.validation, self.train = take(chosen), take(~chosen)
 
     def _build(self, holdout: int) -> _Padded:
         # target = s_{T-holdout+1}; history = window ending before it.  Needs >= 1 history item.

@@ -1,10 +1,8 @@
 """Retrieval training and evaluation loops (reference protocol), plus run directories on disk.
 
-A run directory holds:
-    config.yaml      the ExperimentConfig used
-    model.pt         {"model_config": RetrievalModelConfig dict, "state_dict": ...}
-    metrics.json     final metrics of the model and of the most-popular baseline, per-epoch losses
-It is written to a temporary sibling and renamed, so a directory that exists is complete.
+Training runs through the one loop (`merlin_hstu.train.loop.fit`); `RetrievalTrainingTask` is this task's part of
+it. Run directories have the format of `merlin_hstu.train.run_dir` (config.yaml, model.pt, metrics.json with the
+final metrics of the model and of the most-popular baseline, run.json), written atomically.
 """
 from __future__ import annotations
 
@@ -18,13 +16,15 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from merlin_hstu.common.atomic_dir import publish_dir, staging_dir
 from merlin_hstu.retrieval.baselines import MostPopular
-from merlin_hstu.retrieval.config import ExperimentConfig, dump_config, load_config
+from merlin_hstu.retrieval.config import ExperimentConfig, dump_config, encoder_type, load_config
 from merlin_hstu.retrieval.data import LeaveOneOut, SequenceTable, history_window, train_sequences
 from merlin_hstu.retrieval.metrics import RetrievalMetricAccumulator, target_ranks
 from merlin_hstu.retrieval.model import HSTURetrievalModel, RetrievalModelConfig, next_item_training_loss
 from merlin_hstu.retrieval.topk import rankable_from_invalid
+from merlin_hstu.train.config import resolve_device
+from merlin_hstu.train.loop import EpochShuffle, FitResult, fit, move_to
+from merlin_hstu.train.run_dir import read_record, write_run
 
 
 @dataclass
@@ -38,6 +38,7 @@ class TrainResult:
     step_times: list = field(default_factory=list)  # seconds per optimizer step (forward + backward + update)
     epoch_seconds: list = field(default_factory=list)  # training time per epoch, evaluation excluded
     eval_seconds: float = 0.0
+    fit: Optional[FitResult] = None  # the loop's full record (device, precision, validation, early stop)
 
 
 def build_model(table: SequenceTable, cfg: ExperimentConfig) -> HSTURetrievalModel:
@@ -46,19 +47,27 @@ def build_model(table: SequenceTable, cfg: ExperimentConfig) -> HSTURetrievalMod
     return HSTURetrievalModel(model_cfg)
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def evaluate_model(model: HSTURetrievalModel, split: LeaveOneOut, cfg: ExperimentConfig,
-                   progress: bool = False) -> dict:
-    """HR/NDCG@K and MRR on the eval samples (last item per user), all catalogue items scored.
+                   progress: bool = False, samples=None) -> dict:
+    """HR/NDCG@K and MRR on the eval samples (last item per user; `samples` another split of `split`, e.g. its
+    validation users), all catalogue items scored, on the model's device.
 
-    Ranks come from the model's brute-force top-K module (merlin_hstu.retrieval.topk: chunked MIPS or MoL, history-window
-    filtered, top-`rank_cap` list), the module serving traces as well."""
+    Ranks come from the model's brute-force top-K module (merlin_hstu.retrieval.topk: chunked MIPS or MoL,
+    history-window filtered, top-`rank_cap` list), the module serving traces as well."""
     model.eval()
+    device = _device_of(model)
+    samples = split.eval if samples is None else samples
     acc = RetrievalMetricAccumulator(ks=cfg.train.ks)
-    topk = model.topk(rankable_from_invalid(split.table.num_items, split.table.non_candidate_ids))
-    batches = split.batches(split.eval, cfg.train.eval_batch_size)
-    total = split.num_batches(split.eval, cfg.train.eval_batch_size)
+    topk = model.topk(rankable_from_invalid(split.table.num_items, split.table.non_candidate_ids).to(device))
+    batches = split.batches(samples, cfg.train.eval_batch_size)
+    total = split.num_batches(samples, cfg.train.eval_batch_size)
     for batch in tqdm(batches, total=total, desc="evaluate", leave=False, disable=not progress):
+        batch = move_to(batch, device)
         query = model.last_user_vector(batch["ids"], batch["lengths"], batch.get("timestamps"))
         acc.update(topk.target_ranks(query, batch["targets"], history_window(batch), rank_cap=cfg.train.rank_cap))
     return acc.compute()
@@ -76,75 +85,96 @@ def evaluate_most_popular(split: LeaveOneOut, cfg: ExperimentConfig) -> dict:
     return acc.compute()
 
 
+class RetrievalTrainingTask:
+    """Next-item retrieval for `merlin_hstu.train.loop.fit`: leave-one-out samples shuffled each epoch by one
+    continuing generator (seed), negatives from a second one (seed + 1), evaluation by the reference protocol."""
+
+    name = "retrieval"
+    sample_weighted_loss = False
+
+    def __init__(self, split: LeaveOneOut, cfg: ExperimentConfig, device: torch.device):
+        self.split, self.cfg = split, cfg
+        self.loss_config = cfg.train.loss_config()
+        self.shuffle = EpochShuffle(cfg.train.seed)
+        self.negatives = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
+        self.pool = split.table.candidate_ids.to(device)
+
+    def steps_per_epoch(self) -> int:
+        return self.split.num_batches(self.split.train, self.cfg.train.batch_size)
+
+    def epoch_batches(self, epoch: int):
+        return self.split.batches(self.split.train, self.cfg.train.batch_size, shuffle=True,
+                                  generator=self.shuffle.begin_epoch())
+
+    def batch_size(self, batch) -> int:
+        return int(batch["lengths"].shape[0])
+
+    def loss(self, model, batch):
+        return next_item_training_loss(model, batch, self.pool, self.loss_config, self.negatives), {}
+
+    def evaluate(self, model, split: str, progress: bool = False) -> dict:
+        if split == "validation":
+            if self.split.validation is None:
+                raise ValueError("no validation split: set train.validation_fraction")
+            return evaluate_model(model, self.split, self.cfg, samples=self.split.validation)
+        return evaluate_model(model, self.split, self.cfg, progress=progress)
+
+    def monitor(self, metrics: dict, name: Optional[str]):
+        name = name or f"ndcg@{self.cfg.train.ks[0]}"
+        if name not in metrics:
+            raise ValueError(f"train.early_stopping_metric={name!r} is not a retrieval metric; choose one of "
+                             f"{sorted(metrics)}")
+        return name, float(metrics[name])
+
+    def state_dict(self) -> dict:
+        return {"shuffle": self.shuffle.state_dict(), "negatives": self.negatives.get_state()}
+
+    def load_state_dict(self, state: dict, mid_epoch: bool) -> None:
+        self.shuffle.load_state_dict(state["shuffle"], mid_epoch)
+        self.negatives.set_state(state["negatives"])
+
+
+def make_retrieval_optimizer(cfg: ExperimentConfig):
+    def make(model: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, betas=tuple(cfg.train.betas),
+                                 weight_decay=cfg.train.weight_decay)
+    return make
+
+
 def train_retrieval(table: SequenceTable, cfg: ExperimentConfig, progress: bool = True,
                     log_epoch: Optional[Callable[[int, float, dict], None]] = None,
-                    model_name: str = "HSTU") -> TrainResult:
+                    model_name: str = "HSTU", checkpoint_dir: Optional[Path] = None, resume: bool = False,
+                    fingerprint: str = "", stop_after_steps: int = 0) -> TrainResult:
     """Train a retrieval model (HSTU or SASRec encoder) with the configured head and loss (`cfg.head`,
-    `cfg.train.loss` / `negatives`; reference default: dot product, sampled softmax over 128 uniform negatives);
+    `cfg.train.loss` / `negatives`; reference default: dot product, sampled softmax over 128 uniform negatives)
+    through the one training loop (`merlin_hstu.train.loop.fit`: device, precision, schedule, checkpoints);
     evaluate it and most-popular.
 
     `log_epoch(epoch, mean_loss, metrics)` is called after every evaluated epoch (train.eval_every)."""
-    log_epoch = log_epoch or (lambda epoch, loss, metrics: None)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     split = LeaveOneOut(table, max_history=cfg.data.max_history)
+    if cfg.train.validation_fraction:
+        split.hold_out_validation(cfg.train.validation_fraction, seed=cfg.train.seed)
     if len(split.train.lengths) == 0:
         raise ValueError("no user has the >= 3 events a leave-one-out train sample needs")
     model = build_model(table, cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, betas=tuple(cfg.train.betas),
-                                  weight_decay=cfg.train.weight_decay)
-    loss_cfg = cfg.train.loss_config()
-    shuffle_gen = torch.Generator().manual_seed(cfg.train.seed)
-    negative_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
-    pool = table.candidate_ids
-    steps_per_epoch = split.num_batches(split.train, cfg.train.batch_size)
-    epoch_losses, epoch_metrics, metrics = [], [], {}
-    total_steps = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    bar = tqdm(total=total_steps, desc=f"train {model_name}", unit="step", disable=not progress)
-    step_times, epoch_seconds, eval_seconds = [], [], 0.0
-    steps_done = 0
-    for epoch in range(cfg.train.epochs):
-        if cfg.train.max_steps and steps_done >= cfg.train.max_steps:
-            break  # a smoke run: the step budget is spent
-        model.train()
-        total, count = 0.0, 0
-        epoch_start = time.perf_counter()
-        for batch in split.batches(split.train, cfg.train.batch_size, shuffle=True, generator=shuffle_gen):
-            if cfg.train.max_steps and steps_done >= cfg.train.max_steps:
-                break
-            t0 = time.perf_counter()
-            loss = next_item_training_loss(model, batch, pool, loss_cfg, negative_gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = loss.item()
-            step_times.append(time.perf_counter() - t0)
-            total, count, steps_done = total + value, count + 1, steps_done + 1
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
-        epoch_seconds.append(time.perf_counter() - epoch_start)
-        epoch_losses.append(total / max(count, 1))
-        last = epoch + 1 == cfg.train.epochs or (cfg.train.max_steps and steps_done >= cfg.train.max_steps)
-        if cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0 and not last:
-            t0 = time.perf_counter()
-            epoch_metrics.append((epoch + 1, evaluate_model(model, split, cfg)))
-            eval_seconds += time.perf_counter() - t0
-            bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_losses[-1]:.3f}", hr10=f"{epoch_metrics[-1][1]['hr@10']:.3f}")
-            log_epoch(epoch + 1, epoch_losses[-1], epoch_metrics[-1][1])
-    bar.close()
-    train_seconds = sum(epoch_seconds)
-    t0 = time.perf_counter()
-    metrics[model_name] = evaluate_model(model, split, cfg, progress=progress)
-    eval_seconds += time.perf_counter() - t0
+    device = resolve_device(cfg.train.device)
+    task = RetrievalTrainingTask(split, cfg, device)
+    metrics: dict = {}
+    fitted = fit(task, model, make_retrieval_optimizer(cfg), cfg.train, epochs=cfg.train.epochs,
+                 max_steps=cfg.train.max_steps, eval_every=cfg.train.eval_every, checkpoint_dir=checkpoint_dir,
+                 resume=resume, fingerprint=fingerprint, progress=progress, desc=f"train {model_name}",
+                 log_epoch=log_epoch if cfg.train.eval_every else None, stop_after_steps=stop_after_steps)
+    if stop_after_steps and not fitted.metrics:
+        return TrainResult(model, split, {}, fitted.epoch_losses, fitted.train_seconds, [], fitted.step_times,
+                           fitted.epoch_seconds, fitted.eval_seconds, fitted)
+    metrics[model_name] = fitted.metrics
     metrics["most-popular"] = evaluate_most_popular(split, cfg)
-    if cfg.train.eval_every:
-        epoch_metrics.append((len(epoch_losses), metrics[model_name]))
-        log_epoch(len(epoch_losses), epoch_losses[-1], metrics[model_name])
-    return TrainResult(model, split, metrics, epoch_losses, train_seconds, epoch_metrics, step_times,
-                       epoch_seconds, eval_seconds)
+    epoch_metrics = fitted.epoch_metrics if cfg.train.eval_every else []
+    return TrainResult(model, split, metrics, fitted.epoch_losses, fitted.train_seconds, epoch_metrics,
+                       fitted.step_times, fitted.epoch_seconds, fitted.eval_seconds, fitted)
 
 
 def plot_training_curves(record: dict, path: Path) -> Optional[Path]:
@@ -179,26 +209,28 @@ def plot_training_curves(record: dict, path: Path) -> Optional[Path]:
 
 # --- run directories ------------------------------------------------------------------------------
 def save_run(run_dir: str | Path, result: TrainResult, cfg: ExperimentConfig, extra: Optional[dict] = None) -> Path:
-    final = Path(run_dir)
-    tmp = staging_dir(final)
-    try:
-        (tmp / "config.yaml").write_text(dump_config(cfg))
-        torch.save({"model_config": result.model.config.to_dict(), "state_dict": result.model.state_dict()},
-                   tmp / "model.pt")
-        record = {"metrics": result.metrics, "epoch_losses": result.epoch_losses, "loss": cfg.train.loss,
-                  "epoch_metrics": [{"epoch": e, **m} for e, m in result.epoch_metrics],
-                  "train_seconds": result.train_seconds, **(extra or {})}
-        (tmp / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
-        plot_training_curves(record, tmp / "training_curves.png")
-        publish_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    """Publish the run directory (merlin_hstu.train.run_dir): config.yaml, model.pt, metrics.json, run.json."""
+    record = {"metrics": result.metrics, "epoch_losses": result.epoch_losses, "loss": cfg.train.loss,
+              "epoch_metrics": [{"epoch": e, **m} for e, m in result.epoch_metrics],
+              "train_seconds": result.train_seconds, **(extra or {})}
+    fitted = result.fit
+    run = {"model_type": encoder_type(cfg.model), "data": record.get("data"), "workflow": record.get("workflow"),
+           "device": fitted.device if fitted else "cpu", "precision": fitted.precision if fitted else "fp32",
+           "steps": fitted.steps if fitted else len(result.step_times),
+           "resumed_from": fitted.resumed_from if fitted else None,
+           "stopped_early": fitted.stopped_early if fitted else False}
+    blob = {"task": "retrieval", "model_type": run["model_type"], "model_config": result.model.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()}}
+    return write_run(run_dir, "retrieval", {
+        "config.yaml": lambda path: path.write_text(dump_config(cfg)),
+        "model.pt": lambda path: torch.save(blob, path),
+        "metrics.json": lambda path: path.write_text(json.dumps(record, indent=2, default=str)),
+        "training_curves.png": lambda path: plot_training_curves(record, path),
+    }, run)
 
 
 def load_run(run_dir: str | Path) -> tuple:
-    """-> (HSTURetrievalModel in eval mode, ExperimentConfig, metrics record)."""
+    """-> (HSTURetrievalModel in eval mode on the CPU, ExperimentConfig, record: metrics.json + run.json)."""
     run_dir = Path(run_dir)
     for name in ("config.yaml", "model.pt"):
         if not (run_dir / name).is_file():
@@ -208,6 +240,4 @@ def load_run(run_dir: str | Path) -> tuple:
     model = HSTURetrievalModel(RetrievalModelConfig.from_dict(blob["model_config"]))
     model.load_state_dict(blob["state_dict"])
     model.eval()
-    metrics_path = run_dir / "metrics.json"
-    record = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    return model, cfg, record
+    return model, cfg, read_record(run_dir)

@@ -1,0 +1,226 @@
+"""`merlin-hstu train` and `merlin-hstu evaluate` for every task (retrieval | ranking | ctr).
+
+    merlin-hstu train --task ranking --data runs/ml1m-ranking --config dlrm-hstu --output runs/rank \
+        --device auto --precision bf16 --set train.checkpoint_every=200
+    merlin-hstu train --task ranking ... --resume        # continue a killed run from its newest checkpoint
+    merlin-hstu evaluate --run runs/rank
+
+Each task trains through the one loop (`merlin_hstu.train.loop.fit`) and writes the one run-directory format
+(`merlin_hstu.train.run_dir`). Heavy imports happen inside the commands, so `--help` answers at once.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+TASKS = ("retrieval", "ranking", "ctr")
+DEFAULT_PRESETS = {"retrieval": "demo", "ranking": "dlrm-hstu", "ctr": "wukong"}
+# Loop settings that may differ between a checkpoint and its resume without changing the numbers.
+RESUMABLE_CHANGES = ("device", "checkpoint_every", "keep_checkpoints", "threads")
+
+
+def add_loop_arguments(p) -> None:
+    """Flags every training command shares; each is a shorthand for a `--set` override."""
+    g = p.add_argument_group("training loop (shorthands for --set train.* / model.kernel)")
+    g.add_argument("--device", help="cpu | cuda | cuda:N | auto (default: the config's, cpu)")
+    g.add_argument("--precision", choices=["fp32", "bf16"], help="autocast precision (bf16 runs on CPU too)")
+    g.add_argument("--kernel", choices=["pytorch", "triton", "auto"],
+                   help="HSTU attention kernel (models with STU layers only)")
+    g.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                   help="write a resumable checkpoint every STEPS optimizer steps (and at every epoch end)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in OUTPUT.incomplete/ (fresh start if there is none)")
+
+
+def loop_overrides(args) -> list:
+    out = []
+    if getattr(args, "device", None):
+        out.append(f"train.device={args.device}")
+    if getattr(args, "precision", None):
+        out.append(f"train.precision={args.precision}")
+    if getattr(args, "checkpoint_every", None) is not None:
+        out.append(f"train.checkpoint_every={args.checkpoint_every}")
+    if getattr(args, "kernel", None):
+        out.append(f"model.kernel={args.kernel}")
+    return out
+
+
+def fingerprint_of(cfg_dict: dict, data: str) -> str:
+    from merlin_hstu.train.loop import config_fingerprint
+
+    cfg = json.loads(json.dumps(cfg_dict, default=str))
+    for key in RESUMABLE_CHANGES:
+        cfg.get("train", {}).pop(key, None)
+    return config_fingerprint({"config": cfg, "data": str(Path(data).resolve())})
+
+
+def _check_kernel(cfg, args) -> None:
+    if getattr(args, "kernel", None) is None:
+        return
+    model = cfg.model if isinstance(cfg.model, dict) else vars(cfg.model)
+    if "kernel" not in model:
+        raise ValueError(f"--kernel: the {args.task} model of config {cfg.name!r} has no HSTU attention; drop --kernel")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from merlin_hstu.train.run_dir import checkpoint_dir
+
+    run_dir = Path(args.output)
+    checkpoints = checkpoint_dir(run_dir)
+    if args.resume and not checkpoints.is_dir():
+        print(f"note: --resume but {checkpoints} has no checkpoint; starting from the beginning")
+    elif not args.resume and checkpoints.is_dir():
+        import shutil
+
+        print(f"note: discarding the checkpoints of an earlier, unfinished run in {checkpoints.parent} "
+              "(pass --resume to continue it)")
+        shutil.rmtree(checkpoints.parent)
+    common = dict(checkpoint_dir=checkpoints, resume=args.resume, progress=not args.no_progress)
+    if args.task == "retrieval":
+        return _train_retrieval(args, run_dir, common)
+    if args.task == "ranking":
+        return _train_ranking(args, run_dir, common)
+    return _train_ctr(args, run_dir, common)
+
+
+def _train_retrieval(args, run_dir: Path, common: dict) -> int:
+    from merlin_hstu.cli.main import _load_cfg, train_and_report
+
+    cfg = _load_cfg(args, loop_overrides(args))
+    if args.kernel and getattr(cfg.model, "kernel", None) is None:
+        raise ValueError(f"--kernel: the encoder of config {cfg.name!r} ({type(cfg.model).__name__}) has no HSTU "
+                         "attention; drop --kernel")
+    data_dir = Path(args.data)
+    train_and_report(data_dir, run_dir, cfg, fingerprint=fingerprint_of(cfg.to_dict(), str(data_dir)), **common)
+    print(f"run saved to {run_dir}")
+    return 0
+
+
+def _train_ranking(args, run_dir: Path, common: dict) -> int:
+    import torch
+
+    from merlin_hstu.ranking.config import load_config
+    from merlin_hstu.ranking.train import format_task_metrics, save_run, train_ranking
+
+    cfg = load_config(args.config or DEFAULT_PRESETS["ranking"], [*loop_overrides(args), *args.overrides])
+    _check_kernel(cfg, args)
+    dataset = cfg.data.load(args.data)
+    print(dataset.summary())
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    model = cfg.build_model(dataset)
+    t0 = time.perf_counter()
+    result = train_ranking(model, dataset, cfg.train, name=cfg.model_type,
+                           fingerprint=fingerprint_of(cfg.to_dict(), args.data), **common)
+    print(f"trained in {time.perf_counter() - t0:.1f} s on {result.fit.device} ({result.fit.precision}); "
+          f"test: {format_task_metrics(result.metrics)}")
+    save_run(run_dir, model, cfg, result, dataset)
+    print(f"run saved to {run_dir}")
+    return 0
+
+
+def _train_ctr(args, run_dir: Path, common: dict) -> int:
+    import torch
+
+    from merlin_hstu.bench.ctr import load_ctr_dataset
+    from merlin_hstu.ctr.config import load_config
+    from merlin_hstu.ctr.train import save_run, train_ctr
+
+    cfg = load_config(args.config or DEFAULT_PRESETS["ctr"], [*loop_overrides(args), *args.overrides])
+    _check_kernel(cfg, args)
+    data = load_ctr_dataset(args.data, Path(args.cache), {})
+    print(f"{data.name}: {len(data.train):,} train / {len(data.valid):,} valid rows, {data.num_dense} dense + "
+          f"{len(data.cardinalities)} categorical features")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    model = cfg.build_model(data.cardinalities, data.num_dense)
+    result = train_ctr(model, data, cfg.train, progress=common["progress"], desc=f"train {cfg.model_type}",
+                       checkpoint_dir=common["checkpoint_dir"], resume=common["resume"],
+                       fingerprint=fingerprint_of(cfg.to_dict(), args.data))
+    m = result.metrics
+    print(f"trained in {result.train_seconds:.1f} s on {result.fit.device} ({result.fit.precision}); valid: "
+          f"auc {m['auc']:.4f} logloss {m['logloss']:.4f} ne {m['ne']:.4f}")
+    data_dir = Path(args.data) if Path(args.data).is_dir() else None
+    save_run(run_dir, model, cfg, result, data, data_dir=data_dir)
+    print(f"run saved to {run_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate
+# ---------------------------------------------------------------------------------------------------------------
+def cmd_evaluate(args) -> int:
+    from merlin_hstu.train.config import resolve_device
+    from merlin_hstu.train.run_dir import load_run
+
+    run = load_run(args.run, expected_task=args.task)
+    data = args.data or run.record.get("data")
+    if not data:
+        raise ValueError("--data is required (the run does not record its dataset)")
+    model = run.model.to(resolve_device(args.device or "cpu"))
+    if run.task == "retrieval":
+        from merlin_hstu.retrieval.data import LeaveOneOut, load_processed
+        from merlin_hstu.retrieval.metrics import format_metrics_table
+        from merlin_hstu.retrieval.train import evaluate_model, evaluate_most_popular
+
+        cfg = run.config
+        split = LeaveOneOut(load_processed(data), max_history=cfg.data.max_history)
+        metrics = {"HSTU": evaluate_model(model, split, cfg, progress=not args.no_progress),
+                   "most-popular": evaluate_most_popular(split, cfg)}
+        print(format_metrics_table(metrics))
+    elif run.task == "ranking":
+        from merlin_hstu.ranking.train import evaluate_ranking, format_task_metrics
+
+        cfg = run.config
+        dataset = cfg.data.load(data)
+        split = cfg.train.eval_split
+        metrics = evaluate_ranking(model, dataset.batches(split, cfg.train.eval_batch_size),
+                                   progress=not args.no_progress,
+                                   total=dataset.num_batches(split, cfg.train.eval_batch_size))
+        print(f"{split}: {format_task_metrics(metrics)}")
+    else:
+        from merlin_hstu.bench.ctr import load_ctr_dataset
+        from merlin_hstu.ctr.train import evaluate_ctr
+
+        tensors = load_ctr_dataset(data, Path(args.cache), {}).valid
+        metrics = evaluate_ctr(model, tensors, run.config.train.eval_batch_size)
+        print("valid: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def register_subcommands(subparsers, bench_subparsers) -> None:
+    from merlin_hstu.cli.main import DEFAULT_RUN_ROOT, _add_config_args
+
+    p = subparsers.add_parser(
+        "train", help="train a retrieval, ranking or CTR model; evaluate; save a run directory",
+        description="Train through the one training loop (device, precision, LR schedule, checkpoints, --resume), "
+                    "evaluate with the task's protocol, and save config/model/metrics as a run directory. "
+                    "--data: retrieval, the output of `preprocess`; ranking, of `preprocess-ranking`; ctr, a "
+                    "Criteo-workflow directory or synthetic-criteo | ml-1m-prefix-ctr.")
+    p.add_argument("--task", choices=TASKS, default="retrieval", help="what to train (default: retrieval)")
+    p.add_argument("--data", required=True, help="the task's preprocessed data (see above)")
+    p.add_argument("--output", default=str(DEFAULT_RUN_ROOT / "train"), help="run directory to write")
+    _add_config_args(p, None)
+    add_loop_arguments(p)
+    p.add_argument("--cache", default=str(DEFAULT_RUN_ROOT / "cache"),
+                   help="ctr: where generated datasets are cached (default: runs/cache)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("evaluate", help="evaluate a saved run of any task on its (or another) dataset")
+    p.add_argument("--run", required=True, help="run directory written by `train` or `demo`")
+    p.add_argument("--task", choices=TASKS, help="check that the run is of this task")
+    p.add_argument("--data", help="the dataset to evaluate on (default: the one the run was trained on)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N | auto (default: cpu)")
+    p.add_argument("--cache", default=str(DEFAULT_RUN_ROOT / "cache"), help="ctr: generated-dataset cache")
+    p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,78 @@
+"""Settings of the one training loop that every task shares (`merlin_hstu.train.loop.fit`).
+
+Each task's train section (`retrieval.config.TrainConfig`, `ranking.train.RankingTrainConfig`,
+`ctr.train.CTRTrainConfig`) inherits these fields, so `--set train.device=cuda` or `--precision bf16` mean the same
+thing for every task. Defaults reproduce the reference protocol: CPU, fp32, no clipping, constant learning rate,
+no early stopping.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class LoopConfig:
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda when available, else cpu)
+    precision: str = "fp32"  # fp32 | bf16 (torch.autocast; runs on CPU too)
+    grad_clip: float = 0.0  # clip the global gradient norm to this (0: off)
+    warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr over this many steps
+    lr_schedule: str = "constant"  # after warm-up: constant | linear (to 0 at the last step) | cosine (to 0)
+    checkpoint_every: int = 0  # write a resumable checkpoint every N optimizer steps (0: only at epoch ends
+    #                            when the run has a work directory; see merlin_hstu.train.loop)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    early_stopping_patience: int = 0  # stop after this many evaluations without improvement (0: off)
+    early_stopping_metric: Optional[str] = None  # the validation metric watched (None: the task's default)
+    validation_fraction: float = 0.0  # users / rows held out of training for validation (needed for early stopping)
+
+    def __post_init__(self) -> None:
+        resolve_device(self.device, check_available=False)  # validates the spelling only
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        for name in ("warmup_steps", "checkpoint_every", "early_stopping_patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"train.{name} must be an int >= 0, got {value!r}")
+        if isinstance(self.keep_checkpoints, bool) or not isinstance(self.keep_checkpoints, int) \
+                or self.keep_checkpoints < 1:
+            raise ValueError(f"train.keep_checkpoints must be an int >= 1, got {self.keep_checkpoints!r}")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"train.grad_clip must be >= 0 (0: off), got {self.grad_clip!r}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"train.validation_fraction must be in [0, 1), got {self.validation_fraction!r}")
+        if self.early_stopping_patience and not self.validation_fraction:
+            raise ValueError("train.early_stopping_patience needs a validation split: set train.validation_fraction "
+                             "(e.g. 0.1); the test split is never used to choose when to stop")
+
+
+def resolve_device(device: str, check_available: bool = True) -> torch.device:
+    """'cpu' | 'cuda' | 'cuda:N' | 'auto' -> torch.device; a clear error when CUDA is asked for but absent."""
+    if not isinstance(device, str):
+        raise ValueError(f"train.device must be a string (cpu | cuda | cuda:N | auto), got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ValueError(f"train.device must be cpu | cuda | cuda:N | auto, got {device!r}")
+    if check_available and device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device={device!r} but this torch build sees no CUDA device "
+                             f"(torch {torch.__version__}); use --device cpu or auto")
+        index = int(device[5:]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"train.device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward pass's precision context: nothing for fp32, bf16 autocast on CPU or CUDA otherwise."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -1,0 +1,128 @@
+"""One run-directory format for every task.
+
+    RUN/
+      run.json             {"format": 2, "task": "retrieval" | "ranking" | "ctr", "model_type", "data", "workflow",
+                            "device", "precision", "steps", "resumed_from", ...}
+      config.yaml          the task's full experiment config (preset + overrides): `train` retrains it
+      model.pt             {"task", "model_type", "model_config", the build arguments, "state_dict"}
+      metrics.json         final metrics, per-epoch losses and metrics, timings
+      training_curves.png  loss (and evaluated metrics) per epoch
+    RUN.incomplete/        while training: checkpoints/ (resumable), removed once RUN is published
+
+RUN is written in a staging directory and renamed into place, so a RUN that exists is complete; checkpoints make a
+killed run resumable (`merlin-hstu train ... --resume`). Run directories written before `run.json` existed are
+retrieval runs and still load.
+
+Each task package writes and reads its own model (`retrieval.train`, `ranking.train`, `ctr.train`: `save_run` /
+`load_run`); `load_run` here finds the task and delegates, which is what `evaluate`, `export` and `serve` call.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from merlin_hstu.common.atomic_dir import publish_dir, staging_dir
+
+RUN_FORMAT = 2
+RUN_FILE = "run.json"
+TASK_MODULES = {"retrieval": "merlin_hstu.retrieval.train", "ranking": "merlin_hstu.ranking.train",
+                "ctr": "merlin_hstu.ctr.train"}
+
+
+@dataclass
+class LoadedRun:
+    task: str
+    model: Any  # torch.nn.Module in eval mode, on the CPU
+    config: Any  # the task's experiment config
+    record: dict  # run.json merged with metrics.json
+    path: Path
+
+
+def work_dir(run_dir: str | Path) -> Path:
+    """`RUN.incomplete`: where a run in progress keeps its checkpoints (beside RUN, so it survives a crash)."""
+    run_dir = Path(run_dir)
+    return run_dir.parent / f"{run_dir.name}.incomplete"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return work_dir(run_dir) / "checkpoints"
+
+
+def write_run(run_dir: str | Path, task: str, files: Dict[str, Callable[[Path], None]], record: dict) -> Path:
+    """Publish RUN atomically: each `files[name](path)` writes one file into the staging directory; `record` goes to
+    run.json with the format and task. The work directory (checkpoints) is removed once RUN is in place."""
+    if task not in TASK_MODULES:
+        raise ValueError(f"unknown task {task!r}; use one of {sorted(TASK_MODULES)}")
+    final = Path(run_dir)
+    tmp = staging_dir(final)
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+        (tmp / RUN_FILE).write_text(json.dumps({"format": RUN_FORMAT, "task": task, **record}, indent=2,
+                                               default=str))
+        publish_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(work_dir(final), ignore_errors=True)
+    return final
+
+
+def read_record(run_dir: str | Path) -> dict:
+    """run.json merged with metrics.json ({} parts when absent)."""
+    run_dir = Path(run_dir)
+    record: dict = {}
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        record.update(json.loads(metrics.read_text()))
+    run = run_dir / RUN_FILE
+    if run.is_file():
+        record.update(json.loads(run.read_text()))
+    return record
+
+
+def run_task(run_dir: str | Path) -> str:
+    """The task of a run directory: run.json's, or "retrieval" for directories written before run.json existed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist (train one with `merlin-hstu train`)")
+    run = run_dir / RUN_FILE
+    if run.is_file():
+        task = json.loads(run.read_text()).get("task")
+        if task not in TASK_MODULES:
+            raise ValueError(f"{run}: unknown task {task!r}")
+        return task
+    if (run_dir / "model.pt").is_file() and (run_dir / "config.yaml").is_file():
+        return "retrieval"
+    raise FileNotFoundError(f"{run_dir} is not a merlin-hstu run directory: run.json and model.pt are missing")
+
+
+def load_run(run_dir: str | Path, expected_task: Optional[str] = None) -> LoadedRun:
+    """Any task's run: its model (eval mode, CPU), config and record."""
+    task = run_task(run_dir)
+    if expected_task is not None and task != expected_task:
+        raise ValueError(f"{run_dir} is a {task} run, not a {expected_task} run; pass --task {task} or another run")
+    model, config, record = importlib.import_module(TASK_MODULES[task]).load_run(run_dir)
+    return LoadedRun(task, model, config, record, Path(run_dir))
+
+
+def plot_losses(losses, path, title: str):
+    """Training loss per epoch as a PNG (a convenience: the numbers are in metrics.json)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.plot(range(1, len(losses) + 1), losses, marker="o")
+    ax.set(title=f"{title}: training loss", xlabel="epoch", ylabel="loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
