@@ -17,7 +17,8 @@ from transformers4rec.config.trainer import T4RecTrainingArguments
 
 from merlin_hstu.common import metrics as ranking_metrics
 from merlin_hstu.cli.main import main
-from merlin_hstu.bench.ctr import CTRTrainConfig, build_ctr_model, parse_overrides, predict_logits, train_ctr
+from merlin_hstu.bench.ctr import parse_overrides
+from merlin_hstu.ctr.train import CTRTrainConfig, build_ctr_model, predict_logits, train_ctr
 from merlin_hstu.ctr.data import (ML1M_CTR_CATEGORICAL, SyntheticCriteoConfig, encode_ml1m_ctr,
                                   generate_synthetic_criteo, load_criteo_tensors, ml1m_ctr_frame, write_criteo_tsv)
 from merlin_hstu.serving.ctr import OUTPUT, build_ctr_ensemble, export_ctr_ensemble, query_ctr
@@ -117,6 +118,11 @@ def test_bench_ctr_runs_models_side_by_side_and_writes_json_and_markdown(criteo_
     assert "| wukong |" in markdown and "WuKong / DLRM step time" in markdown
     assert "--set model.num_layers=1" in markdown
     assert not list((tmp_path / "b").glob(".*"))  # temp files renamed away
+    from merlin_hstu.train.run_dir import load_run  # the bench keeps its models as run directories
+
+    for name in ("wukong", "dlrm", "logreg"):
+        run = load_run(tmp_path / "b" / f"run-{name}-seed42", expected_task="ctr")
+        assert run.config.model_type == name and run.record["metrics"]["auc"] == record["runs"][name][0]["auc"]
 
 
 def test_bench_ctr_scaling_writes_png(criteo_dir, tmp_path):
@@ -143,7 +149,7 @@ def test_bench_ctr_bad_arguments(tmp_path, capsys):
     assert "unknown CTR dataset" in capsys.readouterr().err
     with pytest.raises(ValueError, match="section.key=value"):
         parse_overrides(["num_layers"])
-    with pytest.raises(ValueError, match="use model.<key>"):
+    with pytest.raises(ValueError, match="the sections are model.<key>, train.<key>"):
         parse_overrides(["optimizer.lr=1"])
     assert parse_overrides(["model.fmb_mlp=[32, 16]", "scaling=true"]) == {
         "model": {"fmb_mlp": (32, 16)}, "train": {}, "data": {}, "scaling": {"enabled": True}}

@@ -226,6 +226,12 @@ def test_bench_ranking_baseline_writes_its_record(dataset_dir, tmp_path, capsys)
     assert "--set data.train_windows=0" in markdown
     pytest.importorskip("matplotlib")
     assert (out / "bench.png").stat().st_size > 0
+    # the bench keeps its models: one run directory per seed, loadable like any trained run
+    from merlin_hstu.train.run_dir import load_run
+
+    run = load_run(out / "run-seed43")
+    assert run.task == "ranking" and run.config.model_type == "dlrm-baseline"
+    assert run.record["metrics"] == record["runs"][1]["metrics"]
 
 
 def test_bench_ranking_dlrm_hstu_smoke(dataset_dir, tmp_path):

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from merlin_hstu.bench.ctr import CTRTrainConfig, build_ctr_model, train_ctr
+from merlin_hstu.ctr.train import CTRTrainConfig, build_ctr_model, train_ctr
 from merlin_hstu.ctr.data import CTRData, CTRTensors
 from merlin_hstu.ctr.dlrm import DLRM, DLRMConfig, LogisticRegression
 from merlin_hstu.ctr.wukong import WukongModel, WukongModelConfig

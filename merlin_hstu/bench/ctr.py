@@ -26,89 +26,24 @@ Overrides (`--set KEY=VALUE`, repeatable):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import statistics
-import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
-import yaml
-from torch import nn
-from tqdm.auto import tqdm
 
 from merlin_hstu.bench.retrieval import machine_info, machine_summary, mean_std
 from merlin_hstu.common.overrides import overrides_by_section, replace_fields
-from merlin_hstu.ctr.data import CTRData
-from merlin_hstu.ctr.train import (MODELS, CTRResult, CTRTrainConfig, build_ctr_model, count_parameters,  # noqa: F401
-                                   evaluate_ctr, predict_logits, train_ctr)
+from merlin_hstu.ctr.config import CTRExperimentConfig
+from merlin_hstu.ctr.data import CTRData, load_ctr_dataset
+from merlin_hstu.ctr.dlrm import DLRMConfig
+from merlin_hstu.ctr.wukong import WukongModelConfig
+from merlin_hstu.encoders.wukong import WukongConfig
+from merlin_hstu.ctr.train import MODELS, CTRTrainConfig, build_ctr_model, save_run, train_ctr
 
-DATASETS = ("synthetic-criteo", "ml-1m-prefix-ctr")
 DEFAULT_SCALING_LAYERS = (1, 2, 3)
 DEFAULT_SCALING_WIDTHS = (4, 8, 16)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# datasets
-# ---------------------------------------------------------------------------------------------------------
-def load_ctr_dataset(name_or_path: str, cache_root: Path, data_overrides: Dict[str, object],
-                     input_dir: Optional[str] = None, log: Callable[[str], None] = print) -> CTRData:
-    from merlin_hstu.ctr.data import load_criteo_tensors, load_ml1m_ctr
-
-    if name_or_path == "synthetic-criteo":
-        return _synthetic_criteo(cache_root, data_overrides, log)
-    if data_overrides:
-        raise ValueError(f"data.* overrides apply to synthetic-criteo only (got {sorted(data_overrides)})")
-    if name_or_path == "ml-1m-prefix-ctr":
-        return load_ml1m_ctr(input_dir)
-    path = Path(name_or_path)
-    if (path / "processed" / "train").is_dir():
-        return load_criteo_tensors(path)
-    raise ValueError(f"unknown CTR dataset {name_or_path!r}: use {' | '.join(DATASETS)} or a directory written by "
-                     "merlin_hstu.workflows.criteo_workflow.preprocess_criteo")
-
-
-SYNTHETIC_FREQ_THRESHOLD = 5  # Categorify freq_threshold for synthetic-criteo (its noise columns are Zipf-long)
-
-
-def _synthetic_criteo(cache_root: Path, overrides: Dict[str, object], log) -> CTRData:
-    """Generate (seeded) -> Criteo TSV -> NVTabular Criteo workflow, cached by a hash of the full config."""
-    from merlin_hstu.ctr.data import (GENERATOR_VERSION, SyntheticCriteoConfig, generate_synthetic_criteo,
-                                      load_criteo_tensors, write_criteo_tsv)
-    from merlin_hstu.workflows.criteo_workflow import CriteoWorkflowConfig, preprocess_criteo
-
-    overrides = dict(overrides)
-    workflow_cfg = CriteoWorkflowConfig(freq_threshold=int(overrides.pop("freq_threshold", SYNTHETIC_FREQ_THRESHOLD)))
-    cfg = replace_fields(SyntheticCriteoConfig(), overrides, "data (synthetic-criteo)")
-    cfg.__post_init__()
-    described = {"generator_version": GENERATOR_VERSION, **dataclasses.asdict(cfg),
-                 "freq_threshold": workflow_cfg.freq_threshold, "valid_fraction": workflow_cfg.valid_fraction}
-    digest = hashlib.sha1(json.dumps(described, sort_keys=True).encode()).hexdigest()[:10]
-    out = cache_root / f"synthetic-criteo-{cfg.num_rows}-{digest}"
-    ceilings_path = out / "ceilings.json"
-    if not ceilings_path.is_file():
-        log(f"generating synthetic Criteo-layout data ({cfg.num_rows:,} rows, seed {cfg.seed}) -> {out}")
-        synthetic = generate_synthetic_criteo(cfg)
-        staging = cache_root / f".{out.name}.tsv"
-        tsv = write_criteo_tsv(synthetic.frame, staging)
-        t0 = time.perf_counter()
-        try:
-            preprocess_criteo(tsv, out, workflow_cfg, overwrite=True)
-        finally:
-            tsv.unlink(missing_ok=True)
-        log(f"NVTabular Criteo workflow: {time.perf_counter() - t0:.1f} s")
-        n_valid = int(round(cfg.num_rows * workflow_cfg.valid_fraction))
-        ceilings = synthetic.ceiling_aucs(slice(cfg.num_rows - n_valid, None))
-        write_atomic(out, {"ceilings.json": json.dumps({"config": described, "valid_ceiling_auc": ceilings}),
-                           "config.json": json.dumps(described, indent=2)})
-    data = load_criteo_tensors(out)
-    data.name = "synthetic-criteo"
-    data.info["config"] = described
-    data.info["ceiling_auc"] = json.loads(ceilings_path.read_text())["valid_ceiling_auc"]
-    return data
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,6 +93,13 @@ def run_bench(args) -> int:
             print(f"{name:7s} seed {seed}: auc {result.metrics['auc']:.4f}  logloss {result.metrics['logloss']:.4f}  "
                   f"ne {result.metrics['ne']:.4f}  {result.seconds_per_step * 1e3:.1f} ms/step  "
                   f"{result.parameters:,} params ({result.dense_parameters:,} outside embeddings)")
+            experiment = CTRExperimentConfig(
+                name=f"bench-{name}", description=f"merlin-hstu bench --task ctr, seed {seed}",
+                model={"type": name, **_model_overrides(name, sections)},
+                train=dataclasses.replace(train_cfg, seed=seed))
+            run_dir = save_run(out / f"run-{name}-seed{seed}", model, experiment, result, data,
+                               data_dir=data.info.get("path"))
+            print(f"        model saved as a run directory: {run_dir}")
     record = summarize(runs, data, train_cfg, info, args, sections)
     write_atomic(out, {"ctr_bench.json": json.dumps(record, indent=2, default=str), "ctr_bench.md": record["markdown"]})
     print()

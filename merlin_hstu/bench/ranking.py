@@ -26,15 +26,16 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import yaml
 
 from merlin_hstu.common.overrides import overrides_by_section
 from merlin_hstu.bench.retrieval import mean_std, machine_info, machine_summary, peak_rss_gb
-from merlin_hstu.ranking.baselines import ItemPriorBaseline, build_dlrm_baseline
+from merlin_hstu.ranking.baselines import ItemPriorBaseline
 from merlin_hstu.ranking.config import MODELS as RANKING_MODELS
+from merlin_hstu.ranking.config import RankingDataConfig, RankingExperimentConfig
 from merlin_hstu.ranking.data import META_FILE, RankingDataset
 from merlin_hstu.ranking.train import (
     RankingTrainConfig,
+    save_run,
     evaluate_ranking,
     format_task_metrics,
     train_ranking,
@@ -63,7 +64,7 @@ def parse_overrides(items: List[str]) -> Dict[str, dict]:
     out = overrides_by_section(items, ("model", "train", "data"))
     unknown = sorted(set(out["data"]) - set(DATA_DEFAULTS))
     if unknown:
-        raise ValueError(f"--set data.{unknown[0]}: unknown data option; valid: {sorted(DATA_DEFAULTS)}")
+        raise ValueError(f"--set data.{unknown[0]}: unknown data option {unknown[0]!r}; valid: {sorted(DATA_DEFAULTS)}")
     return out
 
 
@@ -145,6 +146,13 @@ def run_bench(args) -> int:
 
         result = train_ranking(model, dataset, cfg, progress=not args.no_progress, log_epoch=log_epoch,
                                name=model_name)
+        experiment = RankingExperimentConfig(
+            name=f"bench-{model_name}", description=f"merlin-hstu bench --task ranking, seed {seed}",
+            data=RankingDataConfig(train_windows=int(data["train_windows"]), test_fraction=data["test_fraction"],
+                                   split_seed=data["split_seed"], tasks=data["tasks"]),
+            model={"type": model_name, **sets["model"]}, train=cfg)
+        run_dir = save_run(out / f"run-seed{seed}", model, experiment, result, dataset)
+        print(f"model saved as a run directory: {run_dir} (merlin-hstu evaluate / export --run {run_dir})")
         steady = result.step_times[1:] or result.step_times  # the first step includes warm-up
         runs.append({
             "seed": seed,

@@ -127,7 +127,7 @@ def _train_ranking(args, run_dir: Path, common: dict) -> int:
 def _train_ctr(args, run_dir: Path, common: dict) -> int:
     import torch
 
-    from merlin_hstu.bench.ctr import load_ctr_dataset
+    from merlin_hstu.ctr.data import load_ctr_dataset
     from merlin_hstu.ctr.config import load_config
     from merlin_hstu.ctr.train import save_run, train_ctr
 
@@ -146,8 +146,7 @@ def _train_ctr(args, run_dir: Path, common: dict) -> int:
     m = result.metrics
     print(f"trained in {result.train_seconds:.1f} s on {result.fit.device} ({result.fit.precision}); valid: "
           f"auc {m['auc']:.4f} logloss {m['logloss']:.4f} ne {m['ne']:.4f}")
-    data_dir = Path(args.data) if Path(args.data).is_dir() else None
-    save_run(run_dir, model, cfg, result, data, data_dir=data_dir)
+    save_run(run_dir, model, cfg, result, data, data_dir=data.info.get("path"))
     print(f"run saved to {run_dir}")
     return 0
 
@@ -185,7 +184,7 @@ def cmd_evaluate(args) -> int:
                                    total=dataset.num_batches(split, cfg.train.eval_batch_size))
         print(f"{split}: {format_task_metrics(metrics)}")
     else:
-        from merlin_hstu.bench.ctr import load_ctr_dataset
+        from merlin_hstu.ctr.data import load_ctr_dataset
         from merlin_hstu.ctr.train import evaluate_ctr
 
         tensors = load_ctr_dataset(data, Path(args.cache), {}).valid

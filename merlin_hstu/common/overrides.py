@@ -47,7 +47,7 @@ def overrides_by_section(items: Iterable[str], sections: Sequence[str], flags: S
             continue
         if len(keys) != 2 or keys[0] not in out:
             allowed = [f"{s}.<key>" for s in sections] + [f"{f}=..." for f in flags]
-            raise ValueError(f"--set {text!r}: use {', '.join(allowed)}")
+            raise ValueError(f"--set {text!r}: unknown section or key; the sections are {', '.join(allowed)}")
         out[keys[0]][keys[1]] = tuple(value) if isinstance(value, list) else value
     return out
 

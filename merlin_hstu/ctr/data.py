@@ -38,15 +38,21 @@ Categorical ids are 1.. in order of first appearance in train; 0 is a value neve
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
 import torch
+
+from merlin_hstu.common.overrides import replace_fields
 
 PathLike = Union[str, os.PathLike]
 
@@ -354,3 +360,65 @@ def load_ml1m_ctr(input_dir: Optional[PathLike] = None) -> CTRData:
         raise ValueError("ml-1m-prefix is not staged here: pass --input DIR with ratings.dat, movies.dat, users.dat")
     loaded = load_dataset("ml-1m-prefix", source)
     return encode_ml1m_ctr(ml1m_ctr_frame(loaded.events, loaded.user_features, loaded.item_features))
+
+
+DATASETS = ("synthetic-criteo", "ml-1m-prefix-ctr")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# datasets by name (the CLI's --data / the bench's --dataset)
+# ---------------------------------------------------------------------------------------------------------
+def load_ctr_dataset(name_or_path: str, cache_root: Path, data_overrides: Dict[str, object],
+                     input_dir: Optional[str] = None, log: Callable[[str], None] = print) -> CTRData:
+    if name_or_path == "synthetic-criteo":
+        return synthetic_criteo_dataset(cache_root, data_overrides, log)
+    if data_overrides:
+        raise ValueError(f"data.* overrides apply to synthetic-criteo only (got {sorted(data_overrides)})")
+    if name_or_path == "ml-1m-prefix-ctr":
+        return load_ml1m_ctr(input_dir)
+    path = Path(name_or_path)
+    if (path / "processed" / "train").is_dir():
+        return load_criteo_tensors(path)
+    raise ValueError(f"unknown CTR dataset {name_or_path!r}: use {' | '.join(DATASETS)} or a directory written by "
+                     "merlin_hstu.workflows.criteo_workflow.preprocess_criteo")
+
+
+SYNTHETIC_FREQ_THRESHOLD = 5  # Categorify freq_threshold for synthetic-criteo (its noise columns are Zipf-long)
+
+
+def synthetic_criteo_dataset(cache_root: Path, overrides: Dict[str, object], log) -> CTRData:
+    """Generate (seeded) -> Criteo TSV -> NVTabular Criteo workflow, cached by a hash of the full config."""
+    from merlin_hstu.workflows.criteo_workflow import CriteoWorkflowConfig, preprocess_criteo
+
+    overrides = dict(overrides)
+    workflow_cfg = CriteoWorkflowConfig(freq_threshold=int(overrides.pop("freq_threshold", SYNTHETIC_FREQ_THRESHOLD)))
+    cfg = replace_fields(SyntheticCriteoConfig(), overrides, "data (synthetic-criteo)")
+    cfg.__post_init__()
+    described = {"generator_version": GENERATOR_VERSION, **dataclasses.asdict(cfg),
+                 "freq_threshold": workflow_cfg.freq_threshold, "valid_fraction": workflow_cfg.valid_fraction}
+    digest = hashlib.sha1(json.dumps(described, sort_keys=True).encode()).hexdigest()[:10]
+    out = cache_root / f"synthetic-criteo-{cfg.num_rows}-{digest}"
+    ceilings_path = out / "ceilings.json"
+    if not ceilings_path.is_file():
+        log(f"generating synthetic Criteo-layout data ({cfg.num_rows:,} rows, seed {cfg.seed}) -> {out}")
+        synthetic = generate_synthetic_criteo(cfg)
+        staging = cache_root / f".{out.name}.tsv"
+        tsv = write_criteo_tsv(synthetic.frame, staging)
+        t0 = time.perf_counter()
+        try:
+            preprocess_criteo(tsv, out, workflow_cfg, overwrite=True)
+        finally:
+            tsv.unlink(missing_ok=True)
+        log(f"NVTabular Criteo workflow: {time.perf_counter() - t0:.1f} s")
+        n_valid = int(round(cfg.num_rows * workflow_cfg.valid_fraction))
+        ceilings = synthetic.ceiling_aucs(slice(cfg.num_rows - n_valid, None))
+        for name, text in (("config.json", json.dumps(described, indent=2)),
+                           ("ceilings.json", json.dumps({"config": described, "valid_ceiling_auc": ceilings}))):
+            tmp = out / f".{name}.tmp"  # ceilings.json last: its presence marks a complete cache entry
+            tmp.write_text(text)
+            tmp.rename(out / name)
+    data = load_criteo_tensors(out)
+    data.name = "synthetic-criteo"
+    data.info["config"] = described
+    data.info["ceiling_auc"] = json.loads(ceilings_path.read_text())["valid_ceiling_auc"]
+    return data

@@ -19,7 +19,7 @@ from merlin_hstu.ctr.dlrm import DLRM, DLRMConfig, LogisticRegression
 from merlin_hstu.ctr.wukong import WukongModel, WukongModelConfig
 from merlin_hstu.encoders.wukong import WukongConfig
 from merlin_hstu.train.config import LoopConfig
-from merlin_hstu.train.loop import EpochShuffle, FitResult, fit
+from merlin_hstu.train.loop import EpochShuffle, FitResult, fit, module_device
 
 MODELS = ("wukong", "dlrm", "logreg")
 
@@ -89,7 +89,7 @@ def build_ctr_model(name: str, cardinalities, num_dense: int, overrides: Optiona
 def predict_logits(model: nn.Module, tensors: CTRTensors, batch_size: int = 8192) -> torch.Tensor:
     """Logits of every row of a split, computed on the model's device, returned on the CPU."""
     model.eval()
-    device = next(model.parameters()).device
+    device = module_device(model)
     return torch.cat([model(dense.to(device), sparse.to(device)).float().cpu()
                       for dense, sparse, _ in tensors.batches(batch_size)])
 

@@ -25,7 +25,7 @@ data (`WukongModel`) lives in `merlin_hstu.ctr.wukong`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import torch
 from torch import nn

@@ -16,7 +16,6 @@ task: MSE and RMSE.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 from merlin_hstu.ranking.batch import RankingBatch, RankingTask, multitask_loss
 from merlin_hstu.common.metrics import binary_task_metrics, gauc
 from merlin_hstu.train.config import LoopConfig
-from merlin_hstu.train.loop import FitResult, fit, move_to
+from merlin_hstu.train.loop import FitResult, fit, module_device, move_to
 
 OPTIMIZERS = ("adam", "adamw")
 
@@ -101,7 +100,7 @@ def predict_ranking(model: torch.nn.Module, batches: Iterable[RankingBatch], pro
     model.eval()
     preds, labels, users, tasks = [], [], [], None
     offset = 0  # batches without user ids: number the rows across batches
-    device = next(model.parameters()).device
+    device = module_device(model)
     try:
         for batch in tqdm(batches, total=total, desc="evaluate", leave=False, disable=not progress):
             out = model(move_to(batch, device))

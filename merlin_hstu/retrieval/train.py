@@ -7,8 +7,6 @@ final metrics of the model and of the most-popular baseline, run.json), written 
 from __future__ import annotations
 
 import json
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,7 +21,7 @@ from merlin_hstu.retrieval.metrics import RetrievalMetricAccumulator, target_ran
 from merlin_hstu.retrieval.model import HSTURetrievalModel, RetrievalModelConfig, next_item_training_loss
 from merlin_hstu.retrieval.topk import rankable_from_invalid
 from merlin_hstu.train.config import resolve_device
-from merlin_hstu.train.loop import EpochShuffle, FitResult, fit, move_to
+from merlin_hstu.train.loop import EpochShuffle, FitResult, fit, module_device, move_to
 from merlin_hstu.train.run_dir import read_record, write_run
 
 
@@ -47,10 +45,6 @@ def build_model(table: SequenceTable, cfg: ExperimentConfig) -> HSTURetrievalMod
     return HSTURetrievalModel(model_cfg)
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def evaluate_model(model: HSTURetrievalModel, split: LeaveOneOut, cfg: ExperimentConfig,
                    progress: bool = False, samples=None) -> dict:
@@ -60,7 +54,7 @@ def evaluate_model(model: HSTURetrievalModel, split: LeaveOneOut, cfg: Experimen
     Ranks come from the model's brute-force top-K module (merlin_hstu.retrieval.topk: chunked MIPS or MoL,
     history-window filtered, top-`rank_cap` list), the module serving traces as well."""
     model.eval()
-    device = _device_of(model)
+    device = module_device(model)
     samples = split.eval if samples is None else samples
     acc = RetrievalMetricAccumulator(ks=cfg.train.ks)
     topk = model.topk(rankable_from_invalid(split.table.num_items, split.table.non_candidate_ids).to(device))

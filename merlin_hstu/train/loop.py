@@ -101,6 +101,13 @@ def move_to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def module_device(model: torch.nn.Module) -> torch.device:
+    """Where a module's parameters (or buffers) live; CPU for a module without any (e.g. a lookup baseline)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def lr_lambda(config: LoopConfig, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the base learning rate after `step` optimizer steps (LambdaLR convention)."""
     warmup, schedule = config.warmup_steps, config.lr_schedule
