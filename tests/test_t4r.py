@@ -275,6 +275,41 @@ def test_config_and_model_errors():
         timed(x, timestamps=torch.zeros(2, 4, dtype=torch.long))
 
 
+def test_kernel_switch_reaches_the_encoder_and_survives_save_load(tmp_path, one_thread):
+    from merlin_hstu.kernels.dispatch import use_kernel
+
+    assert t4r.HSTUConfig().kernel == "auto" and t4r.HSTUConfig().encoder_config().kernel == "auto"
+    for build in (t4r.T4RecHSTUConfig.build, t4r.T4RecHSTUTimeConfig.build):
+        torch.manual_seed(0)
+        block = tr.TransformerBlock(build(D_MODEL, 2, 2, MAX_LEN, dropout=0.0, kernel="pytorch"))
+        hstu = block.transformer.eval()
+        assert type(hstu) is t4r.HSTUModel and hstu.config.kernel == "pytorch"
+        # what STULayer.forward hands resolve_kernel is its layer config's kernel
+        assert [layer.config.kernel for layer in hstu.encoder.layers] == ["pytorch", "pytorch"]
+
+        hstu.save_pretrained(tmp_path / build.__qualname__)
+        loaded = transformers.AutoModel.from_pretrained(tmp_path / build.__qualname__).eval()
+        assert loaded.config.kernel == "pytorch" and loaded.encoder.config.kernel == "pytorch"
+
+        # An explicit kernel beats the global default: under use_kernel("triton") this CPU model still runs the
+        # PyTorch path, bit for bit (a kernel left at "auto" would try Triton on CPU tensors here).
+        x = torch.randn(2, MAX_LEN, D_MODEL)
+        times = torch.arange(MAX_LEN).repeat(2, 1) * 3600 if hstu.config.time_bias else None
+        lengths = torch.tensor([MAX_LEN, 3])
+        expected = hstu(x, timestamps=times, lengths=lengths)[0]
+        with use_kernel("triton"):
+            got = loaded(x, timestamps=times, lengths=lengths)[0]
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+    kernel_error = r"HSTUConfig\.kernel must be one of 'pytorch', 'triton', 'auto', got 'cuda'"
+    with pytest.raises(ValueError, match=kernel_error):
+        t4r.T4RecHSTUConfig.build(D_MODEL, 2, 2, MAX_LEN, kernel="cuda")
+    with pytest.raises(ValueError, match=kernel_error):
+        t4r.T4RecHSTUTimeConfig.build(D_MODEL, 2, 2, MAX_LEN, kernel="cuda")
+    with pytest.raises(ValueError, match=kernel_error):
+        t4r.HSTUConfig(kernel="cuda")
+
+
 # ------------------------------------------------------------------------------------------------
 # HSTUSequenceFeatures: schema handling and errors
 # ------------------------------------------------------------------------------------------------

@@ -55,12 +55,13 @@ def fingerprint_of(cfg_dict: dict, data: str) -> str:
     return config_fingerprint({"config": cfg, "data": str(Path(data).resolve())})
 
 
+KERNEL_MODELS = ("dlrm-hstu",)  # ranking / CTR model types with STU layers (a `kernel` field)
+
+
 def _check_kernel(cfg, args) -> None:
-    if getattr(args, "kernel", None) is None:
-        return
-    model = cfg.model if isinstance(cfg.model, dict) else vars(cfg.model)
-    if "kernel" not in model:
-        raise ValueError(f"--kernel: the {args.task} model of config {cfg.name!r} has no HSTU attention; drop --kernel")
+    if getattr(args, "kernel", None) is not None and cfg.model_type not in KERNEL_MODELS:
+        raise ValueError(f"--kernel: the {args.task} model {cfg.model_type!r} (config {cfg.name!r}) has no HSTU "
+                         "attention; drop --kernel")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ the raw padded event times, so the masking passes them as they are.  Padded posi
 row's last event time, so at inference the last row (which predicts an unseen item) uses the last event's
 time as its query time.
 
-`register()` is the one registration entry point; `merlin_hstu/__init__.py` calls it, and it is idempotent.
+`register()` is the one registration entry point, and it is idempotent.  Importing this module runs it;
+`merlin_hstu/__init__.py` arranges for that import as soon as T4R or transformers is imported (see there).
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ from transformers4rec.torch.utils.torch_utils import MappingTransformerMasking
 
 from merlin_hstu.encoders.hstu import HSTUEncoder, HSTUEncoderConfig
 from merlin_hstu.encoders.sasrec import SASRecEncoder, SASRecEncoderConfig, positional_table_init
+from merlin_hstu.kernels.dispatch import validate_kernel
 
 HSTU_MODEL_TYPE = "hstu"
 HSTU_REGISTRY_KEY = "hstu"
@@ -73,6 +75,9 @@ class HSTUConfig(PretrainedConfig):
     set it to the model's max_sequence_length.  attention_dim / linear_dim are per head and default to
     hidden_size // num_attention_heads.  time_bias=True adds the bucketed time-gap bias and then requires
     `timestamps` at every forward call (in T4R: `HSTUSequenceFeatures` with masking "hstu-clm").
+    kernel picks the attention implementation: "pytorch", "triton" or "auto" (Triton for CUDA tensors,
+    PyTorch otherwise; see `merlin_hstu.kernels.dispatch`).  It is saved with the config, so a model loaded
+    by `from_pretrained` runs the kernel it was saved with.
     """
 
     model_type = HSTU_MODEL_TYPE
@@ -92,8 +97,10 @@ class HSTUConfig(PretrainedConfig):
         num_time_buckets: int = 128,
         absolute_position_embedding: bool = True,
         layer_norm_eps: float = 1e-6,
+        kernel: str = "auto",
         **kwargs: Any,
     ):
+        validate_kernel(kernel, "HSTUConfig.kernel")
         for name, value in (
             ("hidden_size", hidden_size),
             ("num_hidden_layers", num_hidden_layers),
@@ -126,6 +133,7 @@ class HSTUConfig(PretrainedConfig):
         self.num_time_buckets = num_time_buckets
         self.absolute_position_embedding = absolute_position_embedding
         self.layer_norm_eps = layer_norm_eps
+        self.kernel = kernel
         super().__init__(**kwargs)
 
     def encoder_config(self) -> HSTUEncoderConfig:
@@ -143,6 +151,7 @@ class HSTUConfig(PretrainedConfig):
             num_time_buckets=self.num_time_buckets,
             layer_norm_eps=self.layer_norm_eps,
             causal=True,
+            kernel=self.kernel,
         )
 
 
@@ -248,8 +257,14 @@ class T4RecHSTUConfig(T4RecConfig, HSTUConfig):
         total_seq_length: int,
         dropout: float = 0.2,
         time_bias: bool = False,
+        kernel: str = "auto",
         **kwargs: Any,
     ) -> "T4RecHSTUConfig":
+        """T4R's `build` signature plus HSTUConfig's own fields (`kernel`, `attention_dim`, ...) by keyword.
+
+        `TransformerBlock.from_registry` passes only the four sizes, so a non-default kernel goes through
+        this method: `tr.TransformerBlock(T4RecHSTUConfig.build(..., kernel="pytorch"), masking=...)`.
+        """
         return cls(
             hidden_size=d_model,
             num_attention_heads=n_head,
@@ -257,6 +272,7 @@ class T4RecHSTUConfig(T4RecConfig, HSTUConfig):
             max_position_embeddings=total_seq_length,
             dropout=dropout,
             time_bias=time_bias,
+            kernel=kernel,
             **kwargs,
         )
 
@@ -274,8 +290,10 @@ class T4RecHSTUTimeConfig(T4RecConfig, HSTUConfig):
         n_layer: int,
         total_seq_length: int,
         dropout: float = 0.2,
+        kernel: str = "auto",
         **kwargs: Any,
     ) -> "T4RecHSTUTimeConfig":
+        """As `T4RecHSTUConfig.build`, with time_bias=True unless given."""
         kwargs.setdefault("time_bias", True)
         return cls(
             hidden_size=d_model,
@@ -283,6 +301,7 @@ class T4RecHSTUTimeConfig(T4RecConfig, HSTUConfig):
             num_hidden_layers=n_layer,
             max_position_embeddings=total_seq_length,
             dropout=dropout,
+            kernel=kernel,
             **kwargs,
         )
 
@@ -667,5 +686,5 @@ __all__ = [
 from merlin_hstu.t4r.retrieval import GenerativeRetrievalTask  # noqa: E402
 
 # Importing this module registers (idempotent); `import merlin_hstu` arranges for this import to happen as soon
-# as transformers4rec or transformers is imported (see merlin_hstu/__init__.py).
+# as transformers4rec.torch or transformers is imported (see merlin_hstu/__init__.py).
 register()
