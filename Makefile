@@ -30,5 +30,11 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q tests
 
+# The prepared GPU check (merlin_hstu/bench/gpu_check.py, docs/benchmarks.md "GPU check"): compiled Triton
+# kernels, so the interpreter exported above is switched off for it.
+.PHONY: gpu-check
+gpu-check: venv
+	TRITON_INTERPRET=0 $(VENV)/bin/merlin-hstu bench gpu-check --output gpu_check.json
+
 clean:
 	rm -rf $(VENV) build *.egg-info

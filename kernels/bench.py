@@ -101,7 +101,8 @@ def useful_flops(lengths: list[int], heads: int, dqk: int, dv: int) -> float:
     return float(pairs) * heads * 2 * (dqk + dv)
 
 
-def _timer(device: str) -> Callable[[Callable[[], None]], float]:
+def device_timer(device: str) -> Callable[[Callable[[], None]], float]:
+    """timer(fn) -> ms of one call: CUDA events around it on "cuda" (then a sync), perf_counter on CPU."""
     import torch
 
     def cuda_time(fn) -> float:
@@ -158,7 +159,7 @@ def bench_one(impl: str, lengths: list[int], dim: int, heads: int, dtype, device
     offsets = torch.tensor([0] + lengths, device=device).cumsum(0)
     fn = _make_impl(impl, q, k, v, offsets, lengths, max(lengths))
     grad_out = torch.randn(total, heads, dim, generator=gen).to(device=device, dtype=dtype)
-    timer = _timer(device)
+    timer = device_timer(device)
     state: dict = {}
 
     def fwd():

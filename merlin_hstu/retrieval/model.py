@@ -154,7 +154,10 @@ def recommend(model: HSTURetrievalModel, table, rows, k: int = 10, max_history: 
             times = table.timestamps[r][-max_history:]
             timestamps[i, : len(h)] = torch.as_tensor(times.copy())
             timestamps[i, len(h)] = int(times[-1])
-    topk = model.topk(rankable_from_invalid(model.config.num_items, table.non_candidate_ids))
-    history = ids.masked_fill(torch.arange(width).unsqueeze(0) >= lengths.unsqueeze(1), -1)
+    device = model.item_embedding.weight.device
+    ids, lengths = ids.to(device), lengths.to(device)
+    timestamps = timestamps.to(device) if timestamps is not None else None
+    topk = model.topk(rankable_from_invalid(model.config.num_items, table.non_candidate_ids).to(device))
+    history = ids.masked_fill(torch.arange(width, device=device).unsqueeze(0) >= lengths.unsqueeze(1), -1)
     _, top = topk(model.last_user_vector(ids, lengths, timestamps), k, exclude=history)
-    return top.tolist()
+    return top.cpu().tolist()
