@@ -178,10 +178,9 @@ def save_run(run_dir, model: nn.Module, cfg, result: CTRResult, data: CTRData, d
     """Publish a CTR run directory: config.yaml (CTRExperimentConfig), model.pt (weights + feature shape),
     metrics.json, run.json (task, data, device, ...), training_curves.png."""
     import json
-    from pathlib import Path
 
     from merlin_hstu.ctr.config import dump_config
-    from merlin_hstu.train.run_dir import plot_losses, write_run
+    from merlin_hstu.train.run_dir import plot_losses, run_record, write_run
 
     blob = {"task": "ctr", "model_type": cfg.model_type, "cardinalities": list(data.cardinalities),
             "num_dense": int(data.num_dense), "dense_names": list(data.train.dense_names),
@@ -189,13 +188,7 @@ def save_run(run_dir, model: nn.Module, cfg, result: CTRResult, data: CTRData, d
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     record = {"metrics": result.metrics, "epoch_losses": result.epoch_losses, "train_seconds": result.train_seconds,
               "parameters": result.parameters, "dense_parameters": result.dense_parameters, **(extra or {})}
-    fitted = result.fit
-    run = {"model_type": cfg.model_type, "data": str(Path(data_dir).resolve()) if data_dir else None,
-           "workflow": str((Path(data_dir) / "workflow").resolve()) if data_dir else None,
-           "device": fitted.device if fitted else "cpu", "precision": fitted.precision if fitted else "fp32",
-           "steps": fitted.steps if fitted else len(result.step_times),
-           "resumed_from": fitted.resumed_from if fitted else None,
-           "stopped_early": fitted.stopped_early if fitted else False}
+    run = run_record(result.fit, cfg.model_type, data_dir, steps=len(result.step_times))
     return write_run(run_dir, "ctr", {
         "config.yaml": lambda path: path.write_text(dump_config(cfg)),
         "model.pt": lambda path: torch.save(blob, path),

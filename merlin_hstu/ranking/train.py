@@ -274,7 +274,7 @@ def save_run(run_dir, model: torch.nn.Module, cfg, result: RankingTrainResult, d
     from dataclasses import asdict
 
     from merlin_hstu.ranking.config import dump_config
-    from merlin_hstu.train.run_dir import plot_losses, write_run
+    from merlin_hstu.train.run_dir import plot_losses, run_record, write_run
 
     shape = DatasetShape.of(dataset)
     blob = {"task": "ranking", "model_type": cfg.model_type,
@@ -285,14 +285,7 @@ def save_run(run_dir, model: torch.nn.Module, cfg, result: RankingTrainResult, d
               "epoch_task_losses": result.epoch_task_losses,
               "epoch_metrics": [{"epoch": e, **m} for e, m in result.epoch_metrics],
               "train_seconds": result.train_seconds, **(extra or {})}
-    fitted = result.fit
-    data_dir = getattr(dataset, "path", None)
-    run = {"model_type": cfg.model_type, "data": str(Path(data_dir).resolve()) if data_dir else None,
-           "workflow": str((Path(data_dir) / "workflow").resolve()) if data_dir else None,
-           "device": fitted.device if fitted else "cpu", "precision": fitted.precision if fitted else "fp32",
-           "steps": fitted.steps if fitted else len(result.step_times),
-           "resumed_from": fitted.resumed_from if fitted else None,
-           "stopped_early": fitted.stopped_early if fitted else False}
+    run = run_record(result.fit, cfg.model_type, getattr(dataset, "path", None), steps=len(result.step_times))
     return write_run(run_dir, "ranking", {
         "config.yaml": lambda path: path.write_text(dump_config(cfg)),
         "model.pt": lambda path: torch.save(blob, path),

@@ -22,7 +22,7 @@ from merlin_hstu.retrieval.model import HSTURetrievalModel, RetrievalModelConfig
 from merlin_hstu.retrieval.topk import rankable_from_invalid
 from merlin_hstu.train.config import resolve_device
 from merlin_hstu.train.loop import EpochShuffle, FitResult, fit, module_device, move_to
-from merlin_hstu.train.run_dir import read_record, write_run
+from merlin_hstu.train.run_dir import read_record, run_record, write_run
 
 
 @dataclass
@@ -207,12 +207,8 @@ def save_run(run_dir: str | Path, result: TrainResult, cfg: ExperimentConfig, ex
     record = {"metrics": result.metrics, "epoch_losses": result.epoch_losses, "loss": cfg.train.loss,
               "epoch_metrics": [{"epoch": e, **m} for e, m in result.epoch_metrics],
               "train_seconds": result.train_seconds, **(extra or {})}
-    fitted = result.fit
-    run = {"model_type": encoder_type(cfg.model), "data": record.get("data"), "workflow": record.get("workflow"),
-           "device": fitted.device if fitted else "cpu", "precision": fitted.precision if fitted else "fp32",
-           "steps": fitted.steps if fitted else len(result.step_times),
-           "resumed_from": fitted.resumed_from if fitted else None,
-           "stopped_early": fitted.stopped_early if fitted else False}
+    run = run_record(result.fit, encoder_type(cfg.model), record.get("data"), record.get("workflow"),
+                     steps=len(result.step_times))
     blob = {"task": "retrieval", "model_type": run["model_type"], "model_config": result.model.config.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()}}
     return write_run(run_dir, "retrieval", {

@@ -52,6 +52,19 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return work_dir(run_dir) / "checkpoints"
 
 
+def run_record(fitted, model_type: str, data_dir=None, workflow_dir=None, steps: int = 0) -> dict:
+    """The run.json fields every task records: model type, data and workflow paths, and the loop's facts
+    (`fitted`: the `FitResult` of `merlin_hstu.train.loop.fit`, None for a model trained elsewhere)."""
+    if workflow_dir is None and data_dir is not None and (Path(data_dir) / "workflow").is_dir():
+        workflow_dir = Path(data_dir) / "workflow"
+    return {"model_type": model_type, "data": str(Path(data_dir).resolve()) if data_dir else None,
+            "workflow": str(Path(workflow_dir).resolve()) if workflow_dir else None,
+            "device": fitted.device if fitted else "cpu", "precision": fitted.precision if fitted else "fp32",
+            "steps": fitted.steps if fitted else steps,
+            "resumed_from": fitted.resumed_from if fitted else None,
+            "stopped_early": fitted.stopped_early if fitted else False}
+
+
 def write_run(run_dir: str | Path, task: str, files: Dict[str, Callable[[Path], None]], record: dict) -> Path:
     """Publish RUN atomically: each `files[name](path)` writes one file into the staging directory; `record` goes to
     run.json with the format and task. The work directory (checkpoints) is removed once RUN is in place."""
