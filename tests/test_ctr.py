@@ -21,11 +21,15 @@ from merlin_hstu.bench.ctr import parse_overrides
 from merlin_hstu.ctr.train import CTRTrainConfig, build_ctr_model, predict_logits, train_ctr
 from merlin_hstu.ctr.data import (ML1M_CTR_CATEGORICAL, SyntheticCriteoConfig, encode_ml1m_ctr,
                                   generate_synthetic_criteo, load_criteo_tensors, ml1m_ctr_frame, write_criteo_tsv)
-from merlin_hstu.serving.ctr import OUTPUT, build_ctr_ensemble, export_ctr_ensemble, query_ctr
+from merlin_hstu.serving.client import ServingClient
+from merlin_hstu.serving.contract import BadRequest
+from merlin_hstu.serving.ctr import OUTPUT, build_ctr_ensemble, export_ctr_ensemble
+from merlin_hstu.serving.ctr_contract import CTRRequest
 from merlin_hstu.serving.server import ServerConfig, TritonServer
 from merlin_hstu.t4r.ctr import CTRBinaryClassificationTask, WukongBlock, wukong_ctr_model
 from merlin_hstu.ctr.wukong import WukongConfig
-from merlin_hstu.workflows.criteo_workflow import CriteoWorkflowConfig, preprocess_criteo, read_criteo_tsv
+from merlin_hstu.workflows.criteo_workflow import (CATEGORICAL_COLUMNS, CriteoWorkflowConfig, preprocess_criteo,
+                                                   read_criteo_tsv)
 
 SMALL_TOWER = WukongConfig(num_layers=2, lcb_feature_num=4, fmb_feature_num=4, compressed_feature_num=4,
                            fmb_mlp=(16,))
@@ -174,12 +178,19 @@ def test_exported_wukong_serves_offline_predictions_and_auc(criteo_dir, tmp_path
     np.testing.assert_allclose(in_process[OUTPUT].to_numpy(), offline, rtol=1e-5, atol=1e-6)
 
     repo = export_ctr_ensemble(model, criteo_dir.path, tmp_path / "repo")
-    assert (repo / "executor_model" / "config.pbtxt").is_file()
-    with TritonServer(ServerConfig([repo], http_port=0, grpc_port=0)) as server:
-        served = query_ctr(server.http_url, raw)
-        with pytest.raises(ValueError, match=r"lacks column\(s\) \['C26'\]"):
-            query_ctr(server.http_url, raw.drop(columns=["C26"]))
+    assert (repo / "ctr" / "config.pbtxt").is_file()
+    with TritonServer(ServerConfig([repo], http_port=0, grpc_port=0)) as server, \
+            ServingClient(server.http_url) as client:
+        assert client.task == "ctr"
+        served = client.predict(CTRRequest(raw))
+        # one row per request: its missing fields are columns missing in every row (Categorify alone fails there)
+        sparse_rows = np.flatnonzero(raw[CATEGORICAL_COLUMNS].isna().any(axis=1).to_numpy())[:3]
+        assert len(sparse_rows) == 3
+        one_by_one = [client.predict(CTRRequest(raw.iloc[[i]]))[0] for i in sparse_rows]
+        with pytest.raises(BadRequest, match=r"lacks column\(s\) \['C26'\]"):
+            client.predict(CTRRequest(raw.drop(columns=["C26"])))
     np.testing.assert_allclose(served, offline, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(one_by_one, offline[sparse_rows], rtol=1e-5, atol=1e-6)
     assert ranking_metrics.auc(labels, served) == pytest.approx(ranking_metrics.auc(labels, offline), abs=1e-9)
     assert ranking_metrics.log_loss(labels, served) == pytest.approx(ranking_metrics.log_loss(labels, offline),
                                                                      abs=1e-6)

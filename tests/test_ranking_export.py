@@ -1,9 +1,8 @@
 """Export of a DLRM-HSTU ranking model with its fitted ranking workflow (merlin_hstu.serving.ranking), served by a
-real tritonserver: served per-task scores equal the offline model's on the test users, so do the AUCs; unseen
-raw ids score as the OOV id; bad requests fail with a message naming the field."""
+real tritonserver and queried with `ServingClient`: served per-task scores equal the offline model's on the test
+users, so do the AUCs; unseen raw ids score as the OOV id; bad requests fail with a message naming the field, in
+the client (BadRequest) and in the server (HTTP 400)."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pandas as pd
@@ -14,9 +13,12 @@ from merlin_hstu.common import metrics as ranking_metrics
 from merlin_hstu.ranking.model import DlrmHSTU, DlrmHSTUConfig
 from merlin_hstu.ranking.batch import RankingBatch
 from merlin_hstu.ranking.data import RankingDataset
-from merlin_hstu.serving.ranking import (RANKING_RECORD, RankingRequest, RankingServingError, export_ranking_ensemble,
-                                        query_ranking)
 from merlin_hstu.ranking.train import RankingTrainConfig, predict_ranking, train_ranking
+from merlin_hstu.serving.client import ServingClient, ServingError
+from merlin_hstu.serving.contract import BadRequest
+from merlin_hstu.serving.ranking import export_ranking_ensemble
+from merlin_hstu.serving.ranking_contract import RankingRequest
+from merlin_hstu.serving.repository import read_serving_record
 from merlin_hstu.serving.server import ServerConfig, TritonServer
 from merlin_hstu.workflows import ranking_workflow as rw
 
@@ -87,9 +89,11 @@ def test_served_scores_and_auc_equal_offline(trained, tmp_path):
     assert max(len(r.history_item_ids) for r, _ in requests) > MAX_UIH  # truncation is exercised
 
     repo = export_ranking_ensemble(model, ds.path, tmp_path / "repo")
-    assert (repo / "executor_model" / "config.pbtxt").is_file()
-    record = json.loads((repo / RANKING_RECORD).read_text())
-    assert record["tasks"] == [{"name": "click", "kind": "binary"}, {"name": "like", "kind": "binary"}]
+    assert (repo / "hstu_ranking" / "config.pbtxt").is_file()
+    record = read_serving_record(repo)
+    assert record["task"] == "ranking" and record["models"] == ["hstu_ranking"]
+    assert record["contract"]["tasks"] == [["click", "binary"], ["like", "binary"]]
+    assert record["contract"]["contextual"] == {"age": "int64", "country": "string"}
     assert not list(tmp_path.glob(".repo.partial-*"))
 
     # one request with raw ids the workflow never saw: they must score as the OOV id 2 (Categorify's rule)
@@ -98,16 +102,22 @@ def test_served_scores_and_auc_equal_offline(trained, tmp_path):
     unseen = RankingRequest(list(seen.history_item_ids) + ["nope"], list(seen.history_actions) + [1],
                             list(seen.history_timestamps) + [latest], ["nope", seen.candidate_item_ids[0]],
                             {"age": 99, "country": "xx"}, query_timestamp=1_700_000_000)
-    with TritonServer(ServerConfig([repo], http_port=0, grpc_port=0)) as server:
-        served = query_ranking(server.http_url, [r for r, _ in requests])
-        oov = query_ranking(server.http_url, unseen)
-        with pytest.raises(RankingServingError, match=r"request 1: history_timestamps has 0 values"):
-            query_ranking(server.http_url, [seen, RankingRequest(["v1"], [0], [], ["v2"], seen.contextual)])
-        with pytest.raises(RankingServingError, match=r"contextual lacks \['country'\]"):
-            query_ranking(server.http_url, RankingRequest(["v1"], [0], [5], ["v2"], {"age": 20}))
+    with TritonServer(ServerConfig([repo], http_port=0, grpc_port=0)) as server, \
+            ServingClient(server.http_url) as client:
+        assert client.task == "ranking" and client.model_name == "hstu_ranking"
+        served = client.predict([r for r, _ in requests])
+        oov = client.predict(unseen)
+        with pytest.raises(BadRequest, match=r"request 1: history_timestamps has 0 values"):
+            client.predict([seen, RankingRequest(["v1"], [0], [], ["v2"], seen.contextual)])
+        with pytest.raises(BadRequest, match=r"contextual lacks \['country'\]"):
+            client.predict(RankingRequest(["v1"], [0], [5], ["v2"], {"age": 20}))
         too_many = RankingRequest(["v1"], [0], [5], ["v2"] * 20, seen.contextual)
-        with pytest.raises(Exception, match=r"max_seq_len=13; send at most 10 candidates"):
-            query_ranking(server.http_url, too_many)
+        with pytest.raises(BadRequest, match=r"max_seq_len=13; send at most 10 candidates"):
+            client.predict(too_many)
+        # the server runs the same checks on what it is sent: HTTP 400 with the same message
+        with pytest.raises(ServingError, match=r"\[400\] bad request: .*max_seq_len=13; send at most 10 candidates"):
+            client.send(client.model_name, client.contract.request_arrays(too_many))
+        assert client.is_ready()
 
     assert np.diff(served.offsets).tolist() == [len(r.candidate_item_ids) for r, _ in requests]
     for t, task in enumerate(tasks):

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from merlin_hstu.cli.main import main
-from merlin_hstu.serving.client import HSTUClient, ServingError, request_from_events
+from merlin_hstu.serving.client import ServingClient, ServingError, request_from_events
 from merlin_hstu.serving.contract import BadRequest
 from merlin_hstu.data.synthetic import SyntheticConfig, generate_event_log
 
@@ -117,7 +117,7 @@ def server(repos, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with HSTUClient(server["http"]) as c:
+    with ServingClient(server["http"]) as c:
         yield c
 
 
@@ -202,9 +202,9 @@ def test_scorer_matches_eager_model_on_jagged_batches(trained, reference):
 
 def test_contract_rejects_bad_requests_with_named_errors(trained, repos):
     from merlin_hstu.serving.export import read_serving_record
-    from merlin_hstu.serving.contract import RequestContract
+    from merlin_hstu.serving.contract import contract_from_dict
 
-    contract = RequestContract(**read_serving_record(repos[0])["contract"])
+    contract = contract_from_dict(read_serving_record(repos[0])["contract"])
     good = request_from_events(contract, _users(trained["events"], [0, 1]))
     assert contract.validate(good).batch_size == 2
 
@@ -240,7 +240,7 @@ def test_contract_rejects_bad_requests_with_named_errors(trained, repos):
 def test_export_is_self_contained(trained, tmp_path):
     """The repository serves after the run and its dataset are gone: nothing points back at training files,
     and ensemble.pkl holds no model or workflow (they are TorchScript / Workflow.save artifacts)."""
-    from merlin_hstu.serving.contract import RequestContract
+    from merlin_hstu.serving.contract import contract_from_dict
     from merlin_hstu.serving.core import ServingEnsemble
     from merlin_hstu.serving.export import export_repository, read_serving_record
 
@@ -259,7 +259,7 @@ def test_export_is_self_contained(trained, tmp_path):
     ensemble_dir = repo / "hstu_topk_batched" / "1" / "ensemble"
     assert (ensemble_dir / "ensemble.pkl").stat().st_size < 200_000
     assert {"hstu_scorer.pt", "item_id_mapping.parquet", "workflow"} <= {p.name for p in ensemble_dir.iterdir()}
-    contract = RequestContract(**read_serving_record(repo)["contract"])
+    contract = contract_from_dict(read_serving_record(repo)["contract"])
     served = ServingEnsemble.load(ensemble_dir, contract)
     ids, scores = served.run([contract.validate(request_from_events(contract, _users(trained["events"], [3])))])[0]
     assert ids.shape == (1, 10) and np.all(np.diff(scores[0]) <= 0)
@@ -268,7 +268,7 @@ def test_export_is_self_contained(trained, tmp_path):
 def test_string_ids_without_timestamps_in_process(tmp_path):
     """A log with string user/item ids and no timestamps: the export serves raw string ids, no query time."""
     from merlin_hstu.retrieval.data import load_processed
-    from merlin_hstu.serving.contract import RequestContract
+    from merlin_hstu.serving.contract import contract_from_dict
     from merlin_hstu.serving.core import ServingEnsemble
     from merlin_hstu.serving.export import export_repository, read_serving_record
     from merlin_hstu.retrieval.train import load_run
@@ -282,7 +282,7 @@ def test_string_ids_without_timestamps_in_process(tmp_path):
     assert main(["train", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run"), "--no-progress",
                  *no_time]) == 0
     repo = export_repository(tmp_path / "run", tmp_path / "repo")
-    contract = RequestContract(**read_serving_record(repo)["contract"])
+    contract = contract_from_dict(read_serving_record(repo)["contract"])
     assert (contract.id_dtype, contract.item_dtype, contract.timestamp_column) == ("string", "string", None)
     served = ServingEnsemble.load(repo / "hstu_topk_batched" / "1" / "ensemble", contract)
     table = load_processed(tmp_path / "data")
@@ -309,7 +309,7 @@ def test_mol_run_exports_and_serves_the_offline_topk(tmp_path):
     """A mixture-of-logits run through the same export path: the served raw ids are the offline top-K module's
     ids (history filtered) mapped back to raw ids, and the TorchScript scorer gives the offline scores."""
     from merlin_hstu.retrieval.data import load_processed
-    from merlin_hstu.serving.contract import RequestContract
+    from merlin_hstu.serving.contract import contract_from_dict
     from merlin_hstu.serving.core import ServingEnsemble
     from merlin_hstu.serving.export import export_repository, read_serving_record
     from merlin_hstu.retrieval.topk import rankable_from_invalid
@@ -326,7 +326,7 @@ def test_mol_run_exports_and_serves_the_offline_topk(tmp_path):
     repo = export_repository(tmp_path / "run", tmp_path / "repo")
     record = read_serving_record(repo)
     assert record["model"]["head"]["similarity"] == "mol"
-    contract = RequestContract(**record["contract"])
+    contract = contract_from_dict(record["contract"])
     served = ServingEnsemble.load(repo / "hstu_topk_batched" / "1" / "ensemble", contract)
     model, _, run_record = load_run(tmp_path / "run")
     assert model.head.is_mol
@@ -381,7 +381,7 @@ def test_served_topk_equals_workflow_plus_eager_model(trained, client, server, r
     np.testing.assert_array_equal(recs.item_ids, expected_ids)
     np.testing.assert_allclose(recs.scores, expected_scores, atol=1e-5)
     # the same through the plain ragged model, over gRPC
-    with HSTUClient(server["grpc"], endpoint="ragged") as grpc_client:
+    with ServingClient(server["grpc"], endpoint="ragged") as grpc_client:
         recs = grpc_client.recommend(events)
     np.testing.assert_array_equal(recs.item_ids, expected_ids)
     np.testing.assert_allclose(recs.scores, expected_scores, atol=1e-5)

@@ -1,4 +1,9 @@
-"""Subcommands `export`, `serve`, `query` and `bench serve` (registered through merlin_hstu.cli.main.EXTENSION_MODULES).
+"""Subcommands `export`, `serve`, `query` and `bench serve` (registered through merlin_hstu.cli.main.EXTENSION_MODULES),
+for runs of every task (retrieval, ranking, CTR):
+
+    merlin-hstu export --run runs/rank --output runs/rank_repo       # the task is read from the run
+    merlin-hstu serve --repo runs/rank_repo                           # any number of repositories, any tasks
+    merlin-hstu query --request requests.json                         # the task is read from the served model
 
 Only argparse here at import time; everything heavy is imported inside the command functions.
 """
@@ -11,31 +16,60 @@ import sys
 import threading
 from pathlib import Path
 
+TASKS = ("retrieval", "ranking", "ctr")
+RETRIEVAL_EXPORT_FLAGS = {"top_k": "--top-k", "keep_history": "--keep-history",
+                          "keep_unused_inputs": "--keep-unused-inputs", "entry_instances": "--entry-instances"}
+RETRIEVAL_QUERY_FLAGS = {"top_k": "--top-k", "query_timestamp": "--query-timestamp",
+                         "include_history": "--include-history", "users": "--users"}
+
 
 def register_subcommands(subparsers, bench_subparsers) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser(
-        "export", help="write a Triton model repository for a trained run (raw events in, top-K raw ids out)",
-        description="Export a run as a Triton model repository: the fitted NVTabular workflow, the HSTU model as "
-                    "TorchScript and top-K, behind a plain ragged model (<name>) and a batched one "
-                    "(<name>_batched). Serve it with `merlin-hstu serve`.")
-    p.add_argument("--model", required=True, metavar="RUN_DIR", help="run directory written by `train` or `demo`")
+        "export", help="write a Triton model repository for a trained run of any task (retrieval, ranking, ctr)",
+        formatter_class=fmt,
+        description="Export a run directory (written by `merlin-hstu train`) as a Triton model repository: the\n"
+                    "fitted NVTabular workflow of its dataset and the model as TorchScript, behind python-backend\n"
+                    "models that validate every request against the export's request contract. The task is read\n"
+                    "from the run. Serve the repository with `merlin-hstu serve --repo REPO`, query it with\n"
+                    "`merlin-hstu query`.",
+        epilog="what each task's repository serves:\n"
+               "  retrieval  raw events per user -> top-K raw item ids + scores; models <name> (Merlin ragged) and\n"
+               "             <name>_batched (behind Triton's dynamic batcher; what `query` uses). Default name hstu_topk.\n"
+               "  ranking    per user: history items/actions/timestamps, candidate items, contextual values ->\n"
+               "             one score per candidate and task. Default name hstu_ranking.\n"
+               "  ctr        rows of raw Criteo columns (I1..I13, C1..C26) -> click probability per row. Default name ctr.\n"
+               "Runs on raw item ids (no Categorify, e.g. `preprocess --dataset ml-1m-prefix`) export too: their requests\n"
+               "carry the raw ids, which are the model's ids.")
+    p.add_argument("--run", "--model", dest="run", required=True, metavar="RUN",
+                   help="run directory written by `train` or `demo` (--model: the old spelling)")
     p.add_argument("--output", required=True, metavar="REPO", help="model repository to write")
-    p.add_argument("--top-k", type=int, default=10, help="default K of a request (default: 10)")
-    p.add_argument("--keep-history", action="store_true",
+    p.add_argument("--task", choices=TASKS, help="check that the run is of this task (default: whatever it is)")
+    p.add_argument("--data", metavar="DIR",
+                   help="the dataset directory the run was trained on, when the run does not record it or it moved "
+                        "(its fitted workflow/ is exported)")
+    p.add_argument("--name", help="public Triton model name (default: hstu_topk | hstu_ranking | ctr)")
+    p.add_argument("--instances", type=int, default=2,
+                   help="instances of the model that runs the graph (retrieval: the batched model; default: 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing repository")
+    g = p.add_argument_group("retrieval runs only")
+    g.add_argument("--top-k", type=int, help="default K of a request (default: 10)")
+    g.add_argument("--keep-history", action="store_true",
                    help="by default the user's own history window is excluded from the results (as in "
                         "evaluation); with this flag it is not (a request can still choose)")
-    p.add_argument("--name", default="hstu_topk", help="Triton model name (default: hstu_topk)")
-    p.add_argument("--instances", type=int, default=2, help="executor instances of the batched model (default: 2)")
-    p.add_argument("--keep-unused-inputs", action="store_true",
+    g.add_argument("--entry-instances", type=int, help="instances of the plain ragged model (default: 8)")
+    g.add_argument("--keep-unused-inputs", action="store_true",
                    help="run the whole workflow, also branches the model never reads (the action lists)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing repository")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser(
-        "serve", help="serve model repositories with the tritonserver bundled in nvidia-pytriton",
+        "serve", help="serve model repositories (any tasks) with the tritonserver bundled in nvidia-pytriton",
         description="Start tritonserver on the repositories (bound to 127.0.0.1 unless --host), wait until it is "
-                    "ready, print the endpoints and forward its log. Ctrl-C / SIGTERM stops it cleanly.")
-    p.add_argument("repository", nargs="+", metavar="REPO", help="model repository (output of `export`)")
+                    "ready, print the endpoints and forward its log. Ctrl-C / SIGTERM stops it cleanly. One server "
+                    "may hold repositories of several tasks; `query --model-name` then picks one.")
+    p.add_argument("repository", nargs="*", metavar="REPO", help="model repository (output of `export`)")
+    p.add_argument("--repo", action="append", default=[], metavar="REPO",
+                   help="model repository (output of `export`); repeat for several (same as the positional REPO)")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default: 8000; 0 = any free port)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default: 8001; 0 = any free port)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, local only)")
@@ -45,28 +79,40 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = subparsers.add_parser(
-        "query", help="send raw events to a running server; print top-K raw item ids per user",
-        description="Read an event log (CSV/Parquet with the run's raw columns), send its users to the server "
-                    "and print each user's top-K item ids and scores.")
+        "query", help="send a request file to a running server; print what it answers (any task)",
+        formatter_class=fmt,
+        description="Read a request file, check it against the served model's request contract, send it and\n"
+                    "print the answer. The task and the contract are read from the server.",
+        epilog="request files:\n"
+               "  retrieval  an event log (.csv / .parquet), one row per event with the run's raw columns;\n"
+               "             prints each user's top-K raw item ids and scores\n"
+               "  ranking    .json (a list of objects, or {\"requests\": [...]}), .jsonl, or .parquet (one row per\n"
+               "             user), each with history_item_ids, history_actions, history_timestamps,\n"
+               "             candidate_item_ids, optional query_timestamp, and the contextual features (as\n"
+               "             \"contextual\": {...} or as fields of their own); prints one score per candidate and task\n"
+               "  ctr        .json (a list of row objects, or {column: [values]}), .jsonl or .parquet with the raw\n"
+               "             columns I1..I13 (empty / null = missing) and C1..C26; prints one probability per row")
     p.add_argument("--url", default="127.0.0.1:8000", help="server address, host:port (HTTP) or grpc://host:port")
-    p.add_argument("--events", required=True, metavar="FILE", help="event log: .csv / .parquet, one row per event")
+    p.add_argument("--request", "--events", dest="request", required=True, metavar="FILE",
+                   help="the request file (see below; --events: the old spelling, for retrieval event logs)")
     p.add_argument("--model-name", help="model to query (default: the one merlin-hstu model on the server)")
-    p.add_argument("--top-k", type=int, help="K (default: the export's)")
-    p.add_argument("--query-timestamp", type=int, metavar="UNIX_S",
-                   help="when the recommendation is made, for every user (default: each user's last event)")
-    p.add_argument("--include-history", action="store_true", help="allow items from the user's history window")
-    p.add_argument("--users", help="comma-separated user ids to send (default: all users in the file)")
-    p.add_argument("--endpoint", choices=["batched", "ragged"], default="batched",
-                   help="which of the two served models to call (default: batched)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    g = p.add_argument_group("retrieval models only")
+    g.add_argument("--top-k", type=int, help="K (default: the export's)")
+    g.add_argument("--query-timestamp", type=int, metavar="UNIX_S",
+                   help="when the recommendation is made, for every user (default: each user's last event)")
+    g.add_argument("--include-history", action="store_true", help="allow items from the user's history window")
+    g.add_argument("--users", help="comma-separated user ids to send (default: all users in the file)")
+    g.add_argument("--endpoint", choices=["batched", "ragged"], default="batched",
+                   help="which of the two served models to call (default: batched)")
     p.set_defaults(func=cmd_query)
 
     p = bench_subparsers.add_parser(
-        "serve", help="load test: merlin-hstu serving vs the stock merlin-systems path, side by side",
-        description="Export the run twice (merlin-hstu repository and the stock merlin-systems ensemble), serve "
-                    "both from one tritonserver, and drive each with the same requests in alternating rounds; "
+        "serve", help="load test: merlin-hstu serving vs the stock merlin-systems path, side by side (retrieval)",
+        description="Export the retrieval run twice (merlin-hstu repository and the stock merlin-systems ensemble), "
+                    "serve both from one tritonserver, and drive each with the same requests in alternating rounds; "
                     "prints p50/p99 latency, QPS, errors and the p50 ratio.")
-    p.add_argument("--model", required=True, metavar="RUN_DIR", help="run directory to export")
+    p.add_argument("--run", "--model", dest="run", required=True, metavar="RUN", help="retrieval run to export")
     p.add_argument("--requests", type=int, default=2000, help="requests per path (default: 2000)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: 8)")
     p.add_argument("--rounds", type=int, default=4, help="alternations between the paths (default: 4)")
@@ -77,32 +123,58 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
     p.set_defaults(func=cmd_bench_serve)
 
 
-# --- commands ---------------------------------------------------------------------------------------
+# --- export -----------------------------------------------------------------------------------------
 def cmd_export(args) -> int:
-    from merlin_hstu.serving.export import ExportConfig, export_repository, read_serving_record
+    from merlin_hstu.serving.repository import ExportConfig, export_run, read_serving_record
+    from merlin_hstu.train.run_dir import run_task
 
-    config = ExportConfig(top_k=args.top_k, exclude_history=not args.keep_history, model_name=args.name,
-                          batched_instances=args.instances, prune_unused_inputs=not args.keep_unused_inputs)
-    repo = export_repository(args.model, args.output, config, overwrite=args.overwrite)
-    contract = read_serving_record(repo)["contract"]
-    print(f"exported {args.model} -> {repo}")
-    print(f"  models: {config.model_name} (ragged requests), {config.batched_name} (batched; used by HSTUClient)")
-    lists = [c for c in (contract["item_column"], contract["action_column"], contract["timestamp_column"]) if c]
-    optional = ["query_timestamp", "top_k", "exclude_history"]
-    if contract["action_column"] and not contract["reads_actions"]:
-        lists.remove(contract["action_column"])
-        optional.insert(0, f"{contract['action_column']} (checked, not read by the model)")
-    print(f"  request: {contract['id_column']} + lists {lists}; optional: {', '.join(optional)}")
-    print(f"  top-K: default {contract['default_k']}, at most {contract['max_k']}; "
-          f"history window {contract['max_history']} events; exclude history: {contract['exclude_history']}")
-    print(f"serve it with: merlin-hstu serve {repo}")
+    task = run_task(args.run)
+    if args.task and args.task != task:
+        raise ValueError(f"{args.run} is a {task} run, not a {args.task} run; drop --task or pass a {args.task} run")
+    if task != "retrieval":
+        given = [flag for dest, flag in RETRIEVAL_EXPORT_FLAGS.items() if getattr(args, dest) not in (None, False)]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to retrieval runs only; {args.run} is a {task} run")
+    retrieval = {k: v for k, v in (("top_k", args.top_k), ("entry_instances", args.entry_instances)) if v is not None}
+    config = ExportConfig(model_name=args.name, instances=args.instances, exclude_history=not args.keep_history,
+                          prune_unused_inputs=not args.keep_unused_inputs, **retrieval)
+    repo = export_run(args.run, args.output, config, task=task, data=args.data, overwrite=args.overwrite)
+    record = read_serving_record(repo)
+    contract = record["contract"]
+    print(f"exported the {task} run {args.run} -> {repo}")
+    print(f"  models: {', '.join(record['models'])}")
+    if task == "retrieval":
+        lists = [c for c in (contract["item_column"], contract["action_column"], contract["timestamp_column"]) if c]
+        optional = ["query_timestamp", "top_k", "exclude_history"]
+        if contract["action_column"] and not contract["reads_actions"]:
+            lists.remove(contract["action_column"])
+            optional.insert(0, f"{contract['action_column']} (checked, not read by the model)")
+        print(f"  request: {contract['id_column']} + lists {lists}; optional: {', '.join(optional)}")
+        print(f"  top-K: default {contract['default_k']}, at most {contract['max_k']}; "
+              f"history window {contract['max_history']} events; exclude history: {contract['exclude_history']}")
+        if contract.get("item_encoding") == "raw":
+            print(f"  item ids: raw (no Categorify): requests carry the model's ids, 1..{contract['max_item_id']}")
+    elif task == "ranking":
+        print(f"  request per user: history_item_id / history_action / history_timestamp lists, candidate_item_id "
+              f"list, optional query_timestamp, contextual {list(contract['contextual'])}")
+        print(f"  scores per candidate: {[name for name, _ in contract['tasks']]}; history window "
+              f"{contract['max_uih_len']} events, sequence limit {contract['max_seq_len']} tokens")
+    else:
+        print(f"  request per row: {len(contract['integer_columns'])} integer columns "
+              f"({contract['integer_columns'][0]}..), {len(contract['categorical_columns'])} categorical "
+              f"({contract['categorical_columns'][0]}..); answer: {contract['output']}")
+    print(f"serve it with: merlin-hstu serve --repo {repo}")
     return 0
 
 
+# --- serve ------------------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
     from merlin_hstu.serving.server import ServerConfig, ServerStartError, TritonServer
 
-    config = ServerConfig([Path(r) for r in args.repository], host=args.host, http_port=args.http_port,
+    repos = [*args.repository, *args.repo]
+    if not repos:
+        raise ValueError("name at least one model repository: merlin-hstu serve --repo REPO")
+    config = ServerConfig([Path(r) for r in repos], host=args.host, http_port=args.http_port,
                           grpc_port=args.grpc_port, allow_metrics=args.allow_metrics,
                           startup_timeout_s=args.startup_timeout)
     forward = None if args.quiet else (lambda line: print(f"[tritonserver] {line}", file=sys.stderr, flush=True))
@@ -126,7 +198,7 @@ def cmd_serve(args) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  (pid {server.pid})", flush=True)
-        print(f"query it with: merlin-hstu query --url {server.http_url} --events EVENTS.csv", flush=True)
+        print(f"query it with: merlin-hstu query --url {server.http_url} --request FILE", flush=True)
         while not stop.is_set():
             if server.process.poll() is not None:
                 print(f"error: tritonserver exited unexpectedly with code {server.process.returncode}",
@@ -145,61 +217,164 @@ def cmd_serve(args) -> int:
             signal.signal(sig, handler)
 
 
+# --- query ------------------------------------------------------------------------------------------
 def cmd_query(args) -> int:
-    import pandas as pd
+    from merlin_hstu.serving.client import ServingClient, ServingError
+    from merlin_hstu.serving.contract import BadRequest
 
-    from merlin_hstu.serving.client import HSTUClient, ServingError
-    from merlin_hstu.workflows.session_workflow import read_event_log
-
-    if not Path(args.events).exists():
-        raise FileNotFoundError(f"event file {args.events} does not exist")
-    events = read_event_log(args.events)
+    if not Path(args.request).exists():
+        raise FileNotFoundError(f"request file {args.request} does not exist")
     try:
-        client = HSTUClient(args.url, model_name=args.model_name, endpoint=args.endpoint)
+        client = ServingClient(args.url, model_name=args.model_name, endpoint=args.endpoint)
     except ServingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with client:
-        id_column = client.contract.id_column
-        if id_column not in events.columns:
-            raise ValueError(f"events have no {id_column!r} column (columns: {list(events.columns)})")
-        if args.users:
-            wanted = [u.strip() for u in args.users.split(",") if u.strip()]
-            if pd.api.types.is_integer_dtype(events[id_column]):
-                wanted = [int(u) for u in wanted]
-            missing = [u for u in wanted if u not in set(events[id_column])]
-            if missing:
-                raise ValueError(f"--users {missing} have no events in {args.events}")
-            events = events[events[id_column].isin(wanted)]
-        users = pd.unique(events[id_column])
-        query = {u: args.query_timestamp for u in users} if args.query_timestamp is not None else None
+        if client.task != "retrieval":
+            given = [flag for dest, flag in RETRIEVAL_QUERY_FLAGS.items() if getattr(args, dest) not in (None, False)]
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to retrieval models only; {client.model_name!r} is a "
+                                 f"{client.task} model")
         try:
-            recs = client.recommend(events, query_timestamps=query, top_k=args.top_k,
-                                    exclude_history=False if args.include_history else None)
+            if client.task == "retrieval":
+                _query_retrieval(client, args)
+            elif client.task == "ranking":
+                _query_ranking(client, args)
+            else:
+                _query_ctr(client, args)
+        except BadRequest as exc:
+            print(f"error: bad request: {exc}", file=sys.stderr)
+            return 2
         except ServingError as exc:
             print(f"error: the server rejected the request: {exc}", file=sys.stderr)
             return 2
-        frame = recs.to_frame(id_column)
-        for user, group in frame.groupby(id_column, sort=False):
-            if args.json:
-                print(json.dumps({id_column: _plain(user), "item_ids": [_plain(v) for v in group["item_id"]],
-                                  "scores": [round(float(v), 6) for v in group["score"]]}))
-            else:
-                items = ", ".join(f"{_plain(i)} ({s:.3f})" for i, s in zip(group["item_id"], group["score"]))
-                print(f"{id_column} {_plain(user)}: {items}")
     return 0
+
+
+def _query_retrieval(client, args) -> None:
+    import pandas as pd
+
+    from merlin_hstu.workflows.session_workflow import read_event_log
+
+    events = read_event_log(args.request)
+    id_column = client.contract.id_column
+    if id_column not in events.columns:
+        raise ValueError(f"events have no {id_column!r} column (columns: {list(events.columns)})")
+    if args.users:
+        wanted = [u.strip() for u in args.users.split(",") if u.strip()]
+        if pd.api.types.is_integer_dtype(events[id_column]):
+            wanted = [int(u) for u in wanted]
+        missing = [u for u in wanted if u not in set(events[id_column])]
+        if missing:
+            raise ValueError(f"--users {missing} have no events in {args.request}")
+        events = events[events[id_column].isin(wanted)]
+    users = pd.unique(events[id_column])
+    query = {u: args.query_timestamp for u in users} if args.query_timestamp is not None else None
+    recs = client.recommend(events, query_timestamps=query, top_k=args.top_k,
+                            exclude_history=False if args.include_history else None)
+    frame = recs.to_frame(id_column)
+    for user, group in frame.groupby(id_column, sort=False):
+        if args.json:
+            print(json.dumps({id_column: _plain(user), "item_ids": [_plain(v) for v in group["item_id"]],
+                              "scores": [round(float(v), 6) for v in group["score"]]}))
+        else:
+            items = ", ".join(f"{_plain(i)} ({s:.3f})" for i, s in zip(group["item_id"], group["score"]))
+            print(f"{id_column} {_plain(user)}: {items}")
+
+
+def _query_ranking(client, args) -> None:
+    requests = read_ranking_requests(args.request, list(client.contract.contextual))
+    scores = client.predict(requests)
+    tasks = client.contract.task_names
+    for b, request in enumerate(requests):
+        mine = scores.user(b)
+        if args.json:
+            print(json.dumps({"request": b, "candidate_item_ids": [_plain(v) for v in request.candidate_item_ids],
+                              "scores": {t: [float(v) for v in mine[t]] for t in tasks}}))
+            continue
+        print(f"request {b}: {len(request.candidate_item_ids)} candidate(s)")
+        for c, item in enumerate(request.candidate_item_ids):
+            print(f"  {_plain(item)!s:>12}  " + "  ".join(f"{t} {float(mine[t][c]):.6f}" for t in tasks))
+
+
+def _query_ctr(client, args) -> None:
+    from merlin_hstu.serving.ctr_contract import CTRRequest
+
+    probabilities = client.predict(CTRRequest(read_table(args.request)))
+    output = client.contract.output
+    for row, p in enumerate(probabilities):
+        print(json.dumps({"row": row, output: float(p)}) if args.json else f"row {row}: {output} {float(p):.6f}")
+
+
+# --- request files ----------------------------------------------------------------------------------
+def read_table(path: str | Path):
+    """A .json (list of row objects, {column: [values]}, or {"requests"/"rows": [...]}), .jsonl or .parquet file
+    as a DataFrame."""
+    import pandas as pd
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return pd.read_parquet(path)
+    if suffix == ".jsonl":
+        return pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+    if suffix == ".json":
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and len(data) == 1 and next(iter(data)) in ("requests", "rows"):
+            data = next(iter(data.values()))
+        return pd.DataFrame(data)
+    raise ValueError(f"{path}: request files are .json, .jsonl or .parquet, got {suffix or 'no suffix'!r}")
+
+
+RANKING_FIELDS = ("history_item_ids", "history_actions", "history_timestamps", "candidate_item_ids")
+
+
+def read_ranking_requests(path: str | Path, contextual: list) -> list:
+    """One RankingRequest per row of a request file (see `merlin-hstu query --help`)."""
+    import numpy as np
+
+    from merlin_hstu.serving.contract import BadRequest
+    from merlin_hstu.serving.ranking_contract import RankingRequest
+
+    frame = read_table(path)
+    missing = [f for f in RANKING_FIELDS if f not in frame.columns]
+    if missing:
+        raise BadRequest(f"{path}: ranking requests need the field(s) {missing} (one row / object per user)")
+    known = {*RANKING_FIELDS, "query_timestamp", "contextual", *contextual}
+    unknown = sorted(set(frame.columns) - known)
+    if unknown:
+        raise BadRequest(f"{path}: unknown field(s) {unknown}; a ranking request has {list(RANKING_FIELDS)}, "
+                         f"query_timestamp and the contextual features {contextual}")
+
+    def plain(value):
+        if value is None or (isinstance(value, float) and value != value):
+            return None
+        return value.item() if isinstance(value, np.generic) else value
+
+    requests = []
+    for row in frame.to_dict("records"):
+        context = dict(row.get("contextual") or {}) if isinstance(row.get("contextual"), dict) else {}
+        for f in contextual:  # a field of its own wins, unless this row lacks it (pandas fills it with NaN)
+            if f in row and not (plain(row[f]) is None and f in context):
+                context[f] = plain(row[f])
+        query = plain(row.get("query_timestamp"))
+        requests.append(RankingRequest(*[[plain(v) for v in row[f]] for f in RANKING_FIELDS],
+                                       contextual={k: plain(v) for k, v in context.items()},
+                                       query_timestamp=None if query is None else int(query)))
+    return requests
 
 
 def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
+# --- bench serve ------------------------------------------------------------------------------------
 def cmd_bench_serve(args) -> int:
     from merlin_hstu.serving.bench import BenchConfig, bench_serve, format_summary
 
     config = BenchConfig(requests=args.requests, concurrency=args.concurrency, rounds=args.rounds,
-                         batched_instances=args.instances, prune_unused_inputs=not args.keep_unused_inputs)
-    summary = bench_serve(args.model, config)
+                         instances=args.instances, prune_unused_inputs=not args.keep_unused_inputs)
+    summary = bench_serve(args.run, config)
     print(format_summary(summary))
     if args.json:
         Path(args.json).write_text(json.dumps({"config": vars(config), "summary": summary}, indent=2))

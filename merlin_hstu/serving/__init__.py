@@ -1,9 +1,10 @@
-"""Serving: export a trained run as a Triton model repository and serve it with the bundled tritonserver.
+"""Serving: export a trained run of any task as a Triton model repository, serve it with the bundled tritonserver,
+query it with one client.
 
-    from merlin_hstu.serving import export_repository, TritonServer, ServerConfig, HSTUClient
-    repo = export_repository("runs/demo/run", "runs/demo/triton_repo")
-    with TritonServer(ServerConfig([repo])) as server:
-        recs = HSTUClient(server.http_url).recommend(events)
+    from merlin_hstu.serving import export_run, TritonServer, ServerConfig, ServingClient, RetrievalRequest
+    repo = export_run("runs/demo/run", "runs/demo/triton_repo")        # retrieval, ranking or CTR: read from the run
+    with TritonServer(ServerConfig([repo])) as server, ServingClient(server.http_url) as client:
+        recs = client.predict(RetrievalRequest(events))                 # RankingRequest(s) / CTRRequest likewise
 
 Names are loaded lazily, so `import merlin_hstu.serving` stays cheap (the Triton entry model imports only
 `merlin_hstu.serving.contract`).  See docs/serving.md.
@@ -13,17 +14,32 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "ExportConfig": "export",
+    "ExportConfig": "repository",
+    "export_run": "repository",
+    "write_repository": "repository",
+    "read_serving_record": "repository",
+    "open_repository": "repository",
     "export_repository": "export",
+    "export_ranking_ensemble": "ranking",
+    "export_ctr_ensemble": "ctr",
     "ServerConfig": "server",
     "TritonServer": "server",
     "ServerStartError": "server",
+    "ServingClient": "client",
     "HSTUClient": "client",
-    "Recommendations": "client",
     "ServingError": "client",
-    "request_from_events": "client",
+    "request_from_events": "contract",
+    "Recommendations": "contract",
+    "RetrievalRequest": "contract",
     "RequestContract": "contract",
+    "ServingContract": "contract",
+    "contract_from_dict": "contract",
     "BadRequest": "contract",
+    "RankingContract": "ranking_contract",
+    "RankingRequest": "ranking_contract",
+    "RankingScores": "ranking_contract",
+    "CTRContract": "ctr_contract",
+    "CTRRequest": "ctr_contract",
     "ServingEnsemble": "core",
     "demo_serving": "demo",
     "bench_serve": "bench",

@@ -2,7 +2,7 @@
 
 One tritonserver serves both repositories side by side (same process, same cores, same moment):
 
-* **merlin-hstu**: `export_repository`'s batched endpoint (what `HSTUClient` calls): one user per request,
+* **merlin-hstu**: `export_repository`'s batched endpoint (what `ServingClient` calls): one user per request,
   raw lists with a leading request dimension, Triton's dynamic batcher in front of the Merlin executor;
 * **merlin-hstu ragged**: the same repository's plain Merlin-convention model (validates, one BLS hop to the
   batched model);
@@ -17,7 +17,6 @@ servings of the same numbers.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import threading
@@ -40,14 +39,14 @@ class BenchConfig:
     rounds: int = 4  # alternate the paths this many times (requests split evenly)
     warmup: int = 40  # per path, not timed
     top_k: int = 10
-    batched_instances: int = 2
+    instances: int = 2  # executor instances of the batched model
     entry_instances: int = 8
     max_queue_delay_us: int = 0
     prune_unused_inputs: bool = True  # False: merlin-hstu also runs the workflow's action branch, like stock
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("requests", "concurrency", "rounds", "top_k", "batched_instances", "entry_instances"):
+        for name in ("requests", "concurrency", "rounds", "top_k", "instances", "entry_instances"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"BenchConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.requests < self.rounds:
@@ -114,26 +113,30 @@ def run_load(send: Callable[[object, int], object], make_client: Callable[[], ob
 def raw_histories(run_dir: str | Path, limit: Optional[int] = None) -> pd.DataFrame:
     """The run's users as raw event rows (their most recent events as preprocessed), decoded back to raw ids."""
     from merlin_hstu.common import schema as roles
+    import nvtabular as nvt
+
     from merlin_hstu.retrieval.config import load_config
-    from merlin_hstu.workflows.session_workflow import load_action_mapping, load_item_id_mapping
+    from merlin_hstu.serving.export import item_ids_of
+    from merlin_hstu.train.run_dir import read_record
+    from merlin_hstu.workflows.session_workflow import load_action_mapping
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    record = json.loads((run_dir / "metrics.json").read_text())
+    record = read_record(run_dir)
     data, workflow = Path(record["data"]), Path(record["workflow"])
     processed = data / "processed" if (data / "processed").is_dir() else data
     frame = pd.concat([pd.read_parquet(p) for p in sorted(processed.glob("*.parquet"))], ignore_index=True)
     if limit is not None:
         frame = frame.iloc[:limit]
     d = cfg.data
-    items = load_item_id_mapping(workflow)
+    items = item_ids_of(nvt.Workflow.load(str(workflow)), workflow).mapping
     counts = frame[roles.ITEM_LIST].map(len).to_numpy()
     events = {d.id_column: np.repeat(frame[d.id_column].to_numpy(), counts),
               d.item_column: items[np.concatenate(frame[roles.ITEM_LIST].to_numpy()).astype(np.int64)]}
-    if d.action_column:
+    if d.action_column and roles.ACTION_LIST in frame.columns:
         actions = load_action_mapping(workflow)
         events[d.action_column] = actions[np.concatenate(frame[roles.ACTION_LIST].to_numpy()).astype(np.int64)]
-    if d.timestamp_column:
+    if d.timestamp_column and roles.TIMESTAMP_LIST in frame.columns:
         events[d.timestamp_column] = np.concatenate(frame[roles.TIMESTAMP_LIST].to_numpy()).astype(np.int64)
     out = pd.DataFrame(events)
     if out[d.item_column].map(type).eq(int).all():
@@ -154,7 +157,8 @@ def bench_serve(run_dir: str | Path, config: Optional[BenchConfig] = None, work_
     """Export both repositories, serve them from one tritonserver, drive both; -> {path: summary}."""
     import tritonclient.http as th
 
-    from merlin_hstu.serving.client import HSTUClient, request_from_events
+    from merlin_hstu.serving.client import ServingClient
+    from merlin_hstu.serving.contract import request_from_events
     from merlin_hstu.serving.export import ExportConfig, export_repository
     from merlin_hstu.serving.server import ServerConfig, TritonServer
     from merlin_hstu.serving.stock import STOCK_ENTRY_MODEL, export_stock_repository
@@ -166,7 +170,7 @@ def bench_serve(run_dir: str | Path, config: Optional[BenchConfig] = None, work_
     try:
         log(f"machine: {_machine()}")
         log(f"config: {config}")
-        export_cfg = ExportConfig(top_k=config.top_k, batched_instances=config.batched_instances,
+        export_cfg = ExportConfig(top_k=config.top_k, instances=config.instances,
                                   entry_instances=config.entry_instances,
                                   max_queue_delay_us=config.max_queue_delay_us,
                                   prune_unused_inputs=config.prune_unused_inputs)
@@ -175,7 +179,7 @@ def bench_serve(run_dir: str | Path, config: Optional[BenchConfig] = None, work_
         events = raw_histories(run_dir)
         with TritonServer(ServerConfig([ours_repo, stock_repo], http_port=0, grpc_port=0)) as server:
             log(f"tritonserver ready at {server.http_url} (pid {server.pid}) with both repositories")
-            client = HSTUClient(server.http_url, model_name=export_cfg.model_name)
+            client = ServingClient(server.http_url, model_name=export_cfg.name_for("retrieval"))
             contract = client.contract
             users = pd.unique(events[contract.id_column])
             rng = np.random.default_rng(config.seed)
@@ -201,7 +205,7 @@ def bench_serve(run_dir: str | Path, config: Optional[BenchConfig] = None, work_
                 return send
 
             paths = {"merlin-hstu": sender("merlin-hstu", contract.batched_model_name, batched_inputs),
-                     "merlin-hstu ragged": sender("merlin-hstu ragged", export_cfg.model_name, ragged_inputs),
+                     "merlin-hstu ragged": sender("merlin-hstu ragged", contract.model_name, ragged_inputs),
                      "stock": sender("stock", STOCK_ENTRY_MODEL, stock_inputs)}
             warm = list(range(config.requests, config.requests + config.warmup))
             for name, send in paths.items():
@@ -231,12 +235,12 @@ def bench_serve(run_dir: str | Path, config: Optional[BenchConfig] = None, work_
 
 def _stock_arrays(contract, user_events: pd.DataFrame) -> Dict[str, np.ndarray]:
     """The stock path takes the workflow's raw input: one row per event, scalar columns."""
-    from merlin_hstu.serving.client import _encode
+    from merlin_hstu.serving.contract import encode_values
 
-    arrays = {contract.id_column: _encode(user_events[contract.id_column].to_numpy(), contract.id_dtype,
-                                          contract.id_column)}
+    arrays = {contract.id_column: encode_values(user_events[contract.id_column].to_numpy(), contract.id_dtype,
+                                                contract.id_column)}
     for col in contract.list_columns:
-        arrays[col] = _encode(user_events[col].to_numpy(), contract.column_dtype(col), col)
+        arrays[col] = encode_values(user_events[col].to_numpy(), contract.column_dtype(col), col)
     return arrays
 
 
@@ -259,10 +263,13 @@ def _agreement(answers: Dict[str, Dict[int, np.ndarray]], ours_repo: Path, n: in
     to 1e-5: two items that close can swap places when the same numbers are computed in batches of different
     sizes (the BLAS blocking changes the last float bits).
     """
-    from merlin_hstu.serving.export import read_serving_record
-    from merlin_hstu.workflows.session_workflow import load_item_id_mapping
+    import nvtabular as nvt
 
-    mapping = load_item_id_mapping(read_serving_record(ours_repo)["workflow"])
+    from merlin_hstu.serving.export import item_ids_of
+    from merlin_hstu.serving.repository import read_serving_record
+
+    workflow = Path(read_serving_record(ours_repo)["workflow"])
+    mapping = item_ids_of(nvt.Workflow.load(str(workflow)), workflow).mapping
 
     def plain(ids: np.ndarray) -> list:
         return [v.decode() if isinstance(v, bytes) else v for v in ids.tolist()]

@@ -1,121 +1,48 @@
-"""Client side: raw events in, top-K raw item ids and scores out.
+"""One client for every exported repository (retrieval, ranking, CTR): typed requests in, typed answers out.
 
-    client = HSTUClient("127.0.0.1:8000")                     # HTTP; "grpc://127.0.0.1:8001" for gRPC
-    recs = client.recommend(events_df, top_k=10)              # Recommendations; .to_frame(): id, rank, item, score
-    ids, scores = client.infer(request_arrays)                 # raw ragged tensors to the public model
+    with ServingClient("127.0.0.1:8000") as client:          # HTTP; "grpc://127.0.0.1:8001" for gRPC
+        client.task                                           # "retrieval" | "ranking" | "ctr", from the server
+        client.predict(RetrievalRequest(events, top_k=10))    # -> Recommendations (.to_frame(): id, rank, item, score)
+        client.predict([RankingRequest(...), ...])            # -> RankingScores (per task, per candidate)
+        client.predict(CTRRequest(rows))                      # -> click probabilities [B]
+        client.recommend(events, top_k=10)                    # retrieval shorthand
+        client.send(model, arrays)                            # tensors exactly as given -> {output name: array}
 
-`events_df` holds one row per event with the exported run's raw columns (e.g. user_id, item_id, action,
-timestamp); users are sent in order of first appearance, their events in row order (the server sorts them by
-time).  The request contract (column names, dtypes, limits) is read from the served model's config, so the
-client needs no local files.
+The request contract (column names, dtypes, limits) is read from the served model's config, so the client needs no
+local files.  `predict` builds the request's tensors with the contract, validates them with the same code the
+server runs (`BadRequest`: names the field and the fix, before anything is sent), sends them, and reads the
+answer back with the contract.  `send` is the one place that turns arrays into Triton inputs and outputs into
+arrays; an error reply becomes `ServingError` with the server's message verbatim.
+
+Retrieval repositories have two models: `predict` uses `<model>_batched` (concurrent requests share one
+workflow/model pass); `endpoint="ragged"` uses the plain `<model>` in Merlin's ragged convention instead.
+Thread-safe: tritonclient's connections are not, so each thread gets its own.
 """
 from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional
 
 import numpy as np
-import pandas as pd
 
-from merlin_hstu.serving.contract import (
+from merlin_hstu.serving.contract import (  # noqa: F401  (request_from_events, Recommendations: re-exported)
     CONTRACT_PARAMETER,
-    EXCLUDE_HISTORY,
-    OUT_ITEM_IDS,
-    OUT_SCORES,
-    QUERY_TIMESTAMP,
-    TOP_K,
-    RequestContract,
-    ValidRequest,
+    BadRequest,
+    Recommendations,
+    RetrievalRequest,
+    ServingContract,
+    contract_from_dict,
+    request_from_events,
 )
 
 
-
 class ServingError(RuntimeError):
-    """The server answered with an error (its message is kept verbatim)."""
+    """The server answered with an error, or cannot be reached (its message is kept verbatim)."""
 
 
-def _encode(values: Sequence, kind: str, name: str) -> np.ndarray:
-    if kind == "int64":
-        array = np.asarray(values)
-        if array.dtype.kind not in "iu":
-            raise ValueError(f"column {name!r} must hold integer ids for this model, got dtype {array.dtype}")
-        return array.astype(np.int64)
-    return np.array([str(v).encode("utf-8") for v in values], dtype=object)
-
-
-def request_from_events(contract: RequestContract, events: pd.DataFrame,
-                        query_timestamps: Optional[Mapping] = None, top_k: Optional[int] = None,
-                        exclude_history: Optional[bool] = None) -> Dict[str, np.ndarray]:
-    """Group an event log by user (first-appearance order) into the request tensors of `contract`."""
-    needed = [contract.id_column, *contract.served_list_columns]
-    missing = [c for c in needed if c not in events.columns]
-    if missing:
-        raise ValueError(f"events are missing column(s) {missing}; this model needs {needed} "
-                         f"(columns present: {list(events.columns)})")
-    if len(events) == 0:
-        raise ValueError("events is empty: send at least one event per user")
-    ids = events[contract.id_column]
-    users = pd.unique(ids)
-    order = np.argsort(pd.Categorical(ids, categories=users).codes, kind="stable")
-    ordered = events.iloc[order]
-    counts = ordered.groupby(contract.id_column, sort=False).size().reindex(users).to_numpy()
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    arrays = {contract.id_column: _encode(users, contract.id_dtype, contract.id_column)}
-    for col in contract.list_columns:
-        if col not in events.columns:  # only optional columns can be absent here (checked above)
-            continue
-        arrays[f"{col}__values"] = _encode(ordered[col].to_numpy(), contract.column_dtype(col), col)
-        arrays[f"{col}__offsets"] = offsets
-    if query_timestamps is not None:
-        lookup = dict(query_timestamps)
-        absent = [u for u in users if u not in lookup]
-        if absent:
-            raise ValueError(f"query_timestamps has no entry for user(s) {absent[:5]}; give one per user")
-        arrays[QUERY_TIMESTAMP] = np.array([int(lookup[u]) for u in users], dtype=np.int64)
-    if top_k is not None:
-        arrays[TOP_K] = np.array([int(top_k)], dtype=np.int32)
-    if exclude_history is not None:
-        arrays[EXCLUDE_HISTORY] = np.array([bool(exclude_history)])
-    return arrays
-
-
-def example_request(contract: RequestContract, items: Sequence) -> Dict[str, np.ndarray]:
-    """A valid one-user request with the given raw item ids (one event each, a minute apart)."""
-    events = {contract.id_column: ["0" if contract.id_dtype == "string" else 0] * len(items),
-              contract.item_column: list(items)}
-    if contract.action_column:
-        events[contract.action_column] = ["0" if contract.action_dtype == "string" else 0] * len(items)
-    if contract.timestamp_column:
-        events[contract.timestamp_column] = [1_600_000_000 + 60 * i for i in range(len(items))]
-    return request_from_events(contract, pd.DataFrame(events))
-
-
-@dataclass
-class Recommendations:
-    """Per-user results in request order."""
-
-    user_ids: np.ndarray  # [B]
-    item_ids: np.ndarray  # [B, K] raw ids, best first
-    scores: np.ndarray  # [B, K]
-
-    def to_frame(self, id_column: str = "user_id") -> pd.DataFrame:
-        b, k = self.item_ids.shape
-        return pd.DataFrame({id_column: np.repeat(self.user_ids, k), "rank": np.tile(np.arange(1, k + 1), b),
-                             "item_id": self.item_ids.reshape(-1), "score": self.scores.reshape(-1)})
-
-
-class HSTUClient:
-    """Talks to `merlin-hstu serve` (any Triton server holding an exported repository).
-
-    `recommend` validates the request locally (the same `RequestContract` the server uses) and sends it to the
-    batched endpoint `<model>_batched`, where concurrent requests share one workflow/model pass;
-    `endpoint="ragged"` sends it to `<model>` in Merlin's plain ragged convention instead.  `infer` sends
-    tensors exactly as given to `<model>` and is what to use for anything the server should judge.
-
-    Thread-safe: tritonclient's connections are not, so each thread gets its own.
-    """
+class ServingClient:
+    """Talks to `merlin-hstu serve` (any Triton server holding merlin-hstu repositories)."""
 
     def __init__(self, url: str = "127.0.0.1:8000", model_name: Optional[str] = None, endpoint: str = "batched",
                  timeout_s: float = 60.0):
@@ -133,31 +60,49 @@ class HSTUClient:
         self._local = threading.local()
         self._opened: list = []
         self._lock = threading.Lock()
-        self.model_name = model_name or self._find_model()
-        self.contract = self._read_contract()
+        self.model_name, self.contract = self._find_model(model_name)
 
-    def _find_model(self) -> str:
+    # --- discovery ----------------------------------------------------------------------------------
+    def _config_parameters(self, model: str) -> Dict[str, str]:
+        config = self._client.get_model_config(model)
+        if self.protocol == "grpc":
+            return {k: v.string_value for k, v in config.config.parameters.items()}
+        return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+    def _read_contract(self, model: str) -> Optional[ServingContract]:
+        params = self._config_parameters(model)
+        return contract_from_dict(json.loads(params[CONTRACT_PARAMETER])) if CONTRACT_PARAMETER in params else None
+
+    def _find_model(self, model_name: Optional[str]):
+        """The public merlin-hstu model: `model_name`, or the only one on the server."""
         try:
             index = self._client.get_model_repository_index()
         except Exception as exc:
             raise ServingError(f"cannot reach a Triton server at {self.url}: {exc}") from exc
-        names = [m["name"] for m in index] if isinstance(index, list) else [m.name for m in index.models]
-        public = [n for n in names if f"{n}_batched" in names]
+        entries = index if isinstance(index, list) else [{"name": m.name, "state": m.state} for m in index.models]
+        names = [m["name"] for m in entries if m.get("state", "READY") in ("READY", "")]
+        if model_name is not None:
+            if model_name not in names:
+                raise ServingError(f"model {model_name!r} is not loaded at {self.url} (models: {names})")
+            contract = self._read_contract(model_name)
+            if contract is None:
+                raise ServingError(f"model {model_name!r} at {self.url} is not a merlin-hstu export (no "
+                                   f"{CONTRACT_PARAMETER!r} parameter in its config)")
+            return model_name, contract
+        public = []
+        for name in names:
+            contract = self._read_contract(name)
+            if contract is not None and contract.model_name == name:
+                public.append((name, contract))
         if len(public) != 1:
-            raise ServingError(f"cannot tell which merlin-hstu model to query at {self.url} (models: {names}); "
-                               "pass model_name")
+            raise ServingError(f"cannot tell which merlin-hstu model to query at {self.url}: "
+                               f"{[n for n, _ in public] or 'none'} of the models {names}; pass model_name "
+                               "(--model-name)")
         return public[0]
 
-    def _read_contract(self) -> RequestContract:
-        config = self._client.get_model_config(self.model_name)
-        if self.protocol == "grpc":
-            params = {k: v.string_value for k, v in config.config.parameters.items()}
-        else:
-            params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        if CONTRACT_PARAMETER not in params:
-            raise ServingError(f"model {self.model_name!r} at {self.url} is not a merlin-hstu export "
-                               f"(no {CONTRACT_PARAMETER!r} parameter in its config)")
-        return RequestContract(**json.loads(params[CONTRACT_PARAMETER]))
+    @property
+    def task(self) -> str:
+        return self.contract.task
 
     def is_ready(self) -> bool:
         try:
@@ -165,44 +110,54 @@ class HSTUClient:
         except Exception:  # connection refused etc.: not ready
             return False
 
-    def send(self, model: str, arrays: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-        """Send tensors as given to `model`; -> (item_ids, scores).  Raises ServingError on an error reply."""
+    # --- the wire -----------------------------------------------------------------------------------
+    def send(self, model: str, arrays: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Send tensors as given to `model`; -> {output name: array} (the contract's outputs).  Raises ServingError
+        on an error reply."""
         inputs = []
         for name, array in arrays.items():
             array = np.asarray(array)
             tensor = self._tc.InferInput(name, list(array.shape), triton_datatype(array))
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
-        outputs = [self._tc.InferRequestedOutput(OUT_ITEM_IDS), self._tc.InferRequestedOutput(OUT_SCORES)]
+        names = [s.name for s in self.contract.outputs()]
+        outputs = [self._tc.InferRequestedOutput(name) for name in names]
         try:
             result = self._client.infer(model, inputs, outputs=outputs)
         except Exception as exc:  # tritonclient raises InferenceServerException with the server's message
             raise ServingError(str(exc)) from exc
-        return result.as_numpy(OUT_ITEM_IDS), result.as_numpy(OUT_SCORES)
+        return {name: result.as_numpy(name) for name in names}
 
-    def infer(self, arrays: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-        """Raw ragged request tensors to the public model; -> (item ids [B, K], scores [B, K])."""
+    def infer(self, arrays: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Raw request tensors to the public model, unchecked (the server judges them)."""
         return self.send(self.model_name, arrays)
 
-    def infer_valid(self, request: ValidRequest) -> Tuple[np.ndarray, np.ndarray]:
-        """A locally validated request, through the configured endpoint."""
-        if self.endpoint == "ragged":
-            wire = request.to_wire(self.contract)
-            if (wire[QUERY_TIMESTAMP] < 0).all():
-                del wire[QUERY_TIMESTAMP]  # the public model takes "no query time" as the default
-            ids, scores = self.send(self.model_name, wire)
-            return ids, scores
-        wire = {name: np.ascontiguousarray(a)[None] for name, a in request.to_wire(self.contract).items()}
-        ids, scores = self.send(self.contract.batched_model_name, wire)
-        return ids[0], scores[0]
+    def infer_valid(self, request) -> Dict[str, np.ndarray]:
+        """A validated request (`contract.validate` output) through the configured endpoint."""
+        c = self.contract
+        if self.endpoint == "batched" and c.batched_model_name:
+            wire = {name: np.ascontiguousarray(a)[None] for name, a in c.wire(request, batched=True).items()}
+            return {name: array[0] for name, array in self.send(c.batched_model_name, wire).items()}
+        return self.send(self.model_name, c.wire(request))
 
-    def recommend(self, events: pd.DataFrame, query_timestamps: Optional[Mapping] = None,
-                  top_k: Optional[int] = None, exclude_history: Optional[bool] = None) -> Recommendations:
-        """Raw events (one row per event) -> top-K raw item ids and scores per user, in first-appearance order."""
-        arrays = request_from_events(self.contract, events, query_timestamps, top_k, exclude_history)
-        ids, scores = self.infer_valid(self.contract.validate(arrays))
-        return Recommendations(_text(arrays[self.contract.id_column]), _text(ids), scores)
+    # --- typed requests -----------------------------------------------------------------------------
+    def predict(self, request):
+        """A typed request (RetrievalRequest | RankingRequest or a list of them | CTRRequest) -> the typed answer.
+        Raises BadRequest before sending anything the contract rejects."""
+        c = self.contract
+        valid = c.validate(c.request_arrays(request))
+        return c.result(self.infer_valid(valid), valid)
 
+    def recommend(self, events, query_timestamps: Optional[Mapping] = None, top_k: Optional[int] = None,
+                  exclude_history: Optional[bool] = None) -> Recommendations:
+        """Retrieval: raw events (one row per event) -> top-K raw item ids and scores per user, in first-appearance
+        order."""
+        if self.task != "retrieval":
+            raise BadRequest(f"recommend() asks a retrieval model; {self.model_name!r} is a {self.task} model: use "
+                             "predict() with its request type")
+        return self.predict(RetrievalRequest(events, query_timestamps, top_k, exclude_history))
+
+    # --- connections --------------------------------------------------------------------------------
     @property
     def _client(self):
         client = getattr(self._local, "client", None)
@@ -220,18 +175,14 @@ class HSTUClient:
             client.close()
         self._local = threading.local()
 
-    def __enter__(self) -> "HSTUClient":
+    def __enter__(self) -> "ServingClient":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def _text(array: np.ndarray) -> np.ndarray:
-    """BYTES results back to str (string ids travel as utf-8 bytes)."""
-    if array.dtype == object:
-        return np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes) else v, otypes=[object])(array)
-    return array
+HSTUClient = ServingClient  # the retrieval client's name in earlier releases
 
 
 def triton_datatype(array: np.ndarray) -> str:

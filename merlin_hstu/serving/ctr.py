@@ -1,25 +1,28 @@
-"""Export a CTR model (WuKong, DLRM, logistic regression) with its fitted Criteo workflow for Triton serving.
+"""Export a CTR model (WuKong, DLRM, logistic regression) with its fitted Criteo workflow as a Triton repository.
 
-    repo = export_ctr_ensemble(model, "runs/criteo", "runs/criteo_repo")     # a Triton model repository
-    merlin-hstu serve runs/criteo_repo                                         # the serving issue's server
-    probabilities = query_ctr("127.0.0.1:8000", read_criteo_tsv(lines, CriteoWorkflowConfig(has_label=False)))
-    # request to model "executor_model": I1..I13 (FP64, NaN = missing), C1..C26 (BYTES, "" = missing), [B] each
-    # response: click_probability (FP32) [B]
+    merlin-hstu export --run runs/ctr --output runs/ctr_repo              # any task's run; this module for CTR
+    repo = export_ctr_ensemble(model, "runs/criteo", "runs/criteo_repo")  # or a model + its Criteo-workflow dir
+    with ServingClient("127.0.0.1:8000") as client:                        # merlin_hstu.serving.client
+        probabilities = client.predict(CTRRequest(read_criteo_tsv(path, CriteoWorkflowConfig(has_label=False))))
 
-The graph is a merlin-systems `Ensemble` run by its executor model (python backend; merlin-integration.md §3.3
-design B, as `merlin_hstu.serving` does for HSTU): both steps run inside the executor, nothing needs the
-missing libtorch backend, and the repository holds only the fitted NVTabular workflow (its own format) and a
-TorchScript program:
+The request contract (I1..I13 FP64, NaN = missing; C1..C26 BYTES, "" = missing; -> click_probability FP32 [B]) is
+`merlin_hstu.serving.ctr_contract`.  The graph is a merlin-systems `Ensemble` run in-process by
+`merlin_hstu.serving.triton_executor` (merlin-integration.md §3.3 design B, as for retrieval and ranking): nothing
+needs the missing libtorch backend, and the repository holds only the fitted NVTabular workflow (its own format)
+and a TorchScript program:
 
     raw columns >> CriteoWorkflowInline(fitted workflow, label input removed) >> PredictCTR(TorchScript)
 
 `CriteoWorkflowInline` maps a request to the workflow's input first: Triton hands text over as bytes, and an
 empty categorical field means missing (None, Categorify's null id 1), as `read_criteo_tsv` reads a file.  So
 the same raw line gives the same features offline and served, and served AUC equals offline AUC.
+
+Datasets: a `preprocess_criteo` directory (its workflow/); `synthetic-criteo` runs record the cached Criteo-workflow
+directory `merlin-hstu train --data synthetic-criteo` generated.  `ml-1m-prefix-ctr` is encoded in pandas
+(merlin_hstu.ctr.data.encode_ml1m_ctr) without a fitted workflow to serve, so its runs are not exportable.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import List, Optional
 
@@ -28,13 +31,24 @@ import pandas as pd
 import torch
 
 import merlin.dtypes as md
-from merlin.dag import BaseOperator, ColumnSelector, DataFormats
+from merlin.dag import ColumnSelector, DataFormats
 from merlin.schema import ColumnSchema, Schema, Tags
 
-from merlin_hstu.common.atomic_dir import publish_dir, staging_dir
-from merlin_hstu.serving.ops import InlineWorkflow  # re-exported: ranking_export builds on it
+from merlin_hstu.serving.ctr_contract import OUTPUT, CTRContract, CTRRequest  # noqa: F401  (CTRRequest: re-export)
+from merlin_hstu.serving.ops import (  # noqa: F401  (TorchScriptOp: old pickles' alias)
+    InlineWorkflow,
+    TorchScriptOp,
+    transform_with_nulls,
+)
+from merlin_hstu.serving.repository import (
+    EXECUTOR_SHIM,
+    ExportConfig,
+    TritonModel,
+    check_serves,
+    export_settings,
+    write_repository,
+)
 
-OUTPUT = "click_probability"
 MODEL_FILE = "ctr_model.pt"
 
 
@@ -58,33 +72,13 @@ class CriteoWorkflowInline(InlineWorkflow):
             df[name] = np.array([None if v == "" else v for v in text], dtype=object)
         for name in self.integer:
             df[name] = np.asarray(df[name].to_numpy(), dtype=np.float64).reshape(-1)
-        return self.workflow._transform_df(df)
-
-
-class TorchScriptOp(BaseOperator):
-    """An operator holding a TorchScript program, saved with `torch.jit.save` next to ensemble.pkl (not pickled)."""
-
-    model_file = MODEL_FILE
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "model"}
-
-    def save_artifacts(self, artifact_path: Optional[str] = None) -> None:
-        if artifact_path and self.model is not None:
-            torch.jit.save(self.model, str(Path(artifact_path) / self.model_file))
-
-    def load_artifacts(self, artifact_path: Optional[str] = None) -> None:
-        path = Path(artifact_path) / self.model_file if artifact_path else None
-        if path is not None and path.is_file():
-            self.model = torch.jit.load(str(path)).eval()
-
-    def compute_input_schema(self, root_schema: Schema, parents_schema: Schema, deps_schema: Schema,
-                             selector: ColumnSelector) -> Schema:
-        return parents_schema + deps_schema
+        return transform_with_nulls(self.workflow._transform_df, df, self.categorical)
 
 
 class PredictCTR(TorchScriptOp):
     """TorchScript CTR model (dense [B, m] float32, sparse [B, c] int64 -> logits [B]) -> sigmoid probabilities."""
+
+    model_file = MODEL_FILE
 
     def __init__(self, model=None, dense: Optional[List[str]] = None, sparse: Optional[List[str]] = None):
         super().__init__()
@@ -109,80 +103,122 @@ class PredictCTR(TorchScriptOp):
         return DataFormats.PANDAS_DATAFRAME
 
 
-def build_ctr_ensemble(model: torch.nn.Module, dataset_dir):
-    """The serving `Ensemble` for `model`, trained on the tensors of `load_criteo_tensors(dataset_dir)`."""
+def _features(dataset_dir):
+    """(workflow without the label input, dense names, sparse names, cardinalities) of a Criteo-workflow dir, in
+    the column order of `load_criteo_tensors`, which the model was trained on."""
     import nvtabular as nvt
-    from merlin.systems.dag.ensemble import Ensemble
 
-    from merlin_hstu.workflows.criteo_workflow import CATEGORICAL_COLUMNS, INTEGER_COLUMNS, LABEL, load_criteo_dataset
+    from merlin_hstu.workflows.criteo_workflow import LABEL, load_criteo_dataset
 
     dataset = load_criteo_dataset(dataset_dir)
     schema = dataset.schema
-    # the column order of load_criteo_tensors, which the model was trained on
     dense = schema.select_by_tag(Tags.CONTINUOUS).column_names
     sparse = schema.select_by_tag(Tags.CATEGORICAL).column_names
+    cards = [int(schema[name].int_domain.max) + 1 if schema[name].int_domain is not None else None
+             for name in sparse]
     workflow = nvt.Workflow.load(str(dataset.workflow_path))
-    workflow = workflow.remove_inputs([LABEL])
+    return workflow.remove_inputs([LABEL]), dense, sparse, cards
+
+
+def ctr_contract(workflow) -> CTRContract:
+    """The request columns: the workflow's raw integer and categorical inputs."""
+    from merlin_hstu.workflows.criteo_workflow import CATEGORICAL_COLUMNS, INTEGER_COLUMNS
+
+    names = workflow.input_schema.column_names
+    other = [c for c in names if c not in INTEGER_COLUMNS + CATEGORICAL_COLUMNS]
+    if other:
+        raise ValueError(f"the workflow takes column(s) {other} beyond the Criteo layout; export serves workflows "
+                         "written by merlin_hstu.workflows.criteo_workflow.preprocess_criteo")
+    return CTRContract([c for c in INTEGER_COLUMNS if c in names], [c for c in CATEGORICAL_COLUMNS if c in names])
+
+
+def _ensemble(model: torch.nn.Module, workflow, dense, sparse, contract: CTRContract):
+    from merlin.systems.dag.ensemble import Ensemble
+
     model = model.eval()
     example = (torch.zeros(2, len(dense)), torch.zeros(2, len(sparse), dtype=torch.long))
     with torch.no_grad():
         traced = torch.jit.trace(model, example, check_trace=False)
     request = workflow.input_schema
     graph = (request.column_names
-             >> CriteoWorkflowInline(workflow, [c for c in CATEGORICAL_COLUMNS if c in request.column_names],
-                                     [c for c in INTEGER_COLUMNS if c in request.column_names])
+             >> CriteoWorkflowInline(workflow, contract.categorical_columns, contract.integer_columns)
              >> PredictCTR(traced, dense, sparse))
     return Ensemble(graph, request)
 
 
-def export_ctr_ensemble(model: torch.nn.Module, dataset_dir, output_dir, overwrite: bool = False) -> Path:
-    """Write the Triton model repository (executor_model + artifacts); temp directory, then rename."""
-    output_dir = Path(output_dir).resolve()
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; remove it or pass overwrite=True")
-    return write_repository(build_ctr_ensemble(model, dataset_dir), output_dir, overwrite=True)
+def build_ctr_ensemble(model: torch.nn.Module, dataset_dir):
+    """The serving `Ensemble` for `model`, trained on the tensors of `load_criteo_tensors(dataset_dir)`."""
+    workflow, dense, sparse, _ = _features(dataset_dir)
+    return _ensemble(model, workflow, dense, sparse, ctr_contract(workflow))
 
 
-def write_repository(ensemble, output_dir, overwrite: bool = False) -> Path:
-    """`ensemble.export` into a temp directory beside `output_dir`, then rename it into place."""
-    output_dir = Path(output_dir).resolve()
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; remove it or pass overwrite=True")
-    staging = staging_dir(output_dir)
-    try:
-        ensemble.export(str(staging))
-        publish_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output_dir
+def export_ctr_ensemble(model: torch.nn.Module, dataset_dir, output_dir, overwrite: bool = False,
+                        config: Optional[ExportConfig] = None, source: Optional[dict] = None) -> Path:
+    """Write the Triton model repository for `model` (its fitted Criteo workflow from `dataset_dir`): one executor
+    model, serving.json; staged, checked on a one-row request, renamed into place."""
+    config = config or ExportConfig()
+    output = Path(output_dir).resolve()
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists; remove it or pass overwrite=True (--overwrite)")
+    workflow, dense, sparse, _ = _features(dataset_dir)
+    contract = ctr_contract(workflow)
+    contract.model_name = config.name_for("ctr")
+    models = [TritonModel(contract.model_name, contract, EXECUTOR_SHIM,
+                          ensemble=_ensemble(model, workflow, dense, sparse, contract), instances=config.instances)]
+    missing_row = pd.DataFrame({**{c: [np.nan] for c in contract.integer_columns},
+                                **{c: [None] for c in contract.categorical_columns}})
+
+    def expect(outputs) -> Optional[str]:
+        (p,) = outputs
+        return None if p.shape == (1,) and 0.0 < float(p[0]) < 1.0 else f"probabilities {p.tolist()} for one row"
+
+    record = {**(source or {}), "data": str(Path(dataset_dir).resolve()),
+              "workflow": str((Path(dataset_dir) / "workflow").resolve()), "export": export_settings(config, "ctr"),
+              "model": {"type": type(model).__name__, "dense": list(dense), "sparse": list(sparse)}}
+    example = contract.request_arrays(CTRRequest(missing_row))
+    return write_repository(output, models, record, overwrite=overwrite,
+                            check=lambda repo: check_serves(repo, contract, example, expect))
 
 
-def request_inputs(frame: pd.DataFrame) -> list:
-    """tritonclient HTTP inputs for raw Criteo rows (`read_criteo_tsv` output, with or without the label)."""
-    import tritonclient.http as th
-
-    from merlin_hstu.workflows.criteo_workflow import CATEGORICAL_COLUMNS, INTEGER_COLUMNS
-
-    missing = [c for c in INTEGER_COLUMNS + CATEGORICAL_COLUMNS if c not in frame.columns]
-    if missing:
-        raise ValueError(f"CTR request lacks column(s) {missing}; send I1..I13 and C1..C26 (read_criteo_tsv output)")
-    inputs = []
-    for name in INTEGER_COLUMNS:
-        values = pd.to_numeric(frame[name], errors="raise").to_numpy(dtype=np.float64)
-        inputs.append(th.InferInput(name, [len(values)], "FP64"))
-        inputs[-1].set_data_from_numpy(values)
-    for name in CATEGORICAL_COLUMNS:
-        values = np.array([b"" if v is None or v != v else str(v).encode("utf-8") for v in frame[name]], dtype=object)
-        inputs.append(th.InferInput(name, [len(values)], "BYTES"))
-        inputs[-1].set_data_from_numpy(values)
-    return inputs
+def _trained_features(run_dir: Path) -> dict:
+    """The feature layout a CTR run's model was trained on (model.pt: dense / sparse names, cardinalities)."""
+    blob = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=False)
+    return {k: blob.get(k) for k in ("dense_names", "sparse_names", "cardinalities")}
 
 
-def query_ctr(url: str, frame: pd.DataFrame, model_name: str = "executor_model") -> np.ndarray:
-    """Click probabilities for the rows of `frame` from a server running an `export_ctr_ensemble` repository."""
-    import tritonclient.http as th
+def resolve_ctr_data(run, data: Optional[str] = None) -> Path:
+    """The Criteo-workflow directory of a CTR run: `data`, else the run's recorded dataset.  Checks that its
+    features are the ones the model was trained on."""
+    from merlin_hstu.ctr.data import ML1M_CTR_CATEGORICAL
 
-    with th.InferenceServerClient(url) as client:
-        result = client.infer(model_name, request_inputs(frame), outputs=[th.InferRequestedOutput(OUTPUT)])
-    return result.as_numpy(OUTPUT)
+    trained = _trained_features(run.path)
+    if data == "ml-1m-prefix-ctr" or (not data and not run.record.get("data")
+                                      and list(trained["sparse_names"] or []) == ML1M_CTR_CATEGORICAL):
+        raise ValueError(f"{run.path} was trained on ml-1m-prefix-ctr, a table encoded in pandas without a fitted "
+                         "NVTabular workflow, so there is no encoding to serve; export serves CTR runs trained on a "
+                         "preprocess_criteo directory or synthetic-criteo")
+    data = data or run.record.get("data")
+    if not data:
+        raise ValueError(f"{run.path} does not record its dataset directory; pass --data DIR, the Criteo-workflow "
+                         "directory it was trained on (preprocess_criteo output, or the synthetic-criteo cache entry "
+                         "under the training --cache)")
+    _, dense, sparse, cards = _features(data)
+    if (list(dense), list(sparse), cards) != (trained["dense_names"], trained["sparse_names"],
+                                              trained["cardinalities"]):
+        raise ValueError(f"{data} is not the dataset {run.path} was trained on: its features (dense {len(dense)}, "
+                         f"categorical cardinalities {cards[:5]}...) differ from the model's (dense "
+                         f"{len(trained['dense_names'] or [])}, {list(trained['cardinalities'] or [])[:5]}...); "
+                         "pass the --data it was trained on")
+    return Path(data)
+
+
+def export_ctr_run(run_dir, output, config: Optional[ExportConfig] = None, data: Optional[str] = None,
+                   overwrite: bool = False) -> Path:
+    """`merlin-hstu export` for a CTR run: its model, and the Criteo-workflow directory it was trained on."""
+    from merlin_hstu.train.run_dir import load_run
+
+    run = load_run(run_dir, expected_task="ctr")
+    data_dir = resolve_ctr_data(run, data)
+    return export_ctr_ensemble(run.model, data_dir, output, overwrite, config,
+                               source={"run_dir": str(Path(run_dir).resolve()),
+                                       "model_type": run.record.get("model_type")})

@@ -11,7 +11,7 @@ def demo_serving(run_dir: Path, out_dir: Path, sample_events: pd.DataFrame, k: i
     """Export `run_dir` to `out_dir/triton_repo`, start tritonserver on free local ports, send the first three
     users of `sample_events` (raw events, the run's columns) in one request, print their top-k raw item ids,
     and stop the server (also on errors)."""
-    from merlin_hstu.serving.client import HSTUClient
+    from merlin_hstu.serving.client import ServingClient
     from merlin_hstu.serving.export import ExportConfig, export_repository
     from merlin_hstu.serving.server import ServerConfig, TritonServer
 
@@ -23,7 +23,7 @@ def demo_serving(run_dir: Path, out_dir: Path, sample_events: pd.DataFrame, k: i
     with TritonServer(ServerConfig([repo], http_port=0, grpc_port=0)) as server:
         print(f"  tritonserver ready in {time.perf_counter() - t0:.1f} s: HTTP {server.http_url}, "
               f"gRPC {server.grpc_url} (pid {server.pid})")
-        with HSTUClient(server.http_url) as client:
+        with ServingClient(server.http_url) as client:
             id_column = client.contract.id_column
             users = pd.unique(sample_events[id_column])[:3]
             events = sample_events[sample_events[id_column].isin(users)]

@@ -51,6 +51,27 @@ def as_text(values: np.ndarray) -> np.ndarray:
     return values
 
 
+NULL_PAD = "\x00merlin-hstu-pad"  # a value no fitted vocabulary holds (Categorify maps it to its OOV id)
+
+
+def transform_with_nulls(transform, frame: pd.DataFrame, text_columns) -> pd.DataFrame:
+    """`transform(frame)` for frames where a text column may be missing (None) in every row.
+
+    Why: NVTabular 23.08's Categorify peeks at a column's first non-null value and fails ("Failed to categorical
+    encode column") when there is none - offline batches never are all-null, but a one-row request with an empty
+    field is.  The frame gets one padding row (a copy of row 0 with NULL_PAD in those columns), which is dropped
+    from the output; Categorify encodes row by row, so the other rows' ids do not change.
+    """
+    empty = [c for c in text_columns if len(frame) and frame[c].isna().all()]
+    if not empty:
+        return transform(frame)
+    pad = frame.iloc[:1].copy()
+    for column in empty:
+        pad[column] = np.array([NULL_PAD], dtype=object)
+    out = transform(pd.concat([frame, pad], ignore_index=True))
+    return out.iloc[:-1].reset_index(drop=True)
+
+
 def _ragged(name: str) -> ColumnSchema:
     return ColumnSchema(name, dtype=md.int64, is_list=True, is_ragged=True)
 
@@ -145,41 +166,49 @@ class SessionWorkflowFromRequest(InlineWorkflow):
         return DataFormats.NUMPY_TENSOR_TABLE
 
 
-class PredictHSTUTopK(BaseOperator):
-    """The HSTU retrieval model and top-K as one TorchScript program, run inside the executor.
+class TorchScriptOp(BaseOperator):
+    """An operator holding a TorchScript program (`self.model`), saved with `torch.jit.save` as `model_file`
+    next to ensemble.pkl and dropped from the pickle.  Subclasses set `model_file` and write `transform`."""
 
-    Inputs: the workflow's item list (and timestamp list, when the model uses time) plus the per-row options
-    `query_timestamp` (< 0: the last event's time), `exclude_history` and `top_k` (the batch is ranked once
-    with the largest K; `ServingEnsemble.run` cuts each request to its own K).  Outputs `scores` and encoded
-    `item_ids`, [B, K] each.
-    """
-
-    def __init__(self, scorer=None, item_list: str = "item_id-list", time_list: Optional[str] = None):
-        super().__init__()
-        self.scorer = scorer
-        self.item_list = item_list
-        self.time_list = time_list
+    model_file = "model.pt"
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "scorer"}
+        return {k: v for k, v in self.__dict__.items() if k != "model"}
 
     def save_artifacts(self, artifact_path: Optional[str] = None) -> None:
         import torch
 
-        if artifact_path and self.scorer is not None:
-            torch.jit.save(self.scorer, str(Path(artifact_path) / SCORER_FILE))
+        if artifact_path and getattr(self, "model", None) is not None:
+            torch.jit.save(self.model, str(Path(artifact_path) / self.model_file))
 
     def load_artifacts(self, artifact_path: Optional[str] = None) -> None:
         import torch
 
-        path = Path(artifact_path) / SCORER_FILE if artifact_path else None
-        if path is None or not path.is_file():
-            return
-        self.scorer = torch.jit.load(str(path)).eval()
+        path = Path(artifact_path) / self.model_file if artifact_path else None
+        if path is not None and path.is_file():  # merlin.dag's Graph calls load_artifacts("") while building
+            self.model = torch.jit.load(str(path)).eval()
 
     def compute_input_schema(self, root_schema: Schema, parents_schema: Schema, deps_schema: Schema,
                              selector: ColumnSelector) -> Schema:
         return parents_schema + deps_schema
+
+
+class PredictHSTUTopK(TorchScriptOp):
+    """The HSTU retrieval model and top-K as one TorchScript program, run inside the executor.
+
+    Inputs: the workflow's item list (and timestamp list, when the model uses time) plus the per-row options
+    `query_timestamp` (< 0: the last event's time), `exclude_history` and `top_k` (the batch is ranked once
+    with the largest K; `RequestContract.split` cuts each request to its own K).  Outputs `scores` and encoded
+    `item_ids`, [B, K] each.
+    """
+
+    model_file = SCORER_FILE
+
+    def __init__(self, scorer=None, item_list: str = "item_id-list", time_list: Optional[str] = None):
+        super().__init__()
+        self.model = scorer
+        self.item_list = item_list
+        self.time_list = time_list
 
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector,
                               prev_output_schema: Optional[Schema] = None) -> Schema:
@@ -198,7 +227,7 @@ class PredictHSTUTopK(BaseOperator):
         exclude = torch.from_numpy(np.asarray(table[EXCLUDE_HISTORY].values, dtype=bool))
         k = int(np.max(np.asarray(table[TOP_K].values)))
         with torch.inference_mode():
-            scores, ids = self.scorer(values, offsets, times, query, k, exclude)
+            scores, ids = self.model(values, offsets, times, query, k, exclude)
         return TensorTable({OUT_SCORES: scores.numpy(), OUT_ITEM_IDS: ids.numpy()})
 
     @property

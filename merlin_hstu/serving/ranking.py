@@ -1,24 +1,17 @@
-"""Export a trained DLRM-HSTU ranking model with its fitted ranking workflow for Triton serving.
+"""Export a trained DLRM-HSTU ranking model with its fitted ranking workflow as a Triton model repository.
 
-    repo = export_ranking_ensemble(model, "runs/ranking-data", "runs/ranking_repo")   # preprocess_ranking output
-    merlin-hstu serve runs/ranking_repo                                                 # the serving issue's server
-    scores = query_ranking("127.0.0.1:8000", [RankingRequest(history_item_ids=[...], history_actions=[...],
-                           history_timestamps=[...], candidate_item_ids=[...], contextual={"age": 25})])
+    merlin-hstu export --run runs/rank --output runs/rank_repo          # any task's run; this module for ranking
+    repo = export_ranking_ensemble(model, "runs/ranking-data", "runs/ranking_repo")   # or a model + its data dir
+    with ServingClient("127.0.0.1:8000") as client:                      # merlin_hstu.serving.client
+        scores = client.predict([RankingRequest(history_item_ids=[...], history_actions=[...],
+                                                history_timestamps=[...], candidate_item_ids=[...],
+                                                contextual={"age": 25})])
     scores.scores["click"]       # [Lc] probabilities, candidates of all requests in order (offsets: scores.offsets)
 
-Request to model "executor_model" (B users per request; list inputs travel as `<name>__values` / `<name>__offsets`):
+The request contract (what the request holds and how it is checked) is `merlin_hstu.serving.ranking_contract`.
 
-    history_item_id     ragged [B]   raw item ids (the log's dtype: INT64 or BYTES), any order
-    history_action      ragged [B]   INT64 action bitmasks, aligned with the items
-    history_timestamp   ragged [B]   INT64 unix seconds, aligned with the items
-    candidate_item_id   ragged [B]   raw item ids to score
-    query_timestamp     [B] INT64    the candidates' query time; < 0: the latest history time (the workflow's rule)
-    <feature>           [B]          one raw value per contextual feature (ranking.json), the log's dtype
-
-Response: one ragged FP32 output per task (`<task>__values` [Lc], `<task>__offsets` [B+1]): sigmoid(logit) for a
-binary task, the predicted value for a regression task.
-
-Graph (merlin-systems executor, merlin-integration.md section 3.3 design B, as `merlin_hstu.serving.ctr`):
+Graph (merlin-systems Ensemble run in-process by `merlin_hstu.serving.triton_executor`, merlin-integration.md
+section 3.3 design B, as for retrieval and CTR):
 
     request >> RankingRequestEncoder(fitted ranking workflow) >> PredictRanking(TorchScript DLRM-HSTU)
 
@@ -37,17 +30,16 @@ Model: `torch.jit.trace` of a wrapper that builds the RankingBatch from jagged t
 `DlrmHSTU.forward`.  The tracer freezes the data-dependent widths that Python ints carry (the padded width of
 the attention); the example it traces holds one user whose sequence has exactly max_seq_len tokens, so every
 frozen width is N, an upper bound of every valid request.  Padding past a sequence's length is masked and the
-attention normaliser is the constant N, so this changes no number.  The trace drops the model's Python-side
-checks, so the encoder checks what they checked (sequence length <= N) before calling it.
+attention normaliser is the constant N, so this changes no number (the export checks the traced program against
+the eager model on a second, differently shaped batch).  The trace drops the model's Python-side checks, so the
+contract checks what they checked (sequence length <= N) before the model runs.
 """
 from __future__ import annotations
 
 import copy
-import json
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -58,27 +50,39 @@ from merlin.dag import ColumnSelector, DataFormats
 from merlin.schema import ColumnSchema, Schema
 from merlin.table import TensorTable
 
-from merlin_hstu.serving.ctr import InlineWorkflow, TorchScriptOp, write_repository
-from merlin_hstu.ranking.model import DlrmHSTU
 from merlin_hstu.ranking.batch import RankingBatch
 from merlin_hstu.ranking.data import CONTEXT_PREFIX, read_meta
+from merlin_hstu.ranking.model import DlrmHSTU
+from merlin_hstu.serving.contract import BadRequest
+from merlin_hstu.serving.ops import InlineWorkflow, TorchScriptOp, transform_with_nulls
+from merlin_hstu.serving.ranking_contract import (  # noqa: F401  (RankingRequest, RankingScores: re-exported)
+    CANDIDATE_ITEMS,
+    HISTORY_ACTIONS,
+    HISTORY_ITEMS,
+    HISTORY_TIMES,
+    LIST_INPUTS,
+    QUERY_TIMESTAMP,
+    RankingContract,
+    RankingRequest,
+    RankingScores,
+    check_sequence_lengths,
+)
+from merlin_hstu.serving.repository import (
+    EXECUTOR_SHIM,
+    ExportConfig,
+    TritonModel,
+    check_serves,
+    export_settings,
+    write_repository,
+)
 
-HISTORY_ITEMS = "history_item_id"
-HISTORY_ACTIONS = "history_action"
-HISTORY_TIMES = "history_timestamp"
-CANDIDATE_ITEMS = "candidate_item_id"
-QUERY_TIMESTAMP = "query_timestamp"
-LIST_INPUTS = (HISTORY_ITEMS, HISTORY_ACTIONS, HISTORY_TIMES, CANDIDATE_ITEMS)
 # encoder -> model columns
 _CANDIDATE_TIMES = "candidate_timestamp"
 _CONTEXT = "contextual"  # [B, c] encoded contextual values
 ITEM_INPUT = "item_id"  # the ranking workflow's item column (after normalize_ranking_log)
 MODEL_FILE = "ranking_model.pt"
-RANKING_RECORD = "ranking_serving.json"
 
-
-class RankingServingError(ValueError):
-    """A ranking request the exported model cannot score; the message names the field and the fix."""
+RankingServingError = BadRequest  # the name of earlier releases: a request the model cannot score
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -102,11 +106,29 @@ class JaggedDlrmHSTU(nn.Module):
         return self.model(batch)
 
 
+def _example(model: DlrmHSTU, history: Sequence[int], cands: Sequence[int], seed: int) -> tuple:
+    """Jagged inputs of JaggedDlrmHSTU: users with `history[b]` events and `cands[b]` candidates."""
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(1, model.num_items, (sum(history),), generator=g)
+    actions = torch.randint(0, 2 ** model.num_action_bits, (sum(history),), generator=g)
+    times = torch.arange(sum(history), dtype=torch.long) * 3600 + 1_600_000_000
+    offsets = torch.tensor([0, *history]).cumsum(0)
+    cand_items = torch.randint(1, model.num_items, (sum(cands),), generator=g)
+    cand_times = torch.full((sum(cands),), 1_700_000_000, dtype=torch.long)
+    cand_offsets = torch.tensor([0, *cands]).cumsum(0)
+    ctx = torch.stack([torch.randint(0, int(model.contextual_cardinalities[name]), (len(history),), generator=g)
+                       for name in model.contextual_names], 1) if model.num_contextual else \
+        torch.zeros(len(history), 0, dtype=torch.long)
+    return items, actions, times, offsets, cand_items, cand_times, cand_offsets, ctx
+
+
 def trace_ranking_model(model: DlrmHSTU) -> torch.jit.ScriptModule:
-    """TorchScript of `model` (eval mode, pure-PyTorch attention) taking the jagged tensors of JaggedDlrmHSTU."""
+    """TorchScript of `model` (eval mode, pure-PyTorch attention) taking the jagged tensors of JaggedDlrmHSTU,
+    checked against the eager model on a second batch of another shape."""
     if not isinstance(model, DlrmHSTU):
         raise ValueError(f"export_ranking_ensemble needs a trained merlin_hstu.ranking.model.DlrmHSTU, got "
-                         f"{type(model).__name__} (ranking runs are not saved as directories; pass the model)")
+                         f"{type(model).__name__} (ranking export serves model.type dlrm-hstu runs; the "
+                         "dlrm-baseline / item-prior baselines are benchmark references and are not exported)")
     model = copy.deepcopy(model).eval().requires_grad_(False).cpu()
     model.config.kernel = "pytorch"  # the artifact runs anywhere; Triton kernels are not traceable
     model.encoder.config.kernel = "pytorch"
@@ -117,20 +139,16 @@ def trace_ranking_model(model: DlrmHSTU) -> torch.jit.ScriptModule:
     if cands[0] < 1:
         raise ValueError(f"DlrmHSTUConfig.max_seq_len={n} leaves no room for one history event and one candidate "
                          f"after {c} contextual tokens")
-    lengths = [history, 1]
-    g = torch.Generator().manual_seed(0)
-    items = torch.randint(1, model.num_items, (sum(lengths),), generator=g)
-    actions = torch.randint(0, 2 ** model.num_action_bits, (sum(lengths),), generator=g)
-    times = torch.arange(sum(lengths), dtype=torch.long) * 3600 + 1_600_000_000
-    offsets = torch.tensor([0] + lengths).cumsum(0)
-    cand_items = torch.randint(1, model.num_items, (sum(cands),), generator=g)
-    cand_times = torch.full((sum(cands),), 1_700_000_000, dtype=torch.long)
-    cand_offsets = torch.tensor([0] + cands).cumsum(0)
-    ctx = torch.zeros(2, c, dtype=torch.long)
-    example = (items, actions, times, offsets, cand_items, cand_times, cand_offsets, ctx)
+    wrapper = JaggedDlrmHSTU(model)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about the model's Python-side checks (dropped on purpose)
-        return torch.jit.trace(JaggedDlrmHSTU(model), example, check_trace=False)
+        traced = torch.jit.trace(wrapper, _example(model, [history, 1], cands, 0), check_trace=False)
+        check = _example(model, [1, max(history // 2, 1), 2], [1, 2, 1], 1)
+        want, got = wrapper(*check), traced(*check)
+    if want.shape != got.shape or not torch.allclose(want, got, atol=1e-5, rtol=1e-5):
+        raise RuntimeError("the traced ranking model disagrees with the eager model on a batch of another shape; "
+                           "it cannot be exported as TorchScript")
+    return traced
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -193,20 +211,16 @@ class RankingRequestEncoder(InlineWorkflow):
         frame = pd.DataFrame({column: _text_or_int(values, kind)})
         if column not in self._ops:
             self._ops[column] = _workflow_op(self.workflow, column)
-        out = self._ops[column].transform(ColumnSelector([column]), frame)
+        op = self._ops[column]
+        out = transform_with_nulls(lambda f: op.transform(ColumnSelector([column]), f), frame,
+                                   [column] if kind == "string" else [])
         return np.asarray(out[column].to_numpy(), dtype=np.int64)
 
     def transform(self, col_selector: ColumnSelector, table: TensorTable) -> TensorTable:
         offsets = np.asarray(table[HISTORY_ITEMS].offsets, dtype=np.int64)
-        for name in (HISTORY_ACTIONS, HISTORY_TIMES):
-            if not np.array_equal(np.asarray(table[name].offsets, dtype=np.int64), offsets):
-                raise RankingServingError(f"{name} must have one value per history_item_id in every row")
         counts = np.diff(offsets)
         cand_offsets = np.asarray(table[CANDIDATE_ITEMS].offsets, dtype=np.int64)
         num_cands = np.diff(cand_offsets)
-        if (counts < 1).any() or (num_cands < 1).any():
-            raise RankingServingError("every request row needs >= 1 history event (history_item_id) and >= 1 "
-                                      "candidate (candidate_item_id)")
         times = np.asarray(table[HISTORY_TIMES].values, dtype=np.int64)
         row = np.repeat(np.arange(len(counts)), counts)
         # chronological per row, stable (np.lexsort is), then the most recent max_uih_len events
@@ -214,14 +228,9 @@ class RankingRequestEncoder(InlineWorkflow):
         position = np.arange(len(order)) - offsets[row]
         kept = np.minimum(counts, self.max_uih_len)
         order = order[position >= (counts - kept)[row]]
-        tokens = len(self.contextual) + self.tokens_per_event * kept + num_cands
-        if (tokens > self.max_seq_len).any():
-            b = int(np.argmax(tokens > self.max_seq_len))
-            raise RankingServingError(
-                f"candidate_item_id: request row {b} has {num_cands[b]} candidates; with {kept[b]} history events "
-                f"and {len(self.contextual)} contextual tokens its sequence has {tokens[b]} tokens > the model's "
-                f"max_seq_len={self.max_seq_len}; send at most {self.max_seq_len - tokens[b] + num_cands[b]} "
-                "candidates for this user per request")
+        # the traced model cannot check this itself (the contract did, for served requests)
+        check_sequence_lengths(counts, num_cands, self.max_uih_len, len(self.contextual), self.tokens_per_event,
+                               self.max_seq_len)
         items = self._encode(ITEM_INPUT, np.asarray(table[HISTORY_ITEMS].values)[order], self.kinds[ITEM_INPUT])
         cands = self._encode(ITEM_INPUT, np.asarray(table[CANDIDATE_ITEMS].values), self.kinds[ITEM_INPUT])
         kept_offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
@@ -297,10 +306,11 @@ def request_kinds(workflow, contextual: Sequence[str]) -> Dict[str, str]:
     return {ITEM_INPUT: kind(ITEM_INPUT), **{f: kind(CONTEXT_PREFIX + f) for f in contextual}}
 
 
-def build_ranking_ensemble(model: DlrmHSTU, dataset_dir):
-    """The serving `Ensemble` for `model`, trained on the preprocess_ranking output in `dataset_dir`."""
+def _load_parts(model: DlrmHSTU, dataset_dir):
+    """(workflow, meta, traced model, contract) for `model` trained on the preprocess_ranking output `dataset_dir`."""
     import nvtabular as nvt
-    from merlin.systems.dag.ensemble import Ensemble
+
+    from merlin_hstu.workflows.ops import RawItemIds
 
     dataset_dir = Path(dataset_dir)
     meta = read_meta(dataset_dir)
@@ -316,149 +326,95 @@ def build_ranking_ensemble(model: DlrmHSTU, dataset_dir):
     if int(meta["num_items"]) != model.num_items:
         raise ValueError(f"the model has {model.num_items} item rows but the dataset's workflow encodes "
                          f"{meta['num_items']}; build the model from this dataset")
-    tasks = [(t.name, t.kind) for t in model.tasks]
+    tasks = [[t.name, t.kind] for t in model.tasks]
     clash = sorted({name for name, _ in tasks} & set(LIST_INPUTS + (QUERY_TIMESTAMP,) + tuple(contextual)))
     if clash:
         raise ValueError(f"task name(s) {clash} collide with request inputs; rename the tasks")
     workflow = nvt.Workflow.load(str(workflow_dir))
     kinds = request_kinds(workflow, contextual)
+    item_op = _workflow_op(workflow, ITEM_INPUT)
+    raw = isinstance(item_op, RawItemIds)
+    contract = RankingContract(
+        item_dtype=kinds[ITEM_INPUT], contextual={f: kinds[f] for f in contextual}, tasks=tasks,
+        max_uih_len=int(meta["max_uih_len"]), max_seq_len=int(model.config.max_seq_len),
+        tokens_per_event=int(model.tokens_per_event), item_encoding="raw" if raw else "categorify",
+        max_item_id=int(item_op.max_id) if raw else None)
+    return workflow, meta, traced, contract
+
+
+def _ensemble(workflow, meta: dict, traced, contract: RankingContract, model: DlrmHSTU):
+    from merlin.systems.dag.ensemble import Ensemble
 
     def raw(kind: str):
         return md.int64 if kind == "int64" else md.string
 
-    columns = [ColumnSchema(HISTORY_ITEMS, dtype=raw(kinds[ITEM_INPUT]), is_list=True, is_ragged=True),
+    item = raw(contract.item_dtype)
+    columns = [ColumnSchema(HISTORY_ITEMS, dtype=item, is_list=True, is_ragged=True),
                ColumnSchema(HISTORY_ACTIONS, dtype=md.int64, is_list=True, is_ragged=True),
                ColumnSchema(HISTORY_TIMES, dtype=md.int64, is_list=True, is_ragged=True),
-               ColumnSchema(CANDIDATE_ITEMS, dtype=raw(kinds[ITEM_INPUT]), is_list=True, is_ragged=True),
+               ColumnSchema(CANDIDATE_ITEMS, dtype=item, is_list=True, is_ragged=True),
                ColumnSchema(QUERY_TIMESTAMP, dtype=md.int64)]
-    columns += [ColumnSchema(f, dtype=raw(kinds[f])) for f in contextual]
+    columns += [ColumnSchema(f, dtype=raw(kind)) for f, kind in contract.contextual.items()]
     request = Schema(columns)
     encoder = RankingRequestEncoder(workflow, meta, model.config.max_seq_len, model.tokens_per_event)
-    graph = request.column_names >> encoder >> PredictRanking(traced, tasks)
+    graph = request.column_names >> encoder >> PredictRanking(traced, [tuple(t) for t in contract.tasks])
     return Ensemble(graph, request)
 
 
-def export_ranking_ensemble(model: DlrmHSTU, dataset_dir, output, overwrite: bool = False) -> Path:
-    """Write the Triton model repository (executor_model + artifacts + ranking_serving.json); temp dir, rename.
+def build_ranking_ensemble(model: DlrmHSTU, dataset_dir):
+    """The serving `Ensemble` for `model`, trained on the preprocess_ranking output in `dataset_dir`."""
+    workflow, meta, traced, contract = _load_parts(model, dataset_dir)
+    return _ensemble(workflow, meta, traced, contract, model)
 
-    `dataset_dir` is the preprocess_ranking output the model was trained on (workflow/ and ranking.json)."""
+
+def ranking_contract(model: DlrmHSTU, dataset_dir) -> RankingContract:
+    return _load_parts(model, dataset_dir)[3]
+
+
+def _example_request(contract: RankingContract) -> dict:
+    """One user, one history event, one candidate (an id the workflow maps: raw ids 1, any text otherwise)."""
+    item = 1 if contract.item_dtype == "int64" else "x"
+    context = {f: (1 if kind == "int64" else "x") for f, kind in contract.contextual.items()}
+    return contract.request_arrays([RankingRequest([item], [0], [1_600_000_000], [item], context)])
+
+
+def export_ranking_ensemble(model: DlrmHSTU, dataset_dir, output, overwrite: bool = False,
+                            config: Optional[ExportConfig] = None, source: Optional[dict] = None) -> Path:
+    """Write the Triton model repository for `model` (its fitted workflow from `dataset_dir`, the
+    preprocess_ranking output it was trained on): one executor model, serving.json; staged, checked, renamed."""
+    config = config or ExportConfig()
     output = Path(output).resolve()
     if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists; remove it or pass overwrite=True")
-    ensemble = build_ranking_ensemble(model, dataset_dir)
-    meta = read_meta(dataset_dir)
-    record = {"dataset": str(Path(dataset_dir).resolve()), "model": "executor_model",
-              "tasks": [{"name": t.name, "kind": t.kind} for t in model.tasks],
-              "contextual": list(meta["contextual_cardinalities"]), "max_uih_len": int(meta["max_uih_len"]),
-              "max_seq_len": model.config.max_seq_len, "model_config": model.config.to_dict()}
-    return write_repository(_WithRecord(ensemble, record), output, overwrite=True)
+        raise FileExistsError(f"{output} already exists; remove it or pass overwrite=True (--overwrite)")
+    workflow, meta, traced, contract = _load_parts(model, dataset_dir)
+    contract.model_name = config.name_for("ranking")
+    ensemble = _ensemble(workflow, meta, traced, contract, model)
+    models = [TritonModel(contract.model_name, contract, EXECUTOR_SHIM, ensemble=ensemble, instances=config.instances)]
+
+    def expect(outputs) -> Optional[str]:
+        values = outputs[0::2]
+        if any(v.shape != (1,) or not np.all(np.isfinite(v)) for v in values):
+            return f"per-task scores {[v.tolist() for v in values]} for one candidate"
+        return None
+
+    record = {**(source or {}), "data": str(Path(dataset_dir).resolve()),
+              "workflow": str((Path(dataset_dir) / "workflow").resolve()), "export": export_settings(config, "ranking"),
+              "max_uih_len": int(meta["max_uih_len"]), "model": model.config.to_dict()}
+    example = _example_request(contract)
+    return write_repository(output, models, record, overwrite=overwrite,
+                            check=lambda repo: check_serves(repo, contract, example, expect))
 
 
-class _WithRecord:
-    """Ensemble.export plus the serving record (ranking_serving.json) in the same staging directory."""
+def export_ranking_run(run_dir, output, config: Optional[ExportConfig] = None, data=None,
+                       overwrite: bool = False) -> Path:
+    """`merlin-hstu export` for a ranking run: its model, and the dataset it records (or `data`)."""
+    from merlin_hstu.train.run_dir import load_run
 
-    def __init__(self, ensemble, record: dict):
-        self.ensemble, self.record = ensemble, record
-
-    def export(self, path: str) -> None:
-        self.ensemble.export(path)
-        (Path(path) / RANKING_RECORD).write_text(json.dumps(self.record, indent=2))
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Client
-# ------------------------------------------------------------------------------------------------------------
-@dataclass
-class RankingRequest:
-    """One user's raw request: history events (any order; equal times keep this order), candidates, context."""
-
-    history_item_ids: Sequence
-    history_actions: Sequence[int]
-    history_timestamps: Sequence[int]
-    candidate_item_ids: Sequence
-    contextual: Mapping[str, object] = field(default_factory=dict)
-    query_timestamp: Optional[int] = None  # None: the latest history time
-
-
-@dataclass
-class RankingScores:
-    """Per task [Lc] scores (probabilities for binary tasks), candidates of all requests in request order."""
-
-    scores: Dict[str, np.ndarray]
-    offsets: np.ndarray  # [B+1]: request b's candidates are [offsets[b], offsets[b+1])
-
-    def user(self, b: int) -> Dict[str, np.ndarray]:
-        return {k: v[self.offsets[b]:self.offsets[b + 1]] for k, v in self.scores.items()}
-
-
-def _ids(values: Sequence, kind: str) -> np.ndarray:
-    if kind == "int64":
-        return np.asarray(values, dtype=np.int64)
-    return np.array([b"" if v is None else str(v).encode("utf-8") for v in values], dtype=object)
-
-
-def ranking_inputs(requests: Sequence[RankingRequest], contextual: Sequence[str], datatypes: Mapping[str, str]
-                   ) -> list:
-    """tritonclient HTTP inputs for `requests` (`datatypes`: Triton datatype per input name, from the model's
-    metadata); raises RankingServingError naming the bad field."""
-    item_kind = "string" if datatypes[f"{HISTORY_ITEMS}__values"] == "BYTES" else "int64"
-    import tritonclient.http as th
-
-    if not requests:
-        raise RankingServingError("query_ranking needs at least one RankingRequest")
-    lists: Dict[str, List[np.ndarray]] = {name: [] for name in LIST_INPUTS}
-    for b, r in enumerate(requests):
-        n = len(r.history_item_ids)
-        for name, values in (("history_actions", r.history_actions), ("history_timestamps", r.history_timestamps)):
-            if len(values) != n:
-                raise RankingServingError(f"request {b}: {name} has {len(values)} values but history_item_ids has "
-                                          f"{n}; send one action bitmask and one timestamp per history event")
-        if n < 1 or len(r.candidate_item_ids) < 1:
-            raise RankingServingError(f"request {b}: needs >= 1 history event and >= 1 candidate_item_ids")
-        missing = [f for f in contextual if f not in r.contextual]
-        if missing:
-            raise RankingServingError(f"request {b}: contextual lacks {missing}; the model was trained with "
-                                      f"contextual features {list(contextual)} (None = missing value)")
-        lists[HISTORY_ITEMS].append(_ids(r.history_item_ids, item_kind))
-        lists[HISTORY_ACTIONS].append(np.asarray(r.history_actions, dtype=np.int64))
-        lists[HISTORY_TIMES].append(np.asarray(r.history_timestamps, dtype=np.int64))
-        lists[CANDIDATE_ITEMS].append(_ids(r.candidate_item_ids, item_kind))
-    inputs = []
-
-    def add(name: str, array: np.ndarray) -> None:
-        dtype = datatypes[name]
-        if dtype != "BYTES":
-            array = array.astype(th.triton_to_np_dtype(dtype))  # offsets travel as INT32
-        inputs.append(th.InferInput(name, list(array.shape), dtype))
-        inputs[-1].set_data_from_numpy(array)
-
-    for name, parts in lists.items():
-        add(f"{name}__values", np.concatenate(parts))
-        add(f"{name}__offsets", np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64))
-    add(QUERY_TIMESTAMP, np.array([-1 if r.query_timestamp is None else int(r.query_timestamp) for r in requests],
-                                  dtype=np.int64))
-    for f in contextual:
-        add(f, _ids([r.contextual[f] for r in requests], "string" if datatypes[f] == "BYTES" else "int64"))
-    return inputs
-
-
-def query_ranking(url: str, requests: Union[RankingRequest, Sequence[RankingRequest]],
-                  model_name: str = "executor_model") -> RankingScores:
-    """Per-task candidate scores from a server running an `export_ranking_ensemble` repository.
-
-    The request contract (task names, contextual features, id dtypes) is read from the model's metadata."""
-    import tritonclient.http as th
-
-    requests = [requests] if isinstance(requests, RankingRequest) else list(requests)
-    with th.InferenceServerClient(url) as client:
-        metadata = client.get_model_metadata(model_name)
-        datatypes = {i["name"]: i["datatype"] for i in metadata["inputs"]}
-        known = set(LIST_INPUTS) | {QUERY_TIMESTAMP}
-        contextual = [i["name"] for i in metadata["inputs"]
-                      if i["name"] not in known and i["name"].split("__")[0] not in known]
-        tasks = sorted({o["name"].rsplit("__", 1)[0] for o in metadata["outputs"]})
-        inputs = ranking_inputs(requests, contextual, datatypes)
-        outputs = [th.InferRequestedOutput(f"{t}__{part}") for t in tasks for part in ("values", "offsets")]
-        result = client.infer(model_name, inputs, outputs=outputs)
-    scores = {t: result.as_numpy(f"{t}__values").reshape(-1) for t in tasks}
-    return RankingScores(scores, result.as_numpy(f"{tasks[0]}__offsets").reshape(-1).astype(np.int64))
+    run = load_run(run_dir, expected_task="ranking")
+    dataset_dir = data or run.record.get("data")
+    if not dataset_dir:
+        raise ValueError(f"{run_dir} does not record its dataset; pass --data with the preprocess-ranking output it "
+                         "was trained on")
+    return export_ranking_ensemble(run.model, dataset_dir, output, overwrite, config,
+                                   source={"run_dir": str(Path(run_dir).resolve()),
+                                           "model_type": run.record.get("model_type")})
