@@ -9,10 +9,14 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+# what each notebook must print (its own asserts check the numbers behind these lines)
+EXPECTED = {"01-quickstart.ipynb": ("HR@10 is", "top-10"),
+            "02-ranking.ipynb": ("click AUC is", "largest difference to the full model", "reloaded:")}
 
 
 def test_there_are_notebooks():
     assert NOTEBOOKS, "notebooks/ should hold at least the quickstart"
+    assert {p.name for p in NOTEBOOKS} == set(EXPECTED), "a new notebook needs its expected output in EXPECTED"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -24,4 +28,5 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
               if o.get("output_type") == "error"]
     assert not errors
     text = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", []))
-    assert "HR@10 is" in text and "top-10" in text
+    for phrase in EXPECTED[path.name]:
+        assert phrase in text
