@@ -11,6 +11,13 @@ the global default):
 An explicit "pytorch"/"triton" on a call or a module wins; "auto" (or None) defers to the global default,
 which starts as "auto".  So `set_default_kernel("pytorch")` pins every module left at "auto" to PyTorch,
 and `use_kernel("triton")` does the same for the duration of a `with` block.
+
+This is the one place a kernel is decided.  Models and layers only carry their configured name down to the
+attention ops (`hstu_attention`, `plan_hstu_attention`, `hstu_attention_rows`), which call `resolve_kernel`.
+Not every op has every kernel (`OP_KERNELS`): the rows op of cached decoding (a few new queries against a KV
+cache, M-FALCON) has no Triton kernel, so "triton" runs its PyTorch implementation.  Its work is R new rows
+against S cached keys, two small matmuls per head that PyTorch runs well; a Triton rows kernel would slot in
+by adding "triton" to its entry.
 """
 from __future__ import annotations
 
@@ -23,6 +30,12 @@ import torch
 KernelName = Literal["pytorch", "triton", "auto"]
 KERNELS: tuple[str, ...] = ("pytorch", "triton", "auto")
 TRITON_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+# The kernels each attention op has.  A resolved kernel an op lacks falls back to "pytorch" (see the docstring).
+OP_KERNELS: dict[str, tuple[str, ...]] = {
+    "hstu_attention": ("pytorch", "triton"),  # jagged batches: training, full forwards
+    "hstu_attention_rows": ("pytorch",),  # cached decoding: R query rows against a KV cache
+}
 
 _default_kernel = "auto"  # process-wide, so worker threads see what the main thread set
 
@@ -61,18 +74,22 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_kernel(kernel: Optional[str], *tensors: torch.Tensor) -> str:
-    """Turn a requested kernel ("pytorch" | "triton" | "auto" | None) into the one that runs.
+def resolve_kernel(kernel: Optional[str], *tensors: torch.Tensor, op: str = "hstu_attention") -> str:
+    """Turn a requested kernel ("pytorch" | "triton" | "auto" | None) into the one that runs `op`.
 
     "auto" picks Triton only when every tensor is on CUDA in fp32/bf16/fp16 and triton is installed; CPU
     tensors always get PyTorch under "auto" (the interpreter is for tests, and it is slow), as do float64
     tensors (the kernels do not compile for them) and anything under torch.jit.trace (a traced graph must
-    replay without Triton, e.g. in a serving process).
+    replay without Triton, e.g. in a serving process).  A kernel `op` does not have (`OP_KERNELS`) resolves
+    to "pytorch".
     """
+    if op not in OP_KERNELS:
+        raise ValueError(f"resolve_kernel: op must be one of {sorted(OP_KERNELS)}, got {op!r}")
     requested = get_default_kernel() if kernel is None or kernel == "auto" else validate_kernel(kernel)
-    if requested != "auto":
-        return requested
-    if torch.jit.is_tracing():
-        return "pytorch"
-    on_cuda = bool(tensors) and all(t.is_cuda and t.dtype in TRITON_DTYPES for t in tensors)
-    return "triton" if on_cuda and triton_installed() else "pytorch"
+    if requested == "auto":
+        if torch.jit.is_tracing():
+            requested = "pytorch"
+        else:
+            on_cuda = bool(tensors) and all(t.is_cuda and t.dtype in TRITON_DTYPES for t in tensors)
+            requested = "triton" if on_cuda and triton_installed() else "pytorch"
+    return requested if requested in OP_KERNELS[op] else "pytorch"

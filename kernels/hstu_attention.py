@@ -24,17 +24,23 @@ So candidates (the last num_targets tokens) see the history and themselves but n
 tokens see the whole history and are seen by every history token (inside the window, when there is one:
 the window is applied before the contextual rule, as in the reference).
 
-Three entry points:
-  * `hstu_attention_reference`: padded [B, W, H, d] tensors; the oracle and the encoder's CPU path.
+Entry points:
+  * `hstu_attention_reference`: padded [B, W, H, d] tensors; the oracle.
   * `hstu_attention_pytorch`: jagged [L, H, d] tensors + offsets; pads, calls the reference, un-pads.
   * `hstu_attention`: the jagged op users call; validates inputs and dispatches to PyTorch or Triton
     (`kernel="pytorch" | "triton" | "auto"`, see `dispatch.py`).
+  * `plan_hstu_attention` + `hstu_attention_with_plan`: the same op split in two for a stack of layers that
+    attend over one batch.  The plan holds what does not depend on the layer: the resolved kernel, and on the
+    PyTorch path the padded view and its [B, W, W] validity mask (on the Triton path the offsets); each
+    layer then only brings its q, k, v and bias.  This is how the STU stacks (merlin_hstu.encoders.stu) pick
+    their path: the kernel is resolved here, once per forward, never in a model.
   * `hstu_attention_rows`: a few query rows against all keys (KV-cache decoding, M-FALCON), same formula
-    and mask as the reference.
+    and mask as the reference; it takes a `kernel` too (dispatch.OP_KERNELS says which exist for it).
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +172,7 @@ def hstu_attention_rows(
     contextual_seq_len: int = 0,
     max_attn_len: int = 0,
     min_full_attn_seq_len: int = 0,
+    kernel: Optional[str] = None,
 ) -> torch.Tensor:
     """Cached decoding: the rows `rows` of `hstu_attention_reference`, computing only those queries.
 
@@ -173,7 +180,12 @@ def hstu_attention_rows(
     keys/values (a KV cache followed by the new tokens); rab: [B or 1, R, W] the bias of those rows.  Returns
     [B, R, H, dv] == hstu_attention_reference(q, k, v, ...)[:, rows] for any q whose rows `rows` are q_rows,
     because rows are independent sums (no softmax).  M-FALCON and incremental updates use it.
+    kernel: "pytorch" | "triton" | "auto" | None, resolved by `dispatch.resolve_kernel(op="hstu_attention_rows")`;
+    this op has a PyTorch implementation only, so every name runs it (dispatch.OP_KERNELS).
     """
+    chosen = resolve_kernel(kernel, q_rows, k, v, op="hstu_attention_rows")
+    if chosen != "pytorch":  # unreachable while OP_KERNELS lists no other kernel for this op
+        raise NotImplementedError(f"hstu_attention_rows has no {chosen!r} implementation")
     if rows.dim() != 1 or rows.numel() != q_rows.shape[1]:
         raise ValueError(f"hstu_attention_rows: rows must be a 1-D tensor of the {q_rows.shape[1]} query "
                          f"positions, got shape {tuple(rows.shape)}")
@@ -313,15 +325,163 @@ def hstu_attention(
     max_len = _check_inputs(q, k, v, seq_offsets, max_seq_len, num_targets, attn_bias, contextual_seq_len,
                             max_attn_len, min_full_attn_seq_len)
     tensors = [q, k, v] + ([attn_bias] if attn_bias is not None else [])
-    chosen = resolve_kernel(kernel, *tensors)
-    kwargs = dict(alpha=float(alpha), causal=bool(causal), num_targets=num_targets,
-                  contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len,
-                  min_full_attn_seq_len=min_full_attn_seq_len, attn_bias=attn_bias, max_len=max_len)
-    if chosen == "triton":
+    lengths = seq_offsets[1:] - seq_offsets[:-1]
+    plan = _build_plan(resolve_kernel(kernel, *tensors), lengths, max_seq_len, max_len, seq_offsets=seq_offsets,
+                       max_len=max_len, alpha=float(alpha), causal=bool(causal), num_targets=num_targets,
+                       contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len,
+                       min_full_attn_seq_len=min_full_attn_seq_len)
+    return hstu_attention_with_plan(q, k, v, plan, attn_bias)
+
+
+# ------------------------------------------------------------------------------------------------------
+# One batch, many layers: the plan
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class HSTUAttentionPlan:
+    """The layer-independent half of `hstu_attention` for one jagged batch (build it with `plan_hstu_attention`).
+
+    Sequence b is rows offsets[b]:offsets[b+1] of the jagged q, k, v; on the padded (PyTorch) path its token t
+    sits at [b, t] of a [B, W] view, W = `width` >= the longest sequence (the bias given with the plan is
+    [B or 1, W, W], or wider).
+    """
+
+    kernel: str  # the resolved kernel: "pytorch" | "triton"
+    lengths: torch.Tensor  # [B]
+    max_seq_len: int  # N, the normaliser
+    width: int  # W
+    alpha: float
+    causal: bool
+    num_targets: Optional[torch.Tensor]
+    contextual_seq_len: int
+    max_attn_len: int
+    min_full_attn_seq_len: int
+    token_mask: Optional[torch.Tensor] = None  # [B, W] padded view (PyTorch path)
+    mask: Optional[torch.Tensor] = None  # [B, W, W] valid_attention_mask (PyTorch path)
+    seq_offsets: Optional[torch.Tensor] = None  # [B+1] (Triton path)
+    max_len: Optional[int] = None  # the longest sequence (Triton path)
+
+
+def _build_plan(chosen: str, lengths, max_seq_len: int, width: int, *, token_mask=None, seq_offsets=None,
+                max_len: Optional[int] = None, alpha: float, causal: bool, num_targets, contextual_seq_len: int,
+                max_attn_len: int, min_full_attn_seq_len: int) -> HSTUAttentionPlan:
+    plan = HSTUAttentionPlan(chosen, lengths, max_seq_len, width, alpha, causal, num_targets, contextual_seq_len,
+                             max_attn_len, min_full_attn_seq_len)
+    if chosen == "triton":  # jagged kernels: offsets only, no padded view
+        plan.seq_offsets = F.pad(torch.cumsum(lengths, 0), (1, 0)) if seq_offsets is None else seq_offsets
+        plan.max_len = (int(lengths.max()) if lengths.numel() else 0) if max_len is None else max_len
+    else:
+        if token_mask is None:
+            token_mask = torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+        plan.token_mask = token_mask
+        plan.mask = valid_attention_mask(lengths, width, causal=causal, num_targets=num_targets,
+                                         contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len,
+                                         min_full_attn_seq_len=min_full_attn_seq_len)
+    return plan
+
+
+def plan_hstu_attention(
+    lengths: torch.Tensor,
+    max_seq_len: int,
+    *,
+    token_mask: Optional[torch.Tensor] = None,
+    width: Optional[int] = None,
+    alpha: float = 1.0,
+    causal: bool = True,
+    num_targets: Optional[torch.Tensor] = None,
+    contextual_seq_len: int = 0,
+    max_attn_len: int = 0,
+    min_full_attn_seq_len: int = 0,
+    kernel: Optional[str] = None,
+    like: Sequence[torch.Tensor] = (),
+) -> HSTUAttentionPlan:
+    """Resolve the kernel and build the shared per-batch state of `hstu_attention` once, for many layers.
+
+    lengths [B]: the jagged batch (sequence b is the next lengths[b] rows of q, k, v); the padded width W is
+    `token_mask.shape[1]` (a [B, W] bool view the caller already has), else `width`, else the longest length.
+    The mask options are `hstu_attention`'s.  `like`: tensors of the device and dtype q, k, v will have, for
+    "auto" (`dispatch.resolve_kernel`).  Under torch.jit.trace nothing here reads a tensor value on the
+    PyTorch path, so a traced graph keeps W from the input's shape.
+    """
+    for name, value in (("contextual_seq_len", contextual_seq_len), ("max_attn_len", max_attn_len),
+                        ("min_full_attn_seq_len", min_full_attn_seq_len)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"plan_hstu_attention: {name} must be an int >= 0, got {value!r}")
+    if not isinstance(max_seq_len, int) or max_seq_len <= 0:
+        raise ValueError(f"plan_hstu_attention: max_seq_len (the normaliser N) must be a positive int, "
+                         f"got {max_seq_len!r}")
+    if lengths.dim() != 1 or lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"plan_hstu_attention: lengths must be a 1-D int tensor [B], got {lengths.dtype} "
+                         f"{tuple(lengths.shape)}")
+    batch = lengths.shape[0]
+    if token_mask is not None:
+        if token_mask.dim() != 2 or token_mask.shape[0] != batch or token_mask.dtype != torch.bool:
+            raise ValueError(f"plan_hstu_attention: token_mask must be a bool [B={batch}, W] tensor, got "
+                             f"{token_mask.dtype} {tuple(token_mask.shape)}")
+        width = token_mask.shape[1]
+    if num_targets is not None and (num_targets.shape != (batch,)
+                                    or num_targets.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"plan_hstu_attention: num_targets must be an int tensor [B={batch}], "
+                         f"got {num_targets.dtype} {tuple(num_targets.shape)}")
+    max_len = None
+    if not torch.jit.is_tracing():  # one host sync for every value check
+        max_len, min_len, bad_targets = (torch.stack([
+            lengths.max().long() if batch else lengths.new_zeros((), dtype=torch.long),
+            lengths.min().long() if batch else lengths.new_zeros((), dtype=torch.long),
+            ((num_targets < 0) | (num_targets.to(lengths.dtype) > lengths)).any().long()
+            if num_targets is not None and batch else lengths.new_zeros((), dtype=torch.long),
+        ]).tolist())
+        if width is None:
+            width = max_len
+        if min_len < 0 or max_len > min(width, max_seq_len):
+            raise ValueError(f"plan_hstu_attention: lengths must be in [0, min(W={width}, max_seq_len="
+                             f"{max_seq_len})]; got lengths from {min_len} to {max_len}")
+        if bad_targets:
+            raise ValueError("plan_hstu_attention: num_targets must be in [0, length] for every sequence")
+    elif width is None:
+        raise ValueError("plan_hstu_attention: under torch.jit.trace give token_mask or width (the padded width "
+                         "must come from a shape, not from the lengths' values)")
+    return _build_plan(resolve_kernel(kernel, *like), lengths, max_seq_len, int(width), token_mask=token_mask,
+                       max_len=max_len, alpha=float(alpha), causal=bool(causal), num_targets=num_targets,
+                       contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len,
+                       min_full_attn_seq_len=min_full_attn_seq_len)
+
+
+def hstu_attention_with_plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: HSTUAttentionPlan,
+    attn_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`hstu_attention` of jagged q, k [L, H, dqk], v [L, H, dv] over the batch `plan` describes -> [L, H, dv].
+
+    attn_bias: [B or 1, W', W'] with W' >= the plan's width (PyTorch path) or >= the longest sequence (Triton
+    path); shared by all heads, and it gets a gradient, as in `hstu_attention`.
+    """
+    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"hstu_attention: q, k must be [L, H, dqk] and v [L, H, dv]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    batch = plan.lengths.shape[0]
+    need = plan.max_len if plan.kernel == "triton" else plan.width
+    if attn_bias is not None and (attn_bias.dim() != 3 or attn_bias.shape[0] not in (1, batch)
+                                  or attn_bias.shape[1] < need or attn_bias.shape[2] < need):
+        raise ValueError(f"hstu_attention: attn_bias must be a float [B={batch} or 1, W, W] tensor with W >= {need} "
+                         f"(the plan's width); got {tuple(attn_bias.shape)}")
+    if plan.kernel == "triton":
         if q.dtype not in TRITON_DTYPES:
             raise ValueError(f"hstu_attention: the Triton kernels take float32/bfloat16/float16, got {q.dtype}; "
                              "use kernel='pytorch' (or 'auto') for this dtype")
         from merlin_hstu.kernels.triton_hstu_attention import triton_hstu_attention
 
-        return triton_hstu_attention(q, k, v, seq_offsets, max_seq_len, **kwargs)
-    return hstu_attention_pytorch(q, k, v, seq_offsets, max_seq_len, **kwargs)
+        return triton_hstu_attention(
+            q, k, v, plan.seq_offsets, plan.max_seq_len, alpha=plan.alpha, causal=plan.causal,
+            num_targets=plan.num_targets, contextual_seq_len=plan.contextual_seq_len,
+            max_attn_len=plan.max_attn_len, min_full_attn_seq_len=plan.min_full_attn_seq_len, attn_bias=attn_bias,
+            max_len=plan.max_len)
+    token_mask, width = plan.token_mask, plan.width
+    if attn_bias is not None and (attn_bias.shape[1] != width or attn_bias.shape[2] != width):
+        attn_bias = attn_bias[:, :width, :width]
+    out = _masked_pointwise_attention(
+        jagged_to_padded(q, token_mask), jagged_to_padded(k, token_mask), jagged_to_padded(v, token_mask),
+        plan.mask, float(plan.max_seq_len), attn_bias, plan.alpha)
+    return out[token_mask]

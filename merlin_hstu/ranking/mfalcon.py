@@ -13,9 +13,13 @@ states do not depend on the candidates, and neither do their keys and values:
               their K, V appended: the cache equals a prefill over the longer history
 
 The cost of one micro-batch is O(m (S + m)) attention pairs plus m tokens of pointwise work, against
-O((S + m)^2) and S + m tokens for the full model, which is where the speed-up comes from.  This exactness rests on
-the model's design (merlin_hstu/ranking/model.py): relative position/time bias with each history token's query time its
-own event time, candidates' query time their own timestamps, no absolute positions counted from the end.
+O((S + m)^2) and S + m tokens for the full model, which is where the speed-up comes from.  The layer pass is the
+STU stack's `cached_forward` (merlin_hstu.encoders.stu, through `DlrmHSTU.encode_cached`), so the cached path runs
+the same layers, bias rule and attention dispatch as the full model, with the model's `kernel` setting.
+
+This exactness rests on the model's design (merlin_hstu/ranking/model.py): relative position/time bias with each
+history token's query time its own event time, candidates' query time their own timestamps, no absolute positions
+counted from the end.
 With `contextual_full_attention=True` the contextual tokens see the whole history, so appended events change
 them: `update` then re-encodes the whole history (still exact, no longer incremental); scoring stays cached.
 
@@ -32,9 +36,9 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from merlin_hstu.kernels.hstu_attention import hstu_attention_rows
-from merlin_hstu.ranking.model import DlrmHSTU, TokenMeta
+from merlin_hstu.encoders.stu import LayerKVCache, TokenMeta
 from merlin_hstu.ranking.batch import RankingBatch
+from merlin_hstu.ranking.model import DlrmHSTU
 
 
 @dataclass
@@ -58,15 +62,10 @@ class UserHistory:
 
 @dataclass
 class KVCache:
-    """Keys and values of the user's S cached tokens in every layer, and the tokens' metadata.
+    """Keys and values of the user's S cached tokens in every layer (`LayerKVCache`, head-major buffers of
+    max_seq_len slots, so appending and a micro-batch's temporary tokens copy nothing), and the tokens' metadata."""
 
-    Stored head-major in buffers of max_seq_len slots ([H, N, d] per layer), so that neither appending nor a
-    micro-batch's temporary tokens copy the cache: new K/V are written into the slots after the S cached ones and
-    the attention reads a [1, S + m, H, d] view (head-major memory is what its einsum wants, so no copy there
-    either).  A micro-batch's slots are simply overwritten by the next one."""
-
-    key_buffers: List[Tensor]  # per layer [H, N, dqk]
-    value_buffers: List[Tensor]  # per layer [H, N, dv]
+    layers: List[LayerKVCache]
     meta: TokenMeta  # [S]
     num_events: int
     history: UserHistory
@@ -77,14 +76,24 @@ class KVCache:
         return int(self.meta.position.numel())
 
     @property
+    def key_buffers(self) -> List[Tensor]:
+        """Per layer [H, N, dqk]."""
+        return [layer.keys for layer in self.layers]
+
+    @property
+    def value_buffers(self) -> List[Tensor]:
+        """Per layer [H, N, dv]."""
+        return [layer.values for layer in self.layers]
+
+    @property
     def keys(self) -> List[Tensor]:
         """Per layer [S, H, dqk] (views)."""
-        return [buf[:, :self.num_tokens].transpose(0, 1) for buf in self.key_buffers]
+        return [layer.keys[:, :layer.length].transpose(0, 1) for layer in self.layers]
 
     @property
     def values(self) -> List[Tensor]:
         """Per layer [S, H, dv] (views)."""
-        return [buf[:, :self.num_tokens].transpose(0, 1) for buf in self.value_buffers]
+        return [layer.values[:, :layer.length].transpose(0, 1) for layer in self.layers]
 
 
 class MFalconScorer:
@@ -104,35 +113,11 @@ class MFalconScorer:
     # --- the cached layer pass -----------------------------------------------------------------------------
     def _run(self, x: Tensor, meta: TokenMeta, num_targets: int, keep: bool) -> Tensor:
         """Encode R new tokens x [R, D] against the cache.  keep=True appends their K, V to the cache."""
-        model, cfg, cache = self.model, self.model.config, self.cache
-        h, dqk, dv = cfg.num_heads, cfg.attention_dim, cfg.linear_dim
-        cached = cache.num_tokens
-        total = cached + x.shape[0]
-        if total > cfg.max_seq_len:
-            raise ValueError(f"{cached} cached tokens + {x.shape[0]} new tokens exceed DlrmHSTUConfig.max_seq_len="
-                             f"{cfg.max_seq_len}; use a smaller micro_batch or raise max_seq_len")
-        all_meta = cache.meta.cat(meta)
-        index = model.bias_index(TokenMeta(*(t.unsqueeze(0) for t in (meta.position, meta.time, meta.contextual))),
-                                 TokenMeta(*(t.unsqueeze(0) for t in (all_meta.position, all_meta.time,
-                                                                       all_meta.contextual))))
-        rows = torch.arange(cached, total, device=x.device)
-        lengths = torch.tensor([total], device=x.device)
-        targets = torch.tensor([num_targets], device=x.device) if num_targets else None
-        for layer_index, layer in enumerate(model.layers):
-            u, v, q, k = layer.project(x)
-            key_buf, value_buf = cache.key_buffers[layer_index], cache.value_buffers[layer_index]
-            key_buf[:, cached:total] = k.reshape(-1, h, dqk).transpose(0, 1)
-            value_buf[:, cached:total] = v.reshape(-1, h, dv).transpose(0, 1)
-            keys = key_buf[:, :total].transpose(0, 1).unsqueeze(0)  # [1, S + R, H, dqk] view
-            values = value_buf[:, :total].transpose(0, 1).unsqueeze(0)
-            attn = hstu_attention_rows(
-                q.reshape(1, -1, h, dqk), keys, values, rows, lengths, float(cfg.max_seq_len),
-                model.layer_bias(layer, index), causal=True, num_targets=targets,
-                contextual_seq_len=model.num_contextual if cfg.contextual_full_attention else 0)
-            x = layer.finish(x, u, attn.reshape(-1, h * dv))
+        cache = self.cache
+        out = self.model.encode_cached(x, meta, cache.meta, cache.layers, num_targets=num_targets, append=keep)
         if keep:
-            cache.meta = all_meta
-        return x
+            cache.meta = cache.meta.cat(meta)
+        return out
 
     def _history_meta(self, history_timestamps: Tensor, first_event: int) -> TokenMeta:
         per = self.model.tokens_per_event
@@ -149,15 +134,10 @@ class MFalconScorer:
         self._check_eval()
         model = self.model
         device = model.item_embedding.weight.device
-        cfg = model.config
         contextual = {k: torch.as_tensor(v).reshape(1) for k, v in history.contextual.items()}
         ctx_values = model.contextual_values(contextual, 1)
         c = model.num_contextual
-        dtype = model.item_embedding.weight.dtype
-        self.cache = KVCache(key_buffers=[torch.zeros(cfg.num_heads, cfg.max_seq_len, cfg.attention_dim, device=device,
-                                                      dtype=dtype) for _ in range(cfg.num_blocks)],
-                             value_buffers=[torch.zeros(cfg.num_heads, cfg.max_seq_len, cfg.linear_dim, device=device,
-                                                        dtype=dtype) for _ in range(cfg.num_blocks)],
+        self.cache = KVCache(layers=model.new_kv_cache(),
                              meta=TokenMeta(torch.zeros(0, dtype=torch.long, device=device),
                                             torch.zeros(0, dtype=torch.long, device=device),
                                             torch.zeros(0, dtype=torch.bool, device=device)),

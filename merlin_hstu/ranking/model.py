@@ -12,20 +12,22 @@ One sequence per user, laid out as jagged tokens:
 * Candidate tokens: E_item[candidate] * sqrt(D) + W_a a_unknown, a_unknown a learned "unknown action" vector:
   a candidate's action is what we predict, so it never enters the model.  One token per candidate in both modes.
 
-The STU stack is `merlin_hstu.encoders.hstu.STULayer` (research HSTU) run on the jagged attention op with the
+The STU stack is `merlin_hstu.encoders.stu.STUStack` (research HSTU layers, the same stack retrieval uses) with the
 target-aware mask (`num_targets` = m): every candidate attends to the contextual and history tokens and to itself,
 never to another candidate, so a candidate's score does not depend on which other candidates are in the batch.
 Contextual tokens are a causal prefix by default (every history token sees them; they see only each other);
 `contextual_full_attention=True` gives them the reference's rule instead (they also see the whole history,
-the kernel's `contextual_seq_len`).
+the kernel's `contextual_seq_len`).  The attention kernel is `DlrmHSTUConfig.kernel`, passed through to the op's
+dispatch.
 
-Position and time enter as a relative attention bias (per layer, shared by heads), not as absolute embeddings:
+Position and time enter as a relative attention bias (per layer, shared by heads), not as absolute embeddings; it
+is the stack's bias with the "own_time" rule (merlin_hstu.encoders.stu):
 
     rab[i, j] = w_pos[clamp(p_j - p_i, -(N-1), N-1) + N - 1] + w_time[bucket(t_i - t_j)]     (0 if i or j contextual)
     p  = event index: history event e (both of its tokens when interleaved) has p = e; every candidate has
          p = n, one past the last event (the "position 0" of the future: the last event is at distance 1)
     t  = a history token's own event time; a candidate's query time is its candidate timestamp
-    bucket(dt) = clamp(floor(ln(max(|dt|, 1)) / 0.301), 0, num_time_buckets)      (hstu.time_bucket_ids)
+    bucket(dt) = clamp(floor(ln(max(|dt|, 1)) / 0.301), 0, num_time_buckets)      (stu.time_bucket_ids)
 
 Why relative and why own-time queries: a history token's inputs and bias then depend only on itself and earlier
 events, never on candidates or on later events.  So the history's keys and values at every layer can be cached
@@ -49,16 +51,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from merlin_hstu.encoders.hstu import HSTUEncoder, HSTUEncoderConfig, STULayer, time_bucket_ids
-from merlin_hstu.kernels.bucket_gather import bucket_gather
+from merlin_hstu.encoders.stu import HSTUEncoderConfig, LayerKVCache, STULayer, STUStack, TokenMeta
 from merlin_hstu.kernels.dispatch import validate_kernel
-from merlin_hstu.kernels.hstu_attention import hstu_attention, jagged_to_padded
+from merlin_hstu.kernels.hstu_attention import jagged_to_padded
 from merlin_hstu.ranking.batch import RankingBatch, RankingTask, multitask_loss
 from merlin_hstu.ranking.stochastic_length import StochasticLength, StochasticLengthConfig
 
@@ -182,33 +183,8 @@ def register_interaction(name: str, factory: InteractionFactory) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Token metadata and the relative bias
+# The sequence layout (TokenMeta, the per-token bias inputs, is merlin_hstu.encoders.stu's)
 # ------------------------------------------------------------------------------------------------------------
-@dataclass
-class TokenMeta:
-    """Per-token bias inputs, flat [S] or padded [B, W]: event index, time (unix s), contextual flag."""
-
-    position: Tensor
-    time: Tensor
-    contextual: Tensor
-
-    def cat(self, other: "TokenMeta") -> "TokenMeta":
-        return TokenMeta(torch.cat([self.position, other.position]), torch.cat([self.time, other.time]),
-                         torch.cat([self.contextual, other.contextual]))
-
-    def __getitem__(self, index) -> "TokenMeta":
-        return TokenMeta(self.position[index], self.time[index], self.contextual[index])
-
-
-@dataclass
-class BiasIndex:
-    """What every layer's bias gathers from, computed once per forward: [B, R, W] each (None when unused)."""
-
-    relative_position: Optional[Tensor]
-    time_bucket: Optional[Tensor]
-    keep: Tensor  # False where the query or the key is a contextual token
-
-
 @dataclass
 class SequenceLayout:
     """A batch laid out as one jagged sequence per user: [contextual (c) | history tokens | candidates (m_b)]."""
@@ -251,7 +227,7 @@ class DlrmHSTU(nn.Module):
         self.contextual_embeddings = nn.ModuleDict(
             {name: nn.Embedding(card, d) for name, card in contextual_cardinalities.items()})
         self.input_dropout = nn.Dropout(config.input_dropout)
-        self.encoder = HSTUEncoder(config.encoder_config())
+        self.encoder = STUStack(config.encoder_config())
         self.user_norm = nn.LayerNorm(d)
         self.item_norm = nn.LayerNorm(d)
         self.contextual_norm = nn.LayerNorm(d)
@@ -269,7 +245,13 @@ class DlrmHSTU(nn.Module):
 
     @property
     def layers(self) -> Sequence[STULayer]:
+        """The stack's layers (their parameters, e.g. for inspection or re-initialisation)."""
         return self.encoder.layers
+
+    @property
+    def contextual_seq_len(self) -> int:
+        """The attention op's contextual prefix: the contextual tokens when they see the whole history, else 0."""
+        return self.num_contextual if self.config.contextual_full_attention else 0
 
     @property
     def num_contextual(self) -> int:
@@ -333,31 +315,6 @@ class DlrmHSTU(nn.Module):
         """[B, c] -> [B, c, D] token inputs."""
         return self.contextual_vectors(values) * math.sqrt(self.config.embedding_dim)
 
-    # --- the bias ---------------------------------------------------------------------------------------
-    def bias_index(self, query: TokenMeta, key: TokenMeta) -> BiasIndex:
-        """query [B, R] and key [B, W] metadata -> the gather indices of rab [B, R, W] (one set for all layers)."""
-        n = self.config.max_seq_len
-        rel = None
-        if self.config.position_bias:
-            rel = (key.position.unsqueeze(1) - query.position.unsqueeze(2)).clamp(-(n - 1), n - 1) + (n - 1)
-        buckets = None
-        if self.config.time_bias:
-            buckets = time_bucket_ids(query.time, key.time, self.config.num_time_buckets)
-        keep = ~(query.contextual.unsqueeze(2) | key.contextual.unsqueeze(1))
-        return BiasIndex(rel, buckets, keep)
-
-    @staticmethod
-    def layer_bias(layer: STULayer, index: BiasIndex) -> Optional[Tensor]:
-        """rab [B, R, W] of one layer: its own position and time tables gathered at `index`."""
-        table = layer.relative_bias
-        bias = None
-        if index.relative_position is not None:
-            bias = table.position_weights[index.relative_position]
-        if index.time_bucket is not None:
-            part = bucket_gather(table.time_weights, index.time_bucket)
-            bias = part if bias is None else bias + part
-        return None if bias is None else bias * index.keep.to(bias.dtype)
-
     # --- head -------------------------------------------------------------------------------------------
     def head(self, user: Tensor, candidate_item_ids: Tensor, contextual_vectors: Tensor) -> Tensor:
         """user [Lc, D] (candidate output tokens), ids [Lc], contextual_vectors [Lc, c, D] -> [Lc, T]."""
@@ -416,27 +373,38 @@ class DlrmHSTU(nn.Module):
     def encode_layout(self, layout: "SequenceLayout") -> Tensor:
         """Run the STU stack over a layout's tokens with the target-aware mask: [S, D] output tokens."""
         cfg = self.config
-        x, meta, offsets, lengths, num_targets = (layout.tokens, layout.meta, layout.offsets, layout.lengths,
-                                                  layout.num_targets)
-        longest = int(lengths.max()) if lengths.numel() else 0
+        longest = int(layout.lengths.max()) if layout.lengths.numel() else 0
         if longest > cfg.max_seq_len:
             raise ValueError(f"a user's sequence has {longest} tokens (contextual + history tokens + candidates) but "
                              f"DlrmHSTUConfig.max_seq_len={cfg.max_seq_len}; raise max_seq_len, send fewer candidates "
                              "per forward (M-FALCON micro-batches) or truncate the histories")
-        token_mask = torch.arange(longest, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)
+        token_mask = torch.arange(longest, device=layout.tokens.device).unsqueeze(0) < layout.lengths.unsqueeze(1)
+        meta = layout.meta
         padded = TokenMeta(*(jagged_to_padded(t, token_mask) for t in (meta.position, meta.time, meta.contextual)))
-        index = self.bias_index(padded, padded)
-        h, dqk, dv = cfg.num_heads, cfg.attention_dim, cfg.linear_dim
-        x = self.input_dropout(x)
-        for layer in self.layers:
-            u, v, q, k = layer.project(x)
-            attn = hstu_attention(
-                q.reshape(-1, h, dqk), k.reshape(-1, h, dqk), v.reshape(-1, h, dv), offsets, cfg.max_seq_len,
-                causal=True, num_targets=num_targets,
-                contextual_seq_len=self.num_contextual if cfg.contextual_full_attention else 0,
-                attn_bias=self.layer_bias(layer, index), kernel=cfg.kernel)
-            x = layer.finish(x, u, attn.reshape(-1, h * dv))
-        return x
+        bias = self.encoder.bias_index(padded, rule="own_time")
+        return self.encoder(self.input_dropout(layout.tokens), token_mask, layout.lengths, bias,
+                            num_targets=layout.num_targets, contextual_seq_len=self.contextual_seq_len)
+
+    def new_kv_cache(self) -> List[LayerKVCache]:
+        """Empty per-layer KV caches for one user (max_seq_len slots each, the embeddings' device and dtype)."""
+        weight = self.item_embedding.weight
+        return self.encoder.new_cache(device=weight.device, dtype=weight.dtype)
+
+    def encode_cached(self, tokens: Tensor, meta: TokenMeta, cached_meta: TokenMeta, cache: Sequence[LayerKVCache],
+                      num_targets: int = 0, append: bool = False) -> Tensor:
+        """R new tokens [R, D] of one user (metadata `meta` [R]) against a KV cache of the user's tokens (metadata
+        `cached_meta` [S]; from `new_kv_cache`): [R, D] output tokens, equal to the full forward's rows
+        (merlin_hstu.ranking.mfalcon).  The last `num_targets` tokens are candidates; append=True caches the
+        new tokens' K, V.  No input dropout: for inference (eval mode)."""
+        total = cached_meta.position.numel() + tokens.shape[0]
+        if total > self.config.max_seq_len:
+            raise ValueError(f"{cached_meta.position.numel()} cached tokens + {tokens.shape[0]} new tokens exceed "
+                             f"DlrmHSTUConfig.max_seq_len={self.config.max_seq_len}; use a smaller micro_batch or "
+                             "raise max_seq_len")
+        key = cached_meta.cat(meta)
+        bias = self.encoder.bias_index(key[None], rule="own_time", query=meta[None])
+        return self.encoder.cached_forward(tokens, cache, bias, num_targets=num_targets,
+                                           contextual_seq_len=self.contextual_seq_len, append=append)
 
     def forward(self, batch: RankingBatch) -> Tensor:
         if self.training and self.stochastic_length is not None:
