@@ -440,7 +440,7 @@ def plan_hstu_attention(
     elif width is None:
         raise ValueError("plan_hstu_attention: under torch.jit.trace give token_mask or width (the padded width "
                          "must come from a shape, not from the lengths' values)")
-    return _build_plan(resolve_kernel(kernel, *like), lengths, max_seq_len, int(width), token_mask=token_mask,
+    return _build_plan(resolve_kernel(kernel, *like), lengths, max_seq_len, width, token_mask=token_mask,
                        max_len=max_len, alpha=float(alpha), causal=bool(causal), num_targets=num_targets,
                        contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len,
                        min_full_attn_seq_len=min_full_attn_seq_len)

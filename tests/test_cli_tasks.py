@@ -147,5 +147,5 @@ def test_presets_of_every_task_are_listed_and_load(capsys):
         assert name in out
     assert ranking_config("dlrm-hstu-wukong").model["interaction"] == "wukong"
     assert ctr_config("wukong", ["model.num_layers=3"]).model["num_layers"] == 3
-    with pytest.raises(ValueError, match="unknown ranking preset 'nope'"):
+    with pytest.raises(ValueError, match="unknown preset 'nope' of task 'ranking'"):
         ranking_config("nope")

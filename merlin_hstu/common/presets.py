@@ -36,6 +36,6 @@ def read_preset(task: str, name_or_path: str | Path, overrides: Sequence[str] = 
     else:
         name = str(name_or_path)
         if name not in preset_names(task):
-            raise ValueError(f"unknown {task} preset {name!r}; presets: {preset_names(task)} (or pass a .yaml path)")
+            raise ValueError(f"unknown preset {name!r} of task {task!r}; presets: {preset_names(task)} (or pass a .yaml path)")
         raw = yaml.safe_load(_folder(task).joinpath(f"{name}.yaml").read_text())
     return apply_overrides(raw or {}, overrides)
