@@ -11,7 +11,8 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 # what each notebook must print (its own asserts check the numbers behind these lines)
 EXPECTED = {"01-quickstart.ipynb": ("HR@10 is", "top-10"),
-            "02-ranking.ipynb": ("click AUC is", "largest difference to the full model", "reloaded:")}
+            "02-ranking.ipynb": ("click AUC is", "largest difference to the full model", "reloaded:"),
+            "03-ctr-wukong.ipynb": ("WuKong AUC is", "reloaded predictions identical: True")}
 
 
 def test_there_are_notebooks():
