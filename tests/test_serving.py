@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
-import http.client as http_client
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
 import pytest
+from serving_helpers import free_port, http_ready
 import torch
 
 from merlin_hstu.cli.main import main
@@ -34,27 +32,6 @@ H = 12  # history window of the tiny model (the synthetic users have up to 40 ev
 TRAIN = ["--set", "train.epochs=1", "--set", f"data.max_history={H}", "--set", f"model.max_seq_len={H + 5}",
          "--set", "model.embedding_dim=16", "--set", "model.attention_dim=8", "--set", "model.linear_dim=8",
          "--set", "train.eval_every=0", "--set", "train.batch_size=64"]
-
-
-def _free_port(used=()) -> int:
-    while True:
-        port = random.randint(18000, 32000)  # below the ephemeral range (server.free_port says why)
-        if port in used:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-
-
-def _ready(http: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{http}/v2/health/ready", timeout=2) as reply:
-            return reply.status == 200
-    except (OSError, http_client.HTTPException):
-        return False
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
@@ -82,8 +59,8 @@ def repos(trained):
 @pytest.fixture(scope="module")
 def server(repos, tmp_path_factory):
     """`merlin-hstu serve` as a subprocess on free ports >= 18000; stopped by PID (SIGTERM, then SIGKILL)."""
-    http, grpc = _free_port(), None
-    grpc = _free_port({http})
+    http, grpc = free_port(), None
+    grpc = free_port({http})
     out_path = tmp_path_factory.mktemp("serve") / "serve.log"
     out = open(out_path, "w")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -93,7 +70,7 @@ def server(repos, tmp_path_factory):
     handle = {"proc": proc, "http": f"127.0.0.1:{http}", "grpc": f"grpc://127.0.0.1:{grpc}", "log": out_path}
     try:
         deadline = time.monotonic() + 240
-        while not _ready(handle["http"]):
+        while not http_ready(handle["http"]):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"merlin-hstu serve did not become ready:\n{out_path.read_text()[-3000:]}")
             time.sleep(0.5)
@@ -473,7 +450,7 @@ def test_bad_requests_get_error_responses_and_server_stays_ready(trained, client
                 f.result()
         results = [f.result().item_ids for f in fine]
     assert all(np.array_equal(r, results[0]) for r in results)
-    assert client.is_ready() and _ready(server["http"])
+    assert client.is_ready() and http_ready(server["http"])
 
 
 def test_documented_behaviours_unknown_ids_long_histories_batches(trained, client, reference):

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-import http.client as http_client
 
 import numpy as np
 import pandas as pd
 import pytest
+from serving_helpers import free_port, http_ready
 import torch
 
 from merlin_hstu.cli.main import main
@@ -36,27 +33,6 @@ CTR_TRAIN = ["--set", "model.embedding_dim=8", "--set", "model.num_layers=1", "-
              "--set", "train.batch_size=128", "--set", "train.max_steps=3", "--set", "train.threads=1"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _free_port(used=()) -> int:
-    while True:
-        port = random.randint(18000, 32000)  # below the ephemeral range (merlin_hstu.serving.server.free_port)
-        if port in used:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-
-
-def _ready(http: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{http}/v2/health/ready", timeout=2) as reply:
-            return reply.status == 200
-    except (OSError, http_client.HTTPException):
-        return False
 
 
 def ranking_log(num_users: int = 50, seed: int = 0) -> pd.DataFrame:
@@ -123,8 +99,8 @@ def ctr(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ranking, ctr, tmp_path_factory):
     """`merlin-hstu serve --repo RANKING --repo CTR` as a subprocess on free ports; stopped by PID."""
-    http = _free_port()
-    grpc = _free_port({http})
+    http = free_port()
+    grpc = free_port({http})
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     out = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "merlin_hstu.cli.main", "serve", "--repo", str(ranking["repo"]),
@@ -133,7 +109,7 @@ def server(ranking, ctr, tmp_path_factory):
     handle = {"proc": proc, "http": f"127.0.0.1:{http}", "log": log_path}
     try:
         deadline = time.monotonic() + 240
-        while not _ready(handle["http"]):
+        while not http_ready(handle["http"]):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"merlin-hstu serve did not become ready:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)

@@ -177,24 +177,19 @@ def save_run(run_dir, model: nn.Module, cfg, result: CTRResult, data: CTRData, d
              extra: Optional[dict] = None):
     """Publish a CTR run directory: config.yaml (CTRExperimentConfig), model.pt (weights + feature shape),
     metrics.json, run.json (task, data, device, ...), training_curves.png."""
-    import json
 
     from merlin_hstu.ctr.config import dump_config
-    from merlin_hstu.train.run_dir import plot_losses, run_record, write_run
+    from merlin_hstu.train.run_dir import cpu_state_dict, plot_losses, publish_run, run_record
 
     blob = {"task": "ctr", "model_type": cfg.model_type, "cardinalities": list(data.cardinalities),
             "num_dense": int(data.num_dense), "dense_names": list(data.train.dense_names),
             "sparse_names": list(data.train.sparse_names),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+            "state_dict": cpu_state_dict(model)}
     record = {"metrics": result.metrics, "epoch_losses": result.epoch_losses, "train_seconds": result.train_seconds,
               "parameters": result.parameters, "dense_parameters": result.dense_parameters, **(extra or {})}
     run = run_record(result.fit, cfg.model_type, data_dir, steps=len(result.step_times))
-    return write_run(run_dir, "ctr", {
-        "config.yaml": lambda path: path.write_text(dump_config(cfg)),
-        "model.pt": lambda path: torch.save(blob, path),
-        "metrics.json": lambda path: path.write_text(json.dumps(record, indent=2, default=str)),
-        "training_curves.png": lambda path: plot_losses(result.epoch_losses, path, "ctr"),
-    }, run)
+    return publish_run(run_dir, "ctr", dump_config(cfg), blob, record, run,
+                       lambda path: plot_losses(result.epoch_losses, path, "ctr"))
 
 
 def load_run(run_dir) -> tuple:

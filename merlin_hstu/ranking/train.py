@@ -270,28 +270,23 @@ def save_run(run_dir, model: torch.nn.Module, cfg, result: RankingTrainResult, d
              extra: Optional[dict] = None):
     """Publish a ranking run directory: config.yaml (RankingExperimentConfig), model.pt (weights + the dataset's
     shape), metrics.json, run.json (task, data, device, ...), training_curves.png."""
-    import json
     from dataclasses import asdict
 
     from merlin_hstu.ranking.config import dump_config
-    from merlin_hstu.train.run_dir import plot_losses, run_record, write_run
+    from merlin_hstu.train.run_dir import cpu_state_dict, plot_losses, publish_run, run_record
 
     shape = DatasetShape.of(dataset)
     blob = {"task": "ranking", "model_type": cfg.model_type,
             "shape": {"num_items": shape.num_items, "contextual_cardinalities": shape.contextual_cardinalities,
                       "tasks": [asdict(t) for t in shape.tasks], "num_action_bits": shape.num_action_bits},
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+            "state_dict": cpu_state_dict(model)}
     record = {"metrics": result.metrics, "epoch_losses": result.epoch_losses,
               "epoch_task_losses": result.epoch_task_losses,
               "epoch_metrics": [{"epoch": e, **m} for e, m in result.epoch_metrics],
               "train_seconds": result.train_seconds, **(extra or {})}
     run = run_record(result.fit, cfg.model_type, getattr(dataset, "path", None), steps=len(result.step_times))
-    return write_run(run_dir, "ranking", {
-        "config.yaml": lambda path: path.write_text(dump_config(cfg)),
-        "model.pt": lambda path: torch.save(blob, path),
-        "metrics.json": lambda path: path.write_text(json.dumps(record, indent=2, default=str)),
-        "training_curves.png": lambda path: plot_losses(result.epoch_losses, path, "ranking"),
-    }, run)
+    return publish_run(run_dir, "ranking", dump_config(cfg), blob, record, run,
+                       lambda path: plot_losses(result.epoch_losses, path, "ranking"))
 
 
 def load_run(run_dir) -> tuple:

@@ -6,7 +6,6 @@ final metrics of the model and of the most-popular baseline, run.json), written 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,7 +21,7 @@ from merlin_hstu.retrieval.model import HSTURetrievalModel, RetrievalModelConfig
 from merlin_hstu.retrieval.topk import rankable_from_invalid
 from merlin_hstu.train.config import resolve_device
 from merlin_hstu.train.loop import EpochShuffle, FitResult, fit, module_device, move_to
-from merlin_hstu.train.run_dir import read_record, run_record, write_run
+from merlin_hstu.train.run_dir import cpu_state_dict, publish_run, read_record, run_record
 
 
 @dataclass
@@ -210,13 +209,9 @@ def save_run(run_dir: str | Path, result: TrainResult, cfg: ExperimentConfig, ex
     run = run_record(result.fit, encoder_type(cfg.model), record.get("data"), record.get("workflow"),
                      steps=len(result.step_times))
     blob = {"task": "retrieval", "model_type": run["model_type"], "model_config": result.model.config.to_dict(),
-            "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()}}
-    return write_run(run_dir, "retrieval", {
-        "config.yaml": lambda path: path.write_text(dump_config(cfg)),
-        "model.pt": lambda path: torch.save(blob, path),
-        "metrics.json": lambda path: path.write_text(json.dumps(record, indent=2, default=str)),
-        "training_curves.png": lambda path: plot_training_curves(record, path),
-    }, run)
+            "state_dict": cpu_state_dict(result.model)}
+    return publish_run(run_dir, "retrieval", dump_config(cfg), blob, record, run,
+                       lambda path: plot_training_curves(record, path))
 
 
 def load_run(run_dir: str | Path) -> tuple:

@@ -85,6 +85,25 @@ def write_run(run_dir: str | Path, task: str, files: Dict[str, Callable[[Path], 
     return final
 
 
+def cpu_state_dict(model) -> dict:
+    """The model's weights on the CPU (a run directory loads anywhere)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def publish_run(run_dir: str | Path, task: str, config_yaml: str, blob: dict, record: dict, run: dict,
+                plot: Callable[[Path], Any]) -> Path:
+    """The files of every task's run directory: config.yaml, model.pt (`blob`), metrics.json (`record`),
+    training_curves.png (`plot(path)`), run.json (`run`), published atomically by `write_run`."""
+    import torch
+
+    return write_run(run_dir, task, {
+        "config.yaml": lambda path: path.write_text(config_yaml),
+        "model.pt": lambda path: torch.save(blob, path),
+        "metrics.json": lambda path: path.write_text(json.dumps(record, indent=2, default=str)),
+        "training_curves.png": plot,
+    }, run)
+
+
 def read_record(run_dir: str | Path) -> dict:
     """run.json merged with metrics.json ({} parts when absent)."""
     run_dir = Path(run_dir)
