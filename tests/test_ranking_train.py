@@ -239,10 +239,11 @@ def test_bench_ranking_dlrm_hstu_smoke(dataset_dir, tmp_path):
     out = tmp_path / "hstu"
     rc = main(["bench", "--task", "ranking", "--dataset", str(dataset_dir), "--epochs", "1", "--max-steps", "2",
                "--output", str(out), "--no-progress", "--set", "model.embedding_dim=16", "--set", "model.num_blocks=1",
-               "--set", "model.max_seq_len=64"])
+               "--set", "model.max_seq_len=64", "--precision", "bf16", "--device", "cpu"])
     assert rc == 0
     record = json.loads((out / "bench.json").read_text())
     assert record["model"] == "dlrm-hstu" and record["runs"][0]["steps"] == 2
+    assert (record["train_config"]["precision"], record["train_config"]["device"]) == ("bf16", "cpu")
     assert set(record["mean"]) == {"good", "great"}
 
 

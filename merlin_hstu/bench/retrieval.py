@@ -227,6 +227,9 @@ def run_task_bench(args) -> int:
     import importlib
 
     module = importlib.import_module(TASK_MODULES[args.task])
+    # the loop's device / precision shorthands are train.* overrides for every task's bench
+    args.overrides = list(args.overrides) + [f"train.{name}={getattr(args, name)}" for name in ("device", "precision")
+                                             if getattr(args, name, None)]
     return module.run_bench(args)
 
 
@@ -274,6 +277,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=42, help="first seed (default 42)")
     p.add_argument("--max-steps", type=int, default=0, help="stop each run after this many steps (smoke runs)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N | auto (= --set train.device=...; default cpu)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="= --set train.precision=... (default fp32)")
     p.add_argument("--no-epoch-eval", action="store_true", help="evaluate only after the last epoch")
     p.add_argument("--output", help="where bench.json / bench.md / bench.png go (default runs/bench/<dataset>-<model>)")
     p.add_argument("--cache", default="runs/datasets", help="where named datasets are preprocessed once")
