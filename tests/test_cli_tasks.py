@@ -65,6 +65,14 @@ def test_train_and_evaluate_ranking_round_trip(ranking_data, tmp_path, capsys):
     with pytest.raises(ValueError, match="is a ranking run, not a ctr run"):
         load_run(run_dir, expected_task="ctr")
     assert not (tmp_path / "rank.incomplete").exists()
+    # an existing run is never replaced silently
+    capsys.readouterr()
+    assert main(["train", "--task", "ranking", "--data", str(ranking_data), "--output", str(run_dir),
+                 *RANKING_SMALL]) == 2
+    assert "already holds a run; pass --overwrite" in capsys.readouterr().err
+    assert json.loads((run_dir / "metrics.json").read_text()) == saved
+    assert main(["train", "--task", "ranking", "--data", str(ranking_data), "--output", str(run_dir), "--overwrite",
+                 *RANKING_SMALL]) == 0
 
 
 def test_train_ranking_resume_continues_an_interrupted_run(ranking_data, tmp_path, capsys):

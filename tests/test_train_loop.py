@@ -350,3 +350,13 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(retrieval_dat
     a = torch.load(full / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(killed / "model.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_quiet_runs_still_log_progress_lines(capsys):
+    """Without a progress bar the loop prints a line at least every `log_interval` seconds (0: every step)."""
+    fit(ToyTask(n=16, batch=4), toy_model(), sgd(), LoopConfig(), epochs=2, progress=False, desc="toy",
+        log_interval=0.0)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("toy: ")]
+    assert len(lines) == 8 and lines[0].startswith("toy: epoch 1, step 1/8, loss ") and "samples/s" in lines[0]
+    fit(ToyTask(n=16, batch=4), toy_model(), sgd(), LoopConfig(), epochs=2, progress=False, desc="toy")
+    assert "toy: " not in capsys.readouterr().out  # a short run stays quiet

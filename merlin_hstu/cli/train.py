@@ -71,6 +71,9 @@ def cmd_train(args) -> int:
     from merlin_hstu.train.run_dir import checkpoint_dir
 
     run_dir = Path(args.output)
+    if run_dir.exists() and not args.overwrite:
+        raise FileExistsError(f"--output {run_dir} already holds a run; pass --overwrite to replace it, or choose "
+                              "another --output (an unfinished run is continued with --resume)")
     checkpoints = checkpoint_dir(run_dir)
     if args.resume and not checkpoints.is_dir():
         print(f"note: --resume but {checkpoints} has no checkpoint; starting from the beginning")
@@ -208,6 +211,7 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
     p.add_argument("--task", choices=TASKS, default="retrieval", help="what to train (default: retrieval)")
     p.add_argument("--data", required=True, help="the task's preprocessed data (see above)")
     p.add_argument("--output", default=str(DEFAULT_RUN_ROOT / "train"), help="run directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory at --output")
     _add_config_args(p, None)
     add_loop_arguments(p)
     p.add_argument("--cache", default=str(DEFAULT_RUN_ROOT / "cache"),

@@ -228,14 +228,15 @@ def fit(task: TrainingTask, model: torch.nn.Module,
         epochs: int, max_steps: int = 0, eval_every: int = 0, checkpoint_dir: Optional[Path] = None,
         resume: bool = False, fingerprint: str = "", progress: bool = True, desc: str = "train",
         log_epoch: Optional[Callable[[int, float, dict], None]] = None,
-        stop_after_steps: int = 0) -> FitResult:
+        stop_after_steps: int = 0, log_interval: float = 30.0) -> FitResult:
     """Train `model` on `task` for `epochs` (or `max_steps` optimizer steps in all), then evaluate it.
 
     `make_optimizer(model)` is called after the model is on its device. `eval_every`: evaluate the eval split every
     n epochs (0: only at the end). `checkpoint_dir`: where checkpoints go (None: no checkpoints, no resume).
     `fingerprint`: a resumed checkpoint must carry the same one (see `config_fingerprint`).
     `stop_after_steps`: end the process's training after this many steps *of this call* without the final
-    evaluation (for tests and smoke runs of resuming; 0: off)."""
+    evaluation (for tests and smoke runs of resuming; 0: off). Without a progress bar, a line with the step, loss
+    and samples/s is printed at least every `log_interval` seconds, so a long quiet run still says it is alive."""
     log_epoch = log_epoch or (lambda epoch, loss, metrics: None)
     device = resolve_device(config.device)
     model.to(device)
@@ -288,6 +289,7 @@ def fit(task: TrainingTask, model: torch.nn.Module,
     steps_this_call = 0
     interrupted = False
     bar = tqdm(total=total_steps, initial=state.global_step, desc=desc, unit="step", disable=not progress)
+    last_log, logged_samples, logged_time = time.monotonic(), 0, 0.0
     parameters = [p for p in model.parameters() if p.requires_grad]
     while state.epoch < epochs and not state.stopped_early:
         if max_steps and state.global_step >= max_steps:
@@ -329,8 +331,13 @@ def fit(task: TrainingTask, model: torch.nn.Module,
             for key, extra in extras.items():
                 state.epoch_extra_sums[key] = state.epoch_extra_sums.get(key, 0.0) + float(extra.detach() if torch.is_tensor(extra) else extra) * weight
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}",
-                            samples_s=f"{task.batch_size(batch) / max(step_times[-1], 1e-9):.0f}")
+            samples = task.batch_size(batch)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}", samples_s=f"{samples / max(step_times[-1], 1e-9):.0f}")
+            logged_samples, logged_time = logged_samples + samples, logged_time + step_times[-1]
+            if not progress and time.monotonic() - last_log >= log_interval:
+                print(f"{desc}: epoch {epoch + 1}, step {state.global_step}/{total_steps}, loss {value:.4f}, "
+                      f"{logged_samples / max(logged_time, 1e-9):.0f} samples/s", flush=True)
+                last_log, logged_samples, logged_time = time.monotonic(), 0, 0.0
             if config.checkpoint_every and state.global_step % config.checkpoint_every == 0:
                 checkpoint()
         epoch_seconds.append(time.perf_counter() - epoch_start)
