@@ -34,7 +34,9 @@ characters), first and second genre, hour and weekday of the rating (UTC).  Dens
 of the user in train), log(1 + ratings of the item in train), release year (from the title), standardised
 with train statistics.  Split: per user by time - each user's last 20% of ratings (at least one, stable sort
 by timestamp) are the validation rows, so every validation rating is later than that user's train ratings.
-Categorical ids are 1.. in order of first appearance in train; 0 is a value never seen in train.
+Categorical ids are 1.. in order of first appearance in train; 0 is a value never seen in train.  The fitted
+encoding is an `ML1MCTREncoder` (fit on the train rows, transform any rows), kept as CTRData.info["encoder"]
+and in the run, so a served model encodes raw rows as training did.
 """
 from __future__ import annotations
 
@@ -325,30 +327,102 @@ def ml1m_ctr_frame(events: pd.DataFrame, users: pd.DataFrame, movies: pd.DataFra
     return df
 
 
+ML1M_CTR_RAW = [*ML1M_CTR_CATEGORICAL, "release_year"]  # the columns the encoder reads (ml1m_ctr_frame's)
+
+
+@dataclass
+class ML1MCTREncoder:
+    """The fitted ml-1m-prefix CTR encoding (fit on the train rows, applied to any rows), JSON-serialisable so a
+    run can keep it and a served model can encode raw rows without the training data.
+
+    transform: categorical value -> 1 + its position in `vocabularies[column]` (order of first appearance in
+    the fitted rows; unseen -> 0).  user_log_count / item_log_count = log(1 + train ratings of the row's
+    user / item), release_year as is; each dense value is NaN-filled with `fill[name]` and standardised as
+    (value - mean[name]) / std[name], all in float64 (the models get float32).
+    """
+
+    vocabularies: Dict[str, list]  # per ML1M_CTR_CATEGORICAL column, the train values in order of appearance
+    user_counts: Dict[str, list]  # {"values": user ids, "counts": ratings in the fitted rows}
+    item_counts: Dict[str, list]
+    fill: Dict[str, float]  # per ML1M_CTR_DENSE column: the NaN fill (mean of the non-NaN fitted values)
+    mean: Dict[str, float]
+    std: Dict[str, float]  # 1.0 where the fitted values are constant
+
+    def __post_init__(self) -> None:
+        for name, columns in (("vocabularies", ML1M_CTR_CATEGORICAL), ("fill", ML1M_CTR_DENSE),
+                              ("mean", ML1M_CTR_DENSE), ("std", ML1M_CTR_DENSE)):
+            missing = [c for c in columns if c not in getattr(self, name)]
+            if missing:
+                raise ValueError(f"ML1MCTREncoder.{name} lacks column(s) {missing}; build it with "
+                                 "ML1MCTREncoder.fit(train rows) or from_dict(a saved encoder)")
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame) -> "ML1MCTREncoder":
+        """Fit on `frame` (the train rows of `ml1m_ctr_frame`)."""
+        _check_raw_columns(frame)
+        vocabularies = {name: pd.unique(frame[name]).tolist() for name in ML1M_CTR_CATEGORICAL}
+        counts = {}
+        for column in ("user_id", "item_id"):
+            c = frame[column].value_counts()
+            counts[column] = {"values": c.index.tolist(), "counts": [int(v) for v in c.to_numpy()]}
+        raw = _raw_dense(frame, counts["user_id"], counts["item_id"])
+        fill, mean, std = {}, {}, {}
+        for name, values in raw.items():
+            fill[name] = float(np.nanmean(values))
+            values = np.where(np.isnan(values), fill[name], values)
+            mean[name], std[name] = float(values.mean()), float(values.std() or 1.0)
+        return cls(vocabularies, counts["user_id"], counts["item_id"], fill, mean, std)
+
+    def transform(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Raw rows -> ML1M_CTR_CATEGORICAL ids (int64) and standardised ML1M_CTR_DENSE (float64), in row order."""
+        _check_raw_columns(frame)
+        out = {}
+        for name in ML1M_CTR_CATEGORICAL:
+            out[name] = pd.Index(self.vocabularies[name]).get_indexer(frame[name]).astype(np.int64) + 1  # -1 -> 0
+        for name, values in _raw_dense(frame, self.user_counts, self.item_counts).items():
+            values = np.where(np.isnan(values), self.fill[name], values)
+            out[name] = (values - self.mean[name]) / self.std[name]
+        return pd.DataFrame(out, index=frame.index)
+
+    def cardinalities(self) -> List[int]:
+        return [len(self.vocabularies[name]) + 1 for name in ML1M_CTR_CATEGORICAL]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, object]) -> "ML1MCTREncoder":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+def _check_raw_columns(frame: pd.DataFrame) -> None:
+    missing = [c for c in ML1M_CTR_RAW if c not in frame.columns]
+    if missing:
+        raise ValueError(f"ml-1m-prefix CTR rows lack column(s) {missing}; they need {ML1M_CTR_RAW} "
+                         "(ml1m_ctr_frame output)")
+
+
+def _raw_dense(frame: pd.DataFrame, user_counts: dict, item_counts: dict) -> Dict[str, np.ndarray]:
+    """The dense features before filling and standardising (float64; unseen user / item -> count 0)."""
+    def log_count(column: str, counts: dict) -> np.ndarray:
+        table = pd.Series(counts["counts"], index=counts["values"], dtype=np.int64)
+        return np.log1p(frame[column].map(table).fillna(0).to_numpy(dtype=np.float64))
+
+    return {"user_log_count": log_count("user_id", user_counts), "item_log_count": log_count("item_id", item_counts),
+            "release_year": frame["release_year"].to_numpy(dtype=np.float64)}
+
+
 def encode_ml1m_ctr(df: pd.DataFrame) -> CTRData:
-    """Ids and standardised dense features from the train rows only (unseen values -> id 0)."""
+    """Ids and standardised dense features, the encoder fitted on the train rows only (unseen values -> id 0);
+    the fitted encoder is kept as info["encoder"] (its `to_dict`)."""
     train = df["split"].to_numpy() == "train"
-    out = pd.DataFrame({ML1M_CTR_LABEL: df[ML1M_CTR_LABEL].to_numpy()})
-    cards = []
-    for name in ML1M_CTR_CATEGORICAL:
-        vocab = pd.unique(df.loc[train, name])
-        codes = pd.Index(vocab).get_indexer(df[name])
-        out[name] = codes + 1  # get_indexer gives -1 for unseen -> 0
-        cards.append(len(vocab) + 1)
-    user_counts = df.loc[train, "user_id"].value_counts()
-    item_counts = df.loc[train, "item_id"].value_counts()
-    dense = {"user_log_count": np.log1p(df["user_id"].map(user_counts).fillna(0).to_numpy(dtype=np.float64)),
-             "item_log_count": np.log1p(df["item_id"].map(item_counts).fillna(0).to_numpy(dtype=np.float64)),
-             "release_year": df["release_year"].to_numpy(dtype=np.float64)}
-    for name, values in dense.items():
-        fill = np.nanmean(values[train])
-        values = np.where(np.isnan(values), fill, values)
-        std = values[train].std() or 1.0
-        out[name] = (values - values[train].mean()) / std
-    args = (ML1M_CTR_DENSE, ML1M_CTR_CATEGORICAL, ML1M_CTR_LABEL, cards)
+    encoder = ML1MCTREncoder.fit(df[train])
+    out = encoder.transform(df)
+    out[ML1M_CTR_LABEL] = df[ML1M_CTR_LABEL].to_numpy()
+    args = (ML1M_CTR_DENSE, ML1M_CTR_CATEGORICAL, ML1M_CTR_LABEL, encoder.cardinalities())
     return CTRData("ml-1m-prefix-ctr", tensors_from_frame(out[train], *args), tensors_from_frame(out[~train], *args),
                    {"rows": {"train": int(train.sum()), "valid": int((~train).sum())},
-                    "positive_rate": float(out[ML1M_CTR_LABEL].mean())})
+                    "positive_rate": float(out[ML1M_CTR_LABEL].mean()), "encoder": encoder.to_dict()})
 
 
 def load_ml1m_ctr(input_dir: Optional[PathLike] = None) -> CTRData:

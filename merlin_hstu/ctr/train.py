@@ -175,8 +175,9 @@ def train_ctr(model: nn.Module, data: CTRData, cfg: CTRTrainConfig, progress: bo
 # ---------------------------------------------------------------------------------------------------------------
 def save_run(run_dir, model: nn.Module, cfg, result: CTRResult, data: CTRData, data_dir=None,
              extra: Optional[dict] = None):
-    """Publish a CTR run directory: config.yaml (CTRExperimentConfig), model.pt (weights + feature shape),
-    metrics.json, run.json (task, data, device, ...), training_curves.png."""
+    """Publish a CTR run directory: config.yaml (CTRExperimentConfig), model.pt (weights + feature shape, and for
+    ml-1m-prefix-ctr the fitted encoder as a plain dict, `ML1MCTREncoder.to_dict`), metrics.json, run.json (task,
+    data, device, ...), training_curves.png.  `load_run` reads runs with or without the encoder."""
 
     from merlin_hstu.ctr.config import dump_config
     from merlin_hstu.train.run_dir import cpu_state_dict, plot_losses, publish_run, run_record
@@ -185,6 +186,8 @@ def save_run(run_dir, model: nn.Module, cfg, result: CTRResult, data: CTRData, d
             "num_dense": int(data.num_dense), "dense_names": list(data.train.dense_names),
             "sparse_names": list(data.train.sparse_names),
             "state_dict": cpu_state_dict(model)}
+    if "encoder" in data.info:  # ml-1m-prefix-ctr: the fitted pandas encoding, what its export serves
+        blob["data_name"], blob["encoder"] = data.name, dict(data.info["encoder"])
     record = {"metrics": result.metrics, "epoch_losses": result.epoch_losses, "train_seconds": result.train_seconds,
               "parameters": result.parameters, "dense_parameters": result.dense_parameters, **(extra or {})}
     run = run_record(result.fit, cfg.model_type, data_dir, steps=len(result.step_times))

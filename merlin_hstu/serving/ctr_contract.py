@@ -8,6 +8,11 @@ columns in, one click probability per row out.  Pure numpy (pandas inside the cl
 
 A client builds the request from a DataFrame (`CTRRequest`, e.g. `read_criteo_tsv` output); columns the model does
 not take (the label) are ignored there.  The same raw line gives the same features offline and served.
+
+Runs trained on ml-1m-prefix-ctr (`encoding="ml-1m-ctr"`) take the raw feature columns of
+`merlin_hstu.ctr.data.ml1m_ctr_frame` the same way: numbers (user_id, item_id, age, occupation, hour, weekday,
+release_year) as FP64, text (gender, zip_prefix, genre_1, genre_2) as BYTES; NaN / "" = missing (id 0, count 0,
+the train mean), encoded in the server by the run's saved `ML1MCTREncoder`.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ class ValidCTRRequest:
 
 @dataclass
 class CTRContract(ServingContract):
-    """CTR: the workflow's raw integer and categorical columns, in the model's order."""
+    """CTR: the encoder's raw numeric and text columns, in the model's order (`encoding`: what encodes them)."""
 
     task: ClassVar[str] = "ctr"
 
@@ -45,6 +50,7 @@ class CTRContract(ServingContract):
     categorical_columns: List[str]
     output: str = OUTPUT
     model_name: str = "ctr"
+    encoding: str = "criteo-workflow"  # criteo-workflow (the fitted NVTabular Criteo workflow) | ml-1m-ctr
 
     def inputs(self, batched: bool = False) -> List[TensorSpec]:
         if batched:
@@ -63,6 +69,9 @@ class CTRContract(ServingContract):
         frame = request.rows if isinstance(request, CTRRequest) else request
         missing = [c for c in self.integer_columns + self.categorical_columns if c not in frame.columns]
         if missing:
+            if self.encoding == "ml-1m-ctr":
+                raise BadRequest(f"CTR request lacks column(s) {missing}; send {self.integer_columns} and "
+                                 f"{self.categorical_columns} (ml1m_ctr_frame columns; empty / NaN = missing)")
             raise BadRequest(f"CTR request lacks column(s) {missing}; send {self.integer_columns[0]}.."
                              f"{self.integer_columns[-1]} and {self.categorical_columns[0]}.."
                              f"{self.categorical_columns[-1]} (read_criteo_tsv output; empty / NaN = missing)")

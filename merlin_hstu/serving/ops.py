@@ -111,6 +111,42 @@ class InlineWorkflow(TransformWorkflow):
         return nvt.Workflow.load(str(path))
 
 
+ENCODER_FILE = "encoder.json"
+
+
+class InlineEncoder(BaseOperator):
+    """A fitted encoder that is not an NVTabular workflow (a typed object with `to_dict` / a `from_dict`), run
+    inside the executor process like `InlineWorkflow`.  It is saved as JSON (`ENCODER_FILE`) next to ensemble.pkl
+    and dropped from the pickle; subclasses set `load_encoder` (dict -> encoder) and write `transform`."""
+
+    def __init__(self, encoder=None):
+        super().__init__()
+        self.encoder = encoder
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "encoder"}
+
+    def save_artifacts(self, artifact_path: Optional[str] = None) -> None:
+        import json
+
+        if artifact_path and getattr(self, "encoder", None) is not None:
+            (Path(artifact_path) / ENCODER_FILE).write_text(json.dumps(self.encoder.to_dict()))
+
+    def load_artifacts(self, artifact_path: Optional[str] = None) -> None:
+        import json
+
+        path = Path(artifact_path) / ENCODER_FILE if artifact_path else None
+        if path is not None and path.is_file():  # merlin.dag's Graph calls load_artifacts("") while building
+            self.encoder = self.load_encoder(json.loads(path.read_text()))
+
+    def load_encoder(self, state: dict):
+        raise NotImplementedError
+
+    def compute_input_schema(self, root_schema: Schema, parents_schema: Schema, deps_schema: Schema,
+                             selector: ColumnSelector) -> Schema:
+        return parents_schema + deps_schema
+
+
 class SessionWorkflowFromRequest(InlineWorkflow):
     """Per-user request lists -> the fitted session workflow -> its item (and time) lists, in request order.
 
