@@ -94,13 +94,7 @@ def test_ml1m_ctr_run_exports_and_serves_raw_rows(shared_data, tmp_path, tmp_pat
     """train (3 steps) -> export -> `merlin-hstu serve` (a real tritonserver) -> query 20 raw validation rows: the
     served probabilities are the offline model's sigmoid(logits) on the training tensors.  A 21st row with an
     unseen user, an empty gender and no release year is checked against the plain reference encoding."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from serving_helpers import free_port, http_ready
+    from serving_helpers import cli_server
 
     from merlin_hstu.cli.main import main
     from merlin_hstu.ctr.data import ML1M_CTR_RAW, load_ml1m_ctr
@@ -151,21 +145,8 @@ def test_ml1m_ctr_run_exports_and_serves_raw_rows(shared_data, tmp_path, tmp_pat
     raw = pd.concat([raw, odd[ML1M_CTR_RAW]], ignore_index=True)
     raw.to_parquet(tmp_path / "rows.parquet")
 
-    http = free_port()
-    grpc = free_port({http})
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    out = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "merlin_hstu.cli.main", "serve", "--repo", str(repo),
-                             "--http-port", str(http), "--grpc-port", str(grpc)],
-                            stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    triton_pid = -1
-    try:
-        deadline = time.monotonic() + 240
-        while not http_ready(f"127.0.0.1:{http}"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"merlin-hstu serve did not become ready:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        triton_pid = int(log_path.read_text().split("tritonserver pid ")[1].split(";")[0])
+    with cli_server(["--repo", repo], tmp_path_factory.mktemp("serve") / "serve.log") as handle:
+        http = handle["http"].split(":")[1]
         capsys.readouterr()
         assert main(["query", "--url", f"127.0.0.1:{http}", "--model-name", "ctr", "--request",
                      str(tmp_path / "rows.parquet"), "--json"]) == 0, capsys.readouterr().err
@@ -176,16 +157,3 @@ def test_ml1m_ctr_run_exports_and_serves_raw_rows(shared_data, tmp_path, tmp_pat
         assert main(["query", "--url", f"127.0.0.1:{http}", "--model-name", "ctr", "--request",
                      str(tmp_path / "short.parquet")]) == 2
         assert "lacks column(s) ['genre_2']" in capsys.readouterr().err
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        try:  # never leave a tritonserver behind, even if the CLI died
-            os.killpg(triton_pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, OSError):
-            pass
-        out.close()

@@ -12,15 +12,12 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
 import pytest
-from serving_helpers import free_port, http_ready
+from serving_helpers import cli_server, http_ready
 import torch
 
 from merlin_hstu.cli.main import main
@@ -59,37 +56,8 @@ def repos(trained):
 @pytest.fixture(scope="module")
 def server(repos, tmp_path_factory):
     """`merlin-hstu serve` as a subprocess on free ports >= 18000; stopped by PID (SIGTERM, then SIGKILL)."""
-    http, grpc = free_port(), None
-    grpc = free_port({http})
-    out_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    out = open(out_path, "w")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "merlin_hstu.cli.main", "serve", str(repos[0]), str(repos[1]),
-                             "--http-port", str(http), "--grpc-port", str(grpc)],
-                            stdout=out, stderr=subprocess.STDOUT, env=env)
-    handle = {"proc": proc, "http": f"127.0.0.1:{http}", "grpc": f"grpc://127.0.0.1:{grpc}", "log": out_path}
-    try:
-        deadline = time.monotonic() + 240
-        while not http_ready(handle["http"]):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"merlin-hstu serve did not become ready:\n{out_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        text = out_path.read_text()
-        handle["triton_pid"] = int(text.split("tritonserver pid ")[1].split(";")[0])
+    with cli_server(list(repos), tmp_path_factory.mktemp("serve") / "serve.log") as handle:
         yield handle
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        try:  # never leave a tritonserver behind, even if the CLI died
-            os.killpg(handle.get("triton_pid", -1), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, OSError):
-            pass
-        out.close()
 
 
 @pytest.fixture(scope="module")

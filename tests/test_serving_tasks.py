@@ -9,16 +9,11 @@ the raw logs by plain loops written here, not by the serving code.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
-from serving_helpers import free_port, http_ready
+from serving_helpers import cli_server
 import torch
 
 from merlin_hstu.cli.main import main
@@ -99,35 +94,9 @@ def ctr(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ranking, ctr, tmp_path_factory):
     """`merlin-hstu serve --repo RANKING --repo CTR` as a subprocess on free ports; stopped by PID."""
-    http = free_port()
-    grpc = free_port({http})
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    out = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "merlin_hstu.cli.main", "serve", "--repo", str(ranking["repo"]),
-                             "--repo", str(ctr["repo"]), "--http-port", str(http), "--grpc-port", str(grpc)],
-                            stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    handle = {"proc": proc, "http": f"127.0.0.1:{http}", "log": log_path}
-    try:
-        deadline = time.monotonic() + 240
-        while not http_ready(handle["http"]):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"merlin-hstu serve did not become ready:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        handle["triton_pid"] = int(log_path.read_text().split("tritonserver pid ")[1].split(";")[0])
+    with cli_server(["--repo", ranking["repo"], "--repo", ctr["repo"]],
+                    tmp_path_factory.mktemp("serve") / "serve.log") as handle:
         yield handle
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        try:  # never leave a tritonserver behind, even if the CLI died
-            os.killpg(handle.get("triton_pid", -1), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, OSError):
-            pass
-        out.close()
 
 
 def _query_json(capsys, *args) -> list:
