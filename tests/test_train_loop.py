@@ -360,3 +360,33 @@ def test_quiet_runs_still_log_progress_lines(capsys):
     assert len(lines) == 8 and lines[0].startswith("toy: epoch 1, step 1/8, loss ") and "samples/s" in lines[0]
     fit(ToyTask(n=16, batch=4), toy_model(), sgd(), LoopConfig(), epochs=2, progress=False, desc="toy")
     assert "toy: " not in capsys.readouterr().out  # a short run stays quiet
+
+
+def test_move_to_moves_nested_tensors_and_leaves_what_is_already_there():
+    from merlin_hstu.ranking.batch import RankingBatch, RankingTask
+    from merlin_hstu.train.loop import move_to
+
+    batch = RankingBatch(history_item_ids=torch.tensor([1, 2]), history_actions=torch.tensor([0, 1]),
+                         history_timestamps=torch.tensor([5, 6]), history_offsets=torch.tensor([0, 2]),
+                         candidate_item_ids=torch.tensor([3]), candidate_timestamps=torch.tensor([7]),
+                         candidate_offsets=torch.tensor([0, 1]), labels=torch.zeros(1, 1),
+                         tasks=(RankingTask("click", bit=0),), contextual={"age": torch.tensor([2])})
+    cpu = torch.device("cpu")
+    assert move_to(batch, cpu) is batch
+    nested = {"a": [torch.ones(2), (torch.zeros(1), 3)], "b": "text"}
+    assert move_to(nested, cpu) is nested
+    from dataclasses import dataclass
+
+    @dataclass
+    class Pair:
+        values: torch.Tensor
+        extra: dict
+        name: str = "x"
+
+    meta = torch.device("meta")  # a real move (no second device here): every tensor, at every depth, lands there
+    pair = Pair(torch.ones(2), {"age": torch.tensor([2])})
+    moved = move_to(pair, meta)
+    assert moved is not pair and moved.values.device == meta and moved.extra["age"].device == meta
+    assert moved.name == "x" and pair.values.device == cpu
+    moved = move_to(nested, meta)
+    assert moved["a"][0].device == meta and moved["a"][1][0].device == meta and moved["a"][1][1] == 3

@@ -88,16 +88,22 @@ class EpochShuffle:
 
 
 def move_to(obj: Any, device: torch.device) -> Any:
-    """Tensors inside dicts, lists, tuples and dataclasses (a RankingBatch) moved to `device`; the rest as is."""
+    """Tensors inside dicts, lists, tuples and dataclasses (a RankingBatch) moved to `device`; the rest as is.
+    A container whose tensors are all there already is returned itself (the CPU path copies nothing)."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True)
     if isinstance(obj, dict):
-        return {k: move_to(v, device) for k, v in obj.items()}
+        moved = {k: move_to(v, device) for k, v in obj.items()}
+        return obj if all(moved[k] is v for k, v in obj.items()) else moved
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(move_to(v, device) for v in obj)
+        moved = [move_to(v, device) for v in obj]
+        return obj if all(m is v for m, v in zip(moved, obj)) else type(obj)(moved)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: move_to(getattr(obj, f.name), device)
-                                           for f in dataclasses.fields(obj) if f.init})
+        fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
+        moved = {name: move_to(value, device) for name, value in fields.items()}
+        if all(moved[name] is value for name, value in fields.items()):
+            return obj  # already there: no copy, and no second run of the dataclass's validation per step
+        return dataclasses.replace(obj, **moved)
     return obj
 
 
