@@ -135,3 +135,14 @@ def test_preprocess_named_dataset_and_bench_smoke(tmp_path, shared_data, capsys)
     (tmp_path / "bad.json").write_text("{}")
     assert main(["bench", "compare", str(tmp_path / "bad.json")]) == 2
     assert "is not a retrieval bench record" in capsys.readouterr().err
+
+
+def test_help_imports_nothing_heavy():
+    """`merlin-hstu [COMMAND] --help` must not import torch / NVTabular / T4R / pandas (seconds each); the probe
+    builds the real parser in a fresh interpreter.  Timing lives in `merlin-hstu bench cli`, not here."""
+    from merlin_hstu.cli.help_speed import heavy_imports, subcommands
+
+    commands = subcommands()
+    assert {"train", "export", "serve", "query", "bench", "preprocess-ranking"} <= set(commands)
+    for command in [None, "train", "bench", "serve"]:
+        assert heavy_imports(command) == [], command
