@@ -12,6 +12,8 @@ import os
 import shutil
 import signal
 import socket
+import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -308,7 +310,8 @@ def test_server_start_errors_explain_the_problem(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        with pytest.raises(ServerStartError, match=f"port {taken.getsockname()[1]}.*--http-port"):
+        with pytest.raises(ServerStartError, match=f"port {taken.getsockname()[1]}.*--http-port.*held by pid "
+                                                   f"{os.getpid()} "):
             TritonServer(ServerConfig([broken.parent.parent], http_port=taken.getsockname()[1], grpc_port=0)).start()
     server = TritonServer(ServerConfig([broken.parent.parent], http_port=0, grpc_port=0, startup_timeout_s=120))
     with pytest.raises(ServerStartError) as info:
@@ -550,3 +553,44 @@ def test_free_ports_avoid_the_ephemeral_range_and_garbled_probes_mean_not_ready(
         server = TritonServer(ServerConfig([tmp_path], http_port=echo.getsockname()[1], grpc_port=0))
         assert server.is_ready() is False
         thread.join(timeout=5)
+
+
+def test_killed_launcher_takes_tritonserver_and_its_temp_folder_with_it(tmp_path):
+    """SIGKILL of `merlin-hstu serve` (no handler runs): the watchdog stops tritonserver's whole process group,
+    removes the temporary backend folder, and the ports are free again."""
+    model = tmp_path / "repo" / "echo"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text('name: "echo"\nbackend: "python"\nmax_batch_size: 0\n'
+                                        'input [ { name: "x" data_type: TYPE_INT64 dims: [ -1 ] } ]\n'
+                                        'output [ { name: "y" data_type: TYPE_INT64 dims: [ -1 ] } ]\n')
+    (model / "1" / "model.py").write_text(
+        "import triton_python_backend_utils as pb\n"
+        "class TritonPythonModel:\n"
+        "    def execute(self, requests):\n"
+        "        return [pb.InferenceResponse([pb.Tensor('y', pb.get_input_tensor_by_name(r, 'x').as_numpy())])\n"
+        "                for r in requests]\n")
+    with cli_server(["--repo", tmp_path / "repo"], tmp_path / "serve.log") as handle:
+        triton = handle["triton_pid"]
+        cmdline = Path(f"/proc/{triton}/cmdline").read_bytes().split(b"\0")
+        backend_dir = Path(next(a for a in cmdline if a.startswith(b"--backend-directory=")).split(b"=", 1)[1].decode())
+        assert backend_dir.is_dir()
+        handle["proc"].kill()  # SIGKILL: the launcher's own cleanup never runs
+        handle["proc"].wait(timeout=10)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(triton, 0)  # the server or any of its stubs still alive
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(triton, 0)
+        for _ in range(20):  # the watchdog removes the folder right after the group is gone
+            if not backend_dir.exists():
+                break
+            time.sleep(0.25)
+        assert not backend_dir.exists()
+        assert not http_ready(handle["http"])
+        port = int(handle["http"].rsplit(":", 1)[1])
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free again

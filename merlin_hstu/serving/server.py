@@ -13,8 +13,11 @@ Three things make the bundled binary serve python-backend models from this virtu
 
 `TritonServer` binds to 127.0.0.1 by default, waits for /v2/health/ready, forwards the server's log lines to
 a callback, and stops with SIGTERM (graceful unload: ~5-25 s with these models), then SIGKILL on the whole
-process group it created (its own process plus the python stubs), never anything else.  When the server cannot
-start, `ServerStartError` says why in one paragraph (missing binary or stub, port in use, a model that failed to
+process group it created (its own process plus the python stubs), never anything else.  A watchdog process
+(`watchdog.py`) does the same, and removes the temporary backend folder, if the launching process dies without
+stopping the server (even by SIGKILL).  When the server cannot
+start, `ServerStartError` says why in one paragraph (missing binary or stub, a port in use and which process holds
+it, a model that failed to
 load with its error lines and a hint).
 """
 from __future__ import annotations
@@ -147,6 +150,34 @@ def _port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def port_holder(port: int) -> Optional[str]:
+    """"pid N (command line)" of the local process listening on TCP `port`, or None if it cannot be told (Linux
+    /proc only; processes of other users are not visible)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            # local_address is HEXIP:HEXPORT; state 0A = LISTEN; field 9 is the socket's inode
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                return f"pid {proc.name} ({cmdline[:160]})"
+        except OSError:  # the process ended, or it is not ours
+            continue
+    return None
+
+
 def _hint(line: str) -> Optional[str]:
     hints = [
         ("No module named 'merlin_hstu'", "the python-backend stub cannot import merlin_hstu: start the server with "
@@ -187,6 +218,8 @@ class TritonServer:
         self.lines: Deque[str] = collections.deque(maxlen=keep_lines)
         self.process: Optional[subprocess.Popen] = None
         self._backend_dir: Optional[tempfile.TemporaryDirectory] = None
+        self._watch_fd: Optional[int] = None  # write end of the watchdog's pipe (closing it releases the watchdog)
+        self._watchdog: Optional[subprocess.Popen] = None
         self._reader: Optional[threading.Thread] = None
 
     # --- endpoints ----------------------------------------------------------------------------------
@@ -244,8 +277,10 @@ class TritonServer:
             c.grpc_port = free_port(c.host)
         for flag, port in (("--http-port", c.http_port), ("--grpc-port", c.grpc_port)):
             if _port_in_use(c.host, port):
-                raise ServerStartError(f"port {port} on {c.host} is already in use ({flag}); stop whatever holds "
-                                       f"it or pick another port with {flag}")
+                holder = port_holder(port)
+                held = f"held by {holder}" if holder else "held by a process this user cannot see"
+                raise ServerStartError(f"port {port} on {c.host} is already in use ({flag}), {held}; stop it "
+                                       f"(kill <pid>) or pick another port with {flag}")
         self._backend_dir = tempfile.TemporaryDirectory(prefix="merlin-hstu-triton-backends-")
         python_dir = Path(self._backend_dir.name) / "python"
         python_dir.mkdir()
@@ -258,6 +293,7 @@ class TritonServer:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
             start_new_session=True,  # its own process group: stopping it reaches the stubs, Ctrl-C does not
         )
+        self._start_watchdog()
         self._reader = threading.Thread(target=self._read_log, name="tritonserver-log", daemon=True)
         self._reader.start()
         if wait:
@@ -267,6 +303,29 @@ class TritonServer:
                 self.stop()
                 raise
         return self
+
+    def _start_watchdog(self) -> None:
+        """A separate process that stops the server's group and removes its temp folder once this process is gone,
+        even after SIGKILL (merlin_hstu/serving/watchdog.py says how)."""
+        read_fd, self._watch_fd = os.pipe()  # both close-on-exec: tritonserver never holds the write end
+        try:
+            self._watchdog = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("watchdog.py")), str(read_fd), str(self.process.pid),
+                 self._backend_dir.name], pass_fds=(read_fd,), start_new_session=True,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        finally:
+            os.close(read_fd)
+
+    def _stop_watchdog(self) -> None:
+        if self._watch_fd is not None:
+            os.close(self._watch_fd)  # end of file for the watchdog: it finds the group gone and exits
+            self._watch_fd = None
+        if self._watchdog is not None:
+            try:
+                self._watchdog.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            self._watchdog = None
 
     def _read_log(self) -> None:
         assert self.process is not None and self.process.stdout is not None
@@ -327,6 +386,7 @@ class TritonServer:
         if self._backend_dir is not None:
             self._backend_dir.cleanup()
             self._backend_dir = None
+        self._stop_watchdog()
         return process.returncode
 
     def __enter__(self) -> "TritonServer":
