@@ -13,7 +13,7 @@ _EXPORTS = {
                      "use_kernel"], "dispatch"),
     **dict.fromkeys(["HSTUAttentionPlan", "hstu_attention", "hstu_attention_pytorch", "hstu_attention_reference",
                      "hstu_attention_rows", "hstu_attention_with_plan", "plan_hstu_attention",
-                     "valid_attention_mask"], "hstu_attention"),
+                     "valid_attention_mask"], "attention_ops"),
 }
 
 

@@ -125,7 +125,7 @@ def _make_impl(impl: str, q, k, v, offsets, lengths, max_len: int):
     """A function computing the attention output from (q, k, v) leaves, for one implementation."""
     import torch
 
-    from merlin_hstu.kernels.hstu_attention import hstu_attention, jagged_to_padded
+    from merlin_hstu.kernels.attention_ops import hstu_attention, jagged_to_padded
 
     if impl in ("triton", "pytorch"):
         return lambda: hstu_attention(q, k, v, offsets, max_len, kernel=impl)

@@ -22,7 +22,7 @@ Backward, with dO' = dO / N and S rebuilt:
 
 At the hstu-large-ml1m shape (B 128, H 2, W 211, 8 layers) that keeps 23 MB per layer instead of 46 MB (S) and
 at most two [B, H, R, W] buffers alive at once in the backward pass (docs/benchmarks.md).  The padded
-reference in hstu_attention.py stays the plain formula and the test oracle.
+reference in attention_ops.py stays the plain formula and the test oracle.
 """
 from __future__ import annotations
 

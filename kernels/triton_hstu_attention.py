@@ -1,6 +1,6 @@
 """Triton forward and backward kernels for jagged HSTU attention, wrapped in one autograd Function.
 
-Same math and mask as `hstu_attention.py` (read its docstring first).  With P = SiLU(S) / N * valid:
+Same math and mask as `attention_ops.py` (read its docstring first).  With P = SiLU(S) / N * valid:
 
     forward   S = alpha * Q K^T + bias          O  = P V
     backward  dV = P^T dO                       dP = dO V^T

@@ -146,3 +146,20 @@ def test_help_imports_nothing_heavy():
     assert {"train", "export", "serve", "query", "bench", "preprocess-ranking"} <= set(commands)
     for command in [None, "train", "bench", "serve"]:
         assert heavy_imports(command) == [], command
+
+
+def test_lazy_kernel_exports_are_the_functions_whatever_was_imported_first():
+    """The kernels package resolves its exports lazily; no export may be shadowed by a submodule of the same
+    name (importing a submodule sets it as a package attribute), whichever import order a process takes."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import importlib, pkgutil, types, merlin_hstu.kernels as k\n"
+        "for m in pkgutil.iter_modules(k.__path__):\n"
+        "    if m.name != 'triton_hstu_attention': importlib.import_module('merlin_hstu.kernels.' + m.name)\n"
+        "bad = [n for n in k.__all__ if isinstance(getattr(k, n), types.ModuleType)]\n"
+        "print('BAD', bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "BAD []", out

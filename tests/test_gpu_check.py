@@ -138,12 +138,12 @@ def test_mfalcon_rows_and_exactness(dry_run):
 
 def test_off_device_recorder_names_the_package_line():
     """A CPU lengths tensor fed to the mask builder while the check expects 'meta': every tensor it builds is
-    off device, and the recorder points at the lines of kernels/hstu_attention.py that built them."""
-    from merlin_hstu.kernels.hstu_attention import valid_attention_mask
+    off device, and the recorder points at the lines of kernels/attention_ops.py that built them."""
+    from merlin_hstu.kernels.attention_ops import valid_attention_mask
 
     found = gpu_check.off_device_ops(lambda: valid_attention_mask(torch.tensor([3, 2]), 4), "meta")
     where = [f["where"] for f in found]
-    assert any(w.startswith("kernels/hstu_attention.py:") and w.endswith("in valid_attention_mask") for w in where)
+    assert any(w.startswith("kernels/attention_ops.py:") and w.endswith("in valid_attention_mask") for w in where)
     assert any("aten.arange -> cpu" in f["ops"] for f in found)
     assert gpu_check.off_device_ops(lambda: valid_attention_mask(torch.tensor([3, 2]), 4), "cpu") == []
 

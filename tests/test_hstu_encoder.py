@@ -1,6 +1,6 @@
 """Independent numeric tests of the HSTU encoder (research variant, reference-hstu.md §1.3-§1.4).
 
-The module under test is `merlin_hstu.encoders.hstu` (plus the attention op in `merlin_hstu.kernels.hstu_attention`).
+The module under test is `merlin_hstu.encoders.hstu` (plus the attention op in `merlin_hstu.kernels.attention_ops`).
 This file carries its own plain implementation of the formulas, written with explicit loops over sequences,
 positions and heads and touching only the raw parameter tensors taken from the module's state_dict.  It never
 calls the module's helpers, so an error in the module cannot cancel out against the same error here.

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from merlin_hstu.kernels.hstu_attention import hstu_attention_reference, hstu_attention_rows, valid_attention_mask
+from merlin_hstu.kernels.attention_ops import hstu_attention_reference, hstu_attention_rows, valid_attention_mask
 from merlin_hstu.ranking.mfalcon import MFalconScorer, UserHistory, score_without_cache
 from merlin_hstu.ranking.model import DlrmHSTU, DlrmHSTUConfig
 from merlin_hstu.ranking.batch import RankingTask

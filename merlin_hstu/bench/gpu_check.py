@@ -302,7 +302,7 @@ def parity_inputs(mask: str, batch: int, max_len: int, heads: int, dim: int, dty
 
 def attention_with_grads(inputs: dict, kernel: str) -> dict:
     """Output and gradients of q, k, v, bias for one kernel, from fresh leaves of the shared inputs."""
-    from merlin_hstu.kernels.hstu_attention import hstu_attention
+    from merlin_hstu.kernels.attention_ops import hstu_attention
 
     leaves = {n: inputs[n].detach().clone().requires_grad_(True) for n in ("q", "k", "v", "attn_bias")}
     out = hstu_attention(leaves["q"], leaves["k"], leaves["v"], inputs["seq_offsets"], inputs["max_seq_len"],

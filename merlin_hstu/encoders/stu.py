@@ -10,7 +10,7 @@ One STU layer on jagged tokens x [T, D] (reference-hstu.md §1.4):
 
 `valid` is the attention-mask spec: causal, `num_targets` (target-aware candidates: each sees the history and
 itself, never another candidate) and `contextual_seq_len` (a prefix that sees and is seen by the whole history);
-the op's docstring (merlin_hstu.kernels.hstu_attention) has the rules.
+the op's docstring (merlin_hstu.kernels.attention_ops) has the rules.
 
 rab is a per-layer relative bias, gathered from each layer's own tables at indices shared by all layers:
 
@@ -27,7 +27,7 @@ where the query or the key is a contextual token.  Two rules give tq (`QUERY_TIM
 
 `STUStack` runs the layers over one batch and does the per-forward work once for all of them: the bias indices
 (positions, time buckets, the contextual keep mask) and the attention plan (the resolved kernel and, on the
-padded PyTorch path, the [B, W, W] validity mask; `merlin_hstu.kernels.hstu_attention.plan_hstu_attention`).
+padded PyTorch path, the [B, W, W] validity mask; `merlin_hstu.kernels.attention_ops.plan_hstu_attention`).
 Its `cached_forward` encodes R new tokens of one sequence against a per-layer KV cache (M-FALCON's prefill,
 scoring and update): rows are independent sums (no softmax), so the new rows equal the full forward's rows.
 
@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from merlin_hstu.kernels.bucket_gather import bucket_gather
 from merlin_hstu.kernels.dispatch import validate_kernel
-from merlin_hstu.kernels.hstu_attention import (
+from merlin_hstu.kernels.attention_ops import (
     HSTUAttentionPlan,
     hstu_attention_rows,
     hstu_attention_with_plan,

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from merlin_hstu.encoders.stu import HSTUEncoderConfig, LayerKVCache, STULayer, STUStack, TokenMeta
 from merlin_hstu.kernels.dispatch import validate_kernel
-from merlin_hstu.kernels.hstu_attention import jagged_to_padded
+from merlin_hstu.kernels.attention_ops import jagged_to_padded
 from merlin_hstu.ranking.batch import RankingBatch, RankingTask, multitask_loss
 from merlin_hstu.ranking.stochastic_length import StochasticLength, StochasticLengthConfig
 
