@@ -17,7 +17,7 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt \
 	    merlin-core nvtabular transformers4rec merlin-dataloader merlin-models merlin-systems \
-	    "tritonclient[http,grpc]" nvidia-pytriton fbgemm-gpu-cpu pyre-extensions tensordict \
+	    "tritonclient[http,grpc]" nvidia-pytriton fbgemm-gpu-cpu pyre-extensions tensordict onnx onnxruntime \
 	    pytest pyyaml tqdm matplotlib nbformat nbclient ipykernel
 	$(PIP) install -q --no-deps torchrec==1.8.0 triton==3.9.0
 	$(PIP) install -q --no-deps -e .

@@ -593,4 +593,7 @@ def test_killed_launcher_takes_tritonserver_and_its_temp_folder_with_it(tmp_path
         assert not http_ready(handle["http"])
         port = int(handle["http"].rsplit(":", 1)[1])
         with socket.socket() as s:
+            # SO_REUSEADDR as servers bind (tritonserver does): TIME_WAIT connections of the probes above do not
+            # count, a live listener still does
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))  # free again

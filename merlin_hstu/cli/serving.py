@@ -52,6 +52,10 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
     p.add_argument("--instances", type=int, default=2,
                    help="instances of the model that runs the graph (retrieval: the batched model; default: 2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing repository")
+    p.add_argument("--format", choices=["triton", "onnx"], default="triton",
+                   help="triton (default): a Triton model repository (workflow + TorchScript, what `serve` loads); "
+                        "onnx: the model graphs as .onnx files checked with onnxruntime, plus the fitted workflow "
+                        "and onnx.json (docs/onnx.md)")
     g = p.add_argument_group("retrieval runs only")
     g.add_argument("--top-k", type=int, help="default K of a request (default: 10)")
     g.add_argument("--keep-history", action="store_true",
@@ -135,6 +139,8 @@ def cmd_export(args) -> int:
         given = [flag for dest, flag in RETRIEVAL_EXPORT_FLAGS.items() if getattr(args, dest) not in (None, False)]
         if given:
             raise ValueError(f"{', '.join(given)} apply to retrieval runs only; {args.run} is a {task} run")
+    if args.format == "onnx":
+        return _export_onnx(args, task)
     retrieval = {k: v for k, v in (("top_k", args.top_k), ("entry_instances", args.entry_instances)) if v is not None}
     config = ExportConfig(model_name=args.name, instances=args.instances, exclude_history=not args.keep_history,
                           prune_unused_inputs=not args.keep_unused_inputs, **retrieval)
@@ -164,6 +170,28 @@ def cmd_export(args) -> int:
               f"({contract['integer_columns'][0]}..), {len(contract['categorical_columns'])} categorical "
               f"({contract['categorical_columns'][0]}..); answer: {contract['output']}")
     print(f"serve it with: merlin-hstu serve --repo {repo}")
+    return 0
+
+
+def _export_onnx(args, task: str) -> int:
+    from merlin_hstu.serving.onnx_export import export_onnx_run
+
+    triton_only = {"--top-k": args.top_k, "--keep-history": args.keep_history,
+                   "--keep-unused-inputs": args.keep_unused_inputs, "--entry-instances": args.entry_instances,
+                   "--name": args.name}
+    given = [flag for flag, value in triton_only.items() if value not in (None, False)]
+    if given:
+        raise ValueError(f"{', '.join(given)} configure a Triton repository; drop them with --format onnx")
+    out = export_onnx_run(args.run, args.output, data=args.data, overwrite=args.overwrite)
+    manifest = json.loads((out / "onnx.json").read_text())
+    print(f"exported the {task} run {args.run} as ONNX -> {out}")
+    for name, graph in manifest["graphs"].items():
+        inputs = ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in graph["inputs"])
+        outputs = ", ".join(f"{o['name']} {o['dtype']}{o['shape']}" for o in graph["outputs"])
+        print(f"  {graph['file']}: {inputs} -> {outputs}; onnxruntime == PyTorch to "
+              f"{graph['max_abs_diff_vs_pytorch']:.1e}")
+    if manifest.get("workflow"):
+        print(f"  workflow/: the fitted NVTabular workflow (raw rows -> the graphs' encoded inputs)")
     return 0
 
 

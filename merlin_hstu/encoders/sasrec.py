@@ -110,6 +110,7 @@ class SASRecBlock(nn.Module):
     def __init__(self, config: SASRecEncoderConfig):
         super().__init__()
         self.eps = config.layer_norm_eps
+        self.dim = (config.embedding_dim,)  # ints, not x.shape: a traced shape is not ONNX-exportable here
         self.attention = nn.MultiheadAttention(
             config.embedding_dim, config.num_heads, dropout=config.dropout, bias=True, batch_first=True
         )
@@ -118,7 +119,7 @@ class SASRecBlock(nn.Module):
     def forward(self, x: torch.Tensor, causal_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """x [B, W, D]; causal_mask [W, W] bool, True where attention is forbidden (j > i);
         valid [B, W, 1] in x's dtype.  Returns [B, W, D] with padded rows zero."""
-        dim = (x.shape[-1],)
+        dim = self.dim
         q = F.layer_norm(x, dim, eps=self.eps)
         a, _ = self.attention(q, x, x, attn_mask=causal_mask, need_weights=False)
         z = F.layer_norm(q + a, dim, eps=self.eps)

@@ -340,12 +340,12 @@ class STULayer(nn.Module):
     def project(self, x: Tensor):
         """x [T, D] -> u, v [T, H*dv] and q, k [T, H*dqk]: SiLU(LayerNorm(x) @ W_uvqk), split u|v|q|k."""
         h, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
-        xn = F.layer_norm(x, (x.shape[-1],), eps=self.config.layer_norm_eps)
+        xn = F.layer_norm(x, (self.config.embedding_dim,), eps=self.config.layer_norm_eps)  # an int: ONNX-exportable
         return torch.split(F.silu(xn @ self.uvqk), [h * dv, h * dv, h * dqk, h * dqk], dim=-1)
 
     def finish(self, x: Tensor, u: Tensor, attn: Tensor) -> Tensor:
         """x [T, D], u and attn [T, H*dv] -> x + Linear_o(Dropout(u * LayerNorm(attn)))."""
-        y = u * F.layer_norm(attn, (attn.shape[-1],), eps=self.config.layer_norm_eps)
+        y = u * F.layer_norm(attn, (self.num_heads * self.linear_dim,), eps=self.config.layer_norm_eps)
         return x + self.output(self.dropout(y))
 
 

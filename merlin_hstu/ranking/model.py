@@ -295,8 +295,11 @@ class DlrmHSTU(nn.Module):
 
     def action_vectors(self, actions: Tensor) -> Tensor:
         """[L] bitmasks -> [L, bits * a]: concat over bits of [bit set] * E_action[bit]."""
-        bits = torch.arange(self.num_action_bits, device=actions.device)
-        present = ((actions.long().unsqueeze(1) >> bits) & 1).to(self.action_embedding.dtype)  # [L, bits]
+        # bit b of a (non-negative) mask is floor(mask / 2^b) mod 2; written arithmetically because ONNX has no
+        # bitwise AND on integers
+        powers = 2 ** torch.arange(self.num_action_bits, device=actions.device)
+        present = (torch.div(actions.long().unsqueeze(1), powers, rounding_mode="floor") % 2).to(
+            self.action_embedding.dtype)  # [L, bits]
         return (present.unsqueeze(2) * self.action_embedding).flatten(1)
 
     def history_tokens(self, item_ids: Tensor, actions: Tensor) -> Tensor:
