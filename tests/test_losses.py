@@ -287,3 +287,29 @@ def test_bench_flags_select_the_objective_and_reject_bad_combinations(tmp_path, 
                                  "--variants", "dot-sampled,dot-bce", "--output", str(tmp_path / "heads")]) == 0
     rows = json.loads((tmp_path / "heads" / "heads.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["dot-sampled", "dot-bce"] and rows[0]["ratio"] == 1.0
+
+
+def test_bench_summary_prints_stored_reference_times_as_anchors_never_as_a_ratio():
+    """A ratio printed by `bench` must be of two figures measured in that run: the reference implementation's
+    stored step times are shown with their provenance and no ratio is taken against them."""
+    import argparse
+
+    from merlin_hstu.bench.retrieval import REFERENCE_STEP_ANCHORS, summarize
+    from merlin_hstu.retrieval.config import load_config
+
+    cfg = load_config("hstu-large-ml1m")
+    metrics = {"hr@10": 0.07, "ndcg@10": 0.035}
+    runs = [{"seed": s, "metrics": metrics, "most_popular": metrics, "seconds_per_step_median": 1.0 + s,
+             "epoch_seconds": [30.0], "eval_seconds": 9.0} for s in (0, 1)]
+    args = argparse.Namespace(dataset="ml-1m-prefix", model="hstu-large-ml1m", epochs=3, seeds=2, no_epoch_eval=False,
+                              max_steps=None, threads=2, overrides=[], loss=None, negatives=None, num_negatives=None,
+                              temperature=None, similarity=None)
+    from merlin_hstu.bench.retrieval import machine_info
+
+    record = summarize(runs, cfg, "ml-1m-prefix", machine_info(), args)
+    text = record["markdown"]
+    anchor = REFERENCE_STEP_ANCHORS["hstu-large-ml1m"]
+    assert f"{anchor['reference_s_per_step']} s/step" in text and "stored anchor, not measured in this run" in text
+    assert "2026-12-02" in text and "ratio " not in text.replace("no ratio is taken", "").replace("for a ratio", "")
+    assert record["timing"]["seconds_per_step"] == 1.5
+    assert record["reference_anchor"]["source"].startswith("measured side by side")
