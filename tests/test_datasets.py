@@ -24,6 +24,7 @@ from merlin_hstu.workflows.datasets import (
 )
 from merlin_hstu.workflows.session_workflow import (
     CANDIDATES_FILE,
+    DATA_REPORT_FILE,
     EventLogError,
     SessionWorkflowConfig,
     load_item_id_mapping,
@@ -377,7 +378,7 @@ def test_raw_ids_with_a_larger_catalogue(tmp_path):
     df = result.to_pandas()
     assert as_dict(df) == {1: [4, 7, 10], 2: [4, 12]}  # raw ids in time order (ties: file order)
     assert result.candidate_ids().tolist() == catalogue
-    assert sorted(os.listdir(tmp_path / "out")) == [CANDIDATES_FILE, "processed", "workflow"]
+    assert sorted(os.listdir(tmp_path / "out")) == [CANDIDATES_FILE, DATA_REPORT_FILE, "processed", "workflow"]
     assert roles.embedding_table_size(result.schema, roles.ITEM_LIST) == 21  # catalogue max 20 + 1
     assert roles.action_token_offset(result.schema) == 21
     for items, tokens in zip(df[roles.ITEM_LIST], df[roles.INTERLEAVED_LIST]):

@@ -407,7 +407,7 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert (target / "keep.txt").exists()
     result = preprocess(hand_log(), target, HAND_CONFIG, overwrite=True)
     assert _leftovers(tmp_path) == ["out"]
-    assert sorted(os.listdir(target)) == ["candidates.parquet", "processed", "workflow"]
+    assert sorted(os.listdir(target)) == ["candidates.parquet", "data_report.json", "processed", "workflow"]
     assert result.num_rows == 3
 
 

@@ -50,7 +50,9 @@ import numpy as np
 import pandas as pd
 
 from merlin_hstu.workflows.session_workflow import (
+    ORIGIN_ATTR,
     EventLogError,
+    LogOrigin,
     ProcessedDataset,
     SessionWorkflowConfig,
     preprocess,
@@ -469,32 +471,81 @@ def read_s3rec_sequences(path: Path) -> pd.DataFrame:
     """S3-Rec sequence file: one line per user, `user_id item_1 item_2 ...` (space-separated, chronological).
 
     Returns one event row per item in list order (user_id, item_id); there are no ratings or timestamps.
+    Strict (the published files): integer ids, a user id and at least one item on every line.
     """
-    users: List[int] = []
-    items: List[int] = []
-    seen = set()
-    for number, line in _lines(path, "utf-8"):
-        tokens = line.split()
-        if len(tokens) < 2:
+    frame, _, _ = _parse_sequences(Path(path), user_ids=True, strict=True)
+    return frame
+
+
+def read_sequence_file(path: PathLike, user_ids: Optional[bool] = None, columns: Tuple[str, str] = (USER, ITEM),
+                       user_ids_flag: str = "--sequence-user-ids") -> Tuple[pd.DataFrame, np.ndarray, str]:
+    """A user's sequence-per-line text file: `user item item ...` or `item item ...` (whitespace-separated).
+
+    `user_ids`: True, the first token of a line is its user id; False, the line number (1-based) is the id;
+    None, detect it: user ids when every line has two or more tokens and the first tokens are all distinct (the
+    S3-Rec convention), else line numbers. Ids are int64 when every token is an integer that fits int64, else
+    strings. Returns (events in list order with `columns` = (id, item), the file line of every event, a note
+    saying how the file was read).
+    """
+    return _parse_sequences(Path(path), user_ids=user_ids, strict=False, columns=columns, flag=user_ids_flag)
+
+
+def _parse_sequences(path: Path, user_ids: Optional[bool], strict: bool, columns: Tuple[str, str] = (USER, ITEM),
+                     flag: str = "--sequence-user-ids") -> Tuple[pd.DataFrame, np.ndarray, str]:
+    rows = [(number, line.split()) for number, line in _lines(path, "utf-8")]
+    if not rows:
+        raise DatasetFormatError(f"{path}: the file holds no sequences (it is empty). Fix: pass a file with one "
+                                 "sequence per line, `user item item ...`.")
+    how = "the first token of each line is its user id" if user_ids else "the line number is the user id"
+    if user_ids is None:
+        firsts = [tokens[0] for _, tokens in rows]
+        user_ids = all(len(tokens) >= 2 for _, tokens in rows) and len(set(firsts)) == len(firsts)
+        how = (f"the first token of each line is read as its user id (every line has 2+ tokens and the first ones "
+               f"are distinct); pass {flag} no if it is an item" if user_ids else
+               f"the line number is the user id (the first tokens repeat or a line has one token); pass {flag} yes "
+               "if the first token is a user id")
+    users: List = []
+    items: List = []
+    lines: List[int] = []
+    seen: Dict = {}
+    for number, tokens in rows:
+        if user_ids and len(tokens) < 2:
             raise DatasetFormatError(
-                f"{path}, line {number}: expected 'user_id item_id [item_id ...]' (space-separated), "
-                f"found {line[:120]!r}{_separator_hint(line)}"
+                f"{path}, line {number}: expected 'user_id item_id [item_id ...]' (space-separated), found "
+                f"{' '.join(tokens)[:120]!r}{_separator_hint(' '.join(tokens))}"
+                + ("" if strict else f". Fix: {flag} no if the lines hold items only")
             )
-        try:
-            values = [int(t) for t in tokens]
-        except ValueError:
-            bad = next(t for t in tokens if not t.lstrip("-").isdigit())
-            raise DatasetFormatError(
-                f"{path}, line {number}: ids must be integers separated by spaces, got {bad!r}{_separator_hint(line)}"
-            ) from None
-        if values[0] in seen:
-            raise DatasetFormatError(f"{path}, line {number}: user {values[0]} already had a line; one line per user")
-        seen.add(values[0])
-        users.extend([values[0]] * (len(values) - 1))
-        items.extend(values[1:])
-    if not users:
-        raise DatasetFormatError(f"{path}: the file holds no sequences")
-    return _event_frame(np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64))
+        if strict:
+            bad = next((t for t in tokens if not t.lstrip("-").isdigit()), None)
+            if bad is not None:
+                raise DatasetFormatError(f"{path}, line {number}: ids must be integers separated by spaces, got "
+                                         f"{bad!r}{_separator_hint(' '.join(tokens))}")
+        user = tokens[0] if user_ids else str(number)
+        if user_ids:
+            if user in seen:
+                raise DatasetFormatError(
+                    f"{path}, line {number}: user {user} already had a line (line {seen[user]}); one line per user"
+                    + ("" if strict else f". Fix: merge the two lines, or {flag} no if the first token is an item")
+                )
+            seen[user] = number
+        body = tokens[1:] if user_ids else tokens
+        users.extend([user] * len(body))
+        items.extend(body)
+        lines.extend([number] * len(body))
+    frame = pd.DataFrame({columns[0]: _sequence_ids(users), columns[1]: _sequence_ids(items)})
+    note = f"{path}: sequence-per-line file, {len(rows):,} lines; {how}"
+    return frame, np.asarray(lines, dtype=np.int64), note
+
+
+def _sequence_ids(tokens: List[str]) -> np.ndarray:
+    """int64 when every token is an integer that fits int64, else the tokens as strings."""
+    try:
+        values = np.asarray([int(t) for t in tokens], dtype=object)
+    except ValueError:
+        return np.asarray(tokens, dtype=object)
+    if len(values) and (max(values) > np.iinfo(np.int64).max or min(values) < np.iinfo(np.int64).min):
+        return np.asarray(tokens, dtype=object)
+    return values.astype(np.int64)
 
 
 def _catalogue_frame(rows, extra: Sequence[str], path: Path) -> pd.DataFrame:
@@ -774,13 +825,33 @@ def preprocess_dataset(
     overwrite: bool = False,
     *,
     check_counts: bool = True,
+    max_history_chosen_by: Optional[str] = None,
 ) -> ProcessedDataset:
     """Load dataset `name` and run the session workflow with its id policy, candidate pool and filters.
 
-    Output as `session_workflow.preprocess`: output_dir/{processed/, workflow/, candidates.parquet}.
+    Output as `session_workflow.preprocess`: output_dir/{processed/, workflow/, candidates.parquet,
+    data_report.json}.
     """
     loaded = load_dataset(name, input_dir, check_counts=check_counts)
-    return preprocess(
-        loaded.events, output_dir, loaded.workflow_config(max_length), overwrite=overwrite,
-        candidates=loaded.candidates,
-    )
+    return preprocess_loaded(loaded, output_dir, max_length, overwrite=overwrite,
+                             max_history_chosen_by=max_history_chosen_by)
+
+
+def preprocess_loaded(loaded: LoadedDataset, output_dir: PathLike, max_length: int = DEFAULT_MAX_LENGTH,
+                      overwrite: bool = False, *, max_history_chosen_by: Optional[str] = None) -> ProcessedDataset:
+    """`preprocess_dataset` for a dataset already loaded (e.g. to size max_length from its lengths first)."""
+    from merlin_hstu.workflows.session_workflow import load_event_log
+
+    config = loaded.workflow_config(max_length)
+    events = loaded.events.copy(deep=False)
+    source = ", ".join(str(f) for f in loaded.files)
+    events.attrs = {ORIGIN_ATTR: LogOrigin(source, "dataframe")}
+    extra = {"dataset": loaded.name}
+    if loaded.filter_counts:
+        c = loaded.filter_counts
+        extra["dropped"] = {"count_filter": {
+            "events": c["events_in"] - c["events_kept"], "users": c["users_in"] - c["users_kept"],
+            "items": c["items_in"] - c["items_kept"], "how": "the dataset's 5-core filter (datasets.md)"}}
+        extra["in"] = {"sequences": c["users_in"], "events": c["events_in"]}  # as read, before that filter
+    return preprocess(load_event_log(events, config), output_dir, config, overwrite=overwrite,
+                      candidates=loaded.candidates, max_history_chosen_by=max_history_chosen_by, report_extra=extra)

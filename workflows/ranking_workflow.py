@@ -378,7 +378,8 @@ def _session_config(config: RankingWorkflowConfig) -> SessionWorkflowConfig:
     """The session-workflow view of the id / item / time columns, to reuse its readers and checks."""
     return SessionWorkflowConfig(id_column=config.user_column, item_column=config.item_column, action_column=None,
                                  timestamp_column=config.timestamp_column, csv_separator=config.csv_separator,
-                                 item_encoding=config.item_encoding)
+                                 item_encoding=config.item_encoding,
+                                 cli_flags={"id_column": "--user-column", "drop_nulls": None, "input_format": None})
 
 
 def read_ranking_log(path: PathLike, config: RankingWorkflowConfig) -> pd.DataFrame:

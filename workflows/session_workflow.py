@@ -62,15 +62,17 @@ from __future__ import annotations
 import bz2
 import gzip
 import io
+import json
 import lzma
 import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -111,12 +113,26 @@ _COMPRESSION_SUFFIXES = {".gz", ".xz", ".bz2", ".zst"}
 
 
 class EventLogError(ValueError):
-    """The raw event log cannot be processed; the message names the column and the fix."""
+    """The raw event log cannot be processed; the message names the file, the column, the row as the user counts
+    it, the offending value and the fix (the CLI flag first, the Python equivalent after it)."""
+
+
+#: the CLI flag of each setting, for the "Fix:" of error messages. `SessionWorkflowConfig.cli_flags` overrides
+#: entries for commands that spell them differently (preprocess-ranking: --user-column; demo: --data).
+CLI_FLAGS = {
+    "input": "--input", "id_column": "--id-column", "item_column": "--item-column",
+    "action_column": "--action-column", "timestamp_column": "--timestamp-column", "min_length": "--min-length",
+    "max_length": "--max-history", "csv_separator": "--separator", "drop_nulls": "--drop-nulls",
+    "input_format": "--input-format", "sequence_user_ids": "--sequence-user-ids",
+}
+INPUT_FORMATS = ("auto", "events", "sessions", "sequences")
+_ROLE_NAMES = {"id_column": "id", "item_column": "item id", "action_column": "action",
+               "timestamp_column": "timestamp"}
 
 
 @dataclass
 class SessionWorkflowConfig:
-    """How raw log columns map to roles, and the sequence limits."""
+    """How raw log columns map to roles, how the file is read, and the sequence limits."""
 
     id_column: str = "user_id"  # user or session id column of the raw log
     id_kind: str = "user"  # "user" -> Tags.USER_ID, "session" -> Tags.SESSION_ID
@@ -128,6 +144,10 @@ class SessionWorkflowConfig:
     interleave_actions: bool = False
     csv_separator: Optional[str] = None  # None: sniffed from the CSV header line
     item_encoding: str = "categorify"  # "categorify" (0 pad, 1 null, 2 OOV, items 3..) or "raw" (ids >= 1 kept)
+    drop_nulls: bool = False  # drop events with an empty id / item / action / timestamp (counted), else an error
+    input_format: str = "auto"  # auto | events (CSV/Parquet rows) | sessions (Merlin layout) | sequences (text)
+    sequence_user_ids: Optional[bool] = None  # sequences: is the first token of a line its user id? None: detect
+    cli_flags: Optional[Dict[str, str]] = field(default=None, compare=False, repr=False)  # CLI_FLAGS overrides
 
     def __post_init__(self) -> None:
         if self.item_encoding not in ITEM_ENCODINGS:
@@ -136,9 +156,12 @@ class SessionWorkflowConfig:
             )
         if self.id_kind not in ("user", "session"):
             raise ValueError(f"SessionWorkflowConfig.id_kind must be 'user' or 'session', got {self.id_kind!r}")
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"SessionWorkflowConfig.input_format must be one of {INPUT_FORMATS} "
+                             f"({self.flag('input_format')}), got {self.input_format!r}")
         for name in ("id_column", "item_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"SessionWorkflowConfig.{name} must be a non-empty column name")
+                raise ValueError(f"SessionWorkflowConfig.{name} must be a non-empty column name ({self.flag(name)})")
         for name in ("max_length", "min_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -147,7 +170,9 @@ class SessionWorkflowConfig:
             raise ValueError("SessionWorkflowConfig.interleave_actions=True needs action_column (it is None)")
         raw = [c for c in (self.id_column, self.item_column, self.action_column, self.timestamp_column) if c]
         if len(set(raw)) != len(raw):
-            raise ValueError(f"SessionWorkflowConfig columns must be distinct, got {raw}")
+            raise ValueError(f"SessionWorkflowConfig columns must be distinct, got {raw} (flags "
+                             f"{self.flag('id_column')}, {self.flag('item_column')}, {self.flag('action_column')}, "
+                             f"{self.flag('timestamp_column')})")
         reserved = {ITEM_BASE, ACTION_BASE, TIME_BASE, roles.ITEM_LIST, roles.ACTION_LIST,
                     roles.TIMESTAMP_LIST, roles.LENGTH, roles.INTERLEAVED_LIST}
         if self.id_column in reserved:
@@ -160,6 +185,10 @@ class SessionWorkflowConfig:
     def id_role(self) -> str:
         return roles.ROLE_USER_ID if self.id_kind == "user" else roles.ROLE_SESSION_ID
 
+    def flag(self, setting: str) -> str:
+        """The CLI flag of a setting (a field name, or "input"), for error messages."""
+        return (self.cli_flags or {}).get(setting, CLI_FLAGS.get(setting, setting))  # None: the command has none
+
     def role_columns(self) -> List[Tuple[str, str]]:
         """(config field, raw column) for every configured role, id first."""
         pairs = [("id_column", self.id_column), ("item_column", self.item_column)]
@@ -171,61 +200,291 @@ class SessionWorkflowConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# where rows come from (for messages that name the row as the user counts it)
+# ---------------------------------------------------------------------------------------------------------
+ORIGIN_ATTR = "merlin_hstu_origin"  # DataFrame.attrs key: the LogOrigin of a frame read by read_event_log
+NOTES_ATTR = "merlin_hstu_notes"  # DataFrame.attrs key: notes on what reading did (ids read as strings, ...)
+
+
+class LogOrigin:
+    """Names the rows and columns of an event-log frame as the user sees them in the file.
+
+    events CSV: "line N" (1-based, the header is line 1; blank lines counted as in the file); Parquet: "row N"
+    (1-based, with pandas' 0-based index); Merlin session layout: "session KEY (row N), list item M" and the list
+    column (`item_id_list_seq`), not the exploded one; sequence text: "line N"; a DataFrame: its index label.
+    Row arguments are index labels of the frame `read_event_log` returned (its RangeIndex).
+    """
+
+    def __init__(self, source: str, layout: str, *, path: Optional[Path] = None, parts=None, lines=None,
+                 sessions: Optional[dict] = None):
+        self.source, self.layout, self.path = source, layout, path
+        self.parts = parts  # Parquet folder: [(file name, first row)]
+        self.lines = lines  # sequences: file line of every event
+        self.sessions = sessions  # sessions: base origin, session row / list position of every event, columns
+        self._csv_lines: Optional[np.ndarray] = None
+
+    @classmethod
+    def of(cls, df: pd.DataFrame) -> "LogOrigin":
+        origin = df.attrs.get(ORIGIN_ATTR)
+        return origin if isinstance(origin, LogOrigin) else cls("the DataFrame", "dataframe")
+
+    def column(self, col: str) -> str:
+        """The column's name in the input (the session layout's list column for an exploded column)."""
+        if self.sessions is not None:
+            return self.sessions["columns"].get(col, col)
+        return col
+
+    def where(self, label, col: Optional[str] = None) -> str:
+        if self.sessions is not None:
+            s = self.sessions
+            base = s["base"].where(s["row"][label])
+            text = f"session {_short(s['keys'][label])} ({base})"
+            if col is None or col in s["list_columns"]:
+                text += f", list item {int(s['pos'][label]) + 1}"
+            return text
+        if self.layout == "csv":
+            line = self._csv_line(int(label))
+            return f"line {line}" if line is not None else f"data row {int(label) + 1}"
+        if self.layout == "parquet":
+            if self.parts:
+                starts = [start for _, start in self.parts]
+                k = int(np.searchsorted(starts, int(label), side="right")) - 1
+                name, start = self.parts[k]
+                return f"{name} row {int(label) - start + 1} (0-based {int(label) - start})"
+            return f"row {int(label) + 1} (0-based {int(label)})"
+        if self.layout == "sequences" and self.lines is not None:
+            return f"line {int(self.lines[int(label)])}"
+        return f"row {label!r}"
+
+    def _csv_line(self, row: int) -> Optional[int]:
+        """1-based file line of data row `row` (pandas skips blank lines; the header is the first line)."""
+        if self._csv_lines is None:
+            try:
+                with _open_text(self.path) as handle:
+                    numbers = [n for n, line in enumerate(handle, start=1) if line.strip()]
+            except (OSError, EOFError, ValueError, ImportError):
+                return None
+            self._csv_lines = np.asarray(numbers[1:], dtype=np.int64)
+        return int(self._csv_lines[row]) if 0 <= row < len(self._csv_lines) else None
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value.item() if isinstance(value, np.generic) else value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _error(origin: LogOrigin, col: str, fld: str, problem: str, fix: str) -> EventLogError:
+    role = _ROLE_NAMES.get(fld, fld)
+    return EventLogError(f"{origin.source}: column {origin.column(col)!r} ({role}) {problem}. Fix: {fix}.")
+
+
+def _drop_nulls_fix(config: SessionWorkflowConfig, what: str, otherwise: str) -> str:
+    flag = config.flag("drop_nulls")
+    if flag is None:  # the command has no such flag (preprocess-ranking)
+        return otherwise
+    return (f"{flag} to drop {what} (they are counted in data_report.json), or {otherwise} "
+            "(Python: SessionWorkflowConfig.drop_nulls=True)")
+
+
+def _note(df: pd.DataFrame, text: str) -> None:
+    df.attrs.setdefault(NOTES_ATTR, []).append(text)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------------------
 def read_event_log(
     path_or_df: Union[PathLike, pd.DataFrame], config: Optional[SessionWorkflowConfig] = None
 ) -> pd.DataFrame:
-    """Load an event log (CSV / Parquet / DataFrame); a Merlin session layout is exploded to events."""
+    """Load an event log (CSV / Parquet / sequence text / DataFrame) as one row per event.
+
+    A Merlin session layout is exploded to events; a sequence-per-line text file (`detect_input_format`) becomes
+    (id, item) rows in list order. Id columns that do not fit int64 are read as strings (a note says so). The
+    frame's `attrs` carry its `LogOrigin` (for error messages) and the notes.
+    """
     config = config or SessionWorkflowConfig()
     if isinstance(path_or_df, pd.DataFrame):
-        df = path_or_df
+        df = path_or_df.copy(deep=False)
+        df.attrs = {ORIGIN_ATTR: LogOrigin.of(path_or_df), NOTES_ATTR: list(path_or_df.attrs.get(NOTES_ATTR, []))}
     elif isinstance(path_or_df, (str, os.PathLike)):
-        df = _read_file(Path(path_or_df), config)
+        path = Path(path_or_df)
+        if detect_input_format(path, config) == "sequences":
+            df = _read_sequences(path, config)
+        else:
+            df = _read_file(path, config)
     else:
         raise EventLogError(
             f"read_event_log takes a path or a pandas DataFrame, got {type(path_or_df).__name__}"
         )
-    if is_merlin_session_layout(df):
+    if config.input_format == "sessions" and not is_merlin_session_layout(df):
+        raise EventLogError(
+            f"{LogOrigin.of(df).source}: {config.flag('input_format')} sessions, but there is no "
+            f"{MERLIN_SESSION_ITEMS!r} column (columns: {list(df.columns)}). Fix: {config.flag('input_format')} "
+            "events for one row per event."
+        )
+    if config.input_format != "events" and is_merlin_session_layout(df):
         df = merlin_sessions_to_event_log(df, config)
-    return df
+    return _wide_ids_as_strings(df, config)
 
 
-def _read_file(path: Path, config: SessionWorkflowConfig) -> pd.DataFrame:
-    if not path.exists():
-        raise EventLogError(f"event log {str(path)!r} does not exist")
-    if path.is_dir():  # e.g. an NVTabular output: part_*.parquet next to schema.pbtxt / _metadata
-        parts = sorted(path.glob("*.parquet"), key=lambda p: (len(p.name), p.name))
-        if not parts:
-            raise EventLogError(f"directory {str(path)!r} holds no *.parquet files")
-        return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+def detect_input_format(path: PathLike, config: Optional[SessionWorkflowConfig] = None) -> str:
+    """events | sessions | sequences for a file or folder (config.input_format unless "auto").
+
+    Auto: a text file (.txt/.csv/.tsv, optionally compressed) whose first line holds two or more integers
+    separated by spaces only, with no , ; | or TAB, is a sequence-per-line file (`user item item ...`); Parquet
+    with an `item_id_list_seq` column is the Merlin session layout (known only once read: "events" here).
+    """
+    config = config or SessionWorkflowConfig()
+    if config.input_format != "auto":
+        return config.input_format
+    path = Path(path)
+    if not path.is_file() or _file_kind(path) not in _CSV_SUFFIXES:
+        return "events"
+    try:
+        with _open_text(path) as handle:
+            first = next((line for line in handle if line.strip()), "")
+    except (OSError, EOFError, ValueError, ImportError):
+        return "events"  # the reader reports it with the file name
+    tokens = first.split()
+    if any(sep in first for sep in (",", ";", "|", "\t")) or len(tokens) < 2:
+        return "events"
+    return "sequences" if all(t.lstrip("-").isdigit() for t in tokens) else "events"
+
+
+def _file_kind(path: Path) -> str:
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in _COMPRESSION_SUFFIXES:
         suffixes = suffixes[:-1]
-    kind = suffixes[-1] if suffixes else ""
+    return suffixes[-1] if suffixes else ""
+
+
+def _open_text(path: Path):
+    """The (decompressed) text of a file; errors="replace" so that a sniff never fails on encoding."""
+    openers = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+    suffix = Path(path).suffix.lower()
+    if suffix == ".zst":
+        import zstandard  # noqa: F401  (ImportError: the caller names the fix)
+
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
+    else:
+        raw = openers.get(suffix, open)(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
+
+
+def _read_error(path: Path, what: str, error: BaseException, fix: str) -> EventLogError:
+    detail = " ".join(str(error).replace("'<Buffer>'", "").split()) or type(error).__name__
+    return EventLogError(f"{path}: {what} ({type(error).__name__}: {detail}). Fix: {fix}.")
+
+
+def _read_file(path: Path, config: SessionWorkflowConfig) -> pd.DataFrame:
+    flag = config.flag("input")
+    if not path.exists():
+        raise EventLogError(f"event log {str(path)!r} does not exist. Fix: pass the path of the log to {flag}.")
+    if path.is_dir():  # e.g. an NVTabular output: part_*.parquet next to schema.pbtxt / _metadata
+        files = sorted(path.glob("*.parquet"), key=lambda p: (len(p.name), p.name))
+        if not files:
+            raise EventLogError(f"directory {str(path)!r} holds no *.parquet files. Fix: pass a CSV / Parquet "
+                                f"file or a folder of Parquet files to {flag}.")
+        frames, parts, start = [], [], 0
+        for part in files:
+            frames.append(_read_parquet(part, config))
+            parts.append((str(part), start))
+            start += len(frames[-1])
+        df = pd.concat(frames, ignore_index=True)
+        df.attrs = {ORIGIN_ATTR: LogOrigin(str(path), "parquet", path=path, parts=parts), NOTES_ATTR: []}
+        return df
+    kind = _file_kind(path)
     if kind in _PARQUET_SUFFIXES:
-        return pd.read_parquet(path)
+        df = _read_parquet(path, config)
+        df.attrs = {ORIGIN_ATTR: LogOrigin(str(path), "parquet", path=path), NOTES_ATTR: []}
+        return df
     if kind in _CSV_SUFFIXES:
-        sep = config.csv_separator or _sniff_separator(path)
-        return pd.read_csv(path, sep=sep)
+        df = _read_csv(path, config)
+        df.attrs = {ORIGIN_ATTR: LogOrigin(str(path), "csv", path=path), NOTES_ATTR: []}
+        return df
     raise EventLogError(
-        f"cannot tell the format of {str(path)!r}: use a .csv/.tsv/.txt (optionally .gz/.xz/.bz2/.zst), "
-        ".parquet file, a Parquet directory, or pass a pandas DataFrame"
+        f"cannot tell the format of {str(path)!r} from its name. Fix: name it .csv/.tsv/.txt (optionally "
+        f".gz/.xz/.bz2/.zst) or .parquet, pass a Parquet folder, or {config.flag('input_format')} sequences for a "
+        "sequence-per-line text file"
     )
 
 
-def _sniff_separator(path: Path) -> str:
+def _read_parquet(path: Path, config: SessionWorkflowConfig) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except Exception as error:  # pyarrow raises ArrowInvalid / OSError / ArrowNotImplementedError for bad files
+        raise _read_error(path, "not a readable Parquet file", error,
+                          "re-write the file (it may be truncated or not Parquet at all), or pass the log as "
+                          f"CSV to {config.flag('input')}") from None
+
+
+def _read_csv(path: Path, config: SessionWorkflowConfig) -> pd.DataFrame:
+    fix_sep = f"{config.flag('csv_separator')} SEP"
+    try:
+        sep = config.csv_separator or _sniff_separator(path, config)
+        with warnings.catch_warnings():
+            # index_col=False: pandas would otherwise turn a first field without a header name into the index
+            # (every column shifted by one, silently); with it, pandas warns that it drops the extra fields
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, sep=sep, index_col=False)
+    except pd.errors.ParserWarning:
+        raise EventLogError(f"{path}: the data lines have more fields than the header line. Fix: give every "
+                            "column a name in the header line (or remove the extra fields), or pass the separator "
+                            f"with {fix_sep}.") from None
+    except pd.errors.EmptyDataError:
+        raise EventLogError(f"{path}: the file is empty (not even a header line). Fix: pass an event log with a "
+                            f"header line and one line per event to {config.flag('input')}.") from None
+    except pd.errors.ParserError as error:
+        raise _read_error(path, "cannot be parsed as CSV", error,
+                          "every line needs as many fields as the header line; correct that line, or pass the "
+                          f"separator with {fix_sep}") from None
+    except UnicodeDecodeError as error:
+        raise EventLogError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at byte offset "
+                            f"{error.start}). Fix: re-save the file as UTF-8.") from None
+    except ImportError as error:
+        raise EventLogError(f"{path}: reading it needs a module that is not installed ({error}). Fix: decompress "
+                            "the file first (or install that module).") from None
+    except (EOFError, OSError, lzma.LZMAError, zlib.error) as error:
+        raise _read_error(path, "cannot be read (truncated or damaged compressed file?)", error,
+                          "re-create or re-download the file") from None
+
+
+def _sniff_separator(path: Path, config: SessionWorkflowConfig) -> str:
     """The most frequent of , ; TAB | in the header line (',' if none appears)."""
-    openers = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
-    suffix = path.suffix.lower()
-    if suffix == ".zst":
-        raise EventLogError(f"cannot sniff the separator of {str(path)!r}: set SessionWorkflowConfig.csv_separator")
-    opener = openers.get(suffix, open)
-    with opener(path, "rb") as raw:
-        header = io.TextIOWrapper(raw, encoding="utf-8", errors="replace").readline()
+    with _open_text(path) as handle:
+        header = handle.readline()
     counts = {sep: header.count(sep) for sep in (",", ";", "\t", "|")}
     best = max(counts, key=counts.get)
     return best if counts[best] > 0 else ","
+
+
+def _read_sequences(path: Path, config: SessionWorkflowConfig) -> pd.DataFrame:
+    """A sequence-per-line text file as (id, item) event rows in list order (no actions, no timestamps)."""
+    from merlin_hstu.workflows.datasets import read_sequence_file
+
+    for fld in ("action_column", "timestamp_column"):
+        if getattr(config, fld) is not None:
+            raise EventLogError(
+                f"{path} is a sequence-per-line file (user item item ...), which has no {_ROLE_NAMES[fld]}s, but "
+                f"{fld} is {getattr(config, fld)!r}. Fix: {config.flag('action_column')} none "
+                f"{config.flag('timestamp_column')} none (Python: SessionWorkflowConfig(action_column=None, "
+                "timestamp_column=None)), or name the file's layout with --input-format events"
+            )
+    if not path.is_file():
+        raise EventLogError(f"sequence file {str(path)!r} does not exist. Fix: pass the path of the file to "
+                            f"{config.flag('input')}.")
+    try:
+        frame, lines, note = read_sequence_file(path, user_ids=config.sequence_user_ids,
+                                                columns=(config.id_column, config.item_column),
+                                                user_ids_flag=config.flag("sequence_user_ids"))
+    except UnicodeDecodeError as error:
+        raise EventLogError(f"{path}: not UTF-8 text (byte offset {error.start}). Fix: re-save the file as UTF-8.") \
+            from None
+    except (EOFError, OSError, lzma.LZMAError, zlib.error) as error:
+        raise _read_error(path, "cannot be read (truncated or damaged compressed file?)", error,
+                          "re-create or re-download the file") from None
+    frame.attrs = {ORIGIN_ATTR: LogOrigin(str(path), "sequences", path=path, lines=lines), NOTES_ATTR: [note]}
+    return frame
 
 
 def is_merlin_session_layout(df: pd.DataFrame) -> bool:
@@ -237,8 +496,11 @@ def merlin_sessions_to_event_log(df: pd.DataFrame, config: SessionWorkflowConfig
     """Explode the Merlin session layout into one row per event, named after `config`'s columns.
 
     Every event of a session gets the session's `timestamp_first` (the layout has no per-event time);
-    list order is kept. Sessions with empty lists have no events and so produce no rows.
+    list order is kept. Sessions with empty lists have no events and so produce no rows. A null list is an error
+    (with `drop_nulls`: the session is dropped and counted); a null inside a list becomes a null event (an error
+    or, with `drop_nulls`, a dropped event), named by its session key and list position.
     """
+    base = LogOrigin.of(df)
     wanted = [(MERLIN_SESSION_ID, "id_column"), (MERLIN_SESSION_ITEMS, "item_column")]
     if config.action_column is not None:
         wanted.append((MERLIN_SESSION_EVENTS, "action_column"))
@@ -247,31 +509,57 @@ def merlin_sessions_to_event_log(df: pd.DataFrame, config: SessionWorkflowConfig
     missing = [(col, fld) for col, fld in wanted if col not in df.columns]
     if missing:
         fixes = [
-            f"set SessionWorkflowConfig.{fld}=None" if fld in ("action_column", "timestamp_column")
-            else "add it to the session Parquet"
-            for _, fld in missing
+            f"{config.flag(fld)} none (Python: SessionWorkflowConfig.{fld}=None)"
+            if fld in ("action_column", "timestamp_column") else f"add the column {col!r} to the file"
+            for col, fld in missing
         ]
         raise EventLogError(
-            f"Merlin session layout (found {MERLIN_SESSION_ITEMS!r}) is missing column(s) "
+            f"{base.source}: the Merlin session layout (found {MERLIN_SESSION_ITEMS!r}) is missing column(s) "
             f"{[c for c, _ in missing]} (columns present: {list(df.columns)}). Fix: {'; '.join(fixes)}."
         )
-    for list_col in [MERLIN_SESSION_ITEMS] + ([MERLIN_SESSION_EVENTS] if config.action_column else []):
+    list_columns = [MERLIN_SESSION_ITEMS] + ([MERLIN_SESSION_EVENTS] if config.action_column else [])
+    null_lists = np.zeros(len(df), dtype=bool)
+    for list_col in list_columns:
         nulls = df[list_col].isna().to_numpy()
-        if nulls.any():
+        if nulls.any() and not config.drop_nulls:
+            first = int(np.argmax(nulls))
             raise EventLogError(
-                f"column {list_col!r} has {int(nulls.sum())} null list(s) (first at row {int(np.argmax(nulls))}). "
-                "Fix: drop those sessions or store an empty list."
+                f"{base.source}: column {list_col!r} has {int(nulls.sum())} null list(s), the first at session "
+                f"{_short(df[MERLIN_SESSION_ID].iloc[first])} ({base.where(df.index[first])}). Fix: "
+                + _drop_nulls_fix(config, "such sessions", "store an empty list in the file") + "."
+            )
+        null_lists |= nulls
+    if null_lists.any():
+        _note(df, f"{base.source}: dropped {int(null_lists.sum())} session(s) whose {MERLIN_SESSION_ITEMS!r} or "
+                  f"{MERLIN_SESSION_EVENTS!r} is null ({config.flag('drop_nulls')})")
+        dropped_sessions = int(null_lists.sum())
+        df = df[~null_lists]
+    else:
+        dropped_sessions = 0
+    for list_col in list_columns:
+        not_list = np.fromiter((not _is_list_like(v) for v in df[list_col]), dtype=bool, count=len(df))
+        if not_list.any():
+            first = int(np.argmax(not_list))
+            raise EventLogError(
+                f"{base.source}: column {list_col!r} must hold a list per session, but session "
+                f"{_short(df[MERLIN_SESSION_ID].iloc[first])} ({base.where(df.index[first])}) holds "
+                f"{_short(df[list_col].iloc[first])}. Fix: write the column as a list column (one list per session)."
             )
     lengths = np.fromiter((len(v) for v in df[MERLIN_SESSION_ITEMS]), dtype=np.int64, count=len(df))
     if config.action_column is not None:
         event_lengths = np.fromiter((len(v) for v in df[MERLIN_SESSION_EVENTS]), dtype=np.int64, count=len(df))
         bad = np.flatnonzero(event_lengths != lengths)
         if len(bad):
+            first = int(bad[0])
             raise EventLogError(
-                f"columns {MERLIN_SESSION_ITEMS!r} and {MERLIN_SESSION_EVENTS!r} differ in length in "
-                f"{len(bad)} row(s) (first at row {int(bad[0])}: {lengths[bad[0]]} vs {event_lengths[bad[0]]}). "
-                "Fix: every item needs exactly one event name."
+                f"{base.source}: columns {MERLIN_SESSION_ITEMS!r} and {MERLIN_SESSION_EVENTS!r} differ in length at "
+                f"{len(bad)} session(s), the first session {_short(df[MERLIN_SESSION_ID].iloc[first])} "
+                f"({base.where(df.index[first])}): {lengths[first]} items vs {event_lengths[first]} event names. "
+                f"Fix: give every item exactly one event name, or {config.flag('action_column')} none to ignore the "
+                "event names."
             )
+    session_row = np.repeat(df.index.to_numpy(), lengths)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
     events = {
         config.id_column: np.repeat(df[MERLIN_SESSION_ID].to_numpy(), lengths),
         config.item_column: _flatten(df[MERLIN_SESSION_ITEMS]),
@@ -280,7 +568,23 @@ def merlin_sessions_to_event_log(df: pd.DataFrame, config: SessionWorkflowConfig
         events[config.action_column] = _flatten(df[MERLIN_SESSION_EVENTS])
     if config.timestamp_column is not None:
         events[config.timestamp_column] = np.repeat(df[MERLIN_SESSION_TIME].to_numpy(), lengths)
-    return pd.DataFrame(events)
+    out = pd.DataFrame(events)
+    columns = {config.id_column: MERLIN_SESSION_ID, config.item_column: MERLIN_SESSION_ITEMS}
+    if config.action_column is not None:
+        columns[config.action_column] = MERLIN_SESSION_EVENTS
+    if config.timestamp_column is not None:
+        columns[config.timestamp_column] = MERLIN_SESSION_TIME
+    sessions = {"base": base, "row": session_row, "pos": np.arange(len(out)) - starts,
+                "keys": events[config.id_column], "columns": columns,
+                "list_columns": {config.item_column, config.action_column} - {None}}
+    source = base.source
+    out.attrs = {ORIGIN_ATTR: LogOrigin(source, "sessions", sessions=sessions),
+                 NOTES_ATTR: list(df.attrs.get(NOTES_ATTR, [])), "merlin_hstu_null_sessions": dropped_sessions}
+    return out
+
+
+def _is_list_like(value) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
 
 
 def _flatten(lists: pd.Series) -> pd.Series:
@@ -288,11 +592,42 @@ def _flatten(lists: pd.Series) -> pd.Series:
     return pd.Series(list(chain.from_iterable(lists)))
 
 
+_INT64_MAX, _INT64_MIN = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+
+
+def _wide_ids_as_strings(df: pd.DataFrame, config: SessionWorkflowConfig) -> pd.DataFrame:
+    """Integer id / item / action columns with values outside int64 become strings, with a note."""
+    origin = LogOrigin.of(df)
+    for fld, col in config.role_columns():
+        if fld == "timestamp_column" or col not in df.columns:
+            continue
+        series = df[col]
+        widest = None
+        if pd.api.types.is_unsigned_integer_dtype(series.dtype) and len(series) and series.max() > _INT64_MAX:
+            widest = int(series.max())
+        elif series.dtype == object and pd.api.types.infer_dtype(series, skipna=True) == "integer":
+            outside = [v for v in series.dropna() if v > _INT64_MAX or v < _INT64_MIN]
+            widest = outside[0] if outside else None
+        if widest is None:
+            continue
+        attrs = df.attrs
+        df = df.copy(deep=False)
+        df.attrs = attrs
+        df[col] = np.asarray([v if _is_null(v) else str(int(v)) for v in series], dtype=object)
+        _note(df, f"{origin.source}: column {origin.column(col)!r} holds ids that do not fit int64 (e.g. {widest}); "
+                  "they are read as strings (Categorify encodes them as strings; requests must send them as strings)")
+    return df
+
+
+def _is_null(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # validation
 # ---------------------------------------------------------------------------------------------------------
 def validate_event_log(df: pd.DataFrame, config: SessionWorkflowConfig) -> None:
-    """Raise `EventLogError` naming the column and the fix; return None for a usable log.
+    """Raise `EventLogError` naming the file, column, row, value and fix; return None for a usable log.
 
     Checks, in order: it is a DataFrame, it has rows, the configured columns exist, no nulls in them,
     ids/items/actions are integers or strings, timestamps are numeric (or datetime64), integral and >= 0.
@@ -300,129 +635,174 @@ def validate_event_log(df: pd.DataFrame, config: SessionWorkflowConfig) -> None:
     """
     if not isinstance(df, pd.DataFrame):
         raise EventLogError(f"event log must be a pandas DataFrame, got {type(df).__name__}")
+    origin = LogOrigin.of(df)
     expected = [col for _, col in config.role_columns()]
-    if len(df) == 0:
-        raise EventLogError(
-            f"event log is empty (0 rows; columns {list(df.columns)}); expected one row per event with "
-            f"columns {expected}. Fix: point preprocess at a non-empty log."
-        )
     missing = [(fld, col) for fld, col in config.role_columns() if col not in df.columns]
-    if missing:
+    if missing and len(df.columns) > 0:
         fixes = []
         for fld, col in missing:
-            fix = f"rename the log's column to {col!r} or set SessionWorkflowConfig.{fld} to its name"
+            fix = f"{config.flag(fld)} NAME to name the column that holds the {_ROLE_NAMES[fld]}s"
             if fld in ("action_column", "timestamp_column"):
-                fix += f", or set {fld}=None if the log has none"
-            fixes.append(fix)
+                fix += f", or {config.flag(fld)} none if the log has none"
+            fixes.append(fix + f" (Python: SessionWorkflowConfig.{fld})")
+        hint = ""
+        if len(df.columns) == 1 and any(sep in str(df.columns[0]) for sep in (",", ";", "|", "\t", " ")):
+            hint = (f" The header was read as one column {str(df.columns[0])!r}: is the separator right? "
+                    f"Pass it with {config.flag('csv_separator')} SEP.")
         raise EventLogError(
-            f"event log is missing column(s) {[c for _, c in missing]} (columns present: {list(df.columns)}). "
-            f"Fix: {'; '.join(fixes)}."
+            f"{origin.source}: no column {', '.join(repr(c) for _, c in missing)} (the columns are "
+            f"{[str(c) for c in df.columns]}).{hint} Fix: {'; '.join(fixes)}."
+        )
+    if len(df) == 0:
+        raise EventLogError(
+            f"{origin.source}: the event log is empty (0 rows; columns {[str(c) for c in df.columns]}); "
+            f"expected one row per event with columns {expected}. Fix: pass a log with events to "
+            f"{config.flag('input')}."
         )
     for fld, col in config.role_columns():
         nulls = df[col].isna().to_numpy()
         if nulls.any():
-            raise EventLogError(
-                f"column {col!r} ({fld}) has {int(nulls.sum())} null value(s) (first at row "
-                f"{int(np.argmax(nulls))}). Fix: drop or fill them, e.g. df.dropna(subset=[{col!r}])."
-            )
+            first = int(np.argmax(nulls))
+            more = f" (and {int(nulls.sum()) - 1} more)" if nulls.sum() > 1 else ""
+            raise _error(origin, col, fld, f"is empty at {origin.where(df.index[first], col)}{more}",
+                         _drop_nulls_fix(config, "events with an empty field", "fill or drop them in the file"))
     for fld, col in config.role_columns():
         if fld == "timestamp_column":
-            _timestamps_to_seconds(df[col], col)  # raises on bad timestamps
+            _timestamps_to_seconds(df[col], col, origin, config)  # raises on bad timestamps
         else:
-            _check_id_dtype(df[col], col, fld)
+            _check_id_dtype(df[col], col, fld, origin, config)
     if config.item_encoding == "raw":
-        _check_raw_item_ids(df[config.item_column], config.item_column)
+        _check_raw_item_ids(df[config.item_column], config.item_column, origin)
 
 
-def _check_raw_item_ids(series: pd.Series, col: str) -> None:
+def _check_raw_item_ids(series: pd.Series, col: str, origin: Optional[LogOrigin] = None) -> None:
     """item_encoding='raw': ids must be integers >= 1 (0 is the padding id)."""
+    origin = origin or LogOrigin("the DataFrame", "dataframe")
     if not (pd.api.types.is_integer_dtype(series.dtype) or pd.api.types.infer_dtype(series) == "integer"):
-        raise EventLogError(
-            f"column {col!r} (item_column) holds {pd.api.types.infer_dtype(series)!r} values, but "
-            "item_encoding='raw' keeps item ids as they are, so they must be integers >= 1. "
-            f"Fix: df[{col!r}] = df[{col!r}].astype('int64'), or use item_encoding='categorify'."
-        )
+        first = _first_non_integer(series)
+        raise _error(origin, col, "item_column",
+                     f"holds {series.iloc[first]!r} at {origin.where(series.index[first], col)}, but "
+                     "item_encoding='raw' keeps item ids as they are, so they must be integers >= 1",
+                     "use item_encoding='categorify' (the CLI's default), or write integer ids")
     values = series.to_numpy().astype(np.int64)
     bad = values < 1
     if bad.any():
         first = int(np.argmax(bad))
-        raise EventLogError(
-            f"column {col!r} (item_column) has {int(bad.sum())} id(s) <= 0 (first at row {first}: {values[first]}); "
-            "with item_encoding='raw' 0 is the padding id, so ids must be >= 1. "
-            "Fix: shift the ids by +1 or use item_encoding='categorify'."
-        )
+        raise _error(origin, col, "item_column",
+                     f"holds {values[first]} at {origin.where(series.index[first], col)} ({int(bad.sum())} id(s) "
+                     "<= 0); with item_encoding='raw' 0 is the padding id, so ids must be >= 1",
+                     "shift the ids by +1, or use item_encoding='categorify'")
 
 
-def _check_id_dtype(series: pd.Series, col: str, fld: str) -> None:
+def _first_non_integer(series: pd.Series) -> int:
+    """Position of the first value that is not an integer (0 if every value is)."""
+    for i, value in enumerate(series.to_numpy()):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            return i
+    return 0
+
+
+def _check_id_dtype(series: pd.Series, col: str, fld: str, origin: Optional[LogOrigin] = None,
+                    config: Optional[SessionWorkflowConfig] = None) -> None:
+    origin = origin or LogOrigin("the DataFrame", "dataframe")
+    config = config or SessionWorkflowConfig()
     dtype = series.dtype
-    if pd.api.types.is_bool_dtype(dtype) or not (
-        pd.api.types.is_integer_dtype(dtype) or pd.api.types.is_string_dtype(dtype) or dtype == object
-    ):
-        raise EventLogError(
-            f"column {col!r} ({fld}) has dtype {dtype}; ids must be integers or strings. Fix: cast it, e.g. "
-            f"df[{col!r}] = df[{col!r}].astype('int64') (or .astype(str)); float ids usually mean missing values."
-        )
-    if pd.api.types.is_unsigned_integer_dtype(dtype) and series.max() > np.iinfo(np.int64).max:
-        raise EventLogError(
-            f"column {col!r} ({fld}) has unsigned ids beyond the int64 range. "
-            f"Fix: df[{col!r}] = df[{col!r}].astype(str)."
-        )
+    role = _ROLE_NAMES.get(fld, fld)
+    pointer = f"check that {config.flag(fld)} names the column holding the {role}s"
+    if pd.api.types.is_bool_dtype(dtype):
+        raise _error(origin, col, fld, f"holds true/false values ({series.iloc[0]!r} at "
+                     f"{origin.where(series.index[0], col)}); ids must be integers or strings",
+                     f"{pointer}, or write the ids as integers or strings in the file "
+                     f"(Python: df[{col!r}] = df[{col!r}].astype(str))")
+    if pd.api.types.is_float_dtype(dtype):
+        values = series.to_numpy(dtype=np.float64)
+        fractional = values != np.floor(values)
+        first = int(np.argmax(fractional)) if fractional.any() else 0
+        what = "a fractional number" if fractional.any() else "a number with a decimal point"
+        raise _error(origin, col, fld, f"holds {what}, {values[first]!r} at {origin.where(series.index[first], col)}; "
+                     "ids must be integers or strings",
+                     f"{pointer}, or write the ids without a decimal point in the file "
+                     f"(Python: df[{col!r}] = df[{col!r}].astype('int64'))")
+    if not (pd.api.types.is_integer_dtype(dtype) or pd.api.types.is_string_dtype(dtype) or dtype == object):
+        raise _error(origin, col, fld, f"has dtype {dtype} ({_short(series.iloc[0])} at "
+                     f"{origin.where(series.index[0], col)}); ids must be integers or strings",
+                     f"{pointer} (Python: df[{col!r}] = df[{col!r}].astype(str))")
+    if pd.api.types.is_unsigned_integer_dtype(dtype) and series.max() > _INT64_MAX:
+        first = int(np.argmax(series.to_numpy() > _INT64_MAX))
+        raise _error(origin, col, fld, f"holds {series.iloc[first]} at {origin.where(series.index[first], col)}, "
+                     "beyond the int64 range", "read the log with read_event_log / preprocess, which read such ids "
+                     f"as strings (Python: df[{col!r}] = df[{col!r}].astype(str))")
     if dtype == object or pd.api.types.is_string_dtype(dtype):
         kind = pd.api.types.infer_dtype(series, skipna=False)
         if kind not in ("string", "integer"):
-            raise EventLogError(
-                f"column {col!r} ({fld}) holds {kind!r} values; ids must be all integers or all strings. "
-                f"Fix: df[{col!r}] = df[{col!r}].astype(str)."
-            )
+            values = series.to_numpy()
+            is_str = np.fromiter((isinstance(v, str) for v in values), dtype=bool, count=len(values))
+            # the first value whose type differs from the first value's (or that is neither int nor str)
+            odd = np.fromiter((not isinstance(v, (str, int, np.integer)) or isinstance(v, (bool, np.bool_))
+                               for v in values), dtype=bool, count=len(values))
+            bad = odd if odd.any() else (is_str != is_str[0])
+            first = int(np.argmax(bad))
+            raise _error(origin, col, fld, f"holds {_short(values[first])} at {origin.where(series.index[first], col)} "
+                         f"among {'strings' if is_str[0] else 'integers'} (values {kind!r}); ids must be all "
+                         "integers or all strings",
+                         f"{pointer}, or make the ids one type (Python: df[{col!r}] = df[{col!r}].astype(str))")
 
 
-def _timestamps_to_seconds(series: pd.Series, col: str) -> np.ndarray:
+def _timestamps_to_seconds(series: pd.Series, col: str, origin: Optional[LogOrigin] = None,
+                           config: Optional[SessionWorkflowConfig] = None) -> np.ndarray:
     """Validated unix seconds as int64: ints as-is, integral floats cast, datetime64 floored to seconds."""
+    origin = origin or LogOrigin("the DataFrame", "dataframe")
+    config = config or SessionWorkflowConfig()
     dtype = series.dtype
     fix_text = (
-        f"Fix: give unix seconds as integers, e.g. df[{col!r}] = pd.to_datetime(df[{col!r}]).astype('int64') // 10**9"
+        f"write whole unix seconds in the file, or {config.flag('timestamp_column')} none to ignore time (events keep "
+        f"the file order) (Python: df[{col!r}] = pd.to_datetime(df[{col!r}]).astype('int64') // 10**9)"
     )
+
+    def fail(position: int, problem: str, fix: str = fix_text):
+        value = series.iloc[position]
+        raise _error(origin, col, "timestamp_column",
+                     f"holds {_short(value)} at {origin.where(series.index[position], col)}: {problem}", fix)
+
     if pd.api.types.is_datetime64_any_dtype(dtype):
         if getattr(dtype, "tz", None) is not None:
             series = series.dt.tz_convert("UTC").dt.tz_localize(None)
         seconds = series.to_numpy(dtype="datetime64[ns]").astype(np.int64) // 10**9
     elif pd.api.types.is_bool_dtype(dtype):
-        raise EventLogError(f"column {col!r} (timestamp_column) has dtype bool; timestamps must be numeric. {fix_text}")
+        fail(0, "true/false values are not timestamps")
     elif pd.api.types.is_integer_dtype(dtype):
         values = series.to_numpy()
-        if values.dtype.kind == "u" and len(values) and values.max() > np.iinfo(np.int64).max:
-            raise EventLogError(f"column {col!r} (timestamp_column) has values beyond int64. {fix_text}")
+        if values.dtype.kind == "u" and len(values) and values.max() > _INT64_MAX:
+            fail(int(np.argmax(values > _INT64_MAX)), "beyond the int64 range")
         seconds = values.astype(np.int64)
     elif pd.api.types.is_float_dtype(dtype):
         values = series.to_numpy(dtype=np.float64)
         bad = ~np.isfinite(values) | (values != np.floor(values)) | (np.abs(values) >= 2.0**63)
         if bad.any():
-            first = int(np.argmax(bad))
-            raise EventLogError(
-                f"column {col!r} (timestamp_column) has {int(bad.sum())} non-integral or non-finite float "
-                f"value(s) (first at row {first}: {values[first]!r}); timestamps are whole unix seconds. "
-                f"Fix: round explicitly, e.g. df[{col!r}] = np.floor(df[{col!r}]).astype('int64')."
-            )
+            fail(int(np.argmax(bad)), f"not whole unix seconds ({int(bad.sum())} such value(s))",
+                 f"write whole seconds in the file, or {config.flag('timestamp_column')} none to ignore time "
+                 f"(Python: df[{col!r}] = np.floor(df[{col!r}]).astype('int64'))")
         seconds = values.astype(np.int64)
     elif dtype == object and pd.api.types.infer_dtype(series, skipna=False) == "integer":
-        seconds = series.to_numpy().astype(np.int64)
+        values = series.to_numpy()
+        outside = np.fromiter((v > _INT64_MAX or v < _INT64_MIN for v in values), dtype=bool, count=len(values))
+        if outside.any():
+            fail(int(np.argmax(outside)), "beyond the int64 range")
+        seconds = values.astype(np.int64)
     else:
-        kind = pd.api.types.infer_dtype(series, skipna=False)
-        raise EventLogError(
-            f"column {col!r} (timestamp_column) is non-numeric (dtype {dtype}, values {kind!r}, e.g. "
-            f"{series.iloc[0]!r}); timestamps must be unix seconds or datetime64. {fix_text}"
-        )
+        numeric = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
+        not_number = np.isnan(numeric)
+        first = int(np.argmax(not_number)) if not_number.any() else 0
+        fail(first, f"non-numeric (dtype {dtype}); timestamps must be unix seconds (integers) or datetime64")
     negative = seconds < 0
     if negative.any():
-        first = int(np.argmax(negative))
-        raise EventLogError(
-            f"column {col!r} (timestamp_column) has {int(negative.sum())} negative value(s) (first at row "
-            f"{first}: {seconds[first]}); timestamps are unix seconds >= 0. Fix: correct or drop those rows."
-        )
+        fail(int(np.argmax(negative)), f"negative ({int(negative.sum())} such value(s)); timestamps are unix "
+             "seconds >= 0", f"correct or drop those events in the file, or {config.flag('timestamp_column')} none "
+             "to ignore time")
     if len(seconds) and seconds.max() > _LIKELY_MILLISECONDS:
         warnings.warn(
-            f"column {col!r} has values up to {seconds.max()}, which look like milliseconds; "
-            "timestamp-list is meant to hold unix seconds (divide by 1000 if so).",
+            f"{origin.source}: column {origin.column(col)!r} has values up to {seconds.max()}, which look like "
+            "milliseconds; timestamp-list is meant to hold unix seconds (divide by 1000 if so).",
             stacklevel=3,
         )
     return seconds
@@ -443,6 +823,80 @@ def normalize_event_log(df: pd.DataFrame, config: SessionWorkflowConfig) -> pd.D
         else:
             out[col] = series.astype(str).to_numpy(dtype=object)
     return pd.DataFrame(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a log read, cleaned as asked, validated and normalized: what preprocess and the data report start from
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class PreparedLog:
+    """`load_event_log`'s result: the normalized events and the facts the data report needs."""
+
+    events: pd.DataFrame  # normalize_event_log's output (role columns only)
+    config: SessionWorkflowConfig
+    source: str  # the file (or "the DataFrame")
+    input_format: str  # events | sessions | sequences
+    events_in: int  # rows read, before dropping nulls
+    sequences_in: int  # distinct ids read, before dropping nulls
+    dropped_nulls: dict = field(default_factory=dict)  # {"events": n, "sessions": m, "by_column": {col: n}}
+    notes: List[str] = field(default_factory=list)
+
+    def sequence_lengths(self) -> np.ndarray:
+        """Events per id (before the min_length filter and truncation), in id order."""
+        return self.events.groupby(self.config.id_column, sort=True).size().to_numpy(dtype=np.int64)
+
+
+def load_event_log(source: Union[PathLike, pd.DataFrame], config: Optional[SessionWorkflowConfig] = None
+                   ) -> PreparedLog:
+    """Read (`read_event_log`), drop events with empty fields if `config.drop_nulls` (counted), validate
+    (`validate_event_log`) and normalize (`normalize_event_log`)."""
+    config = config or SessionWorkflowConfig()
+    raw = read_event_log(source, config)
+    origin = LogOrigin.of(raw)
+    notes = list(raw.attrs.get(NOTES_ATTR, []))
+    layout = origin.layout if origin.layout in ("sessions", "sequences") else "events"
+    present = [col for _, col in config.role_columns() if col in raw.columns]
+    events_in = len(raw)
+    ids_in = int(raw[config.id_column].nunique()) if config.id_column in raw.columns else 0
+    ids_in += int(raw.attrs.get("merlin_hstu_null_sessions", 0))  # sessions dropped for a null list
+    null_sessions = int(raw.attrs.get("merlin_hstu_null_sessions", 0))
+    dropped = {"events": 0, "sessions": null_sessions, "by_column": {}}
+    if config.drop_nulls and present and len(raw):
+        nulls = raw[present].isna()
+        mask = nulls.any(axis=1).to_numpy()
+        if mask.any():
+            dropped["events"] = int(mask.sum())
+            dropped["by_column"] = {origin.column(c): int(nulls[c].sum()) for c in present if nulls[c].any()}
+            attrs = raw.attrs
+            raw = raw[~mask]
+            raw.attrs = attrs
+            notes.append(f"{origin.source}: dropped {int(mask.sum()):,} event(s) with an empty field "
+                         f"({config.flag('drop_nulls')}): " + ", ".join(f"{origin.column(c)!r} {int(nulls[c].sum()):,}"
+                                                                        for c in present if nulls[c].any()))
+            raw = _whole_floats_as_int64(raw, config, notes)
+    validate_event_log(raw, config)
+    events = normalize_event_log(raw, config)
+    return PreparedLog(events=events, config=config, source=origin.source, input_format=layout,
+                       events_in=events_in, sequences_in=ids_in, dropped_nulls=dropped, notes=notes)
+
+
+def _whole_floats_as_int64(df: pd.DataFrame, config: SessionWorkflowConfig, notes: List[str]) -> pd.DataFrame:
+    """After dropping empty fields: an id column that pandas read as floats only because of them, and whose
+    values are all whole numbers, is an integer column again (said in a note)."""
+    origin = LogOrigin.of(df)
+    for fld, col in config.role_columns():
+        series = df[col]
+        if fld == "timestamp_column" or not pd.api.types.is_float_dtype(series.dtype) or not len(series):
+            continue
+        values = series.to_numpy(dtype=np.float64)
+        if np.all(values == np.floor(values)) and np.all(np.abs(values) < 2.0**53):
+            attrs = df.attrs
+            df = df.copy(deep=False)
+            df.attrs = attrs
+            df[col] = values.astype(np.int64)
+            notes.append(f"{origin.source}: column {origin.column(col)!r} was read as decimals only because of its "
+                         "empty fields; its other values are whole numbers, kept as integers")
+    return df
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -505,6 +959,7 @@ class ProcessedDataset:
     workflow_path: Path  # output_dir/workflow: Workflow.save (workflow.pkl, categories/)
     num_rows: int
     candidates_path: Optional[Path] = None  # output_dir/candidates.parquet: encoded candidate ids, sorted
+    report: Optional[dict] = None  # the data report, also in output_dir/data_report.json
 
     def candidate_ids(self) -> np.ndarray:
         """The encoded ids to score and to sample negatives from (int64, sorted ascending)."""
@@ -522,16 +977,23 @@ class ProcessedDataset:
 
 
 def preprocess(
-    source: Union[PathLike, pd.DataFrame],
+    source: Union[PathLike, pd.DataFrame, PreparedLog],
     output_dir: PathLike,
     config: Optional[SessionWorkflowConfig] = None,
     *,
     overwrite: bool = False,
     candidates: Optional[Union[Sequence, np.ndarray, pd.Series]] = None,
+    max_history_chosen_by: Optional[str] = None,
+    report_extra: Optional[dict] = None,
 ) -> ProcessedDataset:
-    """Read, validate, fit + transform; write output_dir/{processed/, workflow/, candidates.parquet} atomically.
+    """Read, validate, fit + transform; write output_dir/{processed/, workflow/, candidates.parquet,
+    data_report.json} atomically.
 
+    `source`: a path, a DataFrame, or a `PreparedLog` from `load_event_log` (its column settings must equal
+    `config`'s; its length limits may differ, which is how a caller sizes max_length from the data first).
     `candidates`: the item catalogue as RAW item ids (None: every item of the log, see the module docstring).
+    `max_history_chosen_by` says in the data report how max_length was chosen; `report_extra` adds sections
+    (e.g. a dataset's count filter under "dropped").
     Everything is written into a hidden sibling temp directory that is renamed to `output_dir` only after
     every file is complete; on any error it is removed, so no half-written output directory is left.
     An existing `output_dir` is an error unless `overwrite=True` (then it is replaced after success).
@@ -539,11 +1001,22 @@ def preprocess(
     config = config or SessionWorkflowConfig()
     output_dir = Path(output_dir).resolve()
     if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; remove it or pass overwrite=True")
+        raise FileExistsError(f"{output_dir} already exists. Fix: --overwrite to replace it, or another --output "
+                              "(Python: overwrite=True)")
 
-    raw = read_event_log(source, config)
-    validate_event_log(raw, config)
-    events = normalize_event_log(raw, config)
+    prepared = source if isinstance(source, PreparedLog) else load_event_log(source, config)
+    if prepared.config.role_columns() != config.role_columns():
+        raise ValueError(f"preprocess: the PreparedLog was read with columns {prepared.config.role_columns()}, "
+                         f"the config names {config.role_columns()}; load it with the same config")
+    events = prepared.events
+    lengths = prepared.sequence_lengths()
+    if not (lengths >= config.min_length).any():
+        raise EventLogError(
+            f"{prepared.source}: no {config.id_kind} has at least min_length={config.min_length} events (the longest "
+            f"has {int(lengths.max()) if len(lengths) else 0}), so the output would be empty. Fix: "
+            f"{config.flag('min_length')} {max(1, int(lengths.max()) if len(lengths) else 1)} or lower "
+            "(Python: SessionWorkflowConfig.min_length)."
+        )
     catalogue = None
     if candidates is not None:
         catalogue = _validate_catalogue(candidates, events[config.item_column], config)
@@ -559,13 +1032,17 @@ def preprocess(
         if len(result) == 0:
             raise EventLogError(
                 f"no {config.id_kind} in column {config.id_column!r} has at least min_length={config.min_length} "
-                f"events, so the output would be empty. Fix: lower SessionWorkflowConfig.min_length."
+                f"events, so the output would be empty. Fix: lower {config.flag('min_length')} "
+                "(Python: SessionWorkflowConfig.min_length)."
             )
         out_schema = _relocate_paths(workflow.output_schema, str(staging), str(output_dir))
         encoded = _encoded_candidates(config, workflow_dir, events[config.item_column], catalogue)
+        report = data_report(prepared, config, lengths, result[roles.LENGTH].to_numpy(), len(encoded),
+                             max_history_chosen_by, report_extra)
         Dataset(result, cpu=True, schema=out_schema).to_parquet(str(processed_dir), output_files=1)
         workflow.save(str(workflow_dir))
         pd.DataFrame({CANDIDATES_COLUMN: encoded}).to_parquet(staging / CANDIDATES_FILE, index=False)
+        (staging / DATA_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         publish_dir(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -574,7 +1051,139 @@ def preprocess(
     processed = output_dir / "processed"
     schema = TensorflowMetadata.from_proto_text_file(str(processed)).to_merlin_schema()
     return ProcessedDataset(path=processed, schema=schema, workflow_path=output_dir / "workflow",
-                            num_rows=len(result), candidates_path=output_dir / CANDIDATES_FILE)
+                            num_rows=len(result), candidates_path=output_dir / CANDIDATES_FILE, report=report)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the data report and the history length the data suggests
+# ---------------------------------------------------------------------------------------------------------
+DATA_REPORT_FILE = "data_report.json"  # <output>/data_report.json, written by preprocess
+HISTORY_PERCENTILES = (50, 90, 95, 99)
+HISTORY_QUANTILE = 95  # suggest_max_history: this percentile of the history lengths ...
+HISTORY_MULTIPLE = 8  # ... rounded up to a multiple of this
+
+
+def history_lengths(sequence_lengths: np.ndarray, min_length: int = 1) -> np.ndarray:
+    """History length of each sequence that passes min_length: its events before the last one (n - 1), the
+    history of leave-one-out's evaluation sample before any truncation."""
+    lengths = np.asarray(sequence_lengths, dtype=np.int64)
+    return lengths[lengths >= min_length] - 1
+
+
+def history_percentiles(histories: np.ndarray) -> Dict[str, int]:
+    """p50 / p90 / p95 / p99 / max of the history lengths (observed values: numpy's 'higher' method)."""
+    histories = np.asarray(histories, dtype=np.int64)
+    if len(histories) == 0:
+        return {**{f"p{q}": 0 for q in HISTORY_PERCENTILES}, "max": 0}
+    out = {f"p{q}": int(np.percentile(histories, q, method="higher")) for q in HISTORY_PERCENTILES}
+    out["max"] = int(histories.max())
+    return out
+
+
+def suggest_max_history(histories: np.ndarray, cap: int) -> Tuple[int, str]:
+    """The data's max history: the 95th percentile of the history lengths rounded up to a multiple of 8 (at least
+    8), then at most `cap` (the caller's memory budget). Returns (value, how it was chosen)."""
+    if cap < 1:
+        raise ValueError(f"suggest_max_history: cap must be >= 1, got {cap}")
+    histories = np.asarray(histories, dtype=np.int64)
+    p = int(np.percentile(histories, HISTORY_QUANTILE, method="higher")) if len(histories) else 1
+    rounded = max(HISTORY_MULTIPLE, -(-p // HISTORY_MULTIPLE) * HISTORY_MULTIPLE)
+    value = min(rounded, int(cap))
+    how = (f"p{HISTORY_QUANTILE} of the history lengths = {p}, rounded up to a multiple of {HISTORY_MULTIPLE} = "
+           f"{rounded}")
+    if value < rounded:
+        how += f", capped at {value} by the memory budget"
+    return value, how
+
+
+def data_report(prepared: PreparedLog, config: SessionWorkflowConfig, sequence_lengths: np.ndarray,
+                kept_lengths: np.ndarray, num_candidates: int, chosen_by: Optional[str] = None,
+                extra: Optional[dict] = None) -> dict:
+    """What preprocessing read, dropped, truncated and kept (the content of data_report.json)."""
+    lengths = np.asarray(sequence_lengths, dtype=np.int64)
+    kept = lengths >= config.min_length
+    cut = np.maximum(lengths[kept] - config.max_length, 0)
+    out_lengths = np.asarray(kept_lengths, dtype=np.int64)
+    if len(out_lengths) != int(kept.sum()) or int(out_lengths.sum()) != int(lengths[kept].sum() - cut.sum()):
+        raise RuntimeError(f"data report: the workflow kept {len(out_lengths)} sequences / {int(out_lengths.sum())} "
+                           f"events, the count from the log is {int(kept.sum())} / {int(lengths[kept].sum() - cut.sum())}")
+    nulls = dict(prepared.dropped_nulls or {"events": 0, "sessions": 0, "by_column": {}})
+    nulls["how"] = (f"dropped ({config.flag('drop_nulls')})" if config.drop_nulls
+                    else f"an error unless {config.flag('drop_nulls')}: none were found")
+    dropped = {
+        "too_short": {"sequences": int((~kept).sum()), "events": int(lengths[~kept].sum()),
+                      "min_length": int(config.min_length)},
+        "nulls": nulls,
+        "unknown_items": {"events": 0, "how": "an item outside the catalogue is an error, never dropped"},
+    }
+    notes = list(prepared.notes)
+    for events, what in ((1, "neither trained on nor evaluated"), (2, "evaluated but not trained on")):
+        count = int((lengths[kept] == events).sum())
+        if count:
+            notes.append(f"{count:,} kept sequence(s) have {events} event(s): retrieval's leave-one-out protocol "
+                         f"{what} (it needs 3 events: history, train target, eval target)")
+    extra = dict(extra or {})
+    dropped.update(extra.pop("dropped", {}))
+    report = {
+        "source": prepared.source,
+        "input_format": prepared.input_format,
+        "id": {"column": config.id_column, "kind": config.id_kind},
+        "in": {"sequences": int(prepared.sequences_in), "events": int(prepared.events_in)},
+        "dropped": dropped,
+        "truncated": {"sequences": int((cut > 0).sum()), "events": int(cut.sum()),
+                      "max_length": int(config.max_length)},
+        "out": {"sequences": int(len(out_lengths)), "events": int(out_lengths.sum())},
+        "history_length": {"of": "events before each kept sequence's last one, before truncation",
+                           **history_percentiles(history_lengths(lengths, config.min_length))},
+        "catalogue": {"items_in_log": int(prepared.events[config.item_column].nunique()),
+                      "candidates": int(num_candidates)},
+        "max_history": {"value": int(config.max_length) - 2, "max_length": int(config.max_length),
+                        "chosen_by": chosen_by or "SessionWorkflowConfig.max_length - 2 (history + 2 targets)"},
+        **extra,
+        "notes": notes,
+    }
+    return report
+
+
+def read_data_report(output_dir: PathLike) -> Optional[dict]:
+    """The data report of a preprocess output (None for outputs written before reports existed)."""
+    path = Path(output_dir) / DATA_REPORT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}). Fix: re-run preprocess for this directory.") from None
+
+
+def format_data_report(report: dict) -> str:
+    """The report as the lines the CLI prints."""
+    kind = report["id"]["kind"] + "s"
+    d = report["dropped"]
+    h = report["history_length"]
+    m = report["max_history"]
+    lines = [
+        f"  read       {report['in']['sequences']:,} {kind}, {report['in']['events']:,} events "
+        f"({report['input_format']}: {report['source']})",
+        f"  dropped    too short (< {d['too_short']['min_length']} events): {d['too_short']['sequences']:,} {kind}, "
+        f"{d['too_short']['events']:,} events; empty fields: {d['nulls']['events']:,} events"
+        + (f", {d['nulls']['sessions']:,} sessions" if d['nulls'].get('sessions') else "")
+        + f"; unknown items: {d['unknown_items']['events']:,} events",
+    ]
+    for key, value in d.items():
+        if key not in ("too_short", "nulls", "unknown_items"):
+            lines.append(f"  dropped    {key}: " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                                                            for k, v in value.items()))
+    lines += [
+        f"  truncated  {report['truncated']['events']:,} older events of {report['truncated']['sequences']:,} {kind} "
+        f"(keeping the last {report['truncated']['max_length']} = max history {m['value']} + 2 targets)",
+        f"  kept       {report['out']['sequences']:,} {kind}, {report['out']['events']:,} events; catalogue "
+        f"{report['catalogue']['items_in_log']:,} items ({report['catalogue']['candidates']:,} candidates)",
+        f"  history    p50 {h['p50']:,}  p90 {h['p90']:,}  p95 {h['p95']:,}  p99 {h['p99']:,}  max {h['max']:,} events",
+        f"  max history {m['value']}: {m['chosen_by']}",
+    ]
+    lines += [f"  note       {note}" for note in report.get("notes", [])]
+    return "\n".join(lines)
 
 
 def read_candidates(path: PathLike) -> np.ndarray:
