@@ -117,7 +117,7 @@ def run_bench(args) -> int:
     cfg.name += retrieval_label(args)  # e.g. hstu-ml1m+full_softmax: its own output dir, no paper row
     out = Path(args.output or f"runs/bench/{Path(args.dataset).name}-{cfg.name}")
     data_dir, dataset_name = resolve_dataset(args.dataset, args.input, Path(args.cache), cfg.data.max_history)
-    table = load_processed(data_dir)
+    table = load_processed(data_dir, actions=cfg.inputs.actions)
     if table.timestamps is None and getattr(cfg.model, "time_bias", False):
         print("note: this dataset has no timestamps: the relative time bias is switched off (model.time_bias=false)")
         cfg.model.time_bias = False

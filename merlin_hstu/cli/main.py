@@ -58,7 +58,8 @@ def _workflow_config(cfg):
     d = cfg.data
     return SessionWorkflowConfig(id_column=d.id_column, id_kind=d.id_kind, item_column=d.item_column,
                                  action_column=d.action_column, timestamp_column=d.timestamp_column,
-                                 max_length=d.max_history + 2, min_length=d.min_length)
+                                 max_length=d.max_history + 2, min_length=d.min_length,
+                                 interleave_actions=cfg.inputs.actions == "interleave")
 
 
 def _preprocess(source, output: Path, cfg, overwrite: bool):
@@ -110,7 +111,7 @@ def train_and_report(data_dir: Path, run_dir: Path, cfg, progress: bool, checkpo
     from merlin_hstu.retrieval.metrics import format_metrics_table
     from merlin_hstu.retrieval.train import save_run, train_retrieval
 
-    table = load_processed(data_dir)
+    table = load_processed(data_dir, actions=cfg.inputs.actions)
     print(f"{len(table.items):,} sequences, {len(table.candidate_ids):,} candidate items; "
           f"config {cfg.name}: {cfg.model.num_blocks} {type(cfg.model).__name__[:-13]} blocks, "
           f"D={cfg.model.embedding_dim}, "

@@ -173,7 +173,7 @@ def cmd_evaluate(args) -> int:
         from merlin_hstu.retrieval.train import evaluate_model, evaluate_most_popular
 
         cfg = run.config
-        split = LeaveOneOut(load_processed(data), max_history=cfg.data.max_history)
+        split = LeaveOneOut(load_processed(data, actions=cfg.inputs.actions), max_history=cfg.data.max_history)
         metrics = {"HSTU": evaluate_model(model, split, cfg, progress=not args.no_progress),
                    "most-popular": evaluate_most_popular(split, cfg)}
         print(format_metrics_table(metrics))

@@ -3,10 +3,13 @@
     cfg = load_config("demo")                              # a preset name
     cfg = load_config("my.yaml", ["train.epochs=3"])       # a file plus dotted overrides
 
-Sections: `data`, `model` (the encoder), `head` (how queries and items are compared: similarity dot | mol, query /
-item normalisation, the MoL shape; `merlin_hstu.retrieval.similarity.RetrievalHeadConfig`) and `train` (optimiser, epochs and
-the objective: loss sampled_softmax | full_softmax | bce, negatives uniform | in_batch, logQ, temperature;
-`merlin_hstu.retrieval.losses.RetrievalLossConfig` validates the combination).
+Sections: `data`, `model` (the encoder), `inputs` (event types as inputs: actions none | concat | interleave and
+the concatenated action width; `merlin_hstu.retrieval.model.RetrievalInputsConfig`), `head` (how queries and items are
+compared: similarity dot | mol, query / item normalisation, the MoL shape;
+`merlin_hstu.retrieval.similarity.RetrievalHeadConfig`) and `train` (optimiser, epochs and the objective: loss
+sampled_softmax | full_softmax | bce, negatives uniform | in_batch, logQ, temperature;
+`merlin_hstu.retrieval.losses.RetrievalLossConfig` validates the combination).  The `inputs` section is written out
+only when it is not the default, so action-free configs dump (and fingerprint) as they always did.
 
 Unknown keys are errors (a typo must not silently fall back to a default); so are invalid combinations.
 """
@@ -22,6 +25,7 @@ import yaml
 from merlin_hstu.common import presets
 from merlin_hstu.encoders.hstu import HSTUEncoderConfig
 from merlin_hstu.retrieval.losses import RetrievalLossConfig
+from merlin_hstu.retrieval.model import RetrievalInputsConfig
 from merlin_hstu.encoders.sasrec import SASRecEncoderConfig
 from merlin_hstu.retrieval.similarity import RetrievalHeadConfig
 from merlin_hstu.train.config import LoopConfig
@@ -95,16 +99,19 @@ class ExperimentConfig:
     model: HSTUEncoderConfig | SASRecEncoderConfig = field(default_factory=HSTUEncoderConfig)
     head: RetrievalHeadConfig = field(default_factory=RetrievalHeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    inputs: RetrievalInputsConfig = field(default_factory=RetrievalInputsConfig)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["model"] = {"type": encoder_type(self.model), **d["model"]}
         for key in ("betas", "ks"):
             d["train"][key] = list(d["train"][key])
+        if self.inputs == RetrievalInputsConfig():
+            del d["inputs"]
         return d
 
 
-_SECTIONS = {"data": DataConfig, "head": RetrievalHeadConfig, "train": TrainConfig}
+_SECTIONS = {"data": DataConfig, "inputs": RetrievalInputsConfig, "head": RetrievalHeadConfig, "train": TrainConfig}
 
 
 def _build(cls, values: dict, where: str):
@@ -124,7 +131,8 @@ def config_from_dict(d: dict) -> ExperimentConfig:
     d = dict(d or {})
     unknown = sorted(set(d) - {"name", "description", "model", *_SECTIONS})
     if unknown:
-        raise ValueError(f"unknown top-level key(s) {unknown}; valid: name, description, data, model, head, train")
+        raise ValueError(f"unknown top-level key(s) {unknown}; valid: name, description, data, model, inputs, head, "
+                         "train")
     sections = {k: _build(cls, d.get(k) or {}, k) for k, cls in _SECTIONS.items()}
     model = dict(d.get("model") or {})
     kind = model.pop("type", "hstu")
@@ -135,9 +143,14 @@ def config_from_dict(d: dict) -> ExperimentConfig:
     if cfg.train.mi_loss_weight and cfg.head.similarity != "mol":
         raise ValueError(f"train.mi_loss_weight={cfg.train.mi_loss_weight} weighs MoL's gate loss, but "
                          f"head.similarity={cfg.head.similarity!r}: set head.similarity=mol or mi_loss_weight=0")
-    if cfg.model.max_seq_len < cfg.data.max_history + 1:
+    cfg.inputs.item_dim(cfg.model.embedding_dim)  # concat: the action width must leave room for the items
+    tokens = cfg.inputs.tokens_per_event()
+    if cfg.model.max_seq_len < tokens * (cfg.data.max_history + 1):
         raise ValueError(
             f"model.max_seq_len={cfg.model.max_seq_len} must be >= data.max_history + 1 = {cfg.data.max_history + 1}"
+            if tokens == 1 else
+            f"model.max_seq_len={cfg.model.max_seq_len} must be >= 2 * (data.max_history + 1) = "
+            f"{2 * (cfg.data.max_history + 1)} with inputs.actions=interleave (two tokens per event)"
         )
     return cfg
 

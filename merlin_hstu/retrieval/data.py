@@ -7,6 +7,8 @@ A batch is a dict of right-padded tensors:
   ids        [B, W]  history ids at positions < len, the target id at position len, then 0
   lengths    [B]     history lengths
   timestamps [B, W]  event times aligned with ids (the target's time at position len)   (optional)
+  actions    [B, W]  encoded action ids aligned with ids, 0 at positions >= len: the target's action is never
+                     an input   (only when the table has actions: `load_processed(path, actions=...)`)
   targets    [B]     the target ids
 W is trimmed per batch to max(len) + 1; the encoder's normaliser N is a constant, so trimming never changes
 a number.
@@ -21,6 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from merlin_hstu.retrieval.model import ACTION_INPUTS
+
 
 @dataclass
 class SequenceTable:
@@ -32,12 +36,26 @@ class SequenceTable:
     num_items: int  # embedding rows = largest encoded id + 1
     first_item_id: int = 3  # smallest id of a real item (NVTabular Categorify: 0 pad, 1 null, 2 OOV)
     candidates: Optional[np.ndarray] = None  # the catalogue, if not every id in [first_item_id, num_items)
+    actions: Optional[list] = None  # list[np.ndarray[int64]] encoded action ids aligned with items, or None
+    num_actions: int = 0  # action embedding rows = largest encoded action id + 1 (0: derived from `actions`)
 
     def __post_init__(self) -> None:
         if len(self.items) == 0:
             raise ValueError("SequenceTable has no sequences; check the input data and the min_length filter")
         if self.timestamps is not None and any(len(a) != len(b) for a, b in zip(self.items, self.timestamps)):
             raise ValueError("item and timestamp lists differ in length for at least one row")
+        if self.actions is not None:
+            if len(self.actions) != len(self.items) or any(len(a) != len(b) for a, b in zip(self.items, self.actions)):
+                raise ValueError("item and action lists differ in length for at least one row")
+            top = max((int(a.max()) for a in self.actions if len(a)), default=0)
+            low = min((int(a.min()) for a in self.actions if len(a)), default=1)
+            if low < 1:  # Categorify: 0 is padding, 1 null, 2 OOV; a real event has an id >= 1
+                raise ValueError(f"action id {low} in the action lists: encoded action ids of events must be >= 1 "
+                                 "(0 is padding)")
+            if not self.num_actions:
+                self.num_actions = top + 1
+            elif top >= self.num_actions:
+                raise ValueError(f"action id {top} is >= num_actions={self.num_actions}")
         if self.candidates is not None:
             c = np.unique(np.asarray(self.candidates, dtype=np.int64))
             if len(c) == 0 or c[0] < 1 or c[-1] >= self.num_items:
@@ -60,25 +78,37 @@ class SequenceTable:
 
     @classmethod
     def from_frame(cls, df: pd.DataFrame, item_column: str, timestamp_column: Optional[str], key_column: str,
-                   num_items: Optional[int] = None, first_item_id: int = 3) -> "SequenceTable":
+                   num_items: Optional[int] = None, first_item_id: int = 3, action_column: Optional[str] = None,
+                   num_actions: int = 0) -> "SequenceTable":
         items = [np.asarray(v, dtype=np.int64) for v in df[item_column]]
         timestamps = None
         if timestamp_column is not None:
             timestamps = [np.asarray(v, dtype=np.int64) for v in df[timestamp_column]]
+        actions = None
+        if action_column is not None:
+            actions = [np.asarray(v, dtype=np.int64) for v in df[action_column]]
         top = max((int(a.max()) for a in items if len(a)), default=first_item_id - 1)
         if num_items is None:
             num_items = top + 1
         elif top >= num_items:
             raise ValueError(f"item id {top} in column {item_column!r} is >= num_items={num_items}")
-        return cls(items, timestamps, df[key_column].to_numpy(), int(num_items), first_item_id)
+        return cls(items, timestamps, df[key_column].to_numpy(), int(num_items), first_item_id, actions=actions,
+                   num_actions=num_actions)
 
 
-def load_processed(path: str | Path) -> SequenceTable:
-    """Read the output of `merlin_hstu.workflows.session_workflow.preprocess` (parquet + schema.pbtxt)."""
+def load_processed(path: str | Path, actions: str = "none") -> SequenceTable:
+    """Read the output of `merlin_hstu.workflows.session_workflow.preprocess` (parquet + schema.pbtxt).
+
+    `actions` (the config's `inputs.actions`): "none" reads no actions; "concat" reads the `action-list` column;
+    "interleave" reads the `interleaved-list` column ([i_1, a_1 + K, i_2, a_2 + K, ...], K its
+    `action_token_offset`), checks its item tokens against `item_id-list` and keeps a_j = token - K.  Either way the
+    table's `actions` are the encoded action ids per event; a dataset without the column is an error naming it."""
     from merlin.io import Dataset
 
     from merlin_hstu.common import schema as roles
 
+    if actions not in ACTION_INPUTS:
+        raise ValueError(f"load_processed: actions must be one of {list(ACTION_INPUTS)}, got {actions!r}")
     path = Path(path)
     if (path / "processed").is_dir():
         path = path / "processed"
@@ -91,13 +121,63 @@ def load_processed(path: str | Path) -> SequenceTable:
         raise ValueError(f"no user/session id column found in {path}/schema.pbtxt")
     domain = schema[item_col].int_domain
     num_items = int(domain.max) + 1 if domain is not None and domain.max else None
+    action_col = _action_source(schema, path, actions)
     df = dataset.to_ddf().compute()
-    table = SequenceTable.from_frame(df, item_col, ts_col, key_col, num_items=num_items)
+    num_actions = 0
+    if actions == "interleave":
+        decoded = _read_interleaved(df, item_col, action_col, roles.action_token_offset(schema))
+        action_col = f"{action_col}:actions"
+        df = df.assign(**{action_col: decoded})
+    if actions != "none" and roles.ACTION_LIST in schema.column_names:
+        action_domain = schema[roles.ACTION_LIST].int_domain
+        num_actions = int(action_domain.max) + 1 if action_domain is not None and action_domain.max else 0
+    table = SequenceTable.from_frame(df, item_col, ts_col, key_col, num_items=num_items, action_column=action_col,
+                                     num_actions=num_actions)
     candidates_file = path.parent / "candidates.parquet"
     if candidates_file.is_file():
         table.candidates = pd.read_parquet(candidates_file)["item_id"].to_numpy()
         table.__post_init__()
     return table
+
+
+def _action_source(schema, path: Path, actions: str) -> Optional[str]:
+    """The column `actions` reads (None for "none"); a clear error when the dataset lacks it."""
+    from merlin_hstu.common import schema as roles
+
+    if actions == "none":
+        return None
+    if actions == "concat":
+        column = roles.action_list_column(schema)
+        if column is None:
+            raise ValueError(f"inputs.actions=concat reads the action list column ({roles.ACTION_LIST!r}, property "
+                             f"{roles.ROLE_PROPERTY}={roles.ROLE_ACTION!r}), but {path}/schema.pbtxt has none "
+                             f"(columns: {schema.column_names}); preprocess the log with its action column "
+                             "(--action-column NAME, data.action_column) or set inputs.actions=none")
+        return column
+    column = roles.interleaved_list_column(schema)
+    if column is None:
+        raise ValueError(f"inputs.actions=interleave reads the interleaved item/action column "
+                         f"({roles.INTERLEAVED_LIST!r}), but {path}/schema.pbtxt has none (columns: "
+                         f"{schema.column_names}); preprocess with interleaving on (`merlin-hstu preprocess "
+                         "--set inputs.actions=interleave`, or SessionWorkflowConfig(interleave_actions=True)) "
+                         "or set inputs.actions=none")
+    return column
+
+
+def _read_interleaved(df: pd.DataFrame, item_column: str, column: str, offset: int) -> list:
+    """Per row: the action ids of the interleaved tokens [i_1, a_1 + K, ...], checked against the item list."""
+    out = []
+    for row, (items, tokens) in enumerate(zip(df[item_column], df[column])):
+        items, tokens = np.asarray(items, dtype=np.int64), np.asarray(tokens, dtype=np.int64)
+        if len(tokens) != 2 * len(items) or not np.array_equal(tokens[0::2], items):
+            raise ValueError(f"row {row}: column {column!r} is not the interleaving of {item_column!r} "
+                             f"({len(tokens)} tokens for {len(items)} items, or other item tokens); re-run preprocess")
+        kinds = tokens[1::2] - offset
+        if len(kinds) and kinds.min() < 1:
+            raise ValueError(f"row {row}: column {column!r} has an action token below its action_token_offset "
+                             f"K={offset}; re-run preprocess")
+        out.append(kinds)
+    return out
 
 
 def _window(seq: np.ndarray, end: int, max_history: int) -> np.ndarray:
@@ -110,6 +190,7 @@ class _Padded:
     lengths: np.ndarray
     timestamps: Optional[np.ndarray]
     rows: np.ndarray  # index into the SequenceTable
+    actions: Optional[np.ndarray] = None  # aligned with ids; 0 at positions >= len (the target's action is unseen)
 
 
 class LeaveOneOut:
@@ -140,7 +221,7 @@ class LeaveOneOut:
         def take(mask: np.ndarray) -> _Padded:
             t = self.train
             return _Padded(t.ids[mask], t.lengths[mask], None if t.timestamps is None else t.timestamps[mask],
-                           t.rows[mask])
+                           t.rows[mask], None if t.actions is None else t.actions[mask])
 
         self.validation, self.train = take(chosen), take(~chosen)
 
@@ -152,6 +233,7 @@ class LeaveOneOut:
         lengths = np.zeros(len(rows), dtype=np.int64)
         has_ts = self.table.timestamps is not None
         ts = np.zeros((len(rows), width), dtype=np.int64) if has_ts else None
+        acts = np.zeros((len(rows), width), dtype=np.int64) if self.table.actions is not None else None
         for out, r in enumerate(rows):
             seq = self.table.items[r]
             t_index = len(seq) - holdout
@@ -161,7 +243,9 @@ class LeaveOneOut:
             if has_ts:
                 times = self.table.timestamps[r]
                 ts[out, :n], ts[out, n] = _window(times, t_index, self.max_history), times[t_index]
-        return _Padded(ids, lengths, ts, np.asarray(rows, dtype=np.int64))
+            if acts is not None:
+                acts[out, :n] = _window(self.table.actions[r], t_index, self.max_history)
+        return _Padded(ids, lengths, ts, np.asarray(rows, dtype=np.int64), acts)
 
     @staticmethod
     def batches(split: _Padded, batch_size: int, shuffle: bool = False,
@@ -181,6 +265,8 @@ class LeaveOneOut:
             }
             if split.timestamps is not None:
                 batch["timestamps"] = torch.from_numpy(split.timestamps[idx, :width])
+            if split.actions is not None:
+                batch["actions"] = torch.from_numpy(split.actions[idx, :width])
             yield batch
 
     def num_batches(self, split: _Padded, batch_size: int) -> int:

@@ -39,9 +39,19 @@ class TrainResult:
 
 
 def build_model(table: SequenceTable, cfg: ExperimentConfig) -> HSTURetrievalModel:
+    check_table_inputs(table, cfg)
     model_cfg = RetrievalModelConfig(num_items=table.num_items, encoder=cfg.model, input_dropout=cfg.train.input_dropout,
-                                     head=cfg.head)
+                                     head=cfg.head, inputs=cfg.inputs,
+                                     num_actions=table.num_actions if cfg.inputs.uses_actions else 0)
     return HSTURetrievalModel(model_cfg)
+
+
+def check_table_inputs(table: SequenceTable, cfg: ExperimentConfig) -> None:
+    """A config that reads actions needs a table with actions (`load_processed(path, actions=cfg.inputs.actions)`)."""
+    if cfg.inputs.uses_actions and table.actions is None:
+        raise ValueError(f"inputs.actions={cfg.inputs.actions!r} reads event types, but the sequence table has no "
+                         "actions: load the data with load_processed(path, actions=cfg.inputs.actions) (the CLI does) "
+                         "from a dataset preprocessed with its action column, or set inputs.actions=none")
 
 
 @torch.no_grad()
@@ -61,7 +71,7 @@ def evaluate_model(model: HSTURetrievalModel, split: LeaveOneOut, cfg: Experimen
     total = split.num_batches(samples, cfg.train.eval_batch_size)
     for batch in tqdm(batches, total=total, desc="evaluate", leave=False, disable=not progress):
         batch = move_to(batch, device)
-        query = model.last_user_vector(batch["ids"], batch["lengths"], batch.get("timestamps"))
+        query = model.last_user_vector(batch["ids"], batch["lengths"], batch.get("timestamps"), batch.get("actions"))
         acc.update(topk.target_ranks(query, batch["targets"], history_window(batch), rank_cap=cfg.train.rank_cap))
     return acc.compute()
 

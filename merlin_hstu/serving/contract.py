@@ -41,8 +41,9 @@ dimension of 1 on each (`user_id` [1, B], `item_id__values` [1, N], `top_k` [1, 
 (`query_timestamp` -1: the last event's time).  That dimension lets Triton's dynamic batcher hand several
 concurrent requests to one model execution.
 
-The action lists are optional when the export's `reads_actions` is false (the HSTU retrieval model reads item
-ids and timestamps only, so the export drops the workflow's action branch); when sent they are still checked.
+The action lists are optional when the export's `reads_actions` is false (a retrieval model without action
+inputs reads item ids and timestamps only, so the export drops the workflow's action branch); when sent they are
+still checked.  A model with action inputs (`inputs.actions` concat | interleave) reads them: they are required.
 
 Documented behaviour instead of errors: unknown item ids (and actions) map to Categorify's out-of-vocabulary id;
 events are ordered by timestamp (stable) before use; a history longer than the model's window keeps its most

@@ -160,13 +160,21 @@ def load_serving_parts(run_dir: str | Path, config: Optional[ExportConfig] = Non
     kinds = {c: _dtype_kind(workflow.input_schema[c].dtype) for c in raw_columns}
     action_column = d.action_column if d.action_column in raw_columns else None
     timestamp_column = d.timestamp_column if d.timestamp_column in raw_columns else None
-    # The retrieval model reads item ids and timestamps only.  The action branch (a string Categorify and a
-    # list aggregation) is about 40% of the workflow's time on a request-sized frame, so it is removed with
-    # NVTabular's own Workflow.remove_inputs - unless the interleaved item/action tokens need it.
+    model_actions = model.config.inputs.actions
+    if model_actions != "none" and action_column is None:
+        raise ValueError(f"{run_dir} reads actions (inputs.actions={model_actions!r}) but the workflow at "
+                         f"{workflow_path} takes no action column (inputs: {workflow.input_schema.column_names}); "
+                         "export it with the workflow of the dataset it was trained on")
+    # A model without action inputs reads item ids and timestamps only.  The action branch (a string Categorify
+    # and a list aggregation) is about 40% of the workflow's time on a request-sized frame, so it is then removed
+    # with NVTabular's own Workflow.remove_inputs - unless the interleaved item/action tokens need it.
     reads_actions = bool(action_column) and (
-        not config.prune_unused_inputs or roles.interleaved_list_column(workflow.output_schema) is not None)
+        model_actions != "none" or not config.prune_unused_inputs
+        or roles.interleaved_list_column(workflow.output_schema) is not None)
     if action_column and not reads_actions:
         workflow.remove_inputs([action_column])
+    # The scorer takes the action ids per event (the interleaved tokens are the same ids shifted by K).
+    action_list = roles.action_list_column(workflow.output_schema) if model_actions != "none" else None
     item_list = roles.item_list_column(workflow.output_schema)
     num_items = model.config.num_items
     items = item_ids_of(workflow, workflow_path)
@@ -207,7 +215,8 @@ def load_serving_parts(run_dir: str | Path, config: Optional[ExportConfig] = Non
         batched_model_name=config.batched_name,
         item_encoding=items.encoding,
         max_item_id=items.max_id,
-        extra={"item_list": item_list, "uses_time": bool(model.config.encoder.time_bias) and bool(timestamp_column)},
+        extra={"item_list": item_list, "uses_time": bool(model.config.encoder.time_bias) and bool(timestamp_column),
+               **({"action_list": action_list} if action_list else {})},
     )
     return ServingParts(run_dir, model, cfg, record, workflow, workflow_path, scorer, mapping, contract,
                         candidates_file, items.first_id)
@@ -237,9 +246,10 @@ def build_ensemble(parts: ServingParts):
 
     time_list = roles.timestamp_list_column(wf.output_schema) if c.extra["uses_time"] else None
     item_list = c.extra["item_list"]
+    action_list = c.extra.get("action_list")  # models with action inputs (inputs.actions concat | interleave)
     sessions = request_schema.column_names >> ops.SessionWorkflowFromRequest(
-        wf, c.id_column, c.served_list_columns, item_list, time_list)
-    topk = sessions >> ops.PredictHSTUTopK(parts.scorer, item_list, time_list)
+        wf, c.id_column, c.served_list_columns, item_list, time_list, action_list)
+    topk = sessions >> ops.PredictHSTUTopK(parts.scorer, item_list, time_list, action_list)
     decoded = topk >> ops.DecodeItemIds(parts.item_mapping, raw(c.item_dtype), parts.first_item_id)
     return Ensemble(decoded, request_schema)
 

@@ -155,13 +155,18 @@ class SessionWorkflowFromRequest(InlineWorkflow):
     """
 
     def __init__(self, workflow=None, id_column: str = "user_id", list_columns: Optional[List[str]] = None,
-                 item_list: str = "item_id-list", time_list: Optional[str] = None):
+                 item_list: str = "item_id-list", time_list: Optional[str] = None, action_list: Optional[str] = None):
         super().__init__(workflow)
         self.id_column = id_column
         self.list_columns = list(list_columns or [])
         self.item_list = item_list
         self.time_list = time_list
+        self.action_list = action_list  # the workflow's action list, for models that read actions
         self.key_dtype = workflow.input_schema[id_column].dtype if workflow is not None else md.int64
+
+    def _outputs(self) -> List[str]:
+        # getattr: graphs pickled before action inputs existed have no action_list
+        return [name for name in (self.item_list, self.time_list, getattr(self, "action_list", None)) if name]
 
     def load_workflow(self, path: Path):
         from merlin_hstu.workflows.session_workflow import load_serving_workflow
@@ -174,8 +179,7 @@ class SessionWorkflowFromRequest(InlineWorkflow):
 
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector,
                               prev_output_schema: Optional[Schema] = None) -> Schema:
-        lists = [_ragged(self.item_list)] + ([_ragged(self.time_list)] if self.time_list else [])
-        return Schema(lists + [input_schema[name] for name in OPTIONS])
+        return Schema([_ragged(name) for name in self._outputs()] + [input_schema[name] for name in OPTIONS])
 
     def transform(self, col_selector: ColumnSelector, table: TensorTable) -> TensorTable:
         offsets = np.asarray(table[self.list_columns[0]].offsets, dtype=np.int64)
@@ -191,7 +195,7 @@ class SessionWorkflowFromRequest(InlineWorkflow):
         if not np.array_equal(sessions[self.id_column].to_numpy(), keys):
             raise RuntimeError("the session workflow dropped or merged request rows; every row needs >= 1 event")
         out = {}
-        for name in [self.item_list] + ([self.time_list] if self.time_list else []):
+        for name in self._outputs():
             out[f"{name}__values"], out[f"{name}__offsets"] = _values_offsets(sessions[name])
         for name in OPTIONS:
             out[name] = np.asarray(table[name].values)
@@ -232,19 +236,21 @@ class TorchScriptOp(BaseOperator):
 class PredictHSTUTopK(TorchScriptOp):
     """The HSTU retrieval model and top-K as one TorchScript program, run inside the executor.
 
-    Inputs: the workflow's item list (and timestamp list, when the model uses time) plus the per-row options
-    `query_timestamp` (< 0: the last event's time), `exclude_history` and `top_k` (the batch is ranked once
-    with the largest K; `RequestContract.split` cuts each request to its own K).  Outputs `scores` and encoded
-    `item_ids`, [B, K] each.
+    Inputs: the workflow's item list (and timestamp list, when the model uses time; action list, when it reads
+    actions) plus the per-row options `query_timestamp` (< 0: the last event's time), `exclude_history` and
+    `top_k` (the batch is ranked once with the largest K; `RequestContract.split` cuts each request to its own
+    K).  Outputs `scores` and encoded `item_ids`, [B, K] each.
     """
 
     model_file = SCORER_FILE
 
-    def __init__(self, scorer=None, item_list: str = "item_id-list", time_list: Optional[str] = None):
+    def __init__(self, scorer=None, item_list: str = "item_id-list", time_list: Optional[str] = None,
+                 action_list: Optional[str] = None):
         super().__init__()
         self.model = scorer
         self.item_list = item_list
         self.time_list = time_list
+        self.action_list = action_list
 
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector,
                               prev_output_schema: Optional[Schema] = None) -> Schema:
@@ -262,8 +268,13 @@ class PredictHSTUTopK(TorchScriptOp):
         query = torch.from_numpy(np.asarray(table[QUERY_TIMESTAMP].values, dtype=np.int64))
         exclude = torch.from_numpy(np.asarray(table[EXCLUDE_HISTORY].values, dtype=bool))
         k = int(np.max(np.asarray(table[TOP_K].values)))
+        action_list = getattr(self, "action_list", None)  # graphs pickled before action inputs: none
         with torch.inference_mode():
-            scores, ids = self.model(values, offsets, times, query, k, exclude)
+            if action_list:
+                actions = torch.from_numpy(np.asarray(table[action_list].values, dtype=np.int64))
+                scores, ids = self.model(values, offsets, times, query, k, exclude, actions)
+            else:  # the call programs exported before action inputs take
+                scores, ids = self.model(values, offsets, times, query, k, exclude)
         return TensorTable({OUT_SCORES: scores.numpy(), OUT_ITEM_IDS: ids.numpy()})
 
     @property

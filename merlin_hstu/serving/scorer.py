@@ -13,7 +13,9 @@ pickle of them (merlin-integration.md §2.10).  The program is built in two part
       ids[b, :] = items[b][n_b - len_b : n_b], 0 ...  right-padded to W
       ts[b, j]  = event time for j < len_b, ts[b, len_b] = query time (the last position's prediction time;
                   a negative query time means "the last event's time", the default of `recommend`)
-      u_b       = tower(ids, len, ts)                  the query vector [B, D] (L2-normalised by default)
+      act[b, :] = actions[b][n_b - len_b : n_b], 0 ... the encoded action ids, windowed like the items (all 0
+                  for a model without action inputs; `inputs.actions` concat | interleave read them)
+      u_b       = tower(ids, len, ts, act)             the query vector [B, D] (L2-normalised by default)
       s[b, :]   = catalogue(u_b)                       every item's score: the model's top-K module
                                                        (merlin_hstu.retrieval.topk), traced: <u_b, e_v> with
                                                        e_v = E[v] / max(||E[v]||, 1e-6) for the dot product
@@ -48,9 +50,11 @@ class _UserTower(nn.Module):
         super().__init__()
         self.model = model
         self.uses_time = uses_time
+        self.uses_actions = model.config.inputs.uses_actions
 
-    def forward(self, ids: Tensor, lengths: Tensor, timestamps: Tensor) -> Tensor:
-        return self.model.last_user_vector(ids, lengths, timestamps if self.uses_time else None)
+    def forward(self, ids: Tensor, lengths: Tensor, timestamps: Tensor, actions: Tensor) -> Tensor:
+        return self.model.last_user_vector(ids, lengths, timestamps if self.uses_time else None,
+                                           actions if self.uses_actions else None)
 
 
 class _CatalogueScores(nn.Module):
@@ -70,9 +74,10 @@ class TopKScorer(nn.Module):
     max_history: int
     width: int
     max_k: int
+    uses_actions: bool
 
     def __init__(self, tower: torch.jit.ScriptModule, catalogue: torch.jit.ScriptModule, rankable: Tensor,
-                 max_history: int):
+                 max_history: int, uses_actions: bool = False):
         super().__init__()
         self.tower = tower
         self.catalogue = catalogue
@@ -80,10 +85,12 @@ class TopKScorer(nn.Module):
         self.max_history = max_history
         self.width = max_history + 1
         self.max_k = int(rankable.sum()) - max_history
+        self.uses_actions = uses_actions
 
     def window(self, item_values: Tensor, item_offsets: Tensor, ts_values: Tensor,
-               query_timestamps: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """Jagged lists (the workflow's `item_id-list` / `timestamp-list`) -> padded ids, lengths, times."""
+               query_timestamps: Tensor, action_values: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Jagged lists (the workflow's `item_id-list` / `timestamp-list` / `action-list`) -> padded ids, lengths,
+        times, actions."""
         offsets = item_offsets.to(torch.long)
         counts = offsets[1:] - offsets[:-1]
         batch = counts.shape[0]
@@ -101,24 +108,32 @@ class TopKScorer(nn.Module):
         query = query_timestamps.to(torch.long)
         query = torch.where(query < 0, last_time, query)  # < 0: "now" = the last event's time
         times = times.scatter(1, lengths.unsqueeze(1), query.unsqueeze(1))
-        return ids, lengths, times
+        actions = torch.zeros(batch, self.width, dtype=torch.long)
+        actions = actions.index_put([row, column], action_values.to(torch.long)[keep])
+        return ids, lengths, times, actions
 
-    def scores(self, ids: Tensor, lengths: Tensor, times: Tensor, exclude_history: Tensor) -> Tensor:
-        user = self.tower(ids, lengths, times)
+    def scores(self, ids: Tensor, lengths: Tensor, times: Tensor, actions: Tensor, exclude_history: Tensor) -> Tensor:
+        user = self.tower(ids, lengths, times, actions)
         scores = self.catalogue(user)
         scores = scores.masked_fill(~self.rankable.unsqueeze(0), float("-inf"))
         # Rows that keep their history scatter into column 0 (padding), which is never rankable anyway.
         return scores.scatter(1, ids * exclude_history.to(torch.long).unsqueeze(1), float("-inf"))
 
     def forward(self, item_values: Tensor, item_offsets: Tensor, ts_values: Tensor, query_timestamps: Tensor,
-                k: int, exclude_history: Tensor) -> Tuple[Tensor, Tensor]:
+                k: int, exclude_history: Tensor, action_values: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """item_values [N], item_offsets [B+1], ts_values [N] (aligned with the items), query_timestamps [B]
-        (< 0: the last event's time), k, exclude_history [B] bool
-        -> (scores [B, k] float32, encoded item ids [B, k] int64), best first."""
+        (< 0: the last event's time), k, exclude_history [B] bool, action_values [N] (encoded action ids aligned
+        with the items; required when the model reads actions) -> (scores [B, k] float32, encoded item ids [B, k]
+        int64), best first."""
         if k < 1 or k > self.max_k:
             raise ValueError("top_k must be in [1, max_k]")
-        ids, lengths, times = self.window(item_values, item_offsets, ts_values, query_timestamps)
-        top = torch.topk(self.scores(ids, lengths, times, exclude_history), k, dim=1)
+        if action_values is None:
+            if self.uses_actions:
+                raise ValueError("this model reads actions (inputs.actions): pass action_values aligned with items")
+            action_values = torch.zeros_like(item_values)
+        ids, lengths, times, actions = self.window(item_values, item_offsets, ts_values, query_timestamps,
+                                                   action_values)
+        top = torch.topk(self.scores(ids, lengths, times, actions, exclude_history), k, dim=1)
         return top.values, top.indices
 
 
@@ -156,11 +171,13 @@ def build_scorer(model: HSTURetrievalModel, max_history: int, rankable: Tensor) 
     ids[0, :3], ids[1, :1] = torch.tensor([3, 4, 5]), 3
     lengths = torch.tensor([3, 1])
     times = torch.arange(2 * width, dtype=torch.long).view(2, width) * 60 + 1_600_000_000
+    actions = torch.zeros(2, width, dtype=torch.long)
+    actions[0, :3], actions[1, :1] = 1, 1  # row 1 (null): a row every action table has (num_actions >= 2)
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about the model's Python-side width checks; the width is fixed here on purpose.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        tower = torch.jit.trace(_UserTower(model, uses_time), (ids, lengths, times), check_trace=False)
-        query = tower(ids, lengths, times)
+        tower = torch.jit.trace(_UserTower(model, uses_time), (ids, lengths, times, actions), check_trace=False)
+        query = tower(ids, lengths, times, actions)
         catalogue = torch.jit.trace(_CatalogueScores(model.topk()), query, check_trace=False)
-    scorer = TopKScorer(tower, catalogue, rankable.clone(), max_history)
+    scorer = TopKScorer(tower, catalogue, rankable.clone(), max_history, model.config.inputs.uses_actions)
     return torch.jit.script(scorer.eval())

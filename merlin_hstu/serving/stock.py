@@ -51,6 +51,10 @@ def export_stock_repository(run_dir: str | Path, output: str | Path, top_k: int 
 
     # The stock path runs the whole fitted workflow, exactly as `TransformWorkflow(wf)` would.
     parts = load_serving_parts(run_dir, ExportConfig(top_k=top_k, prune_unused_inputs=False))
+    if parts.model.config.inputs.uses_actions:
+        raise ValueError(f"{run_dir} reads actions (inputs.actions={parts.model.config.inputs.actions!r}); the stock "
+                         "merlin-systems baseline feeds the model item and time lists only: export this run with "
+                         "`merlin-hstu export` (merlin_hstu.serving.export.export_repository)")
     wf = parts.workflow
     item_list = roles.item_list_column(wf.output_schema)
     time_list = roles.timestamp_list_column(wf.output_schema)
