@@ -1,5 +1,6 @@
 """Transformers4Rec adapters: HSTU / SASRec encoders and masking (`encoders`), the generative retrieval task
-(`retrieval`), the DLRM-HSTU ranking head (`ranking`) and WuKong CTR blocks (`ctr`).
+(`retrieval`), the DLRM-HSTU ranking head (`ranking`), WuKong CTR blocks (`ctr`), and the train / eval files that
+`tr.Trainer` reads from our workflows' outputs (`data`; docs/t4r.md, "Training with tr.Trainer on our workflows").
 
 Importing this package imports Transformers4Rec and registers "hstu", "hstu-time", "hstu-clm" and "sasrec"
 with T4R and the Hugging Face Auto classes (idempotent).  `import merlin_hstu` alone does not import T4R; it

@@ -26,16 +26,23 @@ width differs from the item embedding width).  What each mode does:
 
 Invalid option combinations (e.g. BCE with 128 negatives, logQ with uniform negatives) raise `ValueError` when the
 task is constructed.
+
+`GenerativeRetrievalTask.from_configs(loss_config, head_config)` builds the task from the typed configs of a native
+run (`ExperimentConfig.train.loss_config()`, `ExperimentConfig.head`). `retrieval_model_from_schema(schema, encoder,
+max_sequence_length)` builds the whole `tr.Model` from a session-workflow schema and the native
+`HSTUEncoderConfig`. It is what `tr.Trainer` trains in docs/t4r.md and `merlin-hstu bench t4r-vs-native`.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from transformers4rec.torch.block.base import Block
 from transformers4rec.torch.model.prediction_task import NextItemPredictionTask
 
+from merlin_hstu.common import schema as roles
+from merlin_hstu.encoders.hstu import HSTUEncoderConfig
 from merlin_hstu.retrieval.losses import RetrievalLossConfig, retrieval_loss
 from merlin_hstu.retrieval.similarity import MoLConfig, RetrievalHead, RetrievalHeadConfig
 
@@ -125,6 +132,17 @@ class GenerativeRetrievalTask(NextItemPredictionTask):
         super().__init__(metrics=metrics, task_block=task_block, task_name=task_name, weight_tying=True)
         self.loss_config, self.head_config, self.first_item_id = loss_config, head_config, first_item_id
 
+    @classmethod
+    def from_configs(cls, loss: RetrievalLossConfig, head: Optional[RetrievalHeadConfig] = None,
+                     **kwargs) -> "GenerativeRetrievalTask":
+        """The task with a native run's objective (`train.loss_config()`) and head (`ExperimentConfig.head`);
+        `kwargs` are the other constructor arguments (first_item_id, metrics, task_name, task_block)."""
+        head = head or RetrievalHeadConfig()
+        return cls(loss=loss.loss, negatives=loss.negatives, num_negatives=loss.num_negatives,
+                   temperature=loss.temperature, logq_correction=loss.logq_correction,
+                   mi_loss_weight=loss.mi_loss_weight, l2_norm=head.item_norm == "l2", query_norm=head.query_norm,
+                   similarity=head.similarity, mol=head.mol, topk_chunk_size=head.topk_chunk_size, **kwargs)
+
     def build(self, body, input_size, device=None, inputs=None, task_block=None, pre=None):
         super().build(body, input_size, device=device, inputs=inputs, task_block=task_block, pre=pre)
         table = self.item_embedding_table
@@ -158,4 +176,69 @@ class GenerativeRetrievalTask(NextItemPredictionTask):
         return "GenerativeRetrievalTask"
 
 
-__all__ = ["GenerativeRetrievalTask", "RetrievalOutput"]
+def first_item_id(schema, item_column: str) -> int:
+    """Smallest real item id of a workflow's item column: 1 for raw ids (`item_encoding="raw"`), else
+    Categorify's first value id (0 pad, 1 null, 2 OOV)."""
+    from merlin_hstu.workflows.ops import ITEM_ENCODING_PROPERTY
+
+    raw = schema[item_column].properties.get(ITEM_ENCODING_PROPERTY) == "raw"
+    return 1 if raw else roles.FIRST_REAL_ID
+
+
+def retrieval_model_from_schema(schema, encoder: HSTUEncoderConfig, max_sequence_length: int,
+                                task: Optional[GenerativeRetrievalTask] = None, input_dropout: float = 0.2,
+                                features: Sequence[str] = ()):
+    """A T4R next-item model for a session-workflow schema (its schema.pbtxt, or a split's).
+
+        inputs  HSTUSequenceFeatures (time bias on: the schema's timestamp list goes to the encoder) or
+                TabularSequenceFeatures: the item list embedded at encoder.embedding_dim, plus `features`
+                (other list columns of the schema, concatenated and projected to embedding_dim), masking "hstu-clm"
+        body    HSTUModel with `encoder`'s sizes, biases, dropout and kernel; its normaliser N is encoder.max_seq_len
+        head    `task` (default: GenerativeRetrievalTask()), first_item_id from the schema when the task has none
+
+    `max_sequence_length` is the padded width T4R's loader and `tr.Model` use, at most encoder.max_seq_len.
+    With `retrieval_trainer_splits` it is `TrainerSplits.max_sequence_length` (H + 1).
+    """
+    import transformers4rec.torch as tr
+
+    from merlin_hstu.t4r.encoders import HSTUSequenceFeatures, T4RecHSTUConfig, _as_core_schema
+
+    core = _as_core_schema(schema)
+    if not encoder.causal:
+        raise ValueError("retrieval_model_from_schema needs a causal encoder (HSTUEncoderConfig.causal=True): T4R's "
+                         "causal masking trains every position on the next item")
+    if max_sequence_length > encoder.max_seq_len:
+        raise ValueError(f"max_sequence_length={max_sequence_length} exceeds encoder.max_seq_len="
+                         f"{encoder.max_seq_len} (the encoder's N); raise model.max_seq_len or shorten the lists")
+    item = roles.item_list_column(core)
+    timestamps = roles.timestamp_list_column(core) if encoder.time_bias else None
+    if encoder.time_bias and timestamps is None:
+        raise ValueError(f"encoder.time_bias=True needs a timestamp list column, and the schema has none "
+                         f"(columns: {core.column_names}); preprocess with timestamps or set time_bias=False")
+    unknown = [f for f in features if f not in core.column_names]
+    if unknown:
+        raise ValueError(f"features {unknown} are not in the schema (columns: {core.column_names})")
+    names = [item, *[f for f in features if f != item]]
+    dim = encoder.embedding_dim
+    common = dict(max_sequence_length=max_sequence_length, embedding_dim_default=dim, embedding_dims={item: dim},
+                  masking="hstu-clm")
+    if len(names) > 1:
+        common["d_output"] = dim  # the concatenated features are wider than the encoder
+    if timestamps is not None:
+        inputs = HSTUSequenceFeatures.from_schema(core.select_by_name(names + [timestamps]),
+                                                  timestamp_column=timestamps, **common)
+    else:
+        inputs = tr.TabularSequenceFeatures.from_schema(core.select_by_name(names), **common)
+    config = T4RecHSTUConfig.build(
+        dim, encoder.num_heads, encoder.num_blocks, encoder.max_seq_len, dropout=encoder.linear_dropout,
+        time_bias=encoder.time_bias, kernel=encoder.kernel, attention_dim=encoder.attention_dim,
+        linear_dim=encoder.linear_dim, input_dropout=input_dropout, position_bias=encoder.position_bias,
+        num_time_buckets=encoder.num_time_buckets, layer_norm_eps=encoder.layer_norm_eps)
+    body = tr.SequentialBlock(inputs, tr.TransformerBlock(config, masking=inputs.masking))
+    task = task if task is not None else GenerativeRetrievalTask()
+    if task.first_item_id is None:
+        task.first_item_id = first_item_id(core, item)
+    return tr.Model(tr.Head(body, task), max_sequence_length=max_sequence_length)
+
+
+__all__ = ["GenerativeRetrievalTask", "RetrievalOutput", "first_item_id", "retrieval_model_from_schema"]
