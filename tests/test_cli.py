@@ -55,7 +55,7 @@ def small_log(tmp_path_factory):
 
 def test_preprocess_train_evaluate(small_log, tmp_path, capsys):
     data, run = tmp_path / "data", tmp_path / "run"
-    assert main(["preprocess", "--input", str(small_log), "--output", str(data)]) == 0
+    assert main(["preprocess", "--input", str(small_log), "--output", str(data), "--max-history", "20"]) == 0
     assert (data / "processed" / "schema.pbtxt").is_file() and (data / "workflow").is_dir()
     assert main(["preprocess", "--input", str(small_log), "--output", str(data)]) == 2  # exists, no --overwrite
     assert "overwrite" in capsys.readouterr().err

@@ -97,7 +97,9 @@ from merlin_hstu.common.atomic_dir import publish_dir, staging_dir
 from merlin_hstu.workflows.ops import ChronologicalGroupby, RawItemIds
 from merlin_hstu.workflows.session_workflow import (
     ITEM_ENCODINGS,
+    ORIGIN_ATTR,
     EventLogError,
+    LogOrigin,
     SessionWorkflowConfig,
     _relocate_paths,
     normalize_event_log,
@@ -379,7 +381,8 @@ def _session_config(config: RankingWorkflowConfig) -> SessionWorkflowConfig:
     return SessionWorkflowConfig(id_column=config.user_column, item_column=config.item_column, action_column=None,
                                  timestamp_column=config.timestamp_column, csv_separator=config.csv_separator,
                                  item_encoding=config.item_encoding,
-                                 cli_flags={"id_column": "--user-column", "drop_nulls": None, "input_format": None})
+                                 cli_flags={"id_column": "--user-column", "drop_nulls": None, "input_format": None,
+                                            "timestamp_none": None})
 
 
 def read_ranking_log(path: PathLike, config: RankingWorkflowConfig) -> pd.DataFrame:
@@ -415,6 +418,12 @@ def attach_user_features(events: pd.DataFrame, user_features: pd.DataFrame,
     return merged
 
 
+#: the preprocess-ranking flag of each RankingWorkflowConfig column field (for the Fix of error messages)
+_RANKING_FLAGS = {"user_column": "--user-column", "item_column": "--item-column", "timestamp_column": "--timestamp-column",
+                  "action_column": "--action-column", "action_names": "--action-names",
+                  "watch_time_column": "--watch-time-column", "contextual_columns": "--contextual"}
+
+
 def validate_ranking_log(df: pd.DataFrame, config: RankingWorkflowConfig) -> None:
     """Raise RankingDataError naming the column and the fix; return None for a usable log."""
     if not isinstance(df, pd.DataFrame):
@@ -431,10 +440,12 @@ def validate_ranking_log(df: pd.DataFrame, config: RankingWorkflowConfig) -> Non
         required[f"contextual_columns[{i}]"] = name
     missing = [(field_, col) for field_, col in required.items() if col not in df.columns]
     if missing:
+        source = df.attrs[ORIGIN_ATTR].source if isinstance(df.attrs.get(ORIGIN_ATTR), LogOrigin) else "the event log"
         raise RankingDataError(
-            f"the event log is missing column(s) {[c for _, c in missing]} (columns present: {list(df.columns)}). "
-            "Fix: " + "; ".join(f"rename the log's column to {c!r} or set RankingWorkflowConfig.{f}" for f, c in missing)
-            + " (contextual columns may also come from a user_features table)."
+            f"{source} is missing column(s) {[c for _, c in missing]} (columns present: {list(df.columns)}). "
+            "Fix: " + "; ".join(f"{_RANKING_FLAGS.get(f.split('[')[0], f)} NAME to name the log's column, or rename it "
+                                f"to {c!r} (Python: RankingWorkflowConfig.{f})" for f, c in missing)
+            + " (contextual columns may also come from --user-features)."
         )
     if len(df) == 0:
         raise RankingDataError("the event log is empty (0 rows). Fix: point preprocess-ranking at a non-empty log.")

@@ -123,6 +123,7 @@ CLI_FLAGS = {
     "input": "--input", "id_column": "--id-column", "item_column": "--item-column",
     "action_column": "--action-column", "timestamp_column": "--timestamp-column", "min_length": "--min-length",
     "max_length": "--max-history", "csv_separator": "--separator", "drop_nulls": "--drop-nulls",
+    "timestamp_none": "--timestamp-column none",
     "input_format": "--input-format", "sequence_user_ids": "--sequence-user-ids",
 }
 INPUT_FORMATS = ("auto", "events", "sessions", "sequences")
@@ -754,9 +755,11 @@ def _timestamps_to_seconds(series: pd.Series, col: str, origin: Optional[LogOrig
     origin = origin or LogOrigin("the DataFrame", "dataframe")
     config = config or SessionWorkflowConfig()
     dtype = series.dtype
+    no_time = config.flag("timestamp_none")  # None: the command needs timestamps (preprocess-ranking)
+    no_time = f", or {no_time} to ignore time (events keep the file order)" if no_time else ""
     fix_text = (
-        f"write whole unix seconds in the file, or {config.flag('timestamp_column')} none to ignore time (events keep "
-        f"the file order) (Python: df[{col!r}] = pd.to_datetime(df[{col!r}]).astype('int64') // 10**9)"
+        f"write whole unix seconds in the file{no_time} "
+        f"(Python: df[{col!r}] = pd.to_datetime(df[{col!r}]).astype('int64') // 10**9)"
     )
 
     def fail(position: int, problem: str, fix: str = fix_text):
@@ -780,7 +783,7 @@ def _timestamps_to_seconds(series: pd.Series, col: str, origin: Optional[LogOrig
         bad = ~np.isfinite(values) | (values != np.floor(values)) | (np.abs(values) >= 2.0**63)
         if bad.any():
             fail(int(np.argmax(bad)), f"not whole unix seconds ({int(bad.sum())} such value(s))",
-                 f"write whole seconds in the file, or {config.flag('timestamp_column')} none to ignore time "
+                 f"write whole seconds in the file{no_time} "
                  f"(Python: df[{col!r}] = np.floor(df[{col!r}]).astype('int64'))")
         seconds = values.astype(np.int64)
     elif dtype == object and pd.api.types.infer_dtype(series, skipna=False) == "integer":
@@ -797,8 +800,7 @@ def _timestamps_to_seconds(series: pd.Series, col: str, origin: Optional[LogOrig
     negative = seconds < 0
     if negative.any():
         fail(int(np.argmax(negative)), f"negative ({int(negative.sum())} such value(s)); timestamps are unix "
-             "seconds >= 0", f"correct or drop those events in the file, or {config.flag('timestamp_column')} none "
-             "to ignore time")
+             "seconds >= 0", f"correct or drop those events in the file{no_time}")
     if len(seconds) and seconds.max() > _LIKELY_MILLISECONDS:
         warnings.warn(
             f"{origin.source}: column {origin.column(col)!r} has values up to {seconds.max()}, which look like "

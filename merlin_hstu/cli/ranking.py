@@ -85,6 +85,10 @@ def _events_source(args, rw):
     if not tasks:
         raise ValueError("--format events needs tasks: name the action bits with --action-names")
     events = rw.read_ranking_log(args.input, config)
+    from merlin_hstu.workflows.session_workflow import NOTES_ATTR
+
+    for note in events.attrs.get(NOTES_ATTR, []):  # e.g. ids beyond int64, read as strings
+        print(f"note: {note}")
     return rw.RankingSource(name=Path(args.input).name, events=events, config=config, tasks=tasks,
                             user_features=users, description=f"event log {args.input}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 TASKS = ("retrieval", "ranking", "ctr")
 DEFAULT_PRESETS = {"retrieval": "demo", "ranking": "dlrm-hstu", "ctr": "wukong"}
@@ -70,6 +71,9 @@ def _check_kernel(cfg, args) -> None:
 def cmd_train(args) -> int:
     from merlin_hstu.train.run_dir import checkpoint_dir
 
+    if args.task != "retrieval" and (args.max_history is not None or args.allow_history_mismatch):
+        raise ValueError(f"--max-history and --allow-history-mismatch apply to --task retrieval only (this is "
+                         f"--task {args.task}); drop them")
     run_dir = Path(args.output)
     if run_dir.exists() and not args.overwrite:
         raise FileExistsError(f"--output {run_dir} already holds a run; pass --overwrite to replace it, or choose "
@@ -94,14 +98,56 @@ def cmd_train(args) -> int:
 def _train_retrieval(args, run_dir: Path, common: dict) -> int:
     from merlin_hstu.cli.main import _load_cfg, train_and_report
 
-    cfg = _load_cfg(args, loop_overrides(args))
+    data_dir = Path(args.data)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"--data {data_dir} is not a directory. Fix: pass the --output directory of "
+                                "`merlin-hstu preprocess`")
+    history = data_history(args, data_dir, _load_cfg(args, loop_overrides(args), quiet=True))
+    cfg = _load_cfg(args, loop_overrides(args), history=history)
     if args.kernel and getattr(cfg.model, "kernel", None) is None:
         raise ValueError(f"--kernel: the encoder of config {cfg.name!r} ({type(cfg.model).__name__}) has no HSTU "
                          "attention; drop --kernel")
-    data_dir = Path(args.data)
     train_and_report(data_dir, run_dir, cfg, fingerprint=fingerprint_of(cfg.to_dict(), str(data_dir)), **common)
     print(f"run saved to {run_dir}")
     return 0
+
+
+def data_history(args, data_dir: Path, cfg) -> Optional[int]:
+    """The retrieval model's max history against the data's (DATA/data_report.json, written by preprocess).
+
+    Without --max-history, --set data.max_history or --config, the model takes the data's window. A model whose
+    window differs from the data's is refused unless --allow-history-mismatch. Returns the history to apply to
+    the config (None: the config's own)."""
+    from merlin_hstu.cli.main import explicit_history
+    from merlin_hstu.workflows.session_workflow import DATA_REPORT_FILE, read_data_report
+
+    report = read_data_report(data_dir)
+    data = report["max_history"]["value"] if report else None
+    explicit = explicit_history(args)
+    if explicit is not None:
+        model, how = explicit
+    elif args.config:
+        model, how = cfg.data.max_history, f"data.max_history of --config {args.config}"
+    elif data is not None:
+        print(f"max history {data}: the data's ({data_dir / DATA_REPORT_FILE}); pass --max-history to change it")
+        return data
+    else:
+        print(f"note: {data_dir} has no {DATA_REPORT_FILE} (written by preprocess since it sizes the data), so the "
+              f"model's max history {cfg.data.max_history} is not checked against it")
+        return None
+    if data is not None and model != data:
+        if not args.allow_history_mismatch:
+            raise ValueError(
+                f"the model's max history is {model} ({how}), but --data {data_dir} was preprocessed for a max "
+                f"history of {data} ({data_dir / DATA_REPORT_FILE}): "
+                + (f"its sequences hold at most {data} history events, fewer than the model is sized for"
+                   if model > data else f"the model would ignore the oldest {data - model} history events it kept")
+                + f". Fix: --max-history {data} to train with the data's window, or re-run "
+                f"`merlin-hstu preprocess ... --max-history {model}` for this model, or --allow-history-mismatch to "
+                "train anyway"
+            )
+        print(f"note: the model's max history {model} differs from the data's {data} (--allow-history-mismatch)")
+    return model if explicit is not None and explicit[1].startswith("--max-history") else None
 
 
 def _train_ranking(args, run_dir: Path, common: dict) -> int:
@@ -213,6 +259,13 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
     p.add_argument("--output", default=str(DEFAULT_RUN_ROOT / "train"), help="run directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory at --output")
     _add_config_args(p, None)
+    g = p.add_argument_group("retrieval: history window")
+    g.add_argument("--max-history", type=int, metavar="N",
+                   help="the model's history window (default: the data's, from DATA/data_report.json, unless "
+                        "--config or --set data.max_history sets one)")
+    g.add_argument("--allow-history-mismatch", action="store_true",
+                   help="train even though the model's max history differs from the one the data was "
+                        "preprocessed for")
     add_loop_arguments(p)
     p.add_argument("--cache", default=str(DEFAULT_RUN_ROOT / "cache"),
                    help="ctr: where generated datasets are cached (default: runs/cache)")

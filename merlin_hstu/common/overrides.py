@@ -30,6 +30,9 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {text!r}: {k!r} is a value, not a section")
+        if isinstance(node.get(keys[-1]), dict) and not isinstance(value, dict):
+            raise ValueError(f"override {text!r}: {keys[-1]!r} is a section, not a value; set one of its keys, "
+                             f"e.g. --set {'.'.join(keys)}.<key>=VALUE")
         node[keys[-1]] = value
     return raw
 

@@ -32,7 +32,17 @@ def read_preset(task: str, name_or_path: str | Path, overrides: Sequence[str] = 
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text())
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ValueError(f"config file {path}{where}: not valid YAML ({problem}). Fix: correct the file, or "
+                             "pass a preset name to --config") from None
+        if raw is not None and not isinstance(raw, dict):
+            raise ValueError(f"config file {path}: the top level must be a mapping of sections (data:, model:, "
+                             f"train:, ...), found a {type(raw).__name__}. Fix: correct the file")
     else:
         name = str(name_or_path)
         if name not in preset_names(task):
