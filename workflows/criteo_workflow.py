@@ -58,6 +58,7 @@ from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 from nvtabular import ops
 
 from merlin_hstu.common.atomic_dir import publish_dir, staging_dir
+from merlin_hstu.workflows.cluster import dataset_of, fit_transform
 from merlin_hstu.workflows.session_workflow import _relocate_paths
 
 PathLike = Union[str, os.PathLike]
@@ -303,11 +304,12 @@ def preprocess_criteo(source: Union[PathLike, pd.DataFrame], output_dir: PathLik
     try:
         workflow_dir = staging / "workflow"
         workflow = build_criteo_workflow(config, categories_dir=workflow_dir)
-        workflow.fit(Dataset(parts[TRAIN], cpu=True, npartitions=1))
+        workflow.fit(dataset_of(parts[TRAIN]))
         schema = _relocate_paths(workflow.output_schema, str(staging), str(output_dir))
         rows = {}
         for name, part in parts.items():
-            result = workflow.transform(Dataset(part, cpu=True, npartitions=1)).to_ddf().compute()
+            # row order is the log's: on a Dask cluster (workflows/cluster.py) the partitions come back in order
+            result = fit_transform(workflow, part, fit=False)
             Dataset(result, cpu=True, schema=schema).to_parquet(str(staging / "processed" / name), output_files=1)
             rows[name] = len(result)
         workflow.save(str(workflow_dir))

@@ -94,6 +94,7 @@ from merlin_hstu.ranking.data import (
     read_processed_frame,
 )
 from merlin_hstu.common.atomic_dir import publish_dir, staging_dir
+from merlin_hstu.workflows.cluster import fit_transform
 from merlin_hstu.workflows.ops import ChronologicalGroupby, RawItemIds
 from merlin_hstu.workflows.session_workflow import (
     ITEM_ENCODINGS,
@@ -598,9 +599,8 @@ def preprocess_ranking(source: Union[PathLike, pd.DataFrame], output_dir: PathLi
     try:
         workflow_dir, processed_dir = staging / "workflow", staging / "processed"
         workflow = build_ranking_workflow(config, categories_dir=workflow_dir, raw_item_max_id=raw_item_max_id)
-        dataset = Dataset(events, cpu=True, npartitions=1)  # Groupby works per partition: one partition
-        workflow.fit(dataset)
-        result = workflow.transform(dataset).to_ddf().compute()
+        # one partition, or on a Dask cluster partitions shuffled by user (workflows/cluster.py)
+        result = fit_transform(workflow, events, keys=[config.user_column])
         if len(result) == 0:
             raise RankingDataError(
                 f"no user has the min_uih_len + 1 = {config.min_uih_len + 1} events a ranking sample needs, so "
