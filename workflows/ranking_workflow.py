@@ -599,7 +599,7 @@ def preprocess_ranking(source: Union[PathLike, pd.DataFrame], output_dir: PathLi
     try:
         workflow_dir, processed_dir = staging / "workflow", staging / "processed"
         workflow = build_ranking_workflow(config, categories_dir=workflow_dir, raw_item_max_id=raw_item_max_id)
-        # one partition, or on a Dask cluster partitions shuffled by user (workflows/cluster.py)
+        # one partition, or on a Dask cluster partitions cut at user boundaries (workflows/cluster.py)
         result = fit_transform(workflow, events, keys=[config.user_column])
         if len(result) == 0:
             raise RankingDataError(
