@@ -18,6 +18,10 @@ from merlin_hstu.workflows.session_workflow import DATA_REPORT_FILE, load_item_i
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
+TINY = ["--no-progress", "--set", "train.epochs=1", "--set", "train.max_steps=1", "--set", "model.embedding_dim=8",
+        "--set", "model.attention_dim=4", "--set", "model.linear_dim=4", "--set", "train.num_negatives=8"]
+
+
 def _report(out) -> dict:
     return json.loads((out / DATA_REPORT_FILE).read_text())
 
@@ -102,6 +106,10 @@ def test_sequences_without_user_ids_and_explicit_format(tmp_path, capsys):
     got = {u: [mapping[i] for i in items] for u, items in zip(df["user_id"], df[roles.ITEM_LIST])}
     assert got == {1: [5, 6, 7], 2: [5, 8], 4: [9, 5, 6, 7]}
     assert _report(out)["max_history"]["value"] == 8  # p95 of (2, 1, 3) = 3 -> rounded up to 8
+    assert _report(out)["columns"]["timestamp"] is None
+    # train follows the data: no timestamps, so the default config's time bias goes off (not a model error)
+    assert main(["train", "--data", str(out), "--output", str(tmp_path / "run"), *TINY]) == 0
+    assert "time bias is switched off" in capsys.readouterr().out
 
 
 def test_ids_beyond_int64_are_read_as_strings(tmp_path, capsys):
@@ -143,10 +151,6 @@ def test_drop_nulls_are_counted(tmp_path):
     assert report["input_format"] == "sessions"
     assert report["dropped"]["nulls"]["events"] == 1 and report["dropped"]["nulls"]["sessions"] == 1
     assert report["out"] == {"sequences": 2, "events": 4}
-
-
-TINY = ["--no-progress", "--set", "train.epochs=1", "--set", "train.max_steps=1", "--set", "model.embedding_dim=8",
-        "--set", "model.attention_dim=4", "--set", "model.linear_dim=4", "--set", "train.num_negatives=8"]
 
 
 def test_train_takes_or_checks_the_data_history(tmp_path, capsys):

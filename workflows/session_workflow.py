@@ -1130,6 +1130,8 @@ def data_report(prepared: PreparedLog, config: SessionWorkflowConfig, sequence_l
         "source": prepared.source,
         "input_format": prepared.input_format,
         "id": {"column": config.id_column, "kind": config.id_kind},
+        "columns": {"id": config.id_column, "item": config.item_column, "action": config.action_column,
+                    "timestamp": config.timestamp_column},  # None: the data has no such column
         "in": {"sequences": int(prepared.sequences_in), "events": int(prepared.events_in)},
         "dropped": dropped,
         "truncated": {"sequences": int((cut > 0).sum()), "events": int(cut.sum()),

@@ -102,8 +102,12 @@ def _train_retrieval(args, run_dir: Path, common: dict) -> int:
     if not data_dir.is_dir():
         raise FileNotFoundError(f"--data {data_dir} is not a directory. Fix: pass the --output directory of "
                                 "`merlin-hstu preprocess`")
-    history = data_history(args, data_dir, _load_cfg(args, loop_overrides(args), quiet=True))
-    cfg = _load_cfg(args, loop_overrides(args), history=history)
+    from merlin_hstu.workflows.session_workflow import read_data_report
+
+    report = read_data_report(data_dir)
+    extra = [*loop_overrides(args), *_absent_columns(report)]
+    history = data_history(args, data_dir, _load_cfg(args, extra, quiet=True), report)
+    cfg = _load_cfg(args, extra, history=history)
     if args.kernel and getattr(cfg.model, "kernel", None) is None:
         raise ValueError(f"--kernel: the encoder of config {cfg.name!r} ({type(cfg.model).__name__}) has no HSTU "
                          "attention; drop --kernel")
@@ -112,16 +116,22 @@ def _train_retrieval(args, run_dir: Path, common: dict) -> int:
     return 0
 
 
-def data_history(args, data_dir: Path, cfg) -> Optional[int]:
+def _absent_columns(report: Optional[dict]) -> list:
+    """data.action_column / data.timestamp_column = null when the data has none (e.g. a sequence-per-line log):
+    the config follows the data, and a time bias is switched off (with the note `_load_cfg` prints)."""
+    columns = (report or {}).get("columns") or {}
+    return [f"data.{role}_column=null" for role in ("action", "timestamp") if role in columns and columns[role] is None]
+
+
+def data_history(args, data_dir: Path, cfg, report: Optional[dict]) -> Optional[int]:
     """The retrieval model's max history against the data's (DATA/data_report.json, written by preprocess).
 
     Without --max-history, --set data.max_history or --config, the model takes the data's window. A model whose
     window differs from the data's is refused unless --allow-history-mismatch. Returns the history to apply to
     the config (None: the config's own)."""
     from merlin_hstu.cli.main import explicit_history
-    from merlin_hstu.workflows.session_workflow import DATA_REPORT_FILE, read_data_report
+    from merlin_hstu.workflows.session_workflow import DATA_REPORT_FILE
 
-    report = read_data_report(data_dir)
     data = report["max_history"]["value"] if report else None
     explicit = explicit_history(args)
     if explicit is not None:
