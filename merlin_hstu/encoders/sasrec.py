@@ -9,6 +9,8 @@ matters for a fair baseline.  One block on right-padded x [B, W, D]:
                                               dropout on the attention probabilities
     z = LayerNorm(q + a)                      the residual adds the *normalised* query, not x
     x = (z + FFN(z)) * valid                  FFN = Conv1d(D->F,1) -> ReLU -> Dropout -> Conv1d(F->D,1) -> Dropout
+                                              (GELU instead of ReLU with activation="gelu": the reference's
+                                              GPT-like SASRec variant)
                                               valid = position < length (padded rows are zeroed)
 
 There is no final LayerNorm: the retrieval model L2-normalises the output.  The LayerNorms have no affine
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 POSITION_INIT_TRUNCATED_NORMAL = "truncated_normal"
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
 @dataclass
@@ -51,6 +54,7 @@ class SASRecEncoderConfig:
     dropout: float = 0.2
     max_seq_len: int = 211
     layer_norm_eps: float = 1e-8
+    activation: str = "relu"  # FFN nonlinearity: "relu" (SASRec) or "gelu" (the reference's GPT-like variant)
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "num_blocks", "num_heads", "ffn_hidden_dim", "max_seq_len"):
@@ -65,11 +69,17 @@ class SASRecEncoderConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"SASRecEncoderConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"SASRecEncoderConfig.activation must be one of {sorted(ACTIVATIONS)}, got "
+                             f"{self.activation!r} (model.activation)")
         if not self.layer_norm_eps > 0.0:
             raise ValueError(f"SASRecEncoderConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["activation"] == "relu":  # saved configs of ReLU models keep the keys they always had
+            del d["activation"]
+        return d
 
 
 def positional_table_init(weight: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
@@ -90,8 +100,9 @@ class PointwiseFeedForward(nn.Module):
     """z + Dropout(Conv1d(Dropout(ReLU(Conv1d(z))))) with kernel size 1, i.e. a per-position 2-layer MLP
     plus the inner residual.  Conv1d (not Linear) keeps the reference's parameter layout [out, in, 1]."""
 
-    def __init__(self, dim: int, hidden_dim: int, dropout: float):
+    def __init__(self, dim: int, hidden_dim: int, dropout: float, activation: str = "relu"):
         super().__init__()
+        self.activation = ACTIVATIONS[activation]
         self.conv1 = nn.Conv1d(dim, hidden_dim, kernel_size=1)
         self.conv2 = nn.Conv1d(hidden_dim, dim, kernel_size=1)
         self.dropout1 = nn.Dropout(dropout)
@@ -99,7 +110,7 @@ class PointwiseFeedForward(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, W, D] -> [B, W, D]."""
-        h = self.dropout1(F.relu(self.conv1(z.transpose(1, 2))))
+        h = self.dropout1(self.activation(self.conv1(z.transpose(1, 2))))
         h = self.dropout2(self.conv2(h)).transpose(1, 2)
         return z + h
 
@@ -114,7 +125,8 @@ class SASRecBlock(nn.Module):
         self.attention = nn.MultiheadAttention(
             config.embedding_dim, config.num_heads, dropout=config.dropout, bias=True, batch_first=True
         )
-        self.feed_forward = PointwiseFeedForward(config.embedding_dim, config.ffn_hidden_dim, config.dropout)
+        self.feed_forward = PointwiseFeedForward(config.embedding_dim, config.ffn_hidden_dim, config.dropout,
+                                                 config.activation)
 
     def forward(self, x: torch.Tensor, causal_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """x [B, W, D]; causal_mask [W, W] bool, True where attention is forbidden (j > i);
