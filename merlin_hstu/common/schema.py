@@ -40,6 +40,10 @@ ACTION_LIST = "action-list"
 TIMESTAMP_LIST = "timestamp-list"
 LENGTH = "length"
 INTERLEAVED_LIST = "interleaved-list"  # only when interleaving is on
+# item tables (one row per catalogue item; merlin_hstu.workflows.item_text, merlin_hstu.hllm)
+ITEM_ID = "item_id"  # the ENCODED item id of an item-table row (the id model tables and sequences use)
+RAW_ITEM_ID = "raw_item_id"  # the item id as the raw log / metadata file spells it
+ITEM_TEXT = "item_text"  # the item's text as a language model reads it (its text fields composed)
 
 # ---- roles ------------------------------------------------------------------------------------------
 # ColumnSchema property naming a column's role, e.g. {"merlin_hstu_role": "action"}
@@ -53,6 +57,10 @@ ROLE_ACTION = "action"
 ROLE_TIMESTAMP = "timestamp"
 ROLE_LENGTH = "length"
 ROLE_INTERLEAVED = "interleaved"
+ROLE_ITEM_TABLE_ID = "item_table_id"  # item table: encoded item id
+ROLE_RAW_ITEM_ID = "raw_item_id"  # item table: raw item id
+ROLE_ITEM_TEXT = "item_text"  # item table: the composed text an item language model reads
+ROLE_ITEM_TEXT_FIELD = "item_text_field"  # item table: one source text column (title, genres, ...)
 
 #: exact tag set each role's column carries (tags are replaced, not merged, so nothing leaks from the source)
 ROLE_TAGS: Dict[str, Tuple[Tags, ...]] = {
@@ -63,6 +71,10 @@ ROLE_TAGS: Dict[str, Tuple[Tags, ...]] = {
     ROLE_TIMESTAMP: (Tags.LIST, Tags.TIME, Tags.CONTINUOUS),
     ROLE_LENGTH: (),
     ROLE_INTERLEAVED: (Tags.LIST,),
+    ROLE_ITEM_TABLE_ID: (Tags.ITEM, Tags.ID, Tags.CATEGORICAL),
+    ROLE_RAW_ITEM_ID: (Tags.ITEM,),
+    ROLE_ITEM_TEXT: (Tags.ITEM, Tags.TEXT),
+    ROLE_ITEM_TEXT_FIELD: (Tags.ITEM, Tags.TEXT),
 }
 
 # ---- other properties ---------------------------------------------------------------------------------

@@ -1,0 +1,343 @@
+"""HLLM: the item encoder (real all-MiniLM-L6-v2) against plain transformers forwards, the loss against a plain loop,
+false-negative masking, the embedding cache, the three training modes through the one loop, the NVTabular item-text
+step, the cold-start protocol, items added by their text, and the served model against the offline one.
+
+Data: 40 real ML-1M movies (movies.dat titles and genres) and a small seeded log over them, preprocessed by the
+session workflow with raw ids (as MovieLens is), so the whole file stays within a couple of minutes on 1 thread.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from merlin_hstu.common import schema as roles
+from merlin_hstu.hllm.cache import EmbeddingCache
+from merlin_hstu.hllm.config import HLLMConfig, ItemEncoderConfig
+from merlin_hstu.hllm.losses import LogitScale, batch_negatives, hllm_loss
+
+NUM_MOVIES = 40
+H = 10  # history window
+
+
+# --- fixtures -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def movies(shared_data):
+    from merlin_hstu.workflows import datasets
+
+    frame = datasets.read_movielens_dat_movies(datasets.locate(shared_data / "movielens-1m", "movies.dat", "ml-1m"))
+    return frame.iloc[:NUM_MOVIES].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def dataset(movies, tmp_path_factory):
+    """A seeded log over the movies -> session workflow (raw ids, catalogue = the movies) -> item_text step."""
+    from merlin_hstu.workflows.item_text import write_item_text
+    from merlin_hstu.workflows.session_workflow import SessionWorkflowConfig, preprocess
+
+    rng = np.random.default_rng(7)
+    ids = movies["item_id"].to_numpy()
+    rows = []
+    for user in range(1, 81):
+        taste = ids[(user % 4) * 10:(user % 4) * 10 + 10]  # four groups of ten movies: learnable structure
+        for k, item in enumerate(rng.choice(taste, size=int(rng.integers(4, 12)))):
+            rows.append((user, int(item), 1_000_000 + 3600 * k + user))
+    events = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    out = tmp_path_factory.mktemp("hllm") / "data"
+    config = SessionWorkflowConfig(action_column=None, item_encoding="raw", max_length=H + 2, min_length=1)
+    preprocess(events, out, config, candidates=ids)
+    table = write_item_text(out, movies, ["title", "genres"], separators={"genres": "|"}, source="movies.dat")
+    return {"path": out, "events": events, "item_table": table}
+
+
+@pytest.fixture(scope="module")
+def data(dataset):
+    from merlin_hstu.hllm.data import load_hllm_data
+
+    return load_hllm_data(dataset["path"])
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from merlin_hstu.hllm.item_encoder import ItemTextEncoder
+
+    return ItemTextEncoder(ItemEncoderConfig())
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return EmbeddingCache(tmp_path_factory.mktemp("cache"))
+
+
+def small_config(*overrides: str) -> HLLMConfig:
+    return HLLMConfig().with_overrides([f"data.max_history={H}", "train.epochs=2", "train.batch_size=16",
+                                        "user.embedding_dim=32", "loss.num_negatives=16", *overrides])
+
+
+TEXTS = ["title: Toy Story (1995). genres: Animation, Children's, Comedy.",
+         "title: Heat (1995). genres: Action, Crime, Thriller.",
+         "title: Sabrina (1995). genres: Comedy, Romance."]
+
+
+# --- item encoder -----------------------------------------------------------------------------------------
+def test_mean_and_first_pooling_equal_a_plain_transformers_forward(encoder):
+    """mean / first pooling = the plain AutoModel's outputs for prompt + text (the item token is invisible to them)."""
+    import transformers
+
+    from merlin_hstu.hllm.item_encoder import ItemTextEncoder, pretrained_path
+
+    folder = str(pretrained_path())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    plain = transformers.AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    batch = tokenizer([encoder.config.prompt + t for t in TEXTS], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = plain(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    for pooling, want in (("mean", (hidden * mask).sum(1) / mask.sum(1)), ("first", hidden[:, 0])):
+        other = ItemTextEncoder(ItemEncoderConfig(pooling=pooling), encoder.tokenizer, encoder.backbone)
+        torch.testing.assert_close(other.encode(TEXTS), want, atol=1e-5, rtol=1e-5)
+
+
+def test_item_token_pooling_equals_a_plain_forward_with_the_token_appended(encoder):
+    """item_token pooling = BertModel over [words..., item token] with a mask where text rows skip the item column,
+    built here position by position."""
+    texts = TEXTS[:2]
+    got = encoder.encode(texts)
+    backbone = encoder.backbone
+    for n, text in enumerate(texts):
+        ids = encoder.tokenizer(encoder.config.prompt + text, return_tensors="pt")["input_ids"][0]
+        length = len(ids)
+        with torch.no_grad():
+            words = backbone.get_input_embeddings()(ids)
+            inputs = torch.cat([words, encoder.item_token.detach().unsqueeze(0)]).unsqueeze(0)
+            mask = torch.ones(1, length + 1, length + 1, dtype=torch.long)
+            for row in range(length):
+                mask[0, row, length] = 0  # text tokens never read the item token
+            hidden = backbone(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(got[n], hidden[0, length], atol=1e-5, rtol=1e-5)
+    # the token starts as the mask token's word embedding
+    torch.testing.assert_close(encoder.item_token.detach(),
+                               backbone.get_input_embeddings().weight[encoder.tokenizer.mask_token_id])
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    from merlin_hstu.hllm.item_encoder import pretrained_path
+
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        pretrained_path(str(tmp_path / "nowhere"))
+
+
+# --- loss -------------------------------------------------------------------------------------------------
+def plain_hllm_loss(user, positives, table, negatives, scale, threshold):
+    """One position at a time: cosine logits, skip the positive's id and near-duplicates of the positive."""
+    total = 0.0
+    for p in range(user.shape[0]):
+        u = user[p] / user[p].norm()
+        pos = table[positives[p]] / table[positives[p]].norm()
+        logits = [scale * float(u @ pos)]
+        for n in negatives.tolist():
+            v = table[n] / table[n].norm()
+            if n == int(positives[p]) or float(pos @ v) > threshold:
+                continue
+            logits.append(scale * float(u @ v))
+        total += math.log(sum(math.exp(z) for z in logits)) - logits[0]
+    return total / user.shape[0]
+
+
+def test_loss_equals_a_plain_loop_and_masks_false_negatives():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(12, 8, generator=g, dtype=torch.float64)
+    table[7] = table[3] * 2.0  # item 7 is item 3 again (cosine 1): a false negative for positives 3
+    user = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    positives = torch.tensor([3, 5, 3, 1, 9, 5])
+    negatives = batch_negatives(positives, torch.arange(1, 12), 10, True, g)
+    assert negatives[:4].tolist() == [1, 3, 5, 9]  # distinct in-batch ids first
+    negatives = torch.cat([negatives, torch.tensor([7])])
+    scale = torch.tensor(1 / 0.07, dtype=torch.float64)
+    got = hllm_loss(user, positives, table[positives], negatives, table[negatives], scale, 0.99)
+    assert math.isclose(float(got), plain_hllm_loss(user, positives, table, negatives, float(scale), 0.99),
+                        rel_tol=1e-9)
+    # without the mask, item 7 would count as a negative of the positions whose positive is 3: a larger loss
+    unmasked = hllm_loss(user, positives, table[positives], negatives, table[negatives], scale, 1.01)
+    assert float(unmasked) > float(got)
+    assert math.isclose(float(unmasked), plain_hllm_loss(user, positives, table, negatives, float(scale), 1.01),
+                        rel_tol=1e-9)
+
+
+def test_logit_scale_starts_at_one_over_0_07_and_is_capped():
+    scale = LogitScale(0.07, 100.0)
+    assert math.isclose(float(scale()), 1 / 0.07, rel_tol=1e-6)
+    with torch.no_grad():
+        scale.log_scale.fill_(10.0)
+    assert float(scale()) == 100.0
+
+
+# --- cache ------------------------------------------------------------------------------------------------
+def test_cache_hits_and_invalidates_when_text_or_model_changes(encoder, tmp_path):
+    from merlin_hstu.hllm.item_encoder import ItemTextEncoder
+
+    cache = EmbeddingCache(tmp_path / "c")
+    first = cache.encode(encoder, TEXTS)
+    assert (cache.hits, cache.misses) == (0, 3)
+    again = EmbeddingCache(tmp_path / "c").encode(encoder, TEXTS)  # a new process reads the shards
+    torch.testing.assert_close(again, first)
+    changed = cache.encode(encoder, [TEXTS[0], TEXTS[1] + " Extended cut."])
+    assert (cache.hits, cache.misses) == (1, 4)  # the changed text is a miss
+    torch.testing.assert_close(changed[0], first[0])
+    # another pooling is another model key
+    mean = ItemTextEncoder(ItemEncoderConfig(pooling="mean"), encoder.tokenizer, encoder.backbone)
+    assert mean.fingerprint() != encoder.fingerprint()
+    cache.encode(mean, TEXTS[:1])
+    assert cache.misses == 5
+    # other weights are another model key: nudge one weight, then restore it
+    weight = encoder.item_token
+    before = encoder.fingerprint()
+    with torch.no_grad():
+        weight[0] += 1e-3
+    try:
+        assert encoder.fingerprint() != before
+        cache.encode(encoder, TEXTS[:1])
+        assert cache.misses == 6
+    finally:
+        with torch.no_grad():
+            weight[0] -= 1e-3
+    assert not list((tmp_path / "c").rglob("*.tmp"))  # atomic writes leave no temporary files
+
+
+# --- the NVTabular item-text step -------------------------------------------------------------------------
+def test_item_text_step_joins_tags_and_keeps_the_mapping(dataset, movies):
+    from merlin.schema import Tags
+
+    table = dataset["item_table"]
+    frame = table.frame
+    assert frame[roles.ITEM_ID].tolist() == sorted(movies["item_id"].tolist())  # raw ids: encoded == raw
+    toy = frame.loc[frame[roles.ITEM_ID] == 1, roles.ITEM_TEXT].item()
+    assert toy == "title: Toy Story (1995). genres: Animation, Children's, Comedy."
+    schema = table.schema
+    assert schema[roles.ITEM_TEXT].properties[roles.ROLE_PROPERTY] == roles.ROLE_ITEM_TEXT
+    assert {Tags.TEXT, Tags.ITEM} <= set(schema[roles.ITEM_TEXT].tags)
+    assert Tags.TEXT in schema["genres"].tags
+    assert {Tags.ITEM, Tags.ID} <= set(schema[roles.ITEM_ID].tags)
+    texts = table.text_by_id(NUM_MOVIES + 10)
+    assert texts[0] is None and texts[1] == toy
+
+
+def test_item_text_step_names_catalogue_items_without_metadata(dataset, movies):
+    from merlin_hstu.workflows.item_text import write_item_text
+
+    with pytest.raises(ValueError, match=r"no metadata row \(raw ids e.g. \[40\]"):
+        write_item_text(dataset["path"], movies.iloc[:-1], ["title"], source="movies.dat", overwrite=True)
+    with pytest.raises(ValueError, match="'plot'"):
+        write_item_text(dataset["path"], movies, ["plot"], overwrite=True)
+
+
+# --- training modes ---------------------------------------------------------------------------------------
+def test_frozen_mode_never_changes_the_lm_and_finetune_trains_only_the_top_layers(data, encoder, cache):
+    from merlin_hstu.hllm.item_encoder import ItemTextEncoder, lm_state_digest
+    from merlin_hstu.hllm.train import train_hllm
+
+    before = lm_state_digest(encoder)
+    token = encoder.item_token.detach().clone()
+    frozen = train_hllm(data, small_config("train.mode=frozen"), encoder=encoder, cache=cache)
+    assert lm_state_digest(encoder) == before and torch.equal(encoder.item_token, token)
+    assert not any(p.requires_grad for p in encoder.parameters())
+    assert 0.0 <= frozen.metrics["hr@10"] <= 1.0 and frozen.fit.steps > 0
+
+    tuned = ItemTextEncoder(ItemEncoderConfig(trainable_layers=1), encoder.tokenizer,
+                            __import__("copy").deepcopy(encoder.backbone))
+    bottom = lm_state_digest(tuned, (0, 5))
+    top = lm_state_digest(tuned, (5, 6))
+    result = train_hllm(data, small_config("train.mode=finetune", "item_encoder.trainable_layers=1",
+                                           "train.epochs=1", "train.lm_learning_rate=1e-3"),
+                        encoder=tuned, cache=cache)
+    assert lm_state_digest(tuned, (0, 5)) == bottom  # frozen layers untouched
+    assert lm_state_digest(tuned, (5, 6)) != top  # the top layer trained
+    assert not torch.equal(tuned.item_token, token)  # and the item token
+    # the evaluation table was refreshed with the trained weights: it equals a fresh encoding
+    torch.testing.assert_close(result.model.item_text[1:NUM_MOVIES + 1], tuned.encode(list(data.texts[1:NUM_MOVIES + 1])),
+                               atol=1e-5, rtol=1e-5)
+    assert result.refresh_seconds
+
+
+def test_hybrid_mode_learns_on_the_structured_log(data, encoder, cache):
+    """Four taste groups of ten movies: the hybrid model must beat most-popular's HR@10 after training."""
+    from merlin_hstu.hllm.train import train_hllm
+    from merlin_hstu.retrieval.train import evaluate_most_popular
+
+    cfg = small_config("train.mode=hybrid", "train.epochs=6")
+    result = train_hllm(data, cfg, encoder=encoder, cache=cache)
+    popular = evaluate_most_popular(result.split, cfg)
+    assert result.metrics["hr@10"] > popular["hr@10"]
+    assert result.model.id_embedding is not None
+
+
+def test_transformer_user_model_initialised_from_the_lm(data, encoder, cache):
+    from merlin_hstu.hllm.item_encoder import transformer_layers
+    from merlin_hstu.hllm.model import HLLMModel, HLLMModelConfig
+    from merlin_hstu.hllm.config import UserModelConfig
+
+    cfg = HLLMModelConfig(num_items=data.table.num_items, text_dim=384, mode="frozen", max_history=H,
+                          user=UserModelConfig(kind="transformer", embedding_dim=384, num_heads=12, num_blocks=2,
+                                               init_from_lm=True))
+    model = HLLMModel(cfg, torch.zeros(data.table.num_items, 384), encoder)
+    lm_layer = transformer_layers(encoder.backbone)[1]
+    torch.testing.assert_close(model.encoder.layers[1].output.dense.weight, lm_layer.output.dense.weight)
+    assert model.encoder.layers[1] is not lm_layer  # a copy: training it never touches the item LM
+    # causal: the user vector at position 2 does not change when a later item changes
+    model.eval()
+    model.set_item_text(torch.randn(data.table.num_items, 384))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    u = model.user_vectors(ids, torch.tensor([5]))
+    ids2 = ids.clone()
+    ids2[0, 4] = 9
+    torch.testing.assert_close(model.user_vectors(ids2, torch.tensor([5]))[0, :4], u[0, :4])
+
+
+# --- cold start and new items -----------------------------------------------------------------------------
+def test_cold_start_split_keeps_cold_items_out_of_training(data):
+    from merlin_hstu.hllm.data import cold_eval_samples, cold_start_split
+    from merlin_hstu.retrieval.data import LeaveOneOut
+
+    cold = cold_start_split(data.table, fraction=0.15, seed=3)
+    assert len(cold.cold_items) == round(0.15 * len(np.unique(np.concatenate(data.table.items))))
+    split = LeaveOneOut(cold.table, max_history=H)
+    trained = split.train.ids[split.train.ids > 0]
+    assert not np.isin(trained, cold.cold_items).any()
+    assert not np.isin(cold.warm_pool, cold.cold_items).any()
+    samples = cold_eval_samples(split, cold.cold_items)
+    targets = samples.ids[np.arange(len(samples.lengths)), samples.lengths]
+    assert np.isin(targets, cold.cold_items).all() and len(targets) > 0
+    # each user's last item is kept, and histories hold warm items only
+    assert [s[-1] for s in cold.table.items] == [s[-1] for s in data.table.items]
+
+
+def test_an_unseen_item_gets_a_score_after_its_text_is_added(data, encoder, cache):
+    from merlin_hstu.hllm.losses import normalize
+    from merlin_hstu.hllm.train import train_hllm
+
+    result = train_hllm(data, small_config("train.mode=hybrid", "train.epochs=1"), encoder=encoder, cache=cache)
+    model = result.model.eval()
+    ids, lengths = torch.tensor([[1, 2, 3, 0]]), torch.tensor([3])
+    times = torch.tensor([[1_000_000, 1_003_600, 1_007_200, 1_010_800]])
+    before = model.score_all_items(ids, lengths, times)
+    text = "title: Toy Story 5 (2031). genres: Animation, Children's, Comedy."
+    new = model.add_items(cache.encode(encoder, [text]))
+    assert new.tolist() == [data.table.num_items]
+    after = model.score_all_items(ids, lengths, times)
+    assert after.shape[1] == before.shape[1] + 1
+    torch.testing.assert_close(after[:, :-1], before)  # nothing else moved: no retraining
+    user = model.last_user_vector(ids, lengths, times)[0]
+    expected = user @ normalize(model.project(cache.encode(encoder, [text]))[0])  # zero ID vector in hybrid
+    torch.testing.assert_close(after[0, -1], expected)
+    assert torch.isfinite(after[0, -1])
