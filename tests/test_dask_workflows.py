@@ -75,3 +75,28 @@ def test_scheduler_address_that_does_not_answer_is_a_clear_error():
     with pytest.raises(ValueError, match="no Dask scheduler answers there"):
         with dask_cluster(scheduler="tcp://127.0.0.1:9"):
             pass
+
+
+def test_cli_preprocess_with_workers_equals_one_process(cluster, tmp_path, capsys):
+    """`merlin-hstu preprocess --workers 2` (its own local cluster, nested in the module's) == no --workers."""
+    from merlin_hstu.cli.main import main
+    from merlin_hstu.data.synthetic import SyntheticConfig, generate_event_log
+
+    events = generate_event_log(SyntheticConfig(num_users=150, num_items=90, min_events=3, max_events=30, seed=6))
+    events = events.sample(frac=1.0, random_state=0)  # users spread over every partition
+    events.to_parquet(tmp_path / "events.parquet")
+    import merlin_hstu.workflows.cluster as c
+
+    saved, c._ACTIVE = c._ACTIVE, None
+    try:
+        assert main(["preprocess", "--input", str(tmp_path / "events.parquet"), "--output", str(tmp_path / "one"),
+                     "--max-history", "16"]) == 0
+        assert main(["preprocess", "--input", str(tmp_path / "events.parquet"), "--output", str(tmp_path / "two"),
+                     "--max-history", "16", "--workers", "2"]) == 0
+    finally:
+        c._ACTIVE = saved
+    assert "NVTabular on Dask: 2 worker(s)" in capsys.readouterr().out
+    a, b = read_processed(tmp_path / "two" / "processed"), read_processed(tmp_path / "one" / "processed")
+    assert len(a) == 150
+    pd.testing.assert_frame_equal(a, b)
+    assert active_cluster() is cluster  # the nested cluster handed the module's back

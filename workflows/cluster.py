@@ -63,14 +63,16 @@ def dask_cluster(workers: int = 0, scheduler: Optional[str] = None, threads_per_
         cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
                                dashboard_address=None, host="127.0.0.1", memory_limit=memory_limit)
         client = Client(cluster)
-    previous = _ACTIVE
+    from merlin.core.utils import _merlin_dask_client
+
+    previous, previous_client = _ACTIVE, _merlin_dask_client.get()
     try:
         set_dask_client(client)
         _ACTIVE = ClusterInfo(client.scheduler.address, len(client.scheduler_info()["workers"]), cluster is not None)
         yield _ACTIVE
     finally:
         _ACTIVE = previous
-        set_dask_client(None)
+        _merlin_dask_client.set(previous_client)  # a nested cluster hands the outer one back
         client.close()
         if cluster is not None:
             cluster.close()

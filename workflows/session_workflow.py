@@ -85,6 +85,7 @@ from nvtabular import ops
 
 from merlin_hstu.common import schema as roles
 from merlin_hstu.common.atomic_dir import publish_dir, staging_dir
+from merlin_hstu.workflows.cluster import fit_transform
 from merlin_hstu.workflows.ops import ChronologicalGroupby, FinalizeSequences, RawItemIds
 
 PathLike = Union[str, os.PathLike]
@@ -1028,9 +1029,8 @@ def preprocess(
         workflow_dir, processed_dir = staging / "workflow", staging / "processed"
         raw_max = int(catalogue.max()) if catalogue is not None and config.item_encoding == "raw" else None
         workflow = build_session_workflow(config, categories_dir=workflow_dir, raw_item_max_id=raw_max)
-        dataset = Dataset(events, cpu=True, npartitions=1)
-        workflow.fit(dataset)
-        result = workflow.transform(dataset).to_ddf().compute()
+        # one partition, or on a Dask cluster partitions cut at id boundaries (workflows/cluster.py)
+        result = fit_transform(workflow, events, keys=[config.id_column])
         if len(result) == 0:
             raise EventLogError(
                 f"no {config.id_kind} in column {config.id_column!r} has at least min_length={config.min_length} "

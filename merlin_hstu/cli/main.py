@@ -40,6 +40,15 @@ def _add_config_args(p: argparse.ArgumentParser, default: Optional[str], shown: 
                    help="override one config value, e.g. --set train.epochs=3 (repeatable)")
 
 
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    """--workers / --scheduler: run the NVTabular workflow on Dask (merlin_hstu/workflows/cluster.py)."""
+    g = p.add_argument_group("Dask (the same rows as one process)")
+    g.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="start a local Dask cluster of N worker processes for the workflow (default 0: one process)")
+    g.add_argument("--scheduler", metavar="ADDRESS",
+                   help="join an existing Dask cluster, e.g. tcp://10.0.0.5:8786, instead of starting one")
+
+
 def _add_column_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("raw event-log columns (override the config's data section)")
     g.add_argument("--id-column", help="user or session id column")
@@ -424,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_config_args(p, None, shown="demo; its data.max_history is used only when --config is given")
     _add_column_args(p)
+    add_cluster_args(p)
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("preprocess-criteo", help="Criteo-layout click log (TSV) -> NVTabular train/valid splits "
@@ -439,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="categorical values seen fewer times in train become out-of-vocabulary (default 0: none)")
     p.add_argument("--valid-fraction", type=float, default=0.1,
                    help="the last lines that form the validation split (default 0.1)")
+    add_cluster_args(p)
     p.set_defaults(func=cmd_preprocess_criteo)
 
     p = sub.add_parser("demo", help="end to end: generate -> NVTabular -> train -> metrics -> save -> recommend",
@@ -501,6 +512,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "workers", None) or getattr(args, "scheduler", None):
+            from merlin_hstu.workflows.cluster import dask_cluster
+
+            with dask_cluster(workers=args.workers or 0, scheduler=args.scheduler) as cluster:
+                print(f"NVTabular on Dask: {cluster.workers} worker(s) at {cluster.address}"
+                      + (" (a local cluster, stopped at the end)" if cluster.started_here else ""), flush=True)
+                return args.func(args)
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
             PermissionError) as exc:

@@ -148,4 +148,7 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
     g.add_argument("--user-features", help="CSV / Parquet with one row per user holding the contextual columns")
     g.add_argument("--item-encoding", choices=["categorify", "raw"], default="categorify",
                    help="categorify (default) or raw (positive integer ids kept)")
+    from merlin_hstu.cli.main import add_cluster_args
+
+    add_cluster_args(p)
     p.set_defaults(func=cmd_preprocess_ranking)
