@@ -341,3 +341,65 @@ def test_an_unseen_item_gets_a_score_after_its_text_is_added(data, encoder, cach
     expected = user @ normalize(model.project(cache.encode(encoder, [text]))[0])  # zero ID vector in hybrid
     torch.testing.assert_close(after[0, -1], expected)
     assert torch.isfinite(after[0, -1])
+
+
+# --- serving: the project's export path, a real tritonserver ----------------------------------------------
+def offline_topk(model, events: pd.DataFrame, k: int):
+    """Plain reference: each user's last H events (raw ids = encoded ids), the eager model's cosine scores, history
+    and non-catalogue ids removed, sorted by (score descending, id ascending)."""
+    rankable = np.zeros(model.config.num_items, dtype=bool)
+    rankable[1:] = True  # raw ids: 0 is padding, every other row is a catalogue item here
+    out_ids, out_scores = [], []
+    for _, rows in events.groupby("user_id", sort=False):
+        items = rows["item_id"].to_numpy()[-H:]
+        times = rows["timestamp"].to_numpy()[-H:]
+        n = len(items)
+        ids = torch.zeros(1, n + 1, dtype=torch.long)
+        ts = torch.zeros(1, n + 1, dtype=torch.long)
+        ids[0, :n], ts[0, :n], ts[0, n] = torch.from_numpy(items), torch.from_numpy(times), int(times[-1])
+        with torch.no_grad():
+            scores = model.score_all_items(ids, torch.tensor([n]), ts)[0].double().numpy()
+        scores[~rankable] = -np.inf
+        scores[items] = -np.inf
+        order = np.lexsort((np.arange(len(scores)), -scores))[:k]
+        out_ids.append(order)
+        out_scores.append(scores[order])
+    return np.array(out_ids), np.array(out_scores)
+
+
+def test_served_topk_equals_offline_and_new_items_are_served_without_retraining(data, dataset, encoder, cache,
+                                                                                  tmp_path):
+    import copy
+
+    from serving_helpers import cli_server
+
+    from merlin_hstu.hllm.serving import add_items_by_text, export_hllm_repository
+    from merlin_hstu.hllm.train import train_hllm
+    from merlin_hstu.serving.client import ServingClient
+    from merlin_hstu.serving.repository import ExportConfig
+
+    model = train_hllm(data, small_config("train.mode=hybrid", "train.epochs=1"), encoder=encoder,
+                       cache=cache).model.eval()
+    repo = export_hllm_repository(model, dataset["path"], tmp_path / "repo", ExportConfig(model_name="hllm", top_k=5))
+    grown = copy.deepcopy(model)
+    text = "title: Toy Story 5 (2031). genres: Animation, Children's, Comedy."
+    (new_id,) = add_items_by_text(grown, encoder, [text], cache).tolist()
+    assert new_id == NUM_MOVIES + 1  # raw ids 1..40: the new item is 41
+    grown_repo = export_hllm_repository(grown, dataset["path"], tmp_path / "grown",
+                                        ExportConfig(model_name="hllm_grown", top_k=5))
+    events = dataset["events"]
+    requested = events[events["user_id"].isin([3, 8, 21, 50])]
+    with cli_server([repo, grown_repo], tmp_path / "serve.log") as server:
+        with ServingClient(server["http"], model_name="hllm") as client:
+            served = client.recommend(requested)
+        with ServingClient(server["http"], model_name="hllm_grown") as client:
+            max_k = client.contract.max_k
+            everything = client.recommend(requested, top_k=max_k)
+    ids, scores = offline_topk(model, requested, 5)
+    np.testing.assert_array_equal(served.item_ids, ids)
+    np.testing.assert_allclose(served.scores, scores, rtol=1e-5, atol=1e-5)
+    # the grown catalogue: every non-history item ranked, the new one among them with the offline score
+    ids, scores = offline_topk(grown, requested, max_k)
+    np.testing.assert_array_equal(everything.item_ids, ids)
+    np.testing.assert_allclose(everything.scores, scores, rtol=1e-5, atol=1e-5)
+    assert (everything.item_ids == new_id).any(axis=1).all()

@@ -47,6 +47,8 @@ class ItemEncoderConfig:
     max_text_tokens: int = 64  # prompt + text + special tokens, before the item token
     trainable_layers: int = 2  # mode finetune: the top k transformer layers (and the item token) are trained
     batch_size: int = 64  # texts per forward pass when the catalogue is encoded
+    live_items_per_step: int = 0  # finetune: at most this many of a step's distinct items go through the LM with
+    #                               gradients (a random subset); the others read the last encoded table (0: all)
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -56,6 +58,7 @@ class ItemEncoderConfig:
         _int_at_least(self.max_text_tokens, 4, "item_encoder.max_text_tokens")
         _int_at_least(self.trainable_layers, 0, "item_encoder.trainable_layers")
         _int_at_least(self.batch_size, 1, "item_encoder.batch_size")
+        _int_at_least(self.live_items_per_step, 0, "item_encoder.live_items_per_step")
 
 
 @dataclass

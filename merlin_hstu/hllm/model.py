@@ -8,7 +8,9 @@ Item representation (what the user model reads at each history position AND what
 W is a linear projection from the LM width to the user model's width D (no projection when they are equal).
 t comes from `item_text` (a [V, H] table computed once by the item encoder and cached on disk: frozen, hybrid,
 and finetune at evaluation) or, while a finetune model trains, from the item LM itself, live, for the items of the
-batch (the LM's top layers get gradients).
+batch (the LM's top layers get gradients).  On a CPU the live LM is the whole cost of a finetune step, so
+`item_encoder.live_items_per_step` can cap it: a random subset of the step's distinct items goes through the LM,
+the others read the table as last encoded (before training: the pretrained LM's; refreshed before evaluations).
 
 User model (a causal sequence model over r; `UserModelConfig.kind`):
 
@@ -221,12 +223,15 @@ class HLLMModel(nn.Module):
         if not self.live_items:
             return self.item_text[ids]
         distinct, inverse = torch.unique(ids, return_inverse=True)
-        real = distinct != 0
-        out = self.item_text.new_zeros(distinct.shape[0], self.config.text_dim)
-        if bool(real.any()):
-            rows = distinct[real]
+        live = (distinct != 0).nonzero().squeeze(1)
+        cap = self.config.item_encoder.live_items_per_step
+        if cap and live.numel() > cap:  # a random subset goes through the LM; the rest reads the table
+            live = live[torch.randperm(live.numel(), device=live.device)[:cap]]
+        out = self.item_text[distinct].clone()
+        if live.numel():
+            rows = distinct[live]
             encoded = self.item_encoder(self.item_token_ids[rows], self.item_token_lengths[rows])
-            out = out.index_put((real.nonzero().squeeze(1),), encoded.to(out.dtype))
+            out = out.index_put((live,), encoded.to(out.dtype))
         return out[inverse]
 
     def item_representation(self, ids: Tensor) -> Tensor:
