@@ -264,8 +264,11 @@ def test_ranking_reproduces_the_old_loop_resumes_and_trains_in_bf16(ranking_data
 
     result = train_ranking(_ranking_model(ranking_dataset), ranking_dataset,
                            RankingTrainConfig(epochs=2, batch_size=8, max_steps=5, eval_every=0), progress=False)
-    assert result.epoch_losses == RECORD["ranking_losses"]
-    assert result.metrics == RECORD["ranking_metrics"]
+    # recorded by the replaced loop; equal to float rounding, not bit for bit, since the attention runs per length
+    # group (kernels/attention_ops.py), which reassociates the matmul sums
+    assert result.epoch_losses == pytest.approx(RECORD["ranking_losses"], rel=1e-6)
+    for task, values in RECORD["ranking_metrics"].items():
+        assert result.metrics[task] == pytest.approx(values, rel=1e-5, abs=1e-7), task
     # resume after an interruption in the middle of epoch 2 (3 steps per epoch), with dropout on
     cfg = RankingTrainConfig(epochs=3, batch_size=8, eval_every=1, checkpoint_every=1)
     full = train_ranking(_ranking_model(ranking_dataset), ranking_dataset, cfg, progress=False)

@@ -48,6 +48,7 @@ from merlin_hstu.kernels.bucket_gather import bucket_gather
 from merlin_hstu.kernels.dispatch import validate_kernel
 from merlin_hstu.kernels.attention_ops import (
     HSTUAttentionPlan,
+    group_bias,
     hstu_attention_rows,
     hstu_attention_with_plan,
     plan_hstu_attention,
@@ -143,6 +144,14 @@ class BiasIndex:
     relative_position: Optional[Tensor]  # rows of position_weights: clamp(p_j - p_i, -(N-1), N-1) + N - 1
     time_bucket: Optional[Tensor]  # rows of time_weights: bucket(tq_i - t_j)
     keep: Optional[Tensor] = None  # bool, False where the query or the key is contextual; None: keep all
+
+    def for_group(self, group) -> "BiasIndex":
+        """The index cut to one length group of an attention plan (its rows unless shared, its width), so a
+        layer gathers only the bias that group attends with."""
+        def cut(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else group_bias(t, group)
+
+        return BiasIndex(cut(self.relative_position), cut(self.time_bucket), cut(self.keep))
 
 
 class RelativeBucketedTimeAndPositionBias(nn.Module):
@@ -291,8 +300,13 @@ class STULayer(nn.Module):
                                        contextual_seq_len=contextual_seq_len, kernel=self.config.kernel, like=(x,))
         h, dqk, dv = self.num_heads, self.attention_dim, self.linear_dim
         u, v, q, k = self.project(x)
-        attn = hstu_attention_with_plan(q.view(-1, h, dqk), k.view(-1, h, dqk), v.view(-1, h, dv), plan,
-                                        self.relative_bias(bias))
+        if isinstance(bias, list):  # the stack cut the index per length group once for all layers
+            rab = [self.relative_bias(index) for index in bias]
+        elif plan.groups is not None and bias is not None:  # gather each length group's bias only
+            rab = [self.relative_bias(bias.for_group(group)) for group in plan.groups]
+        else:
+            rab = self.relative_bias(bias)
+        attn = hstu_attention_with_plan(q.view(-1, h, dqk), k.view(-1, h, dqk), v.view(-1, h, dv), plan, rab)
         return self.finish(x, u, attn.reshape(-1, h * dv))
 
     def cached_forward(
@@ -379,6 +393,8 @@ class STUStack(nn.Module):
         plan = plan_hstu_attention(lengths, self.config.max_seq_len, token_mask=token_mask,
                                    causal=self.config.causal, num_targets=num_targets,
                                    contextual_seq_len=contextual_seq_len, kernel=self.config.kernel, like=(values,))
+        if plan.groups is not None and bias is not None:
+            bias = [bias.for_group(group) for group in plan.groups]  # cut once, gathered by every layer
         for layer in self.layers:
             values = layer(values, token_mask, lengths, bias=bias, plan=plan)
         return values
