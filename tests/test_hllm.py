@@ -403,3 +403,35 @@ def test_served_topk_equals_offline_and_new_items_are_served_without_retraining(
     np.testing.assert_array_equal(everything.item_ids, ids)
     np.testing.assert_allclose(everything.scores, scores, rtol=1e-5, atol=1e-5)
     assert (everything.item_ids == new_id).any(axis=1).all()
+
+
+# --- Transformers4Rec -------------------------------------------------------------------------------------
+def test_t4r_model_reads_the_text_table_as_its_item_table(dataset, data, encoder, cache):
+    from merlin.io import Dataset
+
+    from merlin_hstu.hllm.t4r import hllm_t4r_model, t4r_item_table
+    from merlin_hstu.hllm.train import encode_item_table
+
+    table = encode_item_table(encoder, data.texts, cache)
+    processed = Dataset(str(dataset["path"] / "processed"), engine="parquet", cpu=True)
+    torch.manual_seed(0)
+    model = hllm_t4r_model(processed.schema, table, H + 1)
+    frame = processed.to_ddf().compute().iloc[:16]
+    batch = {}
+    for column in ("item_id-list", "timestamp-list"):
+        padded = torch.zeros(len(frame), H + 1, dtype=torch.long)
+        for row, values in enumerate(frame[column]):
+            values = np.asarray(values, dtype=np.int64)[-(H + 1):]
+            padded[row, :len(values)] = torch.from_numpy(values)
+        batch[column] = padded
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    loss = model(batch, training=True)["loss"]
+    loss.backward()
+    optimizer.step()
+    items = t4r_item_table(model)
+    assert torch.equal(items.weight, table) and items.weight.grad is None  # frozen text table, after a step
+    model.eval()
+    with torch.no_grad():
+        scores = model(batch)
+    assert scores.shape == (16, data.table.num_items) and torch.isfinite(scores[:, 1:]).all()

@@ -12,7 +12,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 # what each notebook must print (its own asserts check the numbers behind these lines)
 EXPECTED = {"01-quickstart.ipynb": ("HR@10 is", "top-10"),
             "02-ranking.ipynb": ("click AUC is", "largest difference to the full model", "reloaded:"),
-            "03-ctr-wukong.ipynb": ("WuKong AUC is", "reloaded predictions identical: True")}
+            "03-ctr-wukong.ipynb": ("WuKong AUC is", "reloaded predictions identical: True"),
+            "05-hllm.ipynb": ("HLLM hybrid: HR@10 is", "cold start: HLLM HR@10 is", "new item scored")}
 
 
 def test_there_are_notebooks():

@@ -210,13 +210,14 @@ def markdown(record: dict) -> str:
             train = [r["train_seconds"] for r in runs if "train_seconds" in r]
             lines.append("| " + " | ".join([model, *(f"{metrics[k]:.4f}" for k in TABLE_KEYS),
                                              f"{statistics.fmean(sps):.3f}" if sps else "–",
-                                             f"{statistics.fmean(train):.0f}" if train else "–"]) + " |")
+                                             f"{statistics.fmean(train):.1f}" if train else "–"]) + " |")
         popular = section["mean"].get("most-popular", {}).get("hr@10")
         if popular is not None:
             for model in section["mean"]:
                 if model.startswith("hllm"):
-                    ratio = section["mean"][model]["hr@10"] / popular if popular > 0 else float("inf")
-                    lines.append(f"- {model} HR@10 / most-popular HR@10 = {ratio:.2f}")
+                    hr = section["mean"][model]["hr@10"]
+                    lines.append(f"- {model} HR@10 / most-popular HR@10 = {hr / popular:.2f}" if popular > 0 else
+                                 f"- {model} HR@10 = {hr:.4f}; most-popular's is 0 (no ratio)")
         lines.append("")
     return "\n".join(lines)
 
