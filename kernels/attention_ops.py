@@ -61,6 +61,7 @@ from merlin_hstu.kernels.pointwise_attention import pointwise_attention
 # MERLIN_HSTU_LENGTH_GROUPS overrides the default, e.g. for A/B timing of the same commit.
 _LENGTH_GROUPS = int(os.environ.get("MERLIN_HSTU_LENGTH_GROUPS", "4"))
 MIN_GROUP_SAVING = 0.1  # group only when it removes at least this share of the padded [W, W] work
+MIN_GROUP_WIDTH = 64  # narrower batches stay one padded batch: the per-group op overhead outweighs the saving
 MIN_SPLIT_WIDTH = 32  # narrower groups are not split at the causal diagonal (two calls cost more than they save)
 
 
@@ -456,7 +457,8 @@ def _build_plan(chosen: str, lengths, max_seq_len: int, width: int, *, token_mas
         mask_options = dict(causal=causal, contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len,
                             min_full_attn_seq_len=min_full_attn_seq_len)
         chosen_groups = None
-        if _LENGTH_GROUPS > 1 and not torch.jit.is_tracing() and lengths.device.type == "cpu":
+        if (_LENGTH_GROUPS > 1 and width >= MIN_GROUP_WIDTH and not torch.jit.is_tracing()
+                and lengths.device.type == "cpu"):
             chosen_groups = choose_length_groups(lengths.tolist(), _LENGTH_GROUPS)
         if chosen_groups is None:
             plan.mask = valid_attention_mask(lengths, width, num_targets=num_targets, **mask_options)
