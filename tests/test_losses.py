@@ -313,3 +313,20 @@ def test_bench_summary_prints_stored_reference_times_as_anchors_never_as_a_ratio
     assert "2026-12-02" in text and "ratio " not in text.replace("no ratio is taken", "").replace("for a ratio", "")
     assert record["timing"]["seconds_per_step"] == 1.5
     assert record["reference_anchor"]["source"].startswith("measured side by side")
+
+
+@pytest.mark.parametrize("loss", ["sampled_softmax", "full_softmax", "bce"])
+def test_losses_reduce_in_fp32_under_bf16_autocast(loss):
+    """bf16 autocast (`--precision bf16`) runs the matmuls in bf16, but the softmax / logsumexp / BCE statistics of
+    the loss stay in fp32: the loss is a float32 tensor close to the fp32 loss, not a bf16 value rounded to 8 bits."""
+    model = tiny_model("dot").float().eval()  # the other tests' models are float64; training runs float32
+    user = queries(64, seed=3).float()
+    positives = torch.randint(3, 8, (64,), generator=torch.Generator().manual_seed(2))
+    pool = torch.arange(3, 8)
+    kw = dict(num_negatives=1, temperature=1.0) if loss == "bce" else dict(num_negatives=4, temperature=0.05)
+    cfg = RetrievalLossConfig(loss=loss, **kw)
+    fp32 = retrieval_loss(model, user, positives, pool, cfg, torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = retrieval_loss(model, user, positives, pool, cfg, torch.Generator().manual_seed(5))
+    assert fp32.dtype == bf16.dtype == torch.float32
+    assert bf16.item() == pytest.approx(fp32.item(), rel=0.05)

@@ -112,13 +112,19 @@ def sampled_softmax_loss(model, user: Tensor, positives: Tensor, negative_pool: 
     return softmax_loss_over_sample(model, user, positives, sample, config)
 
 
+def _at_least_fp32(scores: Tensor) -> Tensor:
+    """bf16 / fp16 scores (autocast) -> fp32, so the loss's softmax / logsumexp / BCE reduce in fp32; fp32 and
+    fp64 scores are returned as they are."""
+    return scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+
+
 def softmax_loss_over_sample(model, user: Tensor, positives: Tensor, sample: NegativeSample,
                              config: RetrievalLossConfig) -> Tensor:
     """The sampled softmax for given negatives `sample.ids` [P, R] (and their log q when logQ-corrected)."""
     head = _head(model)
     ids = torch.cat([positives.unsqueeze(1), sample.ids], dim=1)  # [P, 1 + R]
     scores, gates = head.pair_scores(user, model.item_vectors(), ids, _wants_gates(head, config))
-    logits = scores / config.temperature
+    logits = _at_least_fp32(scores) / config.temperature  # fp32 softmax / BCE statistics under bf16 autocast
     if sample.log_q_positive is not None:
         log_q = torch.cat([sample.log_q_positive.unsqueeze(1), sample.log_q_negatives], dim=1)
         logits = logits - log_q.to(logits.dtype)
@@ -133,7 +139,7 @@ def full_softmax_loss(model, user: Tensor, positives: Tensor, catalogue: Tensor,
     """Softmax over the whole catalogue (ids `catalogue`; other table rows are masked, the positive never is)."""
     head = _head(model)
     items = model.item_vectors()
-    logits = head.catalogue_scores(user, items) / config.temperature  # [P, V]
+    logits = _at_least_fp32(head.catalogue_scores(user, items)) / config.temperature  # [P, V]
     outside = torch.ones(items.shape[0], dtype=torch.bool, device=user.device)
     outside[catalogue] = False
     outside = outside.unsqueeze(0).expand_as(logits).clone()
@@ -154,7 +160,7 @@ def bce_loss(model, user: Tensor, positives: Tensor, negative_pool: Tensor, conf
     sample = sample_negatives(config.negatives, positives, negative_pool, 1, generator)
     ids = torch.cat([positives.unsqueeze(1), sample.ids], dim=1)  # [P, 2]
     scores, gates = head.pair_scores(user, model.item_vectors(), ids, _wants_gates(head, config))
-    logits = scores / config.temperature
+    logits = _at_least_fp32(scores) / config.temperature  # fp32 softmax / BCE statistics under bf16 autocast
     weights = (sample.ids[:, 0] != positives).to(logits.dtype)  # drop positions whose negative is the positive
     per_position = 0.5 * (F.binary_cross_entropy_with_logits(logits[:, 0], torch.ones_like(logits[:, 0]),
                                                                reduction="none")
