@@ -6,6 +6,9 @@ query it with one client.
     with TritonServer(ServerConfig([repo])) as server, ServingClient(server.http_url) as client:
         recs = client.predict(RetrievalRequest(events))                 # RankingRequest(s) / CTRRequest likewise
 
+A model trained with transformers4rec's `tr.Trainer` exports with `export_t4r_model(model, data_dir, REPO,
+mode="merlin-hstu" | "stock")` (merlin_hstu.serving.t4r_export).
+
 Names are loaded lazily, so `import merlin_hstu.serving` stays cheap (the Triton entry model imports only
 `merlin_hstu.serving.contract`).  See docs/serving.md.
 """
@@ -22,6 +25,7 @@ _EXPORTS = {
     "export_repository": "export",
     "export_ranking_ensemble": "ranking",
     "export_ctr_ensemble": "ctr",
+    "export_t4r_model": "t4r_export",
     "ServerConfig": "server",
     "TritonServer": "server",
     "ServerStartError": "server",

@@ -29,7 +29,8 @@ The retrieval request carries B users (Merlin's ragged convention, `max_batch_si
     <item_column>__offsets       [B+1]   INT32            user b's events are values[offsets[b]:offsets[b+1]]
     <action_column>__values/__offsets                     same layout (when the run has actions)
     <timestamp_column>__values/__offsets  INT64 unix s    same layout (when the run has timestamps)
-    query_timestamp              [B]     INT64  optional  when the recommendation is made (default: last event)
+    query_timestamp              [B]     INT64  optional  when the recommendation is made (default: last event;
+                                                          refused when the contract's query_time is false)
     top_k                        [1]     INT32  optional  1 <= K <= max_k (default: the export's K)
     exclude_history              [1]     BOOL   optional  drop the user's history window from the results
                                                           (default: the export's setting, on for retrieval)
@@ -311,6 +312,7 @@ class RequestContract(ServingContract):
     item_encoding: str = "categorify"  # "raw": ids are the embedding rows (no Categorify), 1..max_item_id
     max_item_id: Optional[int] = None  # raw ids only
     extra: dict = field(default_factory=dict)
+    query_time: bool = True  # False: the model predicts at the last event's time only (tr.Trainer models)
 
     # --- layout -----------------------------------------------------------------------------------
     @property
@@ -433,6 +435,10 @@ class RequestContract(ServingContract):
             if self.timestamp_column is None and not only_default:
                 raise BadRequest(f"{QUERY_TIMESTAMP!r} was sent, but this model was trained without timestamps; "
                                  "drop the input" + (" (or send -1 for every user)" if batched else ""))
+            if not self.query_time and not only_default:
+                raise BadRequest(f"{QUERY_TIMESTAMP!r} was sent, but this model (trained with tr.Trainer) always "
+                                 "predicts at each user's last event time; drop the input"
+                                 + (" (or send -1 for every user)" if batched else ""))
             check_kind(query, QUERY_TIMESTAMP, "int64")
             if len(query) != batch:
                 raise BadRequest(f"{QUERY_TIMESTAMP!r} has {len(query)} value(s) for {batch} user row(s); "

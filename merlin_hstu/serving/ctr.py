@@ -117,15 +117,18 @@ class ML1MEncoderInline(InlineEncoder):
 
 
 class PredictCTR(TorchScriptOp):
-    """TorchScript CTR model (dense [B, m] float32, sparse [B, c] int64 -> logits [B]) -> sigmoid probabilities."""
+    """TorchScript CTR model (dense [B, m] float32, sparse [B, c] int64 -> logits [B]) -> sigmoid probabilities.
+    `probabilities=True`: the model already answers probabilities (a tr.Trainer model's BinaryClassificationTask)."""
 
     model_file = MODEL_FILE
 
-    def __init__(self, model=None, dense: Optional[List[str]] = None, sparse: Optional[List[str]] = None):
+    def __init__(self, model=None, dense: Optional[List[str]] = None, sparse: Optional[List[str]] = None,
+                 probabilities: bool = False):
         super().__init__()
         self.model = model
         self.dense = list(dense or [])
         self.sparse = list(sparse or [])
+        self.probabilities = probabilities
 
     def compute_output_schema(self, input_schema: Schema, col_selector: ColumnSelector,
                               prev_output_schema: Optional[Schema] = None) -> Schema:
@@ -136,7 +139,8 @@ class PredictCTR(TorchScriptOp):
         dense = torch.from_numpy(df[self.dense].to_numpy(dtype=np.float32).reshape(rows, len(self.dense)))
         sparse = torch.from_numpy(df[self.sparse].to_numpy(dtype=np.int64).reshape(rows, len(self.sparse)))
         with torch.inference_mode():
-            probability = torch.sigmoid(self.model(dense, sparse))
+            out = self.model(dense, sparse)
+            probability = out if getattr(self, "probabilities", False) else torch.sigmoid(out)  # old pickles: logits
         return pd.DataFrame({OUTPUT: probability.numpy().astype(np.float32)})
 
     @property
@@ -180,13 +184,13 @@ def _traced(model: torch.nn.Module, dense, sparse):
         return torch.jit.trace(model, example, check_trace=False)
 
 
-def _ensemble(model: torch.nn.Module, workflow, dense, sparse, contract: CTRContract):
+def _ensemble(model: torch.nn.Module, workflow, dense, sparse, contract: CTRContract, probabilities: bool = False):
     from merlin.systems.dag.ensemble import Ensemble
 
     request = workflow.input_schema
     graph = (request.column_names
              >> CriteoWorkflowInline(workflow, contract.categorical_columns, contract.integer_columns)
-             >> PredictCTR(_traced(model, dense, sparse), dense, sparse))
+             >> PredictCTR(_traced(model, dense, sparse), dense, sparse, probabilities))
     return Ensemble(graph, request)
 
 
@@ -197,9 +201,11 @@ def build_ctr_ensemble(model: torch.nn.Module, dataset_dir):
 
 
 def export_ctr_ensemble(model: torch.nn.Module, dataset_dir, output_dir, overwrite: bool = False,
-                        config: Optional[ExportConfig] = None, source: Optional[dict] = None) -> Path:
+                        config: Optional[ExportConfig] = None, source: Optional[dict] = None,
+                        probabilities: bool = False) -> Path:
     """Write the Triton model repository for `model` (its fitted Criteo workflow from `dataset_dir`): one executor
-    model, serving.json; staged, checked on a one-row request, renamed into place."""
+    model, serving.json; staged, checked on a one-row request, renamed into place.  `model(dense, sparse)` answers
+    logits, or probabilities with `probabilities=True`."""
     config = config or ExportConfig()
     output = Path(output_dir).resolve()
     if output.exists() and not overwrite:
@@ -208,7 +214,8 @@ def export_ctr_ensemble(model: torch.nn.Module, dataset_dir, output_dir, overwri
     contract = ctr_contract(workflow)
     contract.model_name = config.name_for("ctr")
     models = [TritonModel(contract.model_name, contract, EXECUTOR_SHIM,
-                          ensemble=_ensemble(model, workflow, dense, sparse, contract), instances=config.instances)]
+                          ensemble=_ensemble(model, workflow, dense, sparse, contract, probabilities),
+                          instances=config.instances)]
     missing_row = pd.DataFrame({**{c: [np.nan] for c in contract.integer_columns},
                                 **{c: [None] for c in contract.categorical_columns}})
 

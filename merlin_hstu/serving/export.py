@@ -266,6 +266,17 @@ def export_repository(run_dir: str | Path, output: str | Path, config: Optional[
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; remove it or pass overwrite=True (--overwrite)")
     parts = load_serving_parts(run_dir, config, data=data)
+    record = {"run_dir": str(parts.run_dir.resolve()), "workflow": str(parts.workflow_path.resolve()),
+              "candidates": str(parts.candidates_file) if parts.candidates_file else None,
+              "export": export_settings(config, "retrieval"), "model": parts.model.config.to_dict()}
+    return write_retrieval_repository(parts, output, config, record, overwrite)
+
+
+def write_retrieval_repository(parts: ServingParts, output: Path, config: ExportConfig, record: dict,
+                               overwrite: bool = False) -> Path:
+    """The retrieval repository of `parts` (the plain ragged model + the batched executor), checked on a
+    one-user request and published atomically; `record` goes to serving.json.  Shared by the run export
+    above and `merlin_hstu.serving.t4r_export` (models trained with tr.Trainer)."""
     c = parts.contract
     models = [TritonModel(c.model_name, c, ENTRY_SHIM, instances=config.entry_instances),
               TritonModel(c.batched_model_name, c, EXECUTOR_SHIM, ensemble=build_ensemble(parts), batched=True,
@@ -278,9 +289,5 @@ def export_repository(run_dir: str | Path, output: str | Path, config: Optional[
             return f"ids of shape {ids.shape} and scores {scores}"
         return None
 
-    record = {"run_dir": str(parts.run_dir.resolve()), "workflow": str(parts.workflow_path.resolve()),
-              "candidates": str(parts.candidates_file) if parts.candidates_file else None,
-              "export": export_settings(config, "retrieval"), "model": parts.model.config.to_dict()}
     return write_repository(output, models, record, check=lambda repo: check_serves(repo, c, example, expect),
                             overwrite=overwrite)
-
