@@ -70,10 +70,13 @@ def epoch_losses(trainer) -> list:
 # ------------------------------------------------------------------------------------------------
 # retrieval: session workflow -> leave-one-out splits -> HSTU + GenerativeRetrievalTask
 # ------------------------------------------------------------------------------------------------
+SESSION_LOG = SyntheticConfig(num_users=300, num_items=80, min_events=5, max_events=20, seed=3)  # the raw log
+
+
 @pytest.fixture(scope="module")
 def sessions(tmp_path_factory):
     root = tmp_path_factory.mktemp("sessions")
-    log = generate_event_log(SyntheticConfig(num_users=300, num_items=80, min_events=5, max_events=20, seed=3))
+    log = generate_event_log(SESSION_LOG)
     processed = preprocess(log, root / "workflow", SessionWorkflowConfig(max_length=H + 2, min_length=3))
     splits = retrieval_trainer_splits(root / "workflow", root / "splits", max_history=H)
     return processed, splits
@@ -185,19 +188,23 @@ SMALL_DLRM = {"embedding_dim": 16, "num_blocks": 1, "num_heads": 1, "attention_d
               "max_seq_len": 32, "multitask_hidden": 16, "action_embedding_dim": 4, "kernel": "pytorch"}
 
 
-@pytest.fixture(scope="module")
-def ranking(tmp_path_factory):
-    """400 users; clicks planted on even items, watch time on the item id, likes random."""
-    root = tmp_path_factory.mktemp("ranking")
+def ranking_log() -> pd.DataFrame:
+    """400 users; clicks planted on even items, watch time on the item id, likes random (the raw log)."""
     rng = np.random.default_rng(0)
     n = 6000
     users = rng.integers(0, 400, n)
     items = rng.integers(0, 60, n)
-    log = pd.DataFrame({"user_id": users, "item_id": items, "timestamp": 1_700_000_000 + rng.integers(0, 10**6, n),
-                        "click": (rng.random(n) < np.where(items % 2 == 0, 0.85, 0.15)).astype(np.int64),
-                        "like": rng.integers(0, 2, n), "watch": (items % 7) + rng.random(n),
-                        "age": np.array(["young", "old"])[users % 2]})
-    out = rw.preprocess_ranking(log, root / "workflow", RANKING_CONFIG, tasks=RANKING_TASKS)
+    return pd.DataFrame({"user_id": users, "item_id": items, "timestamp": 1_700_000_000 + rng.integers(0, 10**6, n),
+                         "click": (rng.random(n) < np.where(items % 2 == 0, 0.85, 0.15)).astype(np.int64),
+                         "like": rng.integers(0, 2, n), "watch": (items % 7) + rng.random(n),
+                         "age": np.array(["young", "old"])[users % 2]})
+
+
+@pytest.fixture(scope="module")
+def ranking(tmp_path_factory):
+    """`ranking_log()` through the ranking workflow, and its trainer splits."""
+    root = tmp_path_factory.mktemp("ranking")
+    out = rw.preprocess_ranking(ranking_log(), root / "workflow", RANKING_CONFIG, tasks=RANKING_TASKS)
     splits = ranking_trainer_splits(out.output_dir, root / "splits")
     return out, splits
 
@@ -290,12 +297,14 @@ def test_ranking_head_keeps_int64_bitmasks_and_names_a_missing_target(ranking):
 # ------------------------------------------------------------------------------------------------
 # CTR: Criteo workflow (its own train / valid split) -> WuKong
 # ------------------------------------------------------------------------------------------------
+CRITEO_LOG = SyntheticCriteoConfig(num_rows=4000, seed=5, max_cardinality=100, order1=1.5)  # the raw lines
+
+
 @pytest.fixture(scope="module")
 def criteo(tmp_path_factory):
     """4,000 synthetic Criteo lines (a strong planted first-order signal) through the Criteo workflow."""
     root = tmp_path_factory.mktemp("criteo")
-    config = SyntheticCriteoConfig(num_rows=4000, seed=5, max_cardinality=100, order1=1.5)
-    tsv = write_criteo_tsv(generate_synthetic_criteo(config).frame, root / "day_0.tsv")
+    tsv = write_criteo_tsv(generate_synthetic_criteo(CRITEO_LOG).frame, root / "day_0.tsv")
     return preprocess_criteo(tsv, root / "criteo", CriteoWorkflowConfig(freq_threshold=2, valid_fraction=0.25))
 
 
