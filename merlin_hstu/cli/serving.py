@@ -115,8 +115,16 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
         "serve", help="load test: merlin-hstu serving vs the stock merlin-systems path, side by side (retrieval)",
         description="Export the retrieval run twice (merlin-hstu repository and the stock merlin-systems ensemble), "
                     "serve both from one tritonserver, and drive each with the same requests in alternating rounds; "
-                    "prints p50/p99 latency, QPS, errors and the p50 ratio.")
-    p.add_argument("--run", "--model", dest="run", required=True, metavar="RUN", help="retrieval run to export")
+                    "prints p50/p99 latency, QPS, errors and the p50 ratio.  With --t4r the model is the demo "
+                    "preset's HSTU trained with transformers4rec's tr.Trainer, exported by export_t4r_model.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", "--model", dest="run", metavar="RUN", help="retrieval run to export")
+    source.add_argument("--t4r", action="store_true",
+                        help="train a retrieval model with tr.Trainer (demo preset's HSTU) and export it both ways")
+    g = p.add_argument_group("--t4r only")
+    g.add_argument("--data", metavar="DIR",
+                   help="session-workflow output to train on (merlin-hstu preprocess; default: a synthetic log)")
+    g.add_argument("--epochs", type=int, default=1, help="tr.Trainer epochs (default: 1)")
     p.add_argument("--requests", type=int, default=2000, help="requests per path (default: 2000)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: 8)")
     p.add_argument("--rounds", type=int, default=4, help="alternations between the paths (default: 4)")
@@ -402,7 +410,15 @@ def cmd_bench_serve(args) -> int:
 
     config = BenchConfig(requests=args.requests, concurrency=args.concurrency, rounds=args.rounds,
                          instances=args.instances, prune_unused_inputs=not args.keep_unused_inputs)
-    summary = bench_serve(args.run, config)
+    if args.t4r:
+        from merlin_hstu.serving.bench import bench_t4r_serve
+
+        summary = bench_t4r_serve(args.data, config, epochs=args.epochs)
+    else:
+        if args.data:
+            print("error: --data goes with --t4r (a run records the data it was trained on)", file=sys.stderr)
+            return 2
+        summary = bench_serve(args.run, config)
     print(format_summary(summary))
     if args.json:
         Path(args.json).write_text(json.dumps({"config": vars(config), "summary": summary}, indent=2))
