@@ -18,7 +18,7 @@ from typing import Optional
 TASKS = ("retrieval", "ranking", "ctr")
 DEFAULT_PRESETS = {"retrieval": "demo", "ranking": "dlrm-hstu", "ctr": "wukong"}
 # Loop settings that may differ between a checkpoint and its resume without changing the numbers.
-RESUMABLE_CHANGES = ("device", "checkpoint_every", "keep_checkpoints", "threads")
+RESUMABLE_CHANGES = ("device", "checkpoint_every", "keep_checkpoints", "threads", "sharding")
 
 
 def add_loop_arguments(p) -> None:
@@ -69,7 +69,13 @@ def _check_kernel(cfg, args) -> None:
 # train
 # ---------------------------------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
+    from merlin_hstu.distributed import launch
     from merlin_hstu.train.run_dir import checkpoint_dir
+
+    if launch.wants_launch(args):  # --nproc / --nnodes: this command again, under torchrun (docs/scaling.md)
+        return launch.relaunch(args, args.train_parser)
+    if launch.quiet_unless_rank0():
+        args.no_progress = True
 
     if args.task != "retrieval" and (args.max_history is not None or args.allow_history_mismatch):
         raise ValueError(f"--max-history and --allow-history-mismatch apply to --task retrieval only (this is "
@@ -81,7 +87,7 @@ def cmd_train(args) -> int:
     checkpoints = checkpoint_dir(run_dir)
     if args.resume and not checkpoints.is_dir():
         print(f"note: --resume but {checkpoints} has no checkpoint; starting from the beginning")
-    elif not args.resume and checkpoints.is_dir():
+    elif not args.resume and checkpoints.is_dir() and launch.is_rank0():
         import shutil
 
         print(f"note: discarding the checkpoints of an earlier, unfinished run in {checkpoints.parent} "
@@ -280,7 +286,10 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
     p.add_argument("--cache", default=str(DEFAULT_RUN_ROOT / "cache"),
                    help="ctr: where generated datasets are cached (default: runs/cache)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_train)
+    from merlin_hstu.distributed.launch import add_launch_arguments
+
+    add_launch_arguments(p)
+    p.set_defaults(func=cmd_train, train_parser=p)
 
     p = subparsers.add_parser("evaluate", help="evaluate a saved run of any task on its (or another) dataset")
     p.add_argument("--run", required=True, help="run directory written by `train` or `demo`")

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from merlin_hstu.common.checks import layer_widths, positive_int
-from merlin_hstu.ctr.wukong import check_tabular_inputs
+from merlin_hstu.common.embeddings import check_backend
+from merlin_hstu.ctr.wukong import categorical_embeddings, check_tabular_inputs, to_torchrec_bags
 from merlin_hstu.encoders.wukong import mlp
 
 
@@ -36,15 +37,20 @@ class DLRMConfig:
     embedding_dim: int = 16
     bottom_mlp: Tuple[int, ...] = (64,)
     top_mlp: Tuple[int, ...] = (64, 32)
+    embeddings: str = "torch"  # torch: nn.Embedding tables | torchrec: one EmbeddingBagCollection (shardable)
 
     def __post_init__(self) -> None:
         positive_int("DLRMConfig", "embedding_dim", self.embedding_dim)
+        check_backend(self.embeddings, "model.embeddings")
         self.bottom_mlp = layer_widths("DLRMConfig", "bottom_mlp", self.bottom_mlp)
         self.top_mlp = layer_widths("DLRMConfig", "top_mlp", self.top_mlp)
 
     def to_dict(self) -> dict:
-        return {"embedding_dim": self.embedding_dim, "bottom_mlp": list(self.bottom_mlp),
-                "top_mlp": list(self.top_mlp)}
+        d = {"embedding_dim": self.embedding_dim, "bottom_mlp": list(self.bottom_mlp),
+             "top_mlp": list(self.top_mlp)}
+        if self.embeddings != "torch":
+            d["embeddings"] = self.embeddings
+        return d
 
 
 class DLRM(nn.Module):
@@ -70,10 +76,12 @@ class DLRM(nn.Module):
         self.register_buffer("pair_cols", cols, persistent=False)
         top_in = len(rows) + (d if self.num_dense else 0)
         self.top = mlp(top_in, self.config.top_mlp, 1)
+        if self.config.embeddings == "torchrec" and self.cardinalities:
+            to_torchrec_bags(self)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         check_tabular_inputs(dense, sparse, self.num_dense, self.cardinalities, "DLRM")
-        vectors = [table(sparse[:, j]) for j, table in enumerate(self.embeddings)]
+        vectors = list(categorical_embeddings(self, sparse).unbind(1)) if self.cardinalities else []
         v0 = None
         if self.bottom is not None:
             v0 = self.bottom(dense)

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from merlin_hstu.common.embeddings import table_parameter_ids
 from merlin_hstu.common.metrics import binary_task_metrics
 from merlin_hstu.common.overrides import replace_fields
 from merlin_hstu.ctr.data import CTRData, CTRTensors
@@ -59,9 +60,7 @@ class CTRResult:
 
 def count_parameters(model: nn.Module, embeddings: bool = True) -> int:
     """Trainable parameters; embeddings=False leaves out embedding tables (the dense / interaction part)."""
-    skip = set()
-    if not embeddings:
-        skip = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    skip = set() if embeddings else table_parameter_ids(model)
     return sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in skip)
 
 
@@ -128,6 +127,23 @@ class CTRTrainingTask:
 
     def batch_size(self, batch) -> int:
         return int(batch[2].shape[0])
+
+    def rank_batches(self, epoch: int, rank: int, world_size: int):
+        """This rank's contiguous slice of every global batch of `epoch_batches(epoch)` (the same shuffle)."""
+        from merlin_hstu.distributed.context import rank_slice
+
+        order = torch.randperm(len(self.train), generator=self.shuffle.begin_epoch())
+        size = self.config.batch_size
+        for start in range(0, len(order), size):
+            rows = order[start:start + size]
+            if len(rows) < world_size:
+                raise ValueError(f"a global batch of {len(rows)} rows (the last of the epoch) cannot be split over "
+                                 f"{world_size} processes; change train.batch_size or --nproc")
+            mine = rows[rank_slice(len(rows), rank, world_size)]
+            yield self.train.dense[mine], self.train.sparse[mine], self.train.labels[mine]
+
+    def loss_count(self, batch) -> int:
+        return int(batch[2].shape[0])  # BCE is a mean over rows
 
     def loss(self, model, batch):
         dense, sparse, labels = batch
@@ -205,6 +221,8 @@ def load_run(run_dir) -> tuple:
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     blob = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)
-    model = cfg.build_model(blob["cardinalities"], blob["num_dense"])
+    # a loaded run has plain nn.Embedding tables whatever trained it (model.embeddings: the same weights)
+    fields = {k: v for k, v in cfg.model_fields().items() if k != "embeddings"}
+    model = build_ctr_model(cfg.model_type, blob["cardinalities"], blob["num_dense"], fields)
     model.load_state_dict(blob["state_dict"])
     return model.eval(), cfg, read_record(run_dir)

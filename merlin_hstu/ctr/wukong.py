@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from merlin_hstu.common.checks import layer_widths, positive_int
+from merlin_hstu.common.embeddings import check_backend, to_torchrec, torchrec_tables
 from merlin_hstu.encoders.wukong import WukongConfig, WukongTower, mlp
 
 
@@ -51,6 +52,21 @@ def check_tabular_inputs(dense: torch.Tensor, sparse: torch.Tensor, num_dense: i
                              "Fix: encode ids with the fitted workflow, or size the tables from the data.")
 
 
+def to_torchrec_bags(model: nn.Module) -> None:
+    """Move a CTR model's per-feature tables (`model.embeddings`, an nn.ModuleList) into one torchrec
+    EmbeddingBagCollection (feature j reads table j; the same weights and state-dict names)."""
+    to_torchrec(model, {f"embeddings.{j}": f"feature_{j}" for j in range(len(model.embeddings))}, pooled=True,
+                containers=("embeddings",))
+
+
+def categorical_embeddings(model: nn.Module, sparse: torch.Tensor) -> torch.Tensor:
+    """[B, c] ids -> [B, c, d]: table j's row for column j (one pooled KeyedJaggedTensor lookup with torchrec)."""
+    tables = torchrec_tables(model)
+    if tables is not None:
+        return tables.pooled_lookup(sparse)
+    return torch.stack([table(sparse[:, j]) for j, table in enumerate(model.embeddings)], dim=1)
+
+
 @dataclass
 class WukongModelConfig:
     """A WuKong CTR model: embedding dim d, the tower, and the top MLP's hidden widths."""
@@ -59,16 +75,21 @@ class WukongModelConfig:
     tower: WukongConfig = field(default_factory=WukongConfig)
     top_mlp: Tuple[int, ...] = (64,)
     top_dropout: float = 0.0
+    embeddings: str = "torch"  # torch: nn.Embedding tables | torchrec: one EmbeddingBagCollection (shardable)
 
     def __post_init__(self) -> None:
         positive_int("WukongModelConfig", "embedding_dim", self.embedding_dim)
+        check_backend(self.embeddings, "model.embeddings")
         if isinstance(self.tower, dict):
             self.tower = WukongConfig(**self.tower)
         self.top_mlp = layer_widths("WukongModelConfig", "top_mlp", self.top_mlp)
 
     def to_dict(self) -> dict:
-        return {"embedding_dim": self.embedding_dim, "tower": self.tower.to_dict(), "top_mlp": list(self.top_mlp),
-                "top_dropout": self.top_dropout}
+        d = {"embedding_dim": self.embedding_dim, "tower": self.tower.to_dict(), "top_mlp": list(self.top_mlp),
+             "top_dropout": self.top_dropout}
+        if self.embeddings != "torch":
+            d["embeddings"] = self.embeddings
+        return d
 
 
 class WukongModel(nn.Module):
@@ -91,12 +112,14 @@ class WukongModel(nn.Module):
         self.dense_embedding = DenseFeatureEmbedding(self.num_dense, d) if self.num_dense else None
         self.tower = WukongTower(self.num_dense + len(self.cardinalities), d, self.config.tower)
         self.top = mlp(self.tower.output_features * d, self.config.top_mlp, 1, dropout=self.config.top_dropout)
+        if self.config.embeddings == "torchrec" and self.cardinalities:
+            to_torchrec_bags(self)
 
     def feature_embeddings(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """X: [B, num_dense + num_categorical, d], dense features first."""
         parts = [self.dense_embedding(dense)] if self.dense_embedding is not None else []
         if self.embeddings:
-            parts.append(torch.stack([table(sparse[:, j]) for j, table in enumerate(self.embeddings)], dim=1))
+            parts.append(categorical_embeddings(self, sparse))
         return torch.cat(parts, dim=1)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from merlin_hstu.common.embeddings import check_backend, to_torchrec, torchrec_tables
 from merlin_hstu.encoders.stu import HSTUEncoderConfig, LayerKVCache, STULayer, STUStack, TokenMeta
 from merlin_hstu.kernels.dispatch import validate_kernel
 from merlin_hstu.kernels.attention_ops import jagged_to_padded
@@ -94,8 +95,12 @@ class DlrmHSTUConfig:
     stochastic_length_max_len: Optional[int] = None  # N of the SL formula; None: max_seq_len
     seed: int = 0  # seeds the stochastic-length sampler
     kernel: str = "auto"  # attention kernel: pytorch | triton | auto
+    # torch: nn.Embedding tables | torchrec: the item and contextual tables in a torchrec EmbeddingCollection,
+    # shardable across processes (merlin_hstu.common.embeddings; same weights and state-dict names either way)
+    embeddings: str = "torch"
 
     def __post_init__(self) -> None:
+        check_backend(self.embeddings, "model.embeddings")
         for name in ("embedding_dim", "num_blocks", "num_heads", "attention_dim", "linear_dim", "max_seq_len",
                      "action_embedding_dim", "num_time_buckets", "multitask_hidden"):
             value = getattr(self, name)
@@ -235,6 +240,15 @@ class DlrmHSTU(nn.Module):
         sl = config.stochastic_length_config()
         self.stochastic_length = StochasticLength(sl, seed=config.seed) if sl is not None else None
         self.reset_parameters()
+        if config.embeddings == "torchrec":  # the same weights, moved into one EmbeddingCollection
+            to_torchrec(self, {"item_embedding": "item",
+                               **{f"contextual_embeddings.{name}": f"contextual_{name}"
+                                  for name in self.contextual_names}},
+                        containers=("contextual_embeddings",) if self.contextual_names else ())
+
+    @property
+    def _device(self) -> torch.device:
+        return self.action_embedding.device
 
     def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.item_embedding.weight, std=0.02, a=-0.04, b=0.04)
@@ -281,7 +295,7 @@ class DlrmHSTU(nn.Module):
             if value.numel() and (int(value.min()) < 0 or int(value.max()) >= card):
                 raise ValueError(f"contextual[{name!r}] holds values outside [0, {card}); raise its cardinality")
             columns.append(value)
-        device = self.item_embedding.weight.device
+        device = self._device
         if not columns:
             return torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         return torch.stack(columns, dim=1).to(device)
@@ -289,7 +303,11 @@ class DlrmHSTU(nn.Module):
     def contextual_vectors(self, values: Tensor) -> Tensor:
         """[B, c] encoded values -> [B, c, D] raw embeddings E_f[value]."""
         if not self.contextual_names:
-            return self.item_embedding.weight.new_zeros(values.shape[0], 0, self.config.embedding_dim)
+            return self.action_embedding.new_zeros(values.shape[0], 0, self.config.embedding_dim)
+        tables = torchrec_tables(self)
+        if tables is not None:  # one KeyedJaggedTensor for every contextual feature
+            out = tables.lookup({f"contextual_{name}": values[:, f] for f, name in enumerate(self.contextual_names)})
+            return torch.stack([out[f"contextual_{name}"] for name in self.contextual_names], dim=1)
         return torch.stack([self.contextual_embeddings[name](values[:, f])
                             for f, name in enumerate(self.contextual_names)], dim=1)
 
@@ -329,7 +347,7 @@ class DlrmHSTU(nn.Module):
     # --- full forward -----------------------------------------------------------------------------------
     def sequence_layout(self, batch: RankingBatch) -> "SequenceLayout":
         """Lay every row out as [contextual | history | candidates] jagged tokens (see SequenceLayout)."""
-        device = self.item_embedding.weight.device
+        device = self._device
         b, c, per = batch.batch_size, self.num_contextual, self.tokens_per_event
         hist_len = batch.history_lengths.long().to(device)
         num_cand = batch.num_candidates.long().to(device)
@@ -390,7 +408,7 @@ class DlrmHSTU(nn.Module):
 
     def new_kv_cache(self) -> List[LayerKVCache]:
         """Empty per-layer KV caches for one user (max_seq_len slots each, the embeddings' device and dtype)."""
-        weight = self.item_embedding.weight
+        weight = self.action_embedding
         return self.encoder.new_cache(device=weight.device, dtype=weight.dtype)
 
     def encode_cached(self, tokens: Tensor, meta: TokenMeta, cached_meta: TokenMeta, cache: Sequence[LayerKVCache],
@@ -423,7 +441,7 @@ class DlrmHSTU(nn.Module):
         if tuple(t.name for t in batch.tasks) != tuple(t.name for t in self.tasks):
             raise ValueError(f"the batch's tasks {[t.name for t in batch.tasks]} differ from the model's "
                              f"{[t.name for t in self.tasks]}; build the model with the workflow's tasks")
-        return multitask_loss(self(batch), batch.labels.to(self.item_embedding.weight.device), self.tasks,
+        return multitask_loss(self(batch), batch.labels.to(self._device), self.tasks,
                               sample_weight)
 
 

@@ -183,6 +183,23 @@ class RankingTrainingTask:
     def batch_size(self, batch: RankingBatch) -> int:
         return batch.batch_size
 
+    def rank_batches(self, epoch: int, rank: int, world_size: int):
+        """This rank's contiguous slice of every global batch of `epoch_batches(epoch)` (the same order)."""
+        from merlin_hstu.distributed.context import rank_slice
+
+        samples = self.dataset.sample_index(self.config.train_split)
+        order = np.random.default_rng(self.config.seed * 1000 + epoch).permutation(len(samples))
+        size = self.config.batch_size
+        for start in range(0, len(order), size):
+            rows = order[start:start + size]
+            if len(rows) < world_size:
+                raise ValueError(f"a global batch of {len(rows)} samples (the last of the epoch) cannot be split over "
+                                 f"{world_size} processes; change train.batch_size or --nproc")
+            yield self.dataset.batch(samples.take(rows[rank_slice(len(rows), rank, world_size)]))
+
+    def loss_count(self, batch: RankingBatch) -> int:
+        return int(batch.candidate_item_ids.numel())  # every task's loss is a mean over candidates
+
     def loss(self, model, batch: RankingBatch):
         predictions = model(batch)
         _check_predictions(predictions, batch)
@@ -300,6 +317,9 @@ def load_run(run_dir) -> tuple:
     s = blob["shape"]
     shape = DatasetShape(int(s["num_items"]), dict(s["contextual_cardinalities"]),
                          tuple(RankingTask(**t) for t in s["tasks"]), int(s["num_action_bits"]))
-    model = cfg.build_model(shape)
+    # a loaded run has plain nn.Embedding tables whatever trained it (model.embeddings: the same weights)
+    from merlin_hstu.ranking.config import MODELS
+
+    model = MODELS[cfg.model_type](shape, {k: v for k, v in cfg.model_fields().items() if k != "embeddings"})
     model.load_state_dict(blob["state_dict"])
     return model.eval(), cfg, read_record(run_dir)

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import yaml
 
 from merlin_hstu.common import presets
+from merlin_hstu.common.embeddings import check_backend
 from merlin_hstu.encoders.hstu import HSTUEncoderConfig
 from merlin_hstu.retrieval.losses import RetrievalLossConfig
 from merlin_hstu.retrieval.model import RetrievalInputsConfig
@@ -100,10 +101,13 @@ class ExperimentConfig:
     head: RetrievalHeadConfig = field(default_factory=RetrievalHeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     inputs: RetrievalInputsConfig = field(default_factory=RetrievalInputsConfig)
+    embeddings: str = "torch"  # model.embeddings: torch | torchrec (merlin_hstu.common.embeddings)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["model"] = {"type": encoder_type(self.model), **d["model"]}
+        if d.pop("embeddings") != "torch":  # written only when set, so torch configs dump as they always did
+            d["model"]["embeddings"] = self.embeddings
         for key in ("betas", "ks"):
             d["train"][key] = list(d["train"][key])
         if self.inputs == RetrievalInputsConfig():
@@ -138,8 +142,10 @@ def config_from_dict(d: dict) -> ExperimentConfig:
     kind = model.pop("type", "hstu")
     if kind not in ENCODER_CONFIGS:
         raise ValueError(f"unknown model.type {kind!r}; valid: {sorted(ENCODER_CONFIGS)}")
+    embeddings = check_backend(model.pop("embeddings", "torch"), "model.embeddings")
     sections["model"] = _build(ENCODER_CONFIGS[kind], model, f"model (type {kind})")
-    cfg = ExperimentConfig(name=d.get("name", "custom"), description=d.get("description", ""), **sections)
+    cfg = ExperimentConfig(name=d.get("name", "custom"), description=d.get("description", ""),
+                           embeddings=embeddings, **sections)
     if cfg.train.mi_loss_weight and cfg.head.similarity != "mol":
         raise ValueError(f"train.mi_loss_weight={cfg.train.mi_loss_weight} weighs MoL's gate loss, but "
                          f"head.similarity={cfg.head.similarity!r}: set head.similarity=mol or mi_loss_weight=0")

@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from merlin_hstu.common.embeddings import check_backend, jagged_to_padded, padded_to_jagged, to_torchrec, torchrec_tables
 from merlin_hstu.encoders.hstu import HSTUEncoder, HSTUEncoderConfig
 from merlin_hstu.retrieval.losses import (  # noqa: F401  (re-exported: the loss API used to live here)
     MASKED_LOGIT,
@@ -117,8 +118,13 @@ class RetrievalModelConfig:
     head: RetrievalHeadConfig = field(default_factory=RetrievalHeadConfig)
     inputs: RetrievalInputsConfig = field(default_factory=RetrievalInputsConfig)
     num_actions: int = 0  # action embedding rows: max encoded action id + 1 (row 0 is padding); 0 without actions
+    # torch: nn.Embedding tables | torchrec: the item (and action) tables in one torchrec EmbeddingCollection,
+    # shardable across processes (merlin_hstu.common.embeddings). A training choice: the weights and their state-dict
+    # names are the same either way, so it is not saved with the model (a loaded run has plain tables).
+    embeddings: str = "torch"
 
     def __post_init__(self) -> None:
+        check_backend(self.embeddings, "model.embeddings")
         if isinstance(self.inputs, dict):
             self.inputs = RetrievalInputsConfig(**self.inputs)
         self.inputs.item_dim(self.encoder.embedding_dim)  # checks d_a < D
@@ -165,6 +171,19 @@ class HSTURetrievalModel(nn.Module):
             action_dim = config.inputs.action_embedding_dim if config.inputs.actions == "concat" else dim
             self.action_embedding = nn.Embedding(config.num_actions, action_dim, padding_idx=0)
         self.reset_parameters()
+        if config.embeddings == "torchrec":  # the same weights, moved into one EmbeddingCollection
+            tables = {"item_embedding": "item"}
+            if self.action_embedding is not None:
+                tables["action_embedding"] = "action"
+            to_torchrec(self, tables)
+
+    def _embed_real_positions(self, features: dict, lengths: torch.Tensor) -> dict:
+        """torchrec tables: {feature: ids [B, W]} -> {feature: [B, W, d]}, looking up only positions < len (one
+        KeyedJaggedTensor; fbgemm's dense_to_jagged / jagged_to_padded_dense around it); zeros after len, where the
+        nn.Embedding path's values are masked out before the encoder."""
+        width = next(iter(features.values())).shape[1]
+        out = torchrec_tables(self).lookup({f: padded_to_jagged(v, lengths) for f, v in features.items()})
+        return {f: jagged_to_padded(out[f], lengths, width) for f in features}
 
     def reset_parameters(self) -> None:
         # Truncated normal, std 0.02, cut at +-2 std (row 0 included; padding rows get no gradient).
@@ -191,7 +210,9 @@ class HSTURetrievalModel(nn.Module):
             raise ValueError(f"this model reads actions (inputs.actions={mode!r}): pass actions [B, W] aligned with "
                              "ids (the batch's 'actions'; load the data with load_processed(path, actions=...))")
         if mode == "none":  # the reference's plain preprocessor, operation for operation
-            tokens = self.item_embedding(ids) * math.sqrt(self.item_embedding.embedding_dim)
+            items = (self.item_embedding(ids) if torchrec_tables(self) is None
+                     else self._embed_real_positions({"item": ids}, lengths)["item"])
+            tokens = items * math.sqrt(self.item_embedding.embedding_dim)
             token_lengths = lengths
         else:
             tokens, token_lengths, timestamps = self._action_tokens(ids, lengths, timestamps, actions)
@@ -215,7 +236,11 @@ class HSTURetrievalModel(nn.Module):
         if actions.shape != ids.shape:
             raise ValueError(f"actions {tuple(actions.shape)} must be aligned with ids {tuple(ids.shape)}")
         scale = math.sqrt(self.config.encoder.embedding_dim)
-        items, kinds = self.item_embedding(ids), self.action_embedding(actions)
+        if torchrec_tables(self) is None:
+            items, kinds = self.item_embedding(ids), self.action_embedding(actions)
+        else:
+            looked_up = self._embed_real_positions({"item": ids, "action": actions}, lengths)
+            items, kinds = looked_up["item"], looked_up["action"]
         if self.config.inputs.actions == "concat":
             return torch.cat([items, kinds], dim=-1) * scale, lengths, timestamps
         batch, width, dim = items.shape

@@ -13,11 +13,14 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from merlin_hstu.common.embeddings import torchrec_tables
 from merlin_hstu.retrieval.baselines import MostPopular
 from merlin_hstu.retrieval.config import ExperimentConfig, dump_config, encoder_type, load_config
 from merlin_hstu.retrieval.data import LeaveOneOut, SequenceTable, history_window, train_sequences
 from merlin_hstu.retrieval.metrics import RetrievalMetricAccumulator, target_ranks
-from merlin_hstu.retrieval.model import HSTURetrievalModel, RetrievalModelConfig, next_item_training_loss
+from merlin_hstu.retrieval.losses import retrieval_loss, softmax_loss_over_sample
+from merlin_hstu.retrieval.model import HSTURetrievalModel, RetrievalModelConfig, next_item_training_loss, supervision
+from merlin_hstu.retrieval.negatives import NegativeSample, sample_negatives
 from merlin_hstu.retrieval.topk import rankable_from_invalid
 from merlin_hstu.train.config import resolve_device
 from merlin_hstu.train.loop import EpochShuffle, FitResult, fit, module_device, move_to
@@ -42,7 +45,8 @@ def build_model(table: SequenceTable, cfg: ExperimentConfig) -> HSTURetrievalMod
     check_table_inputs(table, cfg)
     model_cfg = RetrievalModelConfig(num_items=table.num_items, encoder=cfg.model, input_dropout=cfg.train.input_dropout,
                                      head=cfg.head, inputs=cfg.inputs,
-                                     num_actions=table.num_actions if cfg.inputs.uses_actions else 0)
+                                     num_actions=table.num_actions if cfg.inputs.uses_actions else 0,
+                                     embeddings=cfg.embeddings)
     return HSTURetrievalModel(model_cfg)
 
 
@@ -113,7 +117,61 @@ class RetrievalTrainingTask:
         return int(batch["lengths"].shape[0])
 
     def loss(self, model, batch):
+        if "global_positives" in batch:  # a rank's slice of a global batch (rank_batches)
+            return self._rank_loss(model, batch), {}
         return next_item_training_loss(model, batch, self.pool, self.loss_config, self.negatives), {}
+
+    # --- several processes (merlin_hstu.train.loop.DistributedRun) ----------------------------------------
+    def rank_batches(self, epoch: int, rank: int, world_size: int):
+        """This rank's contiguous slice of every global batch of `epoch_batches(epoch)` (the same shuffle, drawn
+        on every rank), with the global batch's supervised positives ("global_positives", row-major) and where
+        this slice's start among them ("positive_offset"): negatives are drawn for the global batch, then sliced."""
+        from merlin_hstu.distributed.context import rank_slice
+
+        if self.loss_config.loss == "bce" or self.loss_config.mi_loss_weight:
+            raise ValueError("multi-process retrieval training supports loss=sampled_softmax | full_softmax without "
+                             "train.mi_loss_weight (bce masks accidental hits per rank, the MoL gate loss is not a "
+                             "mean over positions); train this config in one process")
+        train = self.split.train
+        order = torch.randperm(len(train.lengths), generator=self.shuffle.begin_epoch()).numpy()
+        size = self.cfg.train.batch_size
+        for start in range(0, len(order), size):
+            rows = order[start:start + size]
+            if len(rows) < world_size:
+                raise ValueError(f"a global batch of {len(rows)} samples (the last of the epoch) cannot be split over "
+                                 f"{world_size} processes; change train.batch_size or --nproc")
+            lengths = torch.from_numpy(train.lengths[rows])
+            ids = torch.from_numpy(train.ids[rows, :int(lengths.max()) + 1])
+            supervised, labels = supervision(ids, lengths)
+            mine = rank_slice(len(rows), rank, world_size)
+            batch = next(self.split.batches(_take(train, rows[mine]), len(rows)))
+            batch["global_positives"] = labels[supervised]
+            batch["positive_offset"] = supervised[:mine.start].sum()
+            yield batch
+
+    def loss_count(self, batch) -> int:
+        return int(supervision(batch["ids"], batch["lengths"])[0].sum())
+
+    def _rank_loss(self, model, batch):
+        user = model.user_vectors(batch["ids"], batch["lengths"], batch.get("timestamps"), batch.get("actions"))
+        supervised, labels = supervision(batch["ids"], batch["lengths"])
+        user, positives = user[supervised], labels[supervised]
+        config = self.loss_config
+        if config.loss == "full_softmax":
+            return retrieval_loss(model, user, positives, self.pool, config)
+        every = sample_negatives(config.negatives, batch["global_positives"], self.pool, config.num_negatives,
+                                 self.negatives, config.logq_correction)
+        mine = slice(int(batch["positive_offset"]), int(batch["positive_offset"]) + positives.numel())
+        sample = NegativeSample(every.ids[mine], *(None if t is None else t[mine]
+                                                   for t in (every.log_q_positive, every.log_q_negatives)))
+        tables = torchrec_tables(model)
+        if tables is not None and tables.sharded:  # look up only the rows this step scores, deduplicated
+            distinct, inverse = torch.unique(torch.cat([positives, sample.ids.reshape(-1)]), return_inverse=True)
+            rows = _ItemRows(model, distinct)
+            sample = NegativeSample(inverse[positives.numel():].view_as(sample.ids), sample.log_q_positive,
+                                    sample.log_q_negatives)
+            return softmax_loss_over_sample(rows, user, inverse[:positives.numel()], sample, config)
+        return softmax_loss_over_sample(model, user, positives, sample, config)
 
     def evaluate(self, model, split: str, progress: bool = False) -> dict:
         if split == "validation":
@@ -135,6 +193,25 @@ class RetrievalTrainingTask:
     def load_state_dict(self, state: dict, mid_epoch: bool) -> None:
         self.shuffle.load_state_dict(state["shuffle"], mid_epoch)
         self.negatives.set_state(state["negatives"])
+
+
+class _ItemRows:
+    """The item table restricted to `ids` (what a loss function needs of a model: `item_vectors()` and `head`)."""
+
+    def __init__(self, model, ids: torch.Tensor):
+        self.head = model.head
+        self.vectors = model.item_vectors(ids)
+
+    def item_vectors(self):
+        return self.vectors
+
+
+def _take(split, rows):
+    """The samples `rows` of a LeaveOneOut split, as a split."""
+    import dataclasses
+
+    return dataclasses.replace(split, **{f.name: None if getattr(split, f.name) is None else getattr(split, f.name)[rows]
+                                         for f in dataclasses.fields(split)})
 
 
 def make_retrieval_optimizer(cfg: ExperimentConfig):

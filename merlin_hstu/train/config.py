@@ -29,10 +29,22 @@ class LoopConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement (0: off)
     early_stopping_metric: Optional[str] = None  # the validation metric watched (None: the task's default)
-    validation_fraction: float = 0.0  # users / rows held out of training for validation (needed for early stopping)
+    validation_fraction: float = 0.0  # users / rows held out of training for validation (needed for early stopping);
+    #                                   1.0 (retrieval): every user's second-to-last item, training ends before it
+    # Multi-process runs (merlin-hstu train --nproc N; merlin_hstu.distributed) of models with torchrec tables
+    # (model.embeddings=torchrec): how the tables are sharded and the fused optimizer that trains them.
+    sharding: str = "auto"  # auto (torchrec's planner decides) | table_wise | row_wise | column_wise
+    sparse_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd | adam (CUDA only)
+    sparse_learning_rate: float = 0.0  # the tables' learning rate (0: the task's learning_rate)
 
     def __post_init__(self) -> None:
+        from merlin_hstu.distributed.sharding import check_settings
+
         resolve_device(self.device, check_available=False)  # validates the spelling only
+        check_settings(self.sharding, self.sparse_optimizer)
+        if not (isinstance(self.sparse_learning_rate, (int, float)) and self.sparse_learning_rate >= 0):
+            raise ValueError(f"train.sparse_learning_rate must be >= 0 (0: the task's learning_rate), got "
+                             f"{self.sparse_learning_rate!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -46,8 +58,8 @@ class LoopConfig:
             raise ValueError(f"train.keep_checkpoints must be an int >= 1, got {self.keep_checkpoints!r}")
         if not self.grad_clip >= 0:
             raise ValueError(f"train.grad_clip must be >= 0 (0: off), got {self.grad_clip!r}")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"train.validation_fraction must be in [0, 1), got {self.validation_fraction!r}")
+        if not 0.0 <= self.validation_fraction <= 1.0:
+            raise ValueError(f"train.validation_fraction must be in [0, 1], got {self.validation_fraction!r}")
         if self.early_stopping_patience and not self.validation_fraction:
             raise ValueError("train.early_stopping_patience needs a validation split: set train.validation_fraction "
                              "(e.g. 0.1); the test split is never used to choose when to stop")

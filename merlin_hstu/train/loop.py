@@ -20,6 +20,16 @@ batch, evaluation, and the state of its own random generators. The task packages
 
 Seeding is the caller's: seed torch before building the model (the weights' initialisation draws from it); the
 loop never reseeds, so a task's numbers do not depend on whether it ran through this loop or a plain one.
+
+Multi-process (a process started by torchrun: `merlin-hstu train --nproc N`; `DistributedRun` below) the same loop
+trains data-parallel: every rank draws the same global batch order and trains on its contiguous slice of each
+global batch (`task.rank_batches`); a model with torchrec tables has them sharded by `DistributedModelParallel`
+with a fused sparse optimizer (`train.sharding`, `train.sparse_optimizer`), every other parameter under DDP. The
+loss of a step is the global batch's: rank r's mean loss over its n_r terms (`task.loss_count`) is scaled by
+n_r * N / n (n = the all-reduced count, N ranks) before backward, so the averaged gradients are those of the global
+mean; the logged loss is sum_r n_r loss_r / n. Checkpoints are `torch.distributed.checkpoint` directories when
+tables are sharded (`merlin_hstu.distributed.checkpoint`), else the single-process file written by rank 0; either
+resumes on another number of processes. See docs/scaling.md.
 """
 from __future__ import annotations
 
@@ -66,6 +76,11 @@ class TrainingTask(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict, mid_epoch: bool) -> None: ...
+
+    # Multi-process training (optional): this rank's part of every global batch of `epoch_batches(epoch)` (the
+    # same order on every rank), and the number of terms the task's mean loss averages over in a batch.
+    # def rank_batches(self, epoch: int, rank: int, world_size: int) -> Iterator[Any]: ...
+    # def loss_count(self, batch: Any) -> int: ...
 
 
 class EpochShuffle:
@@ -168,6 +183,8 @@ class FitResult:
     resumed_from: Optional[int]
     device: str
     precision: str
+    step_losses: List[float] = field(default_factory=list)  # the loss of every step of this call (multi-process:
+    #                                                          the global batch's)
 
     @property
     def train_seconds(self) -> float:
@@ -226,6 +243,194 @@ def load_latest_checkpoint(directory: Path) -> Optional[dict]:
     return torch.load(paths[-1], map_location="cpu", weights_only=False)
 
 
+def latest_checkpoint(directory: Path) -> Optional[Path]:
+    """The newest checkpoint of either kind: a single-process file `step-N.pt` or a sharded `step-N.dcp/`."""
+    from merlin_hstu.distributed.checkpoint import sharded_checkpoint_paths
+
+    paths = checkpoint_paths(directory) + sharded_checkpoint_paths(directory)
+    return max(paths, key=lambda p: int(p.name[5:13])) if paths else None
+
+
+def _check_checkpoint(checkpoint: dict, checkpoint_dir: Path, fingerprint: str) -> None:
+    """Refuse a checkpoint of another format, config or dataset (before any weight is loaded)."""
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{checkpoint_dir}: checkpoint format {checkpoint.get('format')} is not "
+                         f"{CHECKPOINT_FORMAT}; start the run again without --resume")
+    if checkpoint["fingerprint"] != fingerprint:
+        raise ValueError(f"{checkpoint_dir} holds checkpoints of a different configuration or dataset; "
+                         "resume with the same config and data, or train into a new --output")
+
+
+def _restore(checkpoint: dict, optimizer, scheduler, task, rank: int = 0,
+             world_size: int = 1) -> Tuple["LoopState", Optional[dict]]:
+    """Restore optimizer, schedule, task and RNG from a checked checkpoint; -> (loop state, best weights). Model
+    weights are the caller's (they differ between a single process and sharded tables)."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    state = LoopState(**checkpoint["loop"])
+    state.epoch_metrics = [tuple(x) for x in state.epoch_metrics]
+    state.validation_metrics = [tuple(x) for x in state.validation_metrics]
+    task.load_state_dict(checkpoint["task"], mid_epoch=state.step_in_epoch > 0)
+    per_rank = checkpoint.get("rng_per_rank")
+    # every rank its own RNG streams when the process count is unchanged; else rank 0's (dropout masks differ)
+    _set_rng_state(per_rank[rank] if per_rank and len(per_rank) == world_size else checkpoint["rng"])
+    state.resumed_from = state.global_step
+    return state, checkpoint.get("best_model")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# several processes
+# ---------------------------------------------------------------------------------------------------------------
+class _TaskLoss(torch.nn.Module):
+    """The module DDP / DistributedModelParallel wrap: forward(batch) = task.loss(model, batch), so the gradient
+    synchronisation sees every step go through a forward (the task's loss calls model methods, not forward)."""
+
+    def __init__(self, task: TrainingTask, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.__dict__["task"] = task  # not a module
+
+    def forward(self, batch):
+        return self.task.loss(self.model, batch)
+
+
+class DistributedRun:
+    """The loop's multi-process side (module docstring): the wrapped model, its optimizers, one step, checkpoints."""
+
+    def __init__(self, task: TrainingTask, model: torch.nn.Module, make_optimizer, config: LoopConfig, ctx):
+        from merlin_hstu.distributed import sharding
+
+        for method in ("rank_batches", "loss_count"):
+            if not callable(getattr(task, method, None)):
+                raise ValueError(f"the {task.name} task does not support multi-process training (it has no "
+                                 f"{method}); train it in one process (without --nproc)")
+        self.task, self.model, self.config, self.ctx = task, model, config, ctx
+        model.to(ctx.device)
+        self.sparse_optimizer = None
+        self.sparse_learning_rate = float(config.sparse_learning_rate or getattr(config, "learning_rate", 0.01))
+        if sharding.torchrec_collections(model):
+            self.module = sharding.shard_model(_TaskLoss(task, model), ctx, config.sharding, config.sparse_optimizer,
+                                               self.sparse_learning_rate)
+            self.sparse_optimizer = self.module.fused_optimizer
+            if ctx.is_main:
+                tables = ", ".join(f"{table} {kind} on ranks {ranks}"
+                                   for table, (kind, ranks) in sharding.plan_summary(self.module).items())
+                print(f"{ctx.world_size} process(es); sharded tables: {tables}; sparse optimizer "
+                      f"{config.sparse_optimizer} (lr {self.sparse_learning_rate:g})", flush=True)
+            dense = sharding.dense_parameters(self.module)
+            self.optimizer = make_optimizer(sharding.ParameterSubset(dense))
+            self.parameters = [p for _, p in dense if p.requires_grad]
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.module = DistributedDataParallel(
+                _TaskLoss(task, model), device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+            self.optimizer = make_optimizer(model)
+            self.parameters = [p for p in model.parameters() if p.requires_grad]
+
+    @classmethod
+    def start(cls, task, model, make_optimizer, config: LoopConfig, device: torch.device) -> Optional["DistributedRun"]:
+        """A run for a process started by torchrun (joining its process group), None for a plain process."""
+        from merlin_hstu.distributed import context
+
+        if not context.launched():
+            return None
+        return cls(task, model, make_optimizer, config, context.init_from_env(device))
+
+    @property
+    def sharded(self) -> bool:
+        return self.sparse_optimizer is not None
+
+    def batches(self, epoch: int):
+        return self.task.rank_batches(epoch, self.ctx.rank, self.ctx.world_size)
+
+    def step(self, batch, scheduler, lr_factor: float) -> Tuple[float, Dict[str, float], int]:
+        """One optimizer step on this rank's slice -> (global mean loss, global extras, global batch size)."""
+        config, ctx = self.config, self.ctx
+        batch = move_to(batch, ctx.device)
+        count = float(self.task.loss_count(batch))
+        if count <= 0:
+            raise ValueError(f"rank {ctx.rank}'s share of a global batch has nothing to average its loss over; use a "
+                             f"larger train.batch_size for {ctx.world_size} processes")
+        with autocast(ctx.device, config.precision):
+            loss, extras = self.module(batch)
+        keys = sorted(extras)
+        local = [count, float(self.task.batch_size(batch)), float(loss.detach()) * count,
+                 *(float(extras[k].detach() if torch.is_tensor(extras[k]) else extras[k]) * count for k in keys)]
+        totals = ctx.all_reduce_sum(local)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.sparse_optimizer is not None:  # the tables update inside backward: their rate is set before it
+            from merlin_hstu.distributed.sharding import set_sparse_learning_rate
+
+            set_sparse_learning_rate(self.sparse_optimizer, self.sparse_learning_rate * lr_factor)
+        (loss * (count * ctx.world_size / totals[0])).backward()
+        if config.grad_clip:  # the dense parameters (their gradients are the same on every rank after DDP)
+            torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
+        self.optimizer.step()
+        scheduler.step()
+        return totals[2] / totals[0], {k: totals[3 + i] / totals[0] for i, k in enumerate(keys)}, int(totals[1])
+
+    # --- weights --------------------------------------------------------------------------------------------
+    def full_state(self) -> dict:
+        """The model's weights in full on every rank (sharded tables gathered)."""
+        if not self.sharded:
+            return copy.deepcopy(self.model.state_dict())
+        from merlin_hstu.distributed.sharding import gather_full_state
+
+        prefix = "model."
+        return {k[len(prefix):]: v for k, v in gather_full_state(self.module, self.ctx).items()}
+
+    def finish(self, best_weights: Optional[dict]) -> None:
+        """End of training: `best_weights` (early stopping) loaded; sharded tables gathered and put back as plain
+        collections, so the caller's model is a single-process model with the trained weights on every rank."""
+        if best_weights is not None:
+            self.model.load_state_dict(best_weights) if not self.sharded else self._load_full(best_weights)
+        if self.sharded:
+            from merlin_hstu.distributed.sharding import torchrec_collections
+
+            weights = self.full_state()
+            for tables in torchrec_collections(self.model):
+                tables.unshard(self.ctx.device)
+            self.model.load_state_dict(weights)
+        self.ctx.barrier()
+
+    def _load_full(self, weights: dict) -> None:
+        from merlin_hstu.distributed.sharding import load_full_state
+
+        load_full_state(self.module, {f"model.{k}": v for k, v in weights.items()})
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def save(self, directory: Path, payload: dict, step: int, keep: int) -> None:
+        payload = {**payload, "rng_per_rank": self.ctx.all_gather_object(payload["rng"]),
+                   "world_size": self.ctx.world_size}
+        payload["rng"] = payload["rng_per_rank"][0]
+        if self.sharded:
+            from merlin_hstu.distributed.checkpoint import save_sharded
+
+            save_sharded(directory, step, self.module, self.sparse_optimizer, payload, self.ctx, keep)
+            return
+        if self.ctx.is_main:  # replicated weights: rank 0 writes the single-process format
+            save_checkpoint(directory, {**payload, "model": self.model.state_dict()}, step, keep)
+        self.ctx.barrier()
+
+    def resume(self, latest: Path, directory: Path, fingerprint: str, scheduler, task):
+        if latest.is_dir() != self.sharded:
+            kind = "sharded torchrec tables" if latest.is_dir() else "a single process or replicated tables"
+            raise ValueError(f"{latest} was written by a run with {kind}; resume it with the same model.embeddings "
+                             "(sharded tables: model.embeddings=torchrec under --nproc)")
+        if self.sharded:
+            from merlin_hstu.distributed.checkpoint import load_sharded, read_trainer_state
+
+            checkpoint = read_trainer_state(latest)
+            _check_checkpoint(checkpoint, directory, fingerprint)
+            load_sharded(latest, self.module, self.sparse_optimizer)
+        else:
+            checkpoint = torch.load(latest, map_location="cpu", weights_only=False)
+            _check_checkpoint(checkpoint, directory, fingerprint)
+            self.model.load_state_dict(checkpoint["model"])
+        return _restore(checkpoint, self.optimizer, scheduler, task, self.ctx.rank, self.ctx.world_size)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,65 +449,68 @@ def fit(task: TrainingTask, model: torch.nn.Module,
     evaluation (for tests and smoke runs of resuming; 0: off). Without a progress bar, a line with the step, loss
     and samples/s is printed at least every `log_interval` seconds, so a long quiet run still says it is alive."""
     log_epoch = log_epoch or (lambda epoch, loss, metrics: None)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     device = resolve_device(config.device)
-    model.to(device)
-    optimizer = make_optimizer(model)
+    run = DistributedRun.start(task, model, make_optimizer, config, device)
+    if run is None:
+        model.to(device)
+        optimizer = make_optimizer(model)
+    else:
+        device, optimizer = run.ctx.device, run.optimizer
+    reports = run is None or run.ctx.is_main  # one process reports
+    if not reports:
+        progress, log_epoch = False, (lambda epoch, loss, metrics: None)
     steps_per_epoch = task.steps_per_epoch()
     if steps_per_epoch < 1:
         raise ValueError(f"the {task.name} training split has no batches to train on")
     total_steps = epochs * steps_per_epoch
     if max_steps:
         total_steps = min(total_steps, max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+    schedule = lr_lambda(config, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     state = LoopState()
+    best_weights = None
 
     if resume and checkpoint_dir is not None:
-        checkpoint = load_latest_checkpoint(checkpoint_dir)
-        if checkpoint is not None:
-            if checkpoint.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"{checkpoint_dir}: checkpoint format {checkpoint.get('format')} is not "
-                                 f"{CHECKPOINT_FORMAT}; start the run again without --resume")
-            if checkpoint["fingerprint"] != fingerprint:
-                raise ValueError(f"{checkpoint_dir} holds checkpoints of a different configuration or dataset; "
-                                 "resume with the same config and data, or train into a new --output")
+        latest = latest_checkpoint(checkpoint_dir)
+        if latest is not None and run is not None:
+            state, best_weights = run.resume(latest, checkpoint_dir, fingerprint, scheduler, task)
+        elif latest is not None:
+            if latest.is_dir():
+                raise ValueError(f"{latest} was written by a multi-process run with sharded torchrec tables; resume "
+                                 "it with --nproc N (any N) and the same config")
+            checkpoint = torch.load(latest, map_location="cpu", weights_only=False)
+            _check_checkpoint(checkpoint, checkpoint_dir, fingerprint)
             model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            state = LoopState(**checkpoint["loop"])
-            state.epoch_metrics = [tuple(x) for x in state.epoch_metrics]
-            state.validation_metrics = [tuple(x) for x in state.validation_metrics]
-            task.load_state_dict(checkpoint["task"], mid_epoch=state.step_in_epoch > 0)
-            _set_rng_state(checkpoint["rng"])
-            state.resumed_from = state.global_step
-            best_weights = checkpoint.get("best_model")
-        else:
-            best_weights = None
-    else:
-        best_weights = None
+            state, best_weights = _restore(checkpoint, optimizer, scheduler, task)
 
     def checkpoint() -> None:
         if checkpoint_dir is None:
             return
-        payload = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "model": model.state_dict(),
-                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "loop": dataclasses.asdict(state), "task": task.state_dict(), "rng": _rng_state(),
-                   "best_model": best_weights}
+        payload = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "loop": dataclasses.asdict(state),
+                   "task": task.state_dict(), "rng": _rng_state(), "best_model": best_weights}
+        if run is not None:
+            run.save(checkpoint_dir, payload, state.global_step, config.keep_checkpoints)
+            return
+        payload = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "model": model.state_dict(), **payload}
         save_checkpoint(checkpoint_dir, payload, state.global_step, config.keep_checkpoints)
 
     step_times: List[float] = []
+    step_losses: List[float] = []
     epoch_seconds: List[float] = []
     eval_seconds = 0.0
     steps_this_call = 0
     interrupted = False
     bar = tqdm(total=total_steps, initial=state.global_step, desc=desc, unit="step", disable=not progress)
     last_log, logged_samples, logged_time = time.monotonic(), 0, 0.0
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    parameters = [p for p in model.parameters() if p.requires_grad] if run is None else run.parameters
     while state.epoch < epochs and not state.stopped_early:
         if max_steps and state.global_step >= max_steps:
             break  # a smoke run: the step budget is spent
         epoch = state.epoch
         model.train()
-        batches = task.epoch_batches(epoch)
+        batches = task.epoch_batches(epoch) if run is None else run.batches(epoch)
         if state.step_in_epoch:  # resuming mid-epoch: the same order, the trained-on batches skipped
             batches = itertools.islice(batches, state.step_in_epoch, None)
         epoch_start = time.perf_counter()
@@ -313,17 +521,22 @@ def fit(task: TrainingTask, model: torch.nn.Module,
                 interrupted = True
                 break
             t0 = time.perf_counter()
-            batch = move_to(batch, device)
-            with autocast(device, config.precision):
-                loss, extras = task.loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            value = loss.item()
+            if run is None:
+                batch = move_to(batch, device)
+                with autocast(device, config.precision):
+                    loss, extras = task.loss(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                value = loss.item()
+                samples = task.batch_size(batch)
+            else:  # this rank's slice of the global batch; value, extras and samples are the global batch's
+                value, extras, samples = run.step(batch, scheduler, schedule(state.global_step))
             step_times.append(time.perf_counter() - t0)
+            step_losses.append(value)
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"the training loss became {value} at step {state.global_step + 1} (epoch {epoch + 1}); lower "
@@ -331,16 +544,15 @@ def fit(task: TrainingTask, model: torch.nn.Module,
             state.global_step += 1
             state.step_in_epoch += 1
             steps_this_call += 1
-            weight = task.batch_size(batch) if task.sample_weighted_loss else 1  # epoch loss: per sample or per batch
+            weight = samples if task.sample_weighted_loss else 1  # epoch loss: per sample or per batch
             state.epoch_loss_sum += value * weight
             state.epoch_count += weight
             for key, extra in extras.items():
                 state.epoch_extra_sums[key] = state.epoch_extra_sums.get(key, 0.0) + float(extra.detach() if torch.is_tensor(extra) else extra) * weight
             bar.update(1)
-            samples = task.batch_size(batch)
             bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}", samples_s=f"{samples / max(step_times[-1], 1e-9):.0f}")
             logged_samples, logged_time = logged_samples + samples, logged_time + step_times[-1]
-            if not progress and time.monotonic() - last_log >= log_interval:
+            if not progress and reports and time.monotonic() - last_log >= log_interval:
                 print(f"{desc}: epoch {epoch + 1}, step {state.global_step}/{total_steps}, loss {value:.4f}, "
                       f"{logged_samples / max(logged_time, 1e-9):.0f} samples/s", flush=True)
                 last_log, logged_samples, logged_time = time.monotonic(), 0, 0.0
@@ -364,7 +576,7 @@ def fit(task: TrainingTask, model: torch.nn.Module,
             if state.best_value is None or monitored > state.best_value:
                 state.best_value, state.best_epoch = monitored, state.epoch
                 state.evaluations_without_improvement = 0
-                best_weights = copy.deepcopy(model.state_dict())
+                best_weights = copy.deepcopy(model.state_dict()) if run is None else run.full_state()
             else:
                 state.evaluations_without_improvement += 1
                 if config.early_stopping_patience and \
@@ -378,11 +590,14 @@ def fit(task: TrainingTask, model: torch.nn.Module,
         eval_seconds += time.perf_counter() - t0
         checkpoint()
     bar.close()
+    if run is not None:
+        run.finish(best_weights if best_weights is not None and config.early_stopping_patience and not interrupted
+                   else None)
     if interrupted:
         return FitResult(model, {}, state.epoch_losses, state.epoch_extra_losses, state.epoch_metrics,
                          state.validation_metrics, step_times, epoch_seconds, eval_seconds, state.global_step, False,
-                         state.best_epoch, state.resumed_from, str(device), config.precision)
-    if best_weights is not None and config.early_stopping_patience:
+                         state.best_epoch, state.resumed_from, str(device), config.precision, step_losses)
+    if best_weights is not None and config.early_stopping_patience and run is None:
         model.load_state_dict(best_weights)  # early stopping: the weights of the best validation epoch
     t0 = time.perf_counter()
     metrics = task.evaluate(model, "eval", progress=progress)
@@ -391,4 +606,5 @@ def fit(task: TrainingTask, model: torch.nn.Module,
     log_epoch(len(state.epoch_losses), state.epoch_losses[-1] if state.epoch_losses else float("nan"), metrics)
     return FitResult(model, metrics, state.epoch_losses, state.epoch_extra_losses, state.epoch_metrics,
                      state.validation_metrics, step_times, epoch_seconds, eval_seconds, state.global_step,
-                     state.stopped_early, state.best_epoch, state.resumed_from, str(device), config.precision)
+                     state.stopped_early, state.best_epoch, state.resumed_from, str(device), config.precision,
+                     step_losses)

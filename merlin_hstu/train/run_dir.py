@@ -9,7 +9,8 @@
       training_curves.png  loss (and evaluated metrics) per epoch
     RUN.incomplete/        while training: checkpoints/ (resumable), removed once RUN is published
 
-RUN is written in a staging directory and renamed into place, so a RUN that exists is complete; checkpoints make a
+RUN is written in a staging directory and renamed into place (by rank 0 alone in a multi-process run), so a RUN that
+exists is complete; checkpoints make a
 killed run resumable (`merlin-hstu train ... --resume`). Run directories written before `run.json` existed are
 retrieval runs and still load.
 
@@ -71,6 +72,10 @@ def write_run(run_dir: str | Path, task: str, files: Dict[str, Callable[[Path], 
     if task not in TASK_MODULES:
         raise ValueError(f"unknown task {task!r}; use one of {sorted(TASK_MODULES)}")
     final = Path(run_dir)
+    from merlin_hstu.distributed.context import is_main_process
+
+    if not is_main_process():  # a multi-process run: every rank holds the same model; rank 0 writes it
+        return final
     tmp = staging_dir(final)
     try:
         for name, write in files.items():
