@@ -262,6 +262,7 @@ def run(args) -> int:
         if throughput is None:
             _, texts = catalogue_texts(data.texts)
             texts = texts[:args.throughput_items] if args.throughput_items else texts
+            encoder.encode(texts[:8])  # warm-up: the first forward pays one-time setup
             throughput = encoder.throughput(texts)
             print(f"item encoding: {throughput['items_per_second']:.1f} items/s ({throughput['items']} items in "
                   f"{throughput['seconds']:.1f} s, {torch.get_num_threads()} threads, nothing cached)")
