@@ -173,6 +173,31 @@ def test_dlrm_hstu_outputs_and_gradients_equal_nn_embedding():
     rec.load_state_dict(plain.state_dict())
 
 
+def test_legacy_dlrm_hstu_fixture_loads_into_torchrec_tables():
+    """The recorded DLRM-HSTU weights of the old release load into torchrec tables and give its recorded output."""
+    import sys
+    from pathlib import Path
+
+    from merlin_hstu.ranking.batch import RankingTask
+    from merlin_hstu.ranking.model import DlrmHSTU, DlrmHSTUConfig
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_legacy_fixtures import TASKS_SPEC, ranking_batch
+
+    rec = torch.load(Path(__file__).parent / "fixtures" / "equality_8118952.pt", weights_only=False)
+    rec = rec["ranking"]["combined"]
+    tasks = tuple(RankingTask(name, bit=bit, kind=kind) if bit is not None else RankingTask(name, kind=kind)
+                  for name, bit, kind in TASKS_SPEC)
+    config = DlrmHSTUConfig(embedding_dim=16, num_blocks=3, num_heads=2, attention_dim=8, linear_dim=8,
+                            max_seq_len=96, dropout=0.3, input_dropout=0.3, kernel="pytorch", embeddings="torchrec",
+                            **rec["kwargs"])
+    model = DlrmHSTU(config, num_items=60, contextual_cardinalities={"age": 4, "city": 3}, tasks=tasks)
+    model.load_state_dict(rec["state_dict"])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ranking_batch(tasks)), rec["forward"], rtol=0, atol=ATOL)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CTR: WuKong and DLRM (EmbeddingBagCollection)
 # ---------------------------------------------------------------------------------------------------------------
