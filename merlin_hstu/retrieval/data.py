@@ -207,9 +207,17 @@ class LeaveOneOut:
     def hold_out_validation(self, fraction: float, seed: int) -> None:
         """Move a seeded `fraction` of the train samples (one per user: history -> second-to-last item) into
         `self.validation`; they are no longer trained on. The eval samples (last items) are untouched, so the
-        validation split never sees a test target."""
+        validation split never sees a test target.
+
+        fraction 1.0 is the standard leave-one-out validation of the Amazon / S3-Rec benchmarks: EVERY user's
+        second-to-last item is a validation target (history: the items before it), and training moves one item
+        earlier (target s_{T-2}, history <= s_{T-3}), so no validation or test item is ever a training target;
+        users with fewer than 4 items then have validation and test samples but no training sample."""
+        if fraction == 1.0:
+            self.validation, self.train = self.train, self._build(holdout=3)
+            return
         if not 0.0 < fraction < 1.0:
-            raise ValueError(f"validation fraction must be in (0, 1), got {fraction!r}")
+            raise ValueError(f"validation fraction must be in (0, 1], got {fraction!r}")
         n = len(self.train.lengths)
         count = int(round(n * fraction))
         if count < 1 or count >= n:
