@@ -496,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
 EXTENSION_MODULES: list = ["merlin_hstu.cli.train", "merlin_hstu.cli.serving", "merlin_hstu.kernels.bench", "merlin_hstu.cli.ranking",
                           "merlin_hstu.bench.mfalcon", "merlin_hstu.bench.compare", "merlin_hstu.bench.gpu_check",
                           "merlin_hstu.cli.help_speed", "merlin_hstu.bench.t4r_vs_native", "merlin_hstu.cli.scale",
-                          "merlin_hstu.bench.grid", "merlin_hstu.bench.hllm", "merlin_hstu.bench.ab"]
+                          "merlin_hstu.bench.grid", "merlin_hstu.bench.hllm", "merlin_hstu.bench.ab",
+                          "merlin_hstu.bench.sid"]
 
 
 def _quiet_known_warnings() -> None:

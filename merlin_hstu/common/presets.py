@@ -13,7 +13,7 @@ import yaml
 
 from merlin_hstu.common.overrides import apply_overrides
 
-TASKS = ("retrieval", "ranking", "ctr")
+TASKS = ("retrieval", "ranking", "ctr", "sid")
 
 
 def _folder(task: str):

@@ -11,6 +11,7 @@ A processed dataset (see `merlin_hstu.workflows.session_workflow`) is one row pe
 | timestamp     | `timestamp-list`   | LIST, TIME, CONTINUOUS              | int64 list, unix seconds|
 | length        | `length`           | (none: not a model feature)         | int64                   |
 | interleaved   | `interleaved-list` | LIST (deliberately not CATEGORICAL) | int64 list              |
+| semantic IDs  | `semantic_id-list` | LIST (not CATEGORICAL, like interleaved) | int64 list, T per item (optional step) |
 
 Merlin has no tag for "action" (or "length", "interleaved"), so every column also carries the property
 `{"merlin_hstu_role": <role>}`; lookups below use that property first and fall back to tags, so schemas
@@ -44,6 +45,8 @@ INTERLEAVED_LIST = "interleaved-list"  # only when interleaving is on
 ITEM_ID = "item_id"  # the ENCODED item id of an item-table row (the id model tables and sequences use)
 RAW_ITEM_ID = "raw_item_id"  # the item id as the raw log / metadata file spells it
 ITEM_TEXT = "item_text"  # the item's text as a language model reads it (its text fields composed)
+# semantic IDs (merlin_hstu.workflows.semantic_ids, merlin_hstu.sid): every item of item_id-list as its T tokens
+SEMANTIC_ID_LIST = "semantic_id-list"
 
 # ---- roles ------------------------------------------------------------------------------------------
 # ColumnSchema property naming a column's role, e.g. {"merlin_hstu_role": "action"}
@@ -61,6 +64,7 @@ ROLE_ITEM_TABLE_ID = "item_table_id"  # item table: encoded item id
 ROLE_RAW_ITEM_ID = "raw_item_id"  # item table: raw item id
 ROLE_ITEM_TEXT = "item_text"  # item table: the composed text an item language model reads
 ROLE_ITEM_TEXT_FIELD = "item_text_field"  # item table: one source text column (title, genres, ...)
+ROLE_SEMANTIC_ID = "semantic_id"  # the semantic-ID tokens of a row's items (T per item, in item order)
 
 #: exact tag set each role's column carries (tags are replaced, not merged, so nothing leaks from the source)
 ROLE_TAGS: Dict[str, Tuple[Tags, ...]] = {
@@ -75,11 +79,13 @@ ROLE_TAGS: Dict[str, Tuple[Tags, ...]] = {
     ROLE_RAW_ITEM_ID: (Tags.ITEM,),
     ROLE_ITEM_TEXT: (Tags.ITEM, Tags.TEXT),
     ROLE_ITEM_TEXT_FIELD: (Tags.ITEM, Tags.TEXT),
+    ROLE_SEMANTIC_ID: (Tags.LIST,),  # not CATEGORICAL: T times longer than the other lists (see interleaved)
 }
 
 # ---- other properties ---------------------------------------------------------------------------------
 ACTION_TOKEN_OFFSET_PROPERTY = "action_token_offset"  # interleaved-list: action token = action id + offset
 TIME_UNIT_PROPERTY = "time_unit"  # timestamp-list: always "s" (unix seconds)
+TOKENS_PER_ITEM_PROPERTY = "tokens_per_item"  # semantic_id-list: T tokens per item
 
 # Categorify (NVTabular 23.08) reserved ids
 PADDING_ID = 0
@@ -168,6 +174,11 @@ def timestamp_list_column(schema: Schema) -> Optional[str]:
 def interleaved_list_column(schema: Schema) -> Optional[str]:
     """Name of the interleaved item/action token column, or None when interleaving was off."""
     return _find(schema, ROLE_INTERLEAVED, None, required=False)
+
+
+def semantic_id_list_column(schema: Schema) -> Optional[str]:
+    """Name of the semantic-ID token column, or None when the dataset has none."""
+    return _find(schema, ROLE_SEMANTIC_ID, None, required=False)
 
 
 def length_column(schema: Schema) -> Optional[str]:

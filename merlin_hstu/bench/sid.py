@@ -1,0 +1,506 @@
+"""Semantic-ID and Amazon benchmarks: `merlin-hstu bench amazon`, `bench sid` and `bench sid-decode`.
+
+One protocol for every row (the Amazon 2014 S3-Rec files Beauty / Sports / Toys, `--dataset amazon-s3rec-*`):
+leave-one-out, the last item of every user is the test target and the second-to-last the validation target
+(`train.validation_fraction: 1.0`: neither is ever a training target), every catalogue item ranked (no sampled
+candidates), history items filtered, Recall@K (= HR@K for one held-out item) and NDCG@K at 5 and 10, early stopping
+on validation NDCG@10, each model over `--seeds` seeds (mean and std).  Published results on the same files and
+protocol are printed beside ours (`PUBLISHED`).
+
+    bench amazon      the ID presets sasrec-amazon, hstu-amazon, hstu-large-amazon on each dataset
+    bench sid         semantic-ID HSTU (preset sid-hstu-amazon): an ID HSTU is trained first (its item table gives
+                      the collaborative embeddings, and it is the ID row of the table), the tokenizer is fitted and
+                      its codebook usage / collision table printed, the decoder trained and beam-searched; rows for
+                      users whose target is a tail item (outside the most popular `--head-fraction` of the catalogue
+                      by training count) show where each model wins or loses
+    bench sid-decode  decoding cost: users/s of constrained beam search (beam 10 and 50, KV cache) beside ID-HSTU's
+                      brute-force top-K over the whole catalogue, same users, same threads
+
+Small settings check that each runs (the published comparisons need the presets' full epochs):
+`--epochs 1 --id-epochs 1 --max-steps 5 --users 200`.  Outputs bench.json and bench.md in --output (atomic).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+DATASETS = ("amazon-s3rec-beauty", "amazon-s3rec-sports", "amazon-s3rec-toys")
+ID_PRESETS = ("sasrec-amazon", "hstu-amazon", "hstu-large-amazon")
+TABLE_KEYS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+# Published results on the S3-Rec Amazon 2014 files, leave-one-out, full ranking (Recall@K, NDCG@K).
+PUBLISHED: Dict[str, Dict[str, dict]] = {
+    "amazon-s3rec-beauty": {
+        "TIGER (published)": {"recall@5": 0.0454, "ndcg@5": 0.0321, "recall@10": 0.0648, "ndcg@10": 0.0384},
+        "HSTU, independent re-run (published)": {"recall@10": 0.0788, "ndcg@10": 0.0439},
+        "eSASRec (published)": {"recall@10": 0.0928, "ndcg@10": 0.0523},
+    },
+    "amazon-s3rec-sports": {"TIGER (published)": {"recall@10": 0.0400, "ndcg@10": 0.0225}},
+    "amazon-s3rec-toys": {"TIGER (published)": {"recall@10": 0.0712, "ndcg@10": 0.0432}},
+}
+
+
+def as_recall(metrics: dict) -> dict:
+    """Our hr@K is Recall@K under leave-one-out (one held-out item): the published papers' name."""
+    return {(f"recall@{k[3:]}" if k.startswith("hr@") else k): v for k, v in metrics.items()}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+def _seeds(args) -> List[int]:
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    return [args.seed + i for i in range(args.seeds)]
+
+
+def _no_time(cfg, table) -> None:
+    """The S3-Rec files have no timestamps: the time bias is switched off (said once)."""
+    model = cfg.model
+    if table.timestamps is None and getattr(model, "time_bias", False):
+        print(f"note: the data has no timestamps: {cfg.name}'s time bias is switched off (model.time_bias=false)")
+        model.time_bias = False
+
+
+def first_users(table, users: int):
+    """The first `users` sequences of a table (0: all) - for quick checks."""
+    import dataclasses
+
+    if not users or users >= len(table.items):
+        return table
+    cut = slice(0, users)
+    return dataclasses.replace(table, items=table.items[cut], keys=table.keys[cut],
+                               timestamps=None if table.timestamps is None else table.timestamps[cut],
+                               actions=None if table.actions is None else table.actions[cut])
+
+
+def load_table(dataset: str, input_dir: Optional[str], cache: str, max_history: int, users: int = 0):
+    from merlin_hstu.bench.retrieval import resolve_dataset
+    from merlin_hstu.retrieval.data import load_processed
+
+    data_dir, name = resolve_dataset(dataset, input_dir, Path(cache), max_history)
+    return first_users(load_processed(data_dir), users), data_dir, name
+
+
+def tail_items(split, head_fraction: float) -> np.ndarray:
+    """Catalogue items outside the `head_fraction` most popular by training count (ties: smaller id first)."""
+    from merlin_hstu.retrieval.data import train_sequences
+
+    catalogue = split.table.candidate_ids.numpy()
+    counts = np.bincount(np.concatenate(train_sequences(split.train)), minlength=split.table.num_items)[catalogue]
+    order = np.lexsort((catalogue, -counts))
+    head = int(np.ceil(head_fraction * len(catalogue)))
+    return np.sort(catalogue[order[head:]])
+
+
+def tail_samples(split, tail: np.ndarray):
+    """The evaluation samples whose target is a tail item (the layout of `split.eval`)."""
+    import dataclasses
+
+    samples = split.eval
+    keep = np.isin(samples.ids[np.arange(len(samples.lengths)), samples.lengths], tail)
+    if not keep.any():
+        raise ValueError("no test user's target is a tail item; use more users or a smaller --head-fraction")
+    return dataclasses.replace(samples, **{f.name: None if getattr(samples, f.name) is None
+                                           else getattr(samples, f.name)[keep] for f in dataclasses.fields(samples)})
+
+
+def train_id_model(table, preset: str, overrides: List[str], seed: int, args, progress: bool):
+    """One ID model (a retrieval preset) under the Amazon protocol -> (TrainResult, config)."""
+    from merlin_hstu.retrieval.config import load_config
+    from merlin_hstu.retrieval.train import train_retrieval
+
+    extra = [f"train.seed={seed}"]
+    if args.id_epochs:
+        extra.append(f"train.epochs={args.id_epochs}")
+    if args.max_steps:
+        extra.append(f"train.max_steps={args.max_steps}")
+    if args.threads:
+        extra.append(f"train.threads={args.threads}")
+    cfg = load_config(preset, [*extra, *overrides])
+    _no_time(cfg, table)
+    result = train_retrieval(table, cfg, progress=progress, model_name=cfg.name)
+    return result, cfg
+
+
+def summary_rows(runs: Dict[str, List[dict]], published: Dict[str, dict]) -> Dict[str, dict]:
+    """{row name: metrics}: the mean (and std over seeds) of every model, then the published rows."""
+    rows = {}
+    for name, seeds in runs.items():
+        keys = list(seeds[0])
+        rows[f"{name} (mean of {len(seeds)})"] = {k: statistics.fmean(s[k] for s in seeds) for k in keys}
+        if len(seeds) > 1:
+            rows[f"{name} (std)"] = {k: statistics.stdev(s[k] for s in seeds) for k in keys}
+    rows.update(published)
+    return rows
+
+
+def _record(args, kind: str, sections: dict, text: str, info: dict) -> dict:
+    return {"benchmark": kind, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": info,
+            "arguments": {k: v for k, v in vars(args).items() if k != "func"}, "sections": sections,
+            "markdown": text}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bench amazon
+# ------------------------------------------------------------------------------------------------------------
+def run_amazon(args) -> int:
+    from merlin_hstu.bench.retrieval import machine_info, machine_summary
+    from merlin_hstu.retrieval.config import load_config
+    from merlin_hstu.retrieval.metrics import format_metrics_table
+
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    info = machine_info()
+    print(f"machine: {machine_summary(info)}")
+    sections, lines = {}, [f"## Amazon benchmark ({', '.join(models)}), seeds {_seeds(args)}", "",
+                           f"Machine: {machine_summary(info)}.", ""]
+    for dataset in datasets:
+        history = max(load_config(m).data.max_history for m in models)
+        table, _, name = load_table(dataset, args.input, args.cache, history, args.users)
+        print(f"\n=== {name}: {len(table.items):,} users, {len(table.candidate_ids):,} items ===")
+        runs = {}
+        for preset in models:
+            for seed in _seeds(args):
+                print(f"--- {preset}, seed {seed} ---")
+                result, cfg = train_id_model(table, preset, args.overrides, seed, args, not args.no_progress)
+                fit = result.fit
+                print(f"{preset}: {len(result.epoch_losses)} epochs (best {fit.best_epoch}, stopped early: "
+                      f"{fit.stopped_early}), test {as_recall(result.metrics[cfg.name])}")
+                runs.setdefault(preset, []).append(as_recall(result.metrics[cfg.name]))
+        rows = summary_rows(runs, PUBLISHED.get(name, {}))
+        text = format_metrics_table(rows, keys=TABLE_KEYS)
+        print(f"\n{name}:\n{text}")
+        sections[name] = {"runs": runs, "rows": rows}
+        lines += [f"### {name}", "", "```", text, "```", ""]
+    markdown = "\n".join(lines)
+    out = Path(args.output or "runs/bench/amazon")
+    _write_atomic(out / "bench.json", json.dumps(_record(args, "amazon", sections, markdown, info), indent=2,
+                                                 default=str))
+    _write_atomic(out / "bench.md", markdown + "\n")
+    print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bench sid
+# ------------------------------------------------------------------------------------------------------------
+def item_embeddings(cfg, args, table, data_dir: Path, id_model):
+    """The tokenizer's input rows for the catalogue (cfg.data.embeddings) and their description."""
+    from merlin_hstu.sid.embeddings import file_embeddings, model_item_embeddings, text_embeddings
+
+    catalogue = table.candidate_ids.numpy()
+    kind = cfg.data.embeddings
+    if kind == "collaborative":
+        return catalogue, model_item_embeddings(id_model, catalogue), {"kind": "collaborative",
+                                                                       "model": cfg.data.id_model}
+    if kind == "text":  # the HLLM item encoder (all-MiniLM-L6-v2 by default), vectors cached on disk
+        from merlin_hstu.hllm.cache import EmbeddingCache
+        from merlin_hstu.hllm.config import ItemEncoderConfig
+        from merlin_hstu.hllm.item_encoder import ItemTextEncoder
+
+        vectors, source = text_embeddings(cfg.data.embeddings_path or data_dir, catalogue,
+                                          ItemTextEncoder(ItemEncoderConfig()), EmbeddingCache())
+        return catalogue, vectors, source
+    vectors, source = file_embeddings(cfg.data.embeddings_path, catalogue)
+    return catalogue, vectors, source
+
+
+def run_sid_bench(args) -> int:
+    from merlin_hstu.bench.retrieval import machine_info, machine_summary
+    from merlin_hstu.retrieval.config import load_config
+    from merlin_hstu.retrieval.metrics import format_metrics_table
+    from merlin_hstu.retrieval.train import evaluate_model
+    from merlin_hstu.sid.config import load_sid_config
+    from merlin_hstu.sid.decode import SemanticIdTrie
+    from merlin_hstu.sid.tokenizer import fit_tokenizer, format_statistics
+    from merlin_hstu.sid.train import evaluate_sid, save_sid_run, train_sid
+
+    overrides = list(args.overrides)
+    if args.epochs:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.max_steps:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    if args.threads:
+        overrides.append(f"train.threads={args.threads}")
+    if args.tokenizer:
+        overrides.append(f"tokenizer.method={args.tokenizer}")
+    if args.embeddings:
+        overrides.append(f"data.embeddings={args.embeddings}")
+    if args.embeddings_path:
+        overrides.append(f"data.embeddings_path={args.embeddings_path}")
+    cfg = load_sid_config(args.model, overrides)
+    id_preset = args.id_model or cfg.data.id_model
+    history = max(cfg.data.max_history, load_config(id_preset).data.max_history)
+    table, data_dir, name = load_table(args.dataset, args.input, args.cache, history, args.users)
+    if cfg.model.time_bias and table.timestamps is None:
+        print("note: the data has no timestamps: the decoder's time bias is switched off (model.time_bias=false)")
+        cfg.model.time_bias = False
+    info = machine_info()
+    out = Path(args.output or f"runs/bench/sid-{name}-{cfg.name}")
+    print(f"machine: {machine_summary(info)}")
+    print(f"dataset {name}: {len(table.items):,} users, {len(table.candidate_ids):,} items; SID config {cfg.name} "
+          f"({cfg.tokenizer.method} {cfg.tokenizer.levels} x {cfg.tokenizer.codebook_size}, embeddings "
+          f"{cfg.data.embeddings}); ID model {id_preset}; seeds {_seeds(args)}")
+    runs: Dict[str, List[dict]] = {}
+    details = []
+    for seed in _seeds(args):
+        print(f"\n--- seed {seed} ---")
+        cfg.train.seed, cfg.tokenizer.seed = seed, seed
+        id_result, id_cfg = train_id_model(table, id_preset, args.id_overrides, seed, args, not args.no_progress)
+        split = id_result.split
+        tail = tail_items(split, args.head_fraction)
+        id_name = f"ID-{id_cfg.name}"
+        runs.setdefault(id_name, []).append(as_recall(id_result.metrics[id_cfg.name]))
+        runs.setdefault(f"{id_name}, tail targets", []).append(
+            as_recall(evaluate_model(id_result.model, split, id_cfg, samples=tail_samples(split, tail))))
+        t0 = time.perf_counter()
+        catalogue, vectors, source = item_embeddings(cfg, args, table, data_dir, id_result.model)
+        sids = fit_tokenizer(catalogue, vectors, cfg.tokenizer, source)
+        print(format_statistics(sids.stats) + f"\n(fitted in {time.perf_counter() - t0:.1f} s)")
+        result = train_sid(table, sids, cfg, progress=not args.no_progress, model_name=cfg.name)
+        model = result.model
+        trie = SemanticIdTrie.from_semantic_ids(sids)
+        token_table = sids.token_table(table.num_items)
+        sid_name = f"SID-{cfg.name}"
+        runs.setdefault(sid_name, []).append(as_recall(result.metrics[cfg.name]))
+        runs.setdefault(f"{sid_name}, tail targets", []).append(as_recall(evaluate_sid(
+            model, trie.to(next(model.parameters()).device), token_table.to(next(model.parameters()).device),
+            result.split, tail_samples(result.split, tail), cfg)))
+        run_dir = save_sid_run(out / f"seed-{seed}", result, cfg, extra={"dataset": name, "id_model": id_preset})
+        fit = result.fit
+        details.append({"seed": seed, "tokenizer": sids.stats, "sid_epochs": len(result.epoch_losses),
+                        "sid_best_epoch": fit.best_epoch, "sid_train_seconds": fit.train_seconds,
+                        "id_epochs": len(id_result.epoch_losses), "id_best_epoch": id_result.fit.best_epoch,
+                        "tail_items": int(len(tail)), "tail_eval_users": int(len(tail_samples(split, tail).lengths)),
+                        "run": str(run_dir)})
+        print(f"{sid_name}: {len(result.epoch_losses)} epochs (best {fit.best_epoch}), test "
+              f"{runs[sid_name][-1]}; saved -> {run_dir}")
+    if args.nvtabular_step:  # the pipeline's NVTabular step on the last tokenizer, checked against the model's table
+        from merlin_hstu.common import schema as roles
+        from merlin_hstu.workflows.semantic_ids import write_semantic_ids
+
+        rows = write_semantic_ids(data_dir, sids)
+        table_np = token_table.numpy()
+        for items, tokens in zip(rows[roles.ITEM_LIST], rows[roles.SEMANTIC_ID_LIST]):
+            if not np.array_equal(table_np[np.asarray(items)].reshape(-1), np.asarray(tokens)):
+                raise AssertionError("the NVTabular semantic-ID step disagrees with the tokenizer's token table")
+        print(f"NVTabular step: {len(rows):,} rows of {roles.SEMANTIC_ID_LIST} written to {data_dir / 'semantic_ids'}"
+              " (equal to the tokenizer's table)")
+    rows = summary_rows(runs, PUBLISHED.get(name, {}))
+    text = format_metrics_table(rows, keys=TABLE_KEYS)
+    id_mean = rows[f"{id_name} (mean of {len(_seeds(args))})"]
+    sid_mean = rows[f"{sid_name} (mean of {len(_seeds(args))})"]
+    tail_id = rows[f"{id_name}, tail targets (mean of {len(_seeds(args))})"]
+    tail_sid = rows[f"{sid_name}, tail targets (mean of {len(_seeds(args))})"]
+    verdict = [f"- {what}: SID {s['recall@10']:.4f} vs ID {i['recall@10']:.4f} Recall@10 "
+               f"({'SID wins' if s['recall@10'] > i['recall@10'] else 'ID wins'})"
+               for what, s, i in (("all users", sid_mean, id_mean), ("tail-target users", tail_sid, tail_id))]
+    markdown = "\n".join([
+        f"### semantic-ID HSTU vs ID HSTU on {name}, seeds {_seeds(args)}", "",
+        f"Machine: {machine_summary(info)}. Tail: items outside the {args.head_fraction:.0%} most popular by "
+        f"training count ({details[0]['tail_items']:,} items; {details[0]['tail_eval_users']:,} test users).", "",
+        "```", text, "```", "", *verdict, "",
+        f"- tokenizer ({cfg.tokenizer.method}, seed {details[0]['seed']}):", "```",
+        format_statistics(details[0]["tokenizer"]), "```",
+        f"- command: `merlin-hstu bench sid --dataset {args.dataset} --model {args.model} --seeds {args.seeds}`"])
+    print("\n" + markdown)
+    record = _record(args, "sid", {name: {"runs": runs, "rows": rows, "details": details}}, markdown, info)
+    _write_atomic(out / "bench.json", json.dumps(record, indent=2, default=str))
+    _write_atomic(out / "bench.md", markdown + "\n")
+    print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bench sid-decode
+# ------------------------------------------------------------------------------------------------------------
+def _timed(fn, repeats: int) -> float:
+    """The median wall time of `repeats` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_decode_bench(args) -> int:
+    import torch
+
+    from merlin_hstu.bench.retrieval import machine_info, machine_summary
+    from merlin_hstu.retrieval.config import load_config
+    from merlin_hstu.retrieval.data import LeaveOneOut, history_window
+    from merlin_hstu.retrieval.topk import rankable_from_invalid
+    from merlin_hstu.retrieval.train import build_model as build_id_model, load_run
+    from merlin_hstu.sid.config import load_sid_config
+    from merlin_hstu.sid.decode import SemanticIdTrie, beam_search
+    from merlin_hstu.sid.embeddings import model_item_embeddings
+    from merlin_hstu.sid.tokenizer import fit_tokenizer
+    from merlin_hstu.sid.train import build_model as build_sid_model, history_tokens, load_sid_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    beams = [int(b) for b in args.beams.split(",") if b.strip()]
+    if args.run:
+        sid_model, sids, cfg, _ = load_sid_run(args.run)
+        sid_what = f"trained run {args.run}"
+    else:
+        cfg = load_sid_config(args.model, args.overrides)
+        cfg.model.time_bias = False
+    if args.id_run:
+        id_model, id_cfg, _ = load_run(args.id_run)
+        id_what = f"trained run {args.id_run}"
+    else:
+        id_cfg = load_config(args.id_model or cfg.data.id_model, args.id_overrides)
+    history = max(cfg.data.max_history, id_cfg.data.max_history)
+    table, _, name = load_table(args.dataset, args.input, args.cache, history)
+    if not args.id_run:
+        _no_time(id_cfg, table)
+        id_model = build_id_model(table, id_cfg)
+        id_what = f"untrained {id_cfg.name} (decoding cost does not depend on the weights)"
+    if not args.run:
+        catalogue = table.candidate_ids.numpy()
+        sids = fit_tokenizer(catalogue, model_item_embeddings(id_model, catalogue), cfg.tokenizer,
+                             {"kind": "collaborative", "model": id_cfg.name, "trained": bool(args.id_run)})
+        sid_model = build_sid_model(sids, cfg)
+        sid_what = f"untrained {cfg.name} decoder, tokenizer fitted on the ID model's item table"
+    id_model.eval()
+    sid_model.eval()
+    trie = SemanticIdTrie.from_semantic_ids(sids)
+    token_table = sids.token_table(table.num_items)
+    id_split = LeaveOneOut(table, max_history=id_cfg.data.max_history)
+    sid_split = LeaveOneOut(table, max_history=cfg.data.max_history)
+    users = min(args.users, len(id_split.eval.lengths))
+    id_batch = next(id_split.batches(id_split.eval, users))
+    sid_batch = next(sid_split.batches(sid_split.eval, users))
+    info = machine_info()
+    print(f"machine: {machine_summary(info)}")
+    print(f"dataset {name}: {users} users, {len(table.candidate_ids):,} items; ID: {id_what}; SID: {sid_what}; "
+          f"{sids.num_levels} tokens per item, trie nodes per level {trie.level_sizes()}")
+    rows = {}
+    rankable = rankable_from_invalid(table.num_items, table.non_candidate_ids)
+
+    def id_topk():
+        with torch.no_grad():
+            topk = id_model.topk(rankable)
+            for start in range(0, users, args.batch_size):
+                part = {k: v[start:start + args.batch_size] for k, v in id_batch.items()}
+                query = id_model.last_user_vector(part["ids"], part["lengths"], part.get("timestamps"))
+                topk(query, args.k, exclude=history_window(part))
+
+    seconds = _timed(id_topk, args.repeats)
+    rows[f"ID {id_cfg.name}: brute-force top-{args.k} over {len(table.candidate_ids):,} items"] = {
+        "users/s": users / seconds, "ms/user": 1e3 * seconds / users}
+    for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
+        for width in beams:
+            def decode():
+                for start in range(0, users, args.batch_size):
+                    part = {k: v[start:start + args.batch_size] for k, v in sid_batch.items()}
+                    histories, _, _ = history_tokens(token_table, part, False)
+                    beam_search(sid_model, trie, histories, width, engine)
+
+            seconds = _timed(decode, args.repeats)
+            rows[f"SID {cfg.name}: beam {width} ({engine})"] = {"users/s": users / seconds,
+                                                                "ms/user": 1e3 * seconds / users}
+    lines = [f"### decoding cost on {name}: {users} users, batches of {args.batch_size}, "
+             f"{torch.get_num_threads()} threads", "", f"Machine: {machine_summary(info)}.", "",
+             "| method | users/s | ms per user |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v['users/s']:.1f} | {v['ms/user']:.2f} |" for k, v in rows.items()]
+    markdown = "\n".join(lines)
+    print("\n" + markdown)
+    out = Path(args.output or f"runs/bench/sid-decode-{name}")
+    record = _record(args, "sid-decode", {name: rows}, markdown, info)
+    _write_atomic(out / "bench.json", json.dumps(record, indent=2, default=str))
+    _write_atomic(out / "bench.md", markdown + "\n")
+    print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the command line
+# ------------------------------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", help="raw files of a named dataset (default: the staged copy)")
+    p.add_argument("--cache", default="runs/datasets", help="where named datasets are preprocessed once")
+    p.add_argument("--output", help="where bench.json / bench.md go")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=42, help="first seed (default 42)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _training(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", type=int, default=3, help="seeds, run one after another (default 3)")
+    p.add_argument("--users", type=int, default=0, help="the first N users only (0: all; quick checks)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop every training after this many steps (smoke runs)")
+    p.add_argument("--id-epochs", type=int, default=0, help="epochs of the ID models (default: the preset's, with "
+                                                            "early stopping)")
+
+
+def register_subcommands(subparsers, bench_subparsers) -> None:
+    """Hook for merlin_hstu.cli.main.EXTENSION_MODULES: adds `bench amazon`, `bench sid`, `bench sid-decode`."""
+    p = bench_subparsers.add_parser("amazon", help="ID SASRec / HSTU / HSTU-large on Amazon Beauty, Sports, Toys "
+                                                   "beside published results", description=__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated (default: {', '.join(DATASETS)})")
+    p.add_argument("--models", default=",".join(ID_PRESETS), help=f"retrieval presets (default: {', '.join(ID_PRESETS)})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value of every model's config (repeatable)")
+    _common(p)
+    _training(p)
+    p.set_defaults(func=run_amazon)
+
+    p = bench_subparsers.add_parser("sid", help="semantic-ID HSTU vs ID HSTU (tokenizer stats, tail items, "
+                                                "published TIGER)", description=__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default=DATASETS[0], help=f"dataset name or preprocessed directory (default "
+                                                          f"{DATASETS[0]})")
+    p.add_argument("--model", default="sid-hstu-amazon", help="SID preset or YAML (default sid-hstu-amazon)")
+    p.add_argument("--id-model", help="the ID retrieval preset (default: the SID config's data.id_model)")
+    p.add_argument("--tokenizer", choices=["rq-kmeans", "rq-vae"], help="= --set tokenizer.method=...")
+    p.add_argument("--embeddings", choices=["collaborative", "text", "file"], help="= --set data.embeddings=...")
+    p.add_argument("--embeddings-path", help="= --set data.embeddings_path=... (a .npy/.parquet matrix, or the "
+                                             "dataset directory with item_text/)")
+    p.add_argument("--epochs", type=int, default=0, help="epochs of the SID decoder (default: the preset's)")
+    p.add_argument("--head-fraction", type=float, default=0.2,
+                   help="the most popular fraction of the catalogue; the rest are tail items (default 0.2)")
+    p.add_argument("--nvtabular-step", action="store_true",
+                   help="also write <dataset>/semantic_ids/ with the NVTabular step and check it against the model")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value of the SID config (repeatable)")
+    p.add_argument("--id-set", dest="id_overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value of the ID model's config (repeatable)")
+    _common(p)
+    _training(p)
+    p.set_defaults(func=run_sid_bench)
+
+    p = bench_subparsers.add_parser("sid-decode", help="users/s of semantic-ID beam search (beam 10, 50) vs ID "
+                                                       "brute-force top-K", description=__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default=DATASETS[0], help=f"dataset (default {DATASETS[0]})")
+    p.add_argument("--run", help="a trained SID run directory (default: an untrained decoder of --model's size)")
+    p.add_argument("--id-run", help="a trained retrieval run (default: an untrained model of --id-model's size)")
+    p.add_argument("--model", default="sid-hstu-amazon", help="SID preset for an untrained decoder")
+    p.add_argument("--id-model", help="retrieval preset for an untrained ID model (default: the SID config's)")
+    p.add_argument("--beams", default="10,50", help="comma-separated beam widths (default 10,50)")
+    p.add_argument("--engines", default="cached", help="cached, full or both (comma-separated; default cached)")
+    p.add_argument("--users", type=int, default=512, help="users decoded (default 512)")
+    p.add_argument("--batch-size", type=int, default=128, help="users per batch (default 128)")
+    p.add_argument("--k", type=int, default=10, help="K of the ID top-K (default 10)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up (median; default 3)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--id-set", dest="id_overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _common(p)
+    p.set_defaults(func=run_decode_bench)
