@@ -13,7 +13,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 EXPECTED = {"01-quickstart.ipynb": ("HR@10 is", "top-10"),
             "02-ranking.ipynb": ("click AUC is", "largest difference to the full model", "reloaded:"),
             "03-ctr-wukong.ipynb": ("WuKong AUC is", "reloaded predictions identical: True"),
-            "05-hllm.ipynb": ("HLLM hybrid: HR@10 is", "cold start: HLLM HR@10 is", "new item scored")}
+            "05-hllm.ipynb": ("HLLM hybrid: HR@10 is", "cold start: HLLM HR@10 is", "new item scored"),
+            "06-semantic-ids.ipynb": ("unique tuples", "SID-HSTU Recall@10", "KV cache == full recompute: True")}
 
 
 def test_there_are_notebooks():
