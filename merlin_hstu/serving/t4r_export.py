@@ -457,13 +457,13 @@ def _export_ctr(model, data, output, mode: str, config: ExportConfig, overwrite:
     data = _check_data(data)
     workflow, dense, sparse, _ = _features(data)
     adapter = T4RCTRModel(_inference_copy(model), dense, sparse)
-    if mode == "merlin-hstu":
-        return export_ctr_ensemble(adapter, data, output, overwrite, config, source=_source(model, data),
-                                   probabilities=True)
     g = torch.Generator().manual_seed(0)
     check = (torch.randn(5, len(dense), generator=g), torch.randint(0, 2, (5, len(sparse)), generator=g))
     traced = _trace(adapter, (torch.zeros(2, len(dense)), torch.zeros(2, len(sparse), dtype=torch.long)), check,
                     "CTR model")
+    if mode == "merlin-hstu":  # (ctr._traced hands an already traced program back as it is)
+        return export_ctr_ensemble(traced, data, output, overwrite, config, source=_source(model, data),
+                                   probabilities=True)
     program = torch.jit.script(StockCTRModel(traced, dense, sparse))
     out = workflow.output_schema
     model_in = Schema([ColumnSchema(c, dtype=out[c].dtype) for c in dense + sparse])
