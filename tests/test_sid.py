@@ -1,7 +1,8 @@
 """Semantic IDs: the tokenizers (determinism, unique tuples, usage statistics and the residual math against plain
 NumPy, reconstruction error by level), the trie-constrained beam search (only catalogue items; equal to exhaustive
 scoring on a tiny catalogue), KV-cache decoding against full recomputation, a tiny decoder that trains, the
-NVTabular step, the Amazon protocol's validation split, run directories and the bench commands on tiny settings."""
+NVTabular step, the Amazon protocol's validation split, run directories, the bench commands on tiny settings, and
+the exported beam search served by a real tritonserver against the offline lists."""
 from __future__ import annotations
 
 import json
@@ -311,15 +312,20 @@ def test_sid_config_errors_name_the_key():
 
 
 # --- the NVTabular step and the bench commands --------------------------------------------------------------
+def synthetic_events():
+    from merlin_hstu.data.synthetic import SyntheticConfig, generate_event_log
+
+    return generate_event_log(SyntheticConfig(num_users=120, num_items=80, num_categories=10, min_events=5,
+                                              max_events=12, seed=1))
+
+
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory):
-    from merlin_hstu.data.synthetic import SyntheticConfig, generate_event_log
+    """A synthetic log (Categorify ids, timestamps, actions) through the session workflow."""
     from merlin_hstu.workflows.session_workflow import SessionWorkflowConfig, preprocess
 
     out = tmp_path_factory.mktemp("sid") / "data"
-    events = generate_event_log(SyntheticConfig(num_users=120, num_items=80, num_categories=10, min_events=5,
-                                                max_events=12, seed=1))
-    preprocess(events, out, SessionWorkflowConfig(max_length=22), overwrite=True)
+    preprocess(synthetic_events(), out, SessionWorkflowConfig(max_length=22), overwrite=True)
     return out
 
 
@@ -372,3 +378,45 @@ def test_bench_commands_run_on_tiny_settings(processed, tmp_path, capsys):
                  *tiny, *id_tiny]) == 0
     out = capsys.readouterr().out
     assert "beam 6 (cached)" in out and "brute-force top-10" in out and "users/s" in out
+
+
+# --- serving ------------------------------------------------------------------------------------------------
+def test_served_top_k_equals_offline_beam_search(processed, tmp_path):
+    """Export a trained SID run through the retrieval export path, serve it with a real tritonserver, and get the
+    offline beam lists (cached engine) for raw requests."""
+    from serving_helpers import cli_server
+
+    from merlin_hstu.retrieval.data import load_processed
+    from merlin_hstu.serving.client import ServingClient
+    from merlin_hstu.serving.repository import ExportConfig
+    from merlin_hstu.serving.sid import export_sid_repository
+    from merlin_hstu.sid.train import load_sid_run, recommend_sid, save_sid_run, train_sid
+    from merlin_hstu.workflows.session_workflow import load_item_id_mapping
+
+    table = load_processed(processed)
+    catalogue = table.candidate_ids.numpy()
+    x, _ = clustered_embeddings(len(catalogue), 6, 5)
+    sids = fit_tokenizer(catalogue, x, TokenizerConfig(levels=2, codebook_size=6))
+    cfg = SIDConfig.from_dict({"model": {"embedding_dim": 16, "num_blocks": 2, "num_heads": 2, "attention_dim": 8,
+                                         "linear_dim": 8},
+                               "data": {"max_history": 6}, "decode": {"beam_width": 10},
+                               "train": {"epochs": 2, "ks": [5, 10]}})
+    save_sid_run(tmp_path / "run", train_sid(table, sids, cfg, progress=False), cfg)
+    repo = export_sid_repository(tmp_path / "run", processed, tmp_path / "repo",
+                                 ExportConfig(model_name="sid", top_k=5))
+    record = json.loads((repo / "serving.json").read_text())
+    width = record["beam_width"]
+    assert width == max(10, 5 + 6)
+    events = synthetic_events()
+    users = [2, 5, 9, 40]
+    with cli_server([repo], tmp_path / "serve.log") as server:
+        with ServingClient(server["http"], model_name="sid") as client:
+            served = client.recommend(events[events["user_id"].isin(users)])
+            assert client.contract.max_k == width - 6
+    model, sids, _, _ = load_sid_run(tmp_path / "run")
+    raw = load_item_id_mapping(processed / "workflow")
+    assert sorted(served.user_ids.tolist()) == users
+    rows = [int(np.flatnonzero(table.keys == u)[0]) for u in served.user_ids]
+    offline = recommend_sid(model, sids, [table.items[r] for r in rows], k=5, beam_width=width)
+    assert served.item_ids.tolist() == [[raw[i] for i in items] for items in offline]
+    assert np.all(np.isfinite(served.scores)) and np.all(np.diff(served.scores, axis=1) <= 0)

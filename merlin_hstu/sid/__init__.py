@@ -16,8 +16,9 @@ Files (the same names as the other task packages):
     decode.py      the trie of valid tuples, constrained beam search (KV-cached or recomputed), exhaustive scoring
     train.py       training / evaluation through merlin_hstu.train.loop.fit, run directories, recommend_sid
 
-The NVTabular step that maps item ids to tokens is merlin_hstu.workflows.semantic_ids; the benchmark commands are
-`merlin-hstu bench sid` and `merlin-hstu bench sid-decode` (merlin_hstu.bench.sid).
+The NVTabular step that maps item ids to tokens is merlin_hstu.workflows.semantic_ids; the export of the beam search
+as a Triton repository is merlin_hstu.serving.sid; the benchmark commands are `merlin-hstu bench amazon`, `bench sid`
+and `bench sid-decode` (merlin_hstu.bench.sid).
 
 Names load lazily: `import merlin_hstu.sid` imports neither NVTabular nor the model code.
 """

@@ -243,19 +243,24 @@ def load_sid_run(run_dir: str | Path):
 
 def recommend_sid(model: SIDDecoder, sids: SemanticIds, histories: Sequence[Sequence[int]], k: int = 10,
                   beam_width: Optional[int] = None, exclude_history: bool = True) -> List[List[int]]:
-    """Top-k encoded item ids after each history of encoded item ids (oldest first), by constrained beam search.
-    Models with time bias need times: use `evaluate_sid`'s path (`history_tokens`)."""
+    """Top-k encoded item ids after each history of encoded item ids (oldest first; the decoder reads the most
+    recent ones that fit its sequence length), by constrained beam search; with `exclude_history` the items of that
+    window are dropped from the list (the retrieval protocol).  Default beam width: k + the window, so k items
+    remain.  Models with time bias need times: use `evaluate_sid`'s path (`history_tokens`)."""
     if model.config.encoder.time_bias:
         raise ValueError("recommend_sid serves decoders without time bias; this one needs event times")
-    width = beam_width or max(k, 1)
+    window = model.config.max_items() - 1
+    recent = [list(h)[-window:] for h in histories]
+    if any(not h for h in recent):
+        raise ValueError("recommend_sid: every history needs at least one item")
+    width = beam_width or k + window
     table = sids.token_table()
-    max_items = model.config.max_items() - 1
-    tokens = [torch.cat([torch.tensor([BOS_TOKEN]), table[torch.as_tensor(list(h)[-max_items:],
-                                                                          dtype=torch.long)].reshape(-1)])
-              for h in histories]
-    items, _ = beam_search(model, SemanticIdTrie.from_semantic_ids(sids), tokens, width)
+    tokens = [torch.cat([torch.tensor([BOS_TOKEN]), table[torch.as_tensor(h, dtype=torch.long)].reshape(-1)])
+              for h in recent]
+    device = next(model.parameters()).device
+    items, _ = beam_search(model, SemanticIdTrie.from_semantic_ids(sids), [t.to(device) for t in tokens], width)
     out = []
-    for row, history in zip(items.tolist(), histories):
+    for row, history in zip(items.tolist(), recent):
         seen = set(history) if exclude_history else set()
         out.append([i for i in row if i >= 0 and i not in seen][:k])
     return out
