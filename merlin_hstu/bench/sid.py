@@ -145,6 +145,21 @@ def summary_rows(runs: Dict[str, List[dict]], published: Dict[str, dict]) -> Dic
     return rows
 
 
+def command_line(kind: str, args) -> str:
+    """The command that reproduces a run: every argument that is not its default."""
+    parts = [f"merlin-hstu bench {kind}"]
+    for key, value in vars(args).items():
+        if key in ("func", "command", "bench_command", "task") or value in (None, False, 0, [], "") \
+                or key.startswith("_"):
+            continue
+        flag = {"overrides": "--set", "id_overrides": "--id-set"}.get(key, "--" + key.replace("_", "-"))
+        if isinstance(value, list):
+            parts += [f"{flag} {v}" for v in value]
+        else:
+            parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts)
+
+
 def _record(args, kind: str, sections: dict, text: str, info: dict) -> dict:
     return {"benchmark": kind, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": info,
             "arguments": {k: v for k, v in vars(args).items() if k != "func"}, "sections": sections,
@@ -164,7 +179,7 @@ def run_amazon(args) -> int:
     info = machine_info()
     print(f"machine: {machine_summary(info)}")
     sections, lines = {}, [f"## Amazon benchmark ({', '.join(models)}), seeds {_seeds(args)}", "",
-                           f"Machine: {machine_summary(info)}.", ""]
+                           f"Machine: {machine_summary(info)}. Command: `{command_line('amazon', args)}`.", ""]
     for dataset in datasets:
         history = max(load_config(m).data.max_history for m in models)
         table, _, name = load_table(dataset, args.input, args.cache, history, args.users)
@@ -303,8 +318,10 @@ def run_sid_bench(args) -> int:
     sid_mean = rows[f"{sid_name} (mean of {len(_seeds(args))})"]
     tail_id = rows[f"{id_name}, tail targets (mean of {len(_seeds(args))})"]
     tail_sid = rows[f"{sid_name}, tail targets (mean of {len(_seeds(args))})"]
-    verdict = [f"- {what}: SID {s['recall@10']:.4f} vs ID {i['recall@10']:.4f} Recall@10 "
-               f"({'SID wins' if s['recall@10'] > i['recall@10'] else 'ID wins'})"
+    def winner(s: dict, i: dict) -> str:
+        return "SID wins" if s["recall@10"] > i["recall@10"] else "ID wins" if s["recall@10"] < i["recall@10"] else "tie"
+
+    verdict = [f"- {what}: SID {s['recall@10']:.4f} vs ID {i['recall@10']:.4f} Recall@10 ({winner(s, i)})"
                for what, s, i in (("all users", sid_mean, id_mean), ("tail-target users", tail_sid, tail_id))]
     markdown = "\n".join([
         f"### semantic-ID HSTU vs ID HSTU on {name}, seeds {_seeds(args)}", "",
@@ -313,7 +330,7 @@ def run_sid_bench(args) -> int:
         "```", text, "```", "", *verdict, "",
         f"- tokenizer ({cfg.tokenizer.method}, seed {details[0]['seed']}):", "```",
         format_statistics(details[0]["tokenizer"]), "```",
-        f"- command: `merlin-hstu bench sid --dataset {args.dataset} --model {args.model} --seeds {args.seeds}`"])
+        f"- command: `{command_line('sid', args)}`"])
     print("\n" + markdown)
     record = _record(args, "sid", {name: {"runs": runs, "rows": rows, "details": details}}, markdown, info)
     _write_atomic(out / "bench.json", json.dumps(record, indent=2, default=str))
@@ -416,7 +433,8 @@ def run_decode_bench(args) -> int:
             rows[f"SID {cfg.name}: beam {width} ({engine})"] = {"users/s": users / seconds,
                                                                 "ms/user": 1e3 * seconds / users}
     lines = [f"### decoding cost on {name}: {users} users, batches of {args.batch_size}, "
-             f"{torch.get_num_threads()} threads", "", f"Machine: {machine_summary(info)}.", "",
+             f"{torch.get_num_threads()} threads", "",
+             f"Machine: {machine_summary(info)}. Command: `{command_line('sid-decode', args)}`.", "",
              "| method | users/s | ms per user |", "|---|---:|---:|"]
     lines += [f"| {k} | {v['users/s']:.1f} | {v['ms/user']:.2f} |" for k, v in rows.items()]
     markdown = "\n".join(lines)
