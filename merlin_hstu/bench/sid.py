@@ -29,8 +29,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
-
 DATASETS = ("amazon-s3rec-beauty", "amazon-s3rec-sports", "amazon-s3rec-toys")
 ID_PRESETS = ("sasrec-amazon", "hstu-amazon", "hstu-large-amazon")
 TABLE_KEYS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
@@ -92,8 +90,10 @@ def load_table(dataset: str, input_dir: Optional[str], cache: str, max_history: 
     return first_users(load_processed(data_dir), users), data_dir, name
 
 
-def tail_items(split, head_fraction: float) -> np.ndarray:
+def tail_items(split, head_fraction: float):
     """Catalogue items outside the `head_fraction` most popular by training count (ties: smaller id first)."""
+    import numpy as np
+
     from merlin_hstu.retrieval.data import train_sequences
 
     catalogue = split.table.candidate_ids.numpy()
@@ -103,9 +103,11 @@ def tail_items(split, head_fraction: float) -> np.ndarray:
     return np.sort(catalogue[order[head:]])
 
 
-def tail_samples(split, tail: np.ndarray):
+def tail_samples(split, tail):
     """The evaluation samples whose target is a tail item (the layout of `split.eval`)."""
     import dataclasses
+
+    import numpy as np
 
     samples = split.eval
     keep = np.isin(samples.ids[np.arange(len(samples.lengths)), samples.lengths], tail)
@@ -302,6 +304,8 @@ def run_sid_bench(args) -> int:
         print(f"{sid_name}: {len(result.epoch_losses)} epochs (best {fit.best_epoch}), test "
               f"{runs[sid_name][-1]}; saved -> {run_dir}")
     if args.nvtabular_step:  # the pipeline's NVTabular step on the last tokenizer, checked against the model's table
+        import numpy as np
+
         from merlin_hstu.common import schema as roles
         from merlin_hstu.workflows.semantic_ids import write_semantic_ids
 

@@ -15,7 +15,7 @@ ids and the fix; nothing is filled in.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 

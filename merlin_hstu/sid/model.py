@@ -24,7 +24,6 @@ decodes the T tokens of the next item by constrained beam search over the trie o
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import List, Optional
