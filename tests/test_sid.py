@@ -355,6 +355,37 @@ def test_nvtabular_step_maps_items_to_their_tokens(processed):
         write_semantic_ids(processed, partial)
 
 
+def test_text_embeddings_feed_the_tokenizer(processed, tmp_path):
+    """Item texts (the NVTabular item-text step) encoded by the real HLLM item encoder (MiniLM, offline) -> a
+    tokenizer; similar texts share leading codes more often than not."""
+    import pandas as pd
+
+    from merlin_hstu.hllm.cache import EmbeddingCache
+    from merlin_hstu.hllm.config import ItemEncoderConfig
+    from merlin_hstu.hllm.item_encoder import ItemTextEncoder
+    from merlin_hstu.retrieval.data import load_processed
+    from merlin_hstu.sid.embeddings import text_embeddings
+    from merlin_hstu.workflows.item_text import write_item_text
+    from merlin_hstu.workflows.session_workflow import load_item_id_mapping
+
+    table = load_processed(processed)
+    catalogue = table.candidate_ids.numpy()
+    raw = load_item_id_mapping(processed / "workflow")[catalogue]
+    topics = ["hair shampoo and conditioner", "red lipstick and lip gloss", "garden hose and sprinkler",
+              "tennis racket and balls"]
+    metadata = pd.DataFrame({"item_id": raw, "title": [f"{topics[i % 4]} number {i}" for i in range(len(raw))]})
+    write_item_text(processed, metadata, ["title"])
+    encoder = ItemTextEncoder(ItemEncoderConfig(pooling="mean"))
+    vectors, source = text_embeddings(processed, catalogue, encoder, EmbeddingCache(tmp_path / "cache"))
+    assert vectors.shape == (len(catalogue), encoder.hidden_size) and source["kind"] == "text"
+    sids = fit_tokenizer(catalogue, vectors, TokenizerConfig(levels=2, codebook_size=4), source)
+    first = sids.codes[:, 0]
+    topic = np.arange(len(catalogue)) % 4
+    same_topic = np.mean([first[i] == first[j] for i in range(40) for j in range(40) if i != j and topic[i] == topic[j]])
+    other_topic = np.mean([first[i] == first[j] for i in range(40) for j in range(40) if topic[i] != topic[j]])
+    assert same_topic > other_topic
+
+
 def test_bench_commands_run_on_tiny_settings(processed, tmp_path, capsys):
     from merlin_hstu.cli.main import main
 
