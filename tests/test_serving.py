@@ -463,7 +463,7 @@ def test_concurrent_mixed_requests_are_batched_but_answered_individually(trained
 def test_stock_merlin_systems_path_agrees_and_load_runs_clean(trained, client, server, repos):
     import tritonclient.http as th
 
-    from merlin_hstu.serving.bench import _infer_inputs, _stock_arrays, run_load
+    from merlin_hstu.bench.serving import _infer_inputs, _stock_arrays, run_load
 
     events = trained["events"]
     users = pd.unique(events["user_id"])[:12]

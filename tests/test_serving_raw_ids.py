@@ -102,7 +102,7 @@ def test_raw_id_run_exports_and_serves_the_eager_topk(ml1m):
 
 
 def test_bench_serve_runs_on_a_raw_id_run(ml1m, tmp_path):
-    from merlin_hstu.serving.bench import PATHS, BenchConfig, bench_serve
+    from merlin_hstu.bench.serving import PATHS, BenchConfig, bench_serve
 
     config = BenchConfig(requests=8, concurrency=2, rounds=1, warmup=2, instances=1, entry_instances=2)
     summary = bench_serve(ml1m["run"], config, work_dir=tmp_path, log=lambda _: None)

@@ -102,7 +102,7 @@ def stock_infer(server, task: str, frame: pd.DataFrame) -> dict:
     """The stock executor's answer to the raw rows `frame` (plain tritonclient, inputs from the model config)."""
     import tritonclient.http as th
 
-    from merlin_hstu.serving.bench import _infer_inputs
+    from merlin_hstu.bench.serving import _infer_inputs
 
     name = STOCK_NAMES[task]
     with th.InferenceServerClient(server["http"]) as client:

@@ -199,7 +199,7 @@ def _export_onnx(args, task: str) -> int:
         print(f"  {graph['file']}: {inputs} -> {outputs}; onnxruntime == PyTorch to "
               f"{graph['max_abs_diff_vs_pytorch']:.1e}")
     if manifest.get("workflow"):
-        print(f"  workflow/: the fitted NVTabular workflow (raw rows -> the graphs' encoded inputs)")
+        print("  workflow/: the fitted NVTabular workflow (raw rows -> the graphs' encoded inputs)")
     return 0
 
 
@@ -406,12 +406,12 @@ def _plain(value):
 
 # --- bench serve ------------------------------------------------------------------------------------
 def cmd_bench_serve(args) -> int:
-    from merlin_hstu.serving.bench import BenchConfig, bench_serve, format_summary
+    from merlin_hstu.bench.serving import BenchConfig, bench_serve, format_summary
 
     config = BenchConfig(requests=args.requests, concurrency=args.concurrency, rounds=args.rounds,
                          instances=args.instances, prune_unused_inputs=not args.keep_unused_inputs)
     if args.t4r:
-        from merlin_hstu.serving.bench import bench_t4r_serve
+        from merlin_hstu.bench.serving import bench_t4r_serve
 
         summary = bench_t4r_serve(args.data, config, epochs=args.epochs)
     else:

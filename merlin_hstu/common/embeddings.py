@@ -77,7 +77,7 @@ def jagged_to_padded(values: Tensor, lengths: Tensor, width: int, padding_value:
     return _fbgemm().jagged_to_padded_dense(values, [offsets], [int(width)], padding_value)
 
 
-def _quiet_fx_notice() -> None:
+def quiet_fx_notice() -> None:
     """torch logs (once per process) that `is_fx_tracing` changed meaning when torchrec asks it during a lookup;
     it concerns torch.fx users, not a lookup: keep it out of training output."""
     import logging
@@ -108,7 +108,7 @@ class TorchrecTables(nn.Module):
 
     def __init__(self, specs: Sequence[TableSpec], pooled: bool = False, device: Optional[torch.device] = None):
         super().__init__()
-        _quiet_fx_notice()
+        quiet_fx_notice()
         if not specs:
             raise ValueError("TorchrecTables needs at least one table")
         self.specs: Tuple[TableSpec, ...] = tuple(specs)
@@ -192,7 +192,7 @@ class TorchrecTables(nn.Module):
 
     @staticmethod
     def _call(collection: nn.Module, kjt):
-        _quiet_fx_notice()
+        quiet_fx_notice()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
             out = collection(kjt)

@@ -28,7 +28,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from merlin_hstu.common.embeddings import TorchrecTables, _quiet_fx_notice
+from merlin_hstu.common.embeddings import TorchrecTables, quiet_fx_notice
 
 SHARDING_TYPES = ("auto", "table_wise", "row_wise", "column_wise")
 #: train.sparse_optimizer -> fbgemm EmbOptimType name
@@ -80,7 +80,7 @@ def shard_model(module: nn.Module, ctx, sharding: str = "auto", sparse_optimizer
     from torchrec.distributed.types import ShardingEnv
 
     check_settings(sharding, sparse_optimizer)
-    _quiet_fx_notice()
+    quiet_fx_notice()
     if sparse_optimizer in CUDA_ONLY_OPTIMIZERS and ctx.device.type != "cuda":
         raise ValueError(f"train.sparse_optimizer={sparse_optimizer!r} runs on CUDA only (fbgemm's CPU kernel "
                          f"offers {[k for k in SPARSE_OPTIMIZERS if k not in CUDA_ONLY_OPTIMIZERS]}); choose one "

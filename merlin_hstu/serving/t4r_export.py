@@ -217,7 +217,7 @@ def build_t4r_scorer(model, workflow) -> Tuple[torch.jit.ScriptModule, Tuple[str
     return torch.jit.script(scorer.eval()), columns
 
 
-def _session_columns(data: Path) -> SimpleNamespace:
+def session_columns(data: Path) -> SimpleNamespace:
     """The raw id / item / action / timestamp columns of a session-workflow output (its data_report.json)."""
     from merlin_hstu.workflows.session_workflow import DATA_REPORT_FILE, read_data_report
 
@@ -240,7 +240,7 @@ def retrieval_serving_parts(model, data, config: ExportConfig, prune: bool = Tru
     data = _check_data(data)
     workflow_path = data / "workflow"
     workflow = load_serving_workflow(workflow_path)
-    columns = _session_columns(data)
+    columns = session_columns(data)
     raw_columns = _raw_columns(columns, workflow, workflow_path)
     kinds = {c: _dtype_kind(workflow.input_schema[c].dtype) for c in raw_columns}
     scorer, (item_list, time_list, action_list) = build_t4r_scorer(model, workflow)

@@ -209,7 +209,7 @@ def bench_t4r_serve(data: Optional[str | Path] = None, config: Optional[BenchCon
 
     from merlin_hstu.bench.t4r_vs_native import synthetic_dataset, training_arguments
     from merlin_hstu.retrieval.config import load_config
-    from merlin_hstu.serving.t4r_export import STOCK_NAMES, _session_columns, export_t4r_model
+    from merlin_hstu.serving.t4r_export import STOCK_NAMES, session_columns, export_t4r_model
     from merlin_hstu.t4r.data import parquet_files, read_schema, retrieval_trainer_splits
     from merlin_hstu.t4r.retrieval import GenerativeRetrievalTask, retrieval_model_from_schema
 
@@ -237,7 +237,7 @@ def bench_t4r_serve(data: Optional[str | Path] = None, config: Optional[BenchCon
         ours_repo = export_t4r_model(model, data, work / "t4r_merlin_hstu_repo", config=export_cfg, overwrite=True)
         stock_repo = export_t4r_model(model, data, work / "t4r_stock_repo", mode="stock", config=export_cfg,
                                       overwrite=True)
-        events = raw_events_of(data, data / "workflow", _session_columns(data))
+        events = raw_events_of(data, data / "workflow", session_columns(data))
         return _drive(ours_repo, stock_repo, STOCK_NAMES["retrieval"], events, config, export_cfg, log, None)
     finally:
         if tmp is not None:
