@@ -85,7 +85,7 @@ def test_grouped_attention_equals_one_padded_batch(spec, shared_bias, groups_off
             # the causal split applies where no query of the first half sees a key of the second: causal masks
             # (windows included), not bidirectional ones, not a contextual prefix (its rows see every key)
             causal_only = options.get("causal", True) and not options.get("contextual_seq_len")
-            assert len(plan.groups) > 1 and any(g.split for g in plan.groups) == causal_only
+            assert len(plan.groups) > 1 and any(g.blocks for g in plan.groups) == causal_only
         out = hstu_attention_with_plan(q, k, v, plan, bias)
         grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v, bias))
         results[groups] = (out.detach(), grads)
