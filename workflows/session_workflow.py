@@ -5,10 +5,14 @@ sniffed from the header line unless `csv_separator` is set) or a pandas DataFram
 
     <id_column>  <item_column>  [<action_column>]  [<timestamp_column>]  [any extra columns: ignored]
 
-The Merlin session layout (`user_session`, `item_id_list_seq`, optional `item_event_name_list_seq`,
-`timestamp_first`) is detected and exploded into that event form first, keeping the list order. It has no
-per-event time, so every event of a session gets the session's `timestamp_first`; the stable sort below
-then keeps the list order inside a session and orders sessions sharing an id by their start time.
+The Merlin session layout (`user_session`, `item_id_list_seq`, optional `item_event_name_list_seq`, a per-event
+timestamp list and/or `timestamp_first`) is detected and exploded into that event form first, keeping the list
+order. Each event keeps its own time when the file has a list column of per-event unix seconds aligned with the
+item list (`SessionWorkflowConfig.session_time_column`, CLI `--session-time-column`; by default found by name:
+the one integer/datetime list column whose name contains "timestamp", e.g. `timestamp-list`, or a list column
+tagged TIME in the folder's schema.pbtxt). Only without one does every event get the session's `timestamp_first`,
+with a warning naming the column to provide; the stable sort below then keeps the list order inside a session
+and orders sessions sharing an id by their start time.
 
 Output (`preprocess`), one row per id, rows ordered by id:
 
@@ -101,7 +105,8 @@ assert f"{TIME_BASE}{GROUPBY_SEP}list" == roles.TIMESTAMP_LIST
 MERLIN_SESSION_ID = "user_session"
 MERLIN_SESSION_ITEMS = "item_id_list_seq"
 MERLIN_SESSION_EVENTS = "item_event_name_list_seq"
-MERLIN_SESSION_TIME = "timestamp_first"
+MERLIN_SESSION_TIME = "timestamp_first"  # the session's start time (one value per session)
+MERLIN_SESSION_TIME_HINT = "timestamp"  # a list column whose name holds this is a per-event time candidate
 
 ITEM_ENCODINGS = ("categorify", "raw")
 CANDIDATES_FILE = "candidates.parquet"  # <output>/candidates.parquet: column CANDIDATES_COLUMN, sorted int64
@@ -126,6 +131,7 @@ CLI_FLAGS = {
     "max_length": "--max-history", "csv_separator": "--separator", "drop_nulls": "--drop-nulls",
     "timestamp_none": "--timestamp-column none",
     "input_format": "--input-format", "sequence_user_ids": "--sequence-user-ids",
+    "session_time_column": "--session-time-column",
 }
 INPUT_FORMATS = ("auto", "events", "sessions", "sequences")
 _ROLE_NAMES = {"id_column": "id", "item_column": "item id", "action_column": "action",
@@ -149,6 +155,9 @@ class SessionWorkflowConfig:
     drop_nulls: bool = False  # drop events with an empty id / item / action / timestamp (counted), else an error
     input_format: str = "auto"  # auto | events (CSV/Parquet rows) | sessions (Merlin layout) | sequences (text)
     sequence_user_ids: Optional[bool] = None  # sequences: is the first token of a line its user id? None: detect
+    # sessions: the per-event time column (a list aligned with item_id_list_seq), or a per-session column repeated
+    # for every event (e.g. timestamp_first); None: detected (see merlin_session_time_column)
+    session_time_column: Optional[str] = None
     cli_flags: Optional[Dict[str, str]] = field(default=None, compare=False, repr=False)  # CLI_FLAGS overrides
 
     def __post_init__(self) -> None:
@@ -494,19 +503,87 @@ def is_merlin_session_layout(df: pd.DataFrame) -> bool:
     return MERLIN_SESSION_ITEMS in df.columns
 
 
+def _list_element_kind(values: pd.Series) -> Optional[str]:
+    """numpy dtype kind of the first element of the first non-empty list in `values` (None: no list / all empty)."""
+    for value in values:
+        if _is_list_like(value) and len(value):
+            return np.asarray(value).dtype.kind
+        if value is not None and not _is_list_like(value) and not _is_null(value):
+            return None  # not a list column
+    return None
+
+
+def _schema_time_lists(origin: LogOrigin) -> List[str]:
+    """List columns tagged TIME in the schema.pbtxt next to a Parquet folder (T4R / NVTabular outputs)."""
+    from merlin.schema import Tags
+
+    path = origin.path
+    if path is None or not Path(path).is_dir() or not (Path(path) / "schema.pbtxt").is_file():
+        return []
+    try:
+        schema = TensorflowMetadata.from_proto_text_file(str(path)).to_merlin_schema()
+    except Exception:  # an empty or foreign schema file: fall back to names
+        return []
+    return [c.name for c in schema if Tags.TIME in c.tags and (c.is_list or Tags.LIST in c.tags)]
+
+
+def merlin_session_time_column(df: pd.DataFrame, config: SessionWorkflowConfig) -> Tuple[Optional[str], bool]:
+    """(column, per_event) giving each exploded event its time in the Merlin session layout.
+
+    `config.session_time_column` names it (a list column: per-event times; a scalar column: repeated per session).
+    Otherwise the per-event list is detected: list columns tagged TIME in the folder's schema.pbtxt, else list
+    columns whose name contains "timestamp"; only those holding integers or datetimes count (T4R's derived time
+    features such as `timestamp/age_days-list` are floats, not unix seconds). One candidate is used; several are an
+    error naming them and the flag. Without a candidate: `timestamp_first` repeated (per_event False), or None.
+    """
+    origin = LogOrigin.of(df)
+    named = config.session_time_column
+    if named is not None:
+        if named not in df.columns:
+            raise EventLogError(
+                f"{origin.source}: {config.flag('session_time_column')} {named!r}, but the session file has no such "
+                f"column (columns: {list(df.columns)}). Fix: name the list column of per-event unix seconds aligned "
+                f"with {MERLIN_SESSION_ITEMS!r}, or {MERLIN_SESSION_TIME!r} for the session start."
+            )
+        return named, _list_element_kind(df[named]) is not None or df[named].map(_is_list_like).any()
+    skip = {MERLIN_SESSION_ID, MERLIN_SESSION_ITEMS, MERLIN_SESSION_EVENTS, MERLIN_SESSION_TIME}
+    tagged = [c for c in _schema_time_lists(origin) if c in df.columns and c not in skip]
+    named_like = [c for c in df.columns if c not in skip and MERLIN_SESSION_TIME_HINT in str(c).lower()]
+    found = []
+    for column in tagged or named_like:
+        kind = _list_element_kind(df[column])
+        if kind is not None and kind in "iuM":
+            found.append(column)
+    if len(found) > 1:
+        raise EventLogError(
+            f"{origin.source}: the session file has several per-event timestamp lists {found}. Fix: name the one "
+            f"to use with {config.flag('session_time_column')} NAME (Python: "
+            "SessionWorkflowConfig.session_time_column)."
+        )
+    if found:
+        return found[0], True
+    return (MERLIN_SESSION_TIME, False) if MERLIN_SESSION_TIME in df.columns else (None, False)
+
+
 def merlin_sessions_to_event_log(df: pd.DataFrame, config: SessionWorkflowConfig) -> pd.DataFrame:
     """Explode the Merlin session layout into one row per event, named after `config`'s columns.
 
-    Every event of a session gets the session's `timestamp_first` (the layout has no per-event time);
-    list order is kept. Sessions with empty lists have no events and so produce no rows. A null list is an error
-    (with `drop_nulls`: the session is dropped and counted); a null inside a list becomes a null event (an error
-    or, with `drop_nulls`, a dropped event), named by its session key and list position.
+    Each event keeps its own time when the file has a per-event timestamp list (`merlin_session_time_column`);
+    its length must equal the item list's in every session (else an error naming the session and both lengths).
+    Without one, every event gets the session's `timestamp_first`, with a warning (and a data-report note) that
+    names the column to provide. List order is kept. Sessions with empty lists have no events and so produce no
+    rows. A null list is an error (with `drop_nulls`: the session is dropped and counted); a null inside a list
+    becomes a null event (an error or, with `drop_nulls`, a dropped event), named by its session key and list
+    position.
     """
     base = LogOrigin.of(df)
+    time_column, per_event = (None, False)
+    if config.timestamp_column is not None:
+        time_column, per_event = merlin_session_time_column(df, config)
     wanted = [(MERLIN_SESSION_ID, "id_column"), (MERLIN_SESSION_ITEMS, "item_column")]
     if config.action_column is not None:
         wanted.append((MERLIN_SESSION_EVENTS, "action_column"))
-    if config.timestamp_column is not None:
+    if config.timestamp_column is not None and time_column is None:
         wanted.append((MERLIN_SESSION_TIME, "timestamp_column"))
     missing = [(col, fld) for col, fld in wanted if col not in df.columns]
     if missing:
@@ -515,11 +592,26 @@ def merlin_sessions_to_event_log(df: pd.DataFrame, config: SessionWorkflowConfig
             if fld in ("action_column", "timestamp_column") else f"add the column {col!r} to the file"
             for col, fld in missing
         ]
+        if any(fld == "timestamp_column" for _, fld in missing):
+            fixes.insert(0, f"add a list column of per-event unix seconds aligned with {MERLIN_SESSION_ITEMS!r} (e.g. "
+                            f"{roles.TIMESTAMP_LIST!r}; {config.flag('session_time_column')} NAME names it) or a "
+                            f"{MERLIN_SESSION_TIME!r} column")
         raise EventLogError(
             f"{base.source}: the Merlin session layout (found {MERLIN_SESSION_ITEMS!r}) is missing column(s) "
             f"{[c for c, _ in missing]} (columns present: {list(df.columns)}). Fix: {'; '.join(fixes)}."
         )
+    if time_column is not None and not per_event:
+        if config.session_time_column is None:  # detected fallback: say what is lost and what to provide
+            message = (f"{base.source}: the Merlin session file has no per-event timestamp list, so every event of a "
+                       f"session gets the session's {MERLIN_SESSION_TIME!r} (order inside a session = list order; no "
+                       f"time gaps inside sessions). Provide a list column of per-event unix seconds aligned with "
+                       f"{MERLIN_SESSION_ITEMS!r} (e.g. {roles.TIMESTAMP_LIST!r}, or name it with "
+                       f"{config.flag('session_time_column')} NAME) to keep per-event time.")
+            warnings.warn(message, UserWarning, stacklevel=3)
+            _note(df, message)
     list_columns = [MERLIN_SESSION_ITEMS] + ([MERLIN_SESSION_EVENTS] if config.action_column else [])
+    if per_event:
+        list_columns.append(time_column)
     null_lists = np.zeros(len(df), dtype=bool)
     for list_col in list_columns:
         nulls = df[list_col].isna().to_numpy()
@@ -532,10 +624,12 @@ def merlin_sessions_to_event_log(df: pd.DataFrame, config: SessionWorkflowConfig
             )
         null_lists |= nulls
     if null_lists.any():
-        _note(df, f"{base.source}: dropped {int(null_lists.sum())} session(s) whose {MERLIN_SESSION_ITEMS!r} or "
-                  f"{MERLIN_SESSION_EVENTS!r} is null ({config.flag('drop_nulls')})")
+        _note(df, f"{base.source}: dropped {int(null_lists.sum())} session(s) whose "
+                  f"{' or '.join(repr(c) for c in list_columns)} is null ({config.flag('drop_nulls')})")
         dropped_sessions = int(null_lists.sum())
+        attrs = df.attrs
         df = df[~null_lists]
+        df.attrs = attrs
     else:
         dropped_sessions = 0
     for list_col in list_columns:
@@ -548,17 +642,21 @@ def merlin_sessions_to_event_log(df: pd.DataFrame, config: SessionWorkflowConfig
                 f"{_short(df[list_col].iloc[first])}. Fix: write the column as a list column (one list per session)."
             )
     lengths = np.fromiter((len(v) for v in df[MERLIN_SESSION_ITEMS]), dtype=np.int64, count=len(df))
-    if config.action_column is not None:
-        event_lengths = np.fromiter((len(v) for v in df[MERLIN_SESSION_EVENTS]), dtype=np.int64, count=len(df))
-        bad = np.flatnonzero(event_lengths != lengths)
+    aligned = [(MERLIN_SESSION_EVENTS, "event names", f"give every item exactly one event name, or "
+                f"{config.flag('action_column')} none to ignore the event names")] if config.action_column else []
+    if per_event:
+        aligned.append((time_column, "timestamps", f"give every item exactly one timestamp, or name another time "
+                        f"column with {config.flag('session_time_column')} NAME ({MERLIN_SESSION_TIME!r}: the "
+                        f"session start for every event)"))
+    for list_col, what, fix in aligned:
+        other = np.fromiter((len(v) for v in df[list_col]), dtype=np.int64, count=len(df))
+        bad = np.flatnonzero(other != lengths)
         if len(bad):
             first = int(bad[0])
             raise EventLogError(
-                f"{base.source}: columns {MERLIN_SESSION_ITEMS!r} and {MERLIN_SESSION_EVENTS!r} differ in length at "
+                f"{base.source}: columns {MERLIN_SESSION_ITEMS!r} and {list_col!r} differ in length at "
                 f"{len(bad)} session(s), the first session {_short(df[MERLIN_SESSION_ID].iloc[first])} "
-                f"({base.where(df.index[first])}): {lengths[first]} items vs {event_lengths[first]} event names. "
-                f"Fix: give every item exactly one event name, or {config.flag('action_column')} none to ignore the "
-                "event names."
+                f"({base.where(df.index[first])}): {lengths[first]} items vs {other[first]} {what}. Fix: {fix}."
             )
     session_row = np.repeat(df.index.to_numpy(), lengths)
     starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -568,17 +666,18 @@ def merlin_sessions_to_event_log(df: pd.DataFrame, config: SessionWorkflowConfig
     }
     if config.action_column is not None:
         events[config.action_column] = _flatten(df[MERLIN_SESSION_EVENTS])
-    if config.timestamp_column is not None:
-        events[config.timestamp_column] = np.repeat(df[MERLIN_SESSION_TIME].to_numpy(), lengths)
+    if time_column is not None:
+        events[config.timestamp_column] = (_flatten(df[time_column]) if per_event
+                                           else np.repeat(df[time_column].to_numpy(), lengths))
     out = pd.DataFrame(events)
     columns = {config.id_column: MERLIN_SESSION_ID, config.item_column: MERLIN_SESSION_ITEMS}
     if config.action_column is not None:
         columns[config.action_column] = MERLIN_SESSION_EVENTS
-    if config.timestamp_column is not None:
-        columns[config.timestamp_column] = MERLIN_SESSION_TIME
+    if time_column is not None:
+        columns[config.timestamp_column] = time_column
+    list_roles = {config.item_column, config.action_column} | ({config.timestamp_column} if per_event else set())
     sessions = {"base": base, "row": session_row, "pos": np.arange(len(out)) - starts,
-                "keys": events[config.id_column], "columns": columns,
-                "list_columns": {config.item_column, config.action_column} - {None}}
+                "keys": events[config.id_column], "columns": columns, "list_columns": list_roles - {None}}
     source = base.source
     out.attrs = {ORIGIN_ATTR: LogOrigin(source, "sessions", sessions=sessions),
                  NOTES_ATTR: list(df.attrs.get(NOTES_ATTR, [])), "merlin_hstu_null_sessions": dropped_sessions}

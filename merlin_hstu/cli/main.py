@@ -62,6 +62,11 @@ def _add_column_args(p: argparse.ArgumentParser) -> None:
                         "...); sequences: text, one sequence per line (`user item item ...` or `item item ...`, "
                         "S3-Rec style); auto (default): sequences for a text file of space-separated integers, "
                         "sessions for Parquet with item_id_list_seq, else events")
+    g.add_argument("--session-time-column", metavar="NAME",
+                   help="sessions: the per-event timestamp list aligned with item_id_list_seq (default: the one "
+                        "integer list column named like *timestamp*, e.g. timestamp-list; without one every event "
+                        "gets timestamp_first, with a warning); a per-session column such as timestamp_first is "
+                        "repeated for every event")
     g.add_argument("--separator", metavar="SEP", help="CSV field separator, e.g. ';' or tab (default: sniffed from "
                                                       "the header line among , ; TAB |)")
     g.add_argument("--sequence-user-ids", choices=["auto", "yes", "no"], default="auto",
@@ -192,6 +197,7 @@ def _workflow_config(cfg, args=None, input_flag: str = "--input"):
                                  csv_separator=separator, drop_nulls=bool(getattr(args, "drop_nulls", False)),
                                  input_format=getattr(args, "input_format", None) or "auto",
                                  sequence_user_ids=user_ids, cli_flags={"input": input_flag},
+                                 session_time_column=getattr(args, "session_time_column", None),
                                  interleave_actions=cfg.inputs.actions == "interleave")
 
 
