@@ -294,7 +294,8 @@ def run_sid_bench(args) -> int:
         runs.setdefault(f"{sid_name}, tail targets", []).append(as_recall(evaluate_sid(
             model, trie.to(next(model.parameters()).device), token_table.to(next(model.parameters()).device),
             result.split, tail_samples(result.split, tail), cfg)))
-        run_dir = save_sid_run(out / f"seed-{seed}", result, cfg, extra={"dataset": name, "id_model": id_preset})
+        run_dir = save_sid_run(out / f"seed-{seed}", result, cfg, extra={"dataset": name, "id_model": id_preset},
+                               data_dir=data_dir)
         fit = result.fit
         details.append({"seed": seed, "tokenizer": sids.stats, "sid_epochs": len(result.epoch_losses),
                         "sid_best_epoch": fit.best_epoch, "sid_train_seconds": fit.train_seconds,

@@ -16,6 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
+from merlin_hstu.sid import SID_TASK  # light: merlin_hstu.sid loads its modules lazily
+
 TASKS = ("retrieval", "ranking", "ctr")
 RETRIEVAL_EXPORT_FLAGS = {"top_k": "--top-k", "keep_history": "--keep-history",
                           "keep_unused_inputs": "--keep-unused-inputs", "entry_instances": "--entry-instances"}
@@ -39,12 +41,16 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
                "  ranking    per user: history items/actions/timestamps, candidate items, contextual values ->\n"
                "             one score per candidate and task. Default name hstu_ranking.\n"
                "  ctr        rows of raw Criteo columns (I1..I13, C1..C26) -> click probability per row. Default name ctr.\n"
+               "  sid        (semantic-ID runs, `bench sid`) a retrieval repository: raw events per user -> the decoder's\n"
+               "             trie-constrained beam search -> top-K raw item ids + scores (served like retrieval; `query`\n"
+               "             as for retrieval). Default name sid_topk. Not --format onnx, not --keep-unused-inputs.\n"
                "Runs on raw item ids (no Categorify, e.g. `preprocess --dataset ml-1m-prefix`) export too: their requests\n"
                "carry the raw ids, which are the model's ids.")
     p.add_argument("--run", "--model", dest="run", required=True, metavar="RUN",
                    help="run directory written by `train` or `demo` (--model: the old spelling)")
     p.add_argument("--output", required=True, metavar="REPO", help="model repository to write")
-    p.add_argument("--task", choices=TASKS, help="check that the run is of this task (default: whatever it is)")
+    p.add_argument("--task", choices=(*TASKS, SID_TASK),
+                   help="check that the run is of this task (default: whatever it is)")
     p.add_argument("--data", metavar="DIR",
                    help="the dataset directory the run was trained on, when the run does not record it or it moved "
                         "(its fitted workflow/ is exported)")
@@ -64,6 +70,10 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
     g.add_argument("--entry-instances", type=int, help="instances of the plain ragged model (default: 8)")
     g.add_argument("--keep-unused-inputs", action="store_true",
                    help="run the whole workflow, also branches the model never reads (the action lists)")
+    g = p.add_argument_group("semantic-ID runs only (they also take the retrieval options but --keep-unused-inputs)")
+    g.add_argument("--beam-width", type=int, metavar="W",
+                   help="beams kept per level by the served search (default: max(the run's decode.beam_width, "
+                        "top-K + history window)); a request may ask for up to W - history window items")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser(
@@ -138,11 +148,16 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
 # --- export -----------------------------------------------------------------------------------------
 def cmd_export(args) -> int:
     from merlin_hstu.serving.repository import ExportConfig, export_run, read_serving_record
+    from merlin_hstu.sid.train import is_sid_run
     from merlin_hstu.train.run_dir import run_task
 
-    task = run_task(args.run)
+    task = SID_TASK if is_sid_run(args.run) else run_task(args.run)
     if args.task and args.task != task:
         raise ValueError(f"{args.run} is a {task} run, not a {args.task} run; drop --task or pass a {args.task} run")
+    if task == SID_TASK:
+        return _export_sid(args)
+    if args.beam_width is not None:
+        raise ValueError(f"--beam-width applies to semantic-ID runs only; {args.run} is a {task} run")
     if task != "retrieval":
         given = [flag for dest, flag in RETRIEVAL_EXPORT_FLAGS.items() if getattr(args, dest) not in (None, False)]
         if given:
@@ -177,6 +192,31 @@ def cmd_export(args) -> int:
         print(f"  request per row: {len(contract['integer_columns'])} integer columns "
               f"({contract['integer_columns'][0]}..), {len(contract['categorical_columns'])} categorical "
               f"({contract['categorical_columns'][0]}..); answer: {contract['output']}")
+    print(f"serve it with: merlin-hstu serve --repo {repo}")
+    return 0
+
+
+def _export_sid(args) -> int:
+    """A semantic-ID run: a retrieval repository around its beam search (merlin_hstu.serving.sid)."""
+    from merlin_hstu.serving.repository import ExportConfig, export_run, read_serving_record
+
+    if args.format == "onnx":
+        raise ValueError(f"--format onnx: {args.run} is a semantic-ID run, whose served program is a trie-constrained "
+                         "beam search (a loop over codebook levels that re-runs the decoder on a data-dependent beam "
+                         "list); only its TorchScript export is built: drop --format onnx")
+    retrieval = {k: v for k, v in (("top_k", args.top_k), ("entry_instances", args.entry_instances)) if v is not None}
+    config = ExportConfig(model_name=args.name, instances=args.instances, exclude_history=not args.keep_history,
+                          prune_unused_inputs=not args.keep_unused_inputs, **retrieval)
+    repo = export_run(args.run, args.output, config, task=SID_TASK, data=args.data, overwrite=args.overwrite,
+                      beam_width=args.beam_width)
+    record = read_serving_record(repo)
+    contract = record["contract"]
+    print(f"exported the semantic-ID run {args.run} -> {repo}")
+    print(f"  models: {', '.join(record['models'])}")
+    lists = [c for c in (contract["item_column"], contract["timestamp_column"]) if c]
+    print(f"  request: {contract['id_column']} + lists {lists}; optional: query_timestamp, top_k, exclude_history")
+    print(f"  beam width {record['beam_width']}: top-K default {contract['default_k']}, at most {contract['max_k']}; "
+          f"history window {contract['max_history']} items; exclude history: {contract['exclude_history']}")
     print(f"serve it with: merlin-hstu serve --repo {repo}")
     return 0
 

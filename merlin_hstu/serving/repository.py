@@ -19,6 +19,8 @@ then renames it into place: a repository that exists is complete and has served 
     retrieval   merlin_hstu.serving.export.export_repository   <name> (ragged) + <name>_batched (executor)
     ranking     merlin_hstu.serving.ranking.export_ranking_run  <name> (executor)
     ctr         merlin_hstu.serving.ctr.export_ctr_run          <name> (executor)
+    sid         merlin_hstu.serving.sid.export_sid_repository   <name> + <name>_batched (a retrieval repository;
+                (semantic-ID runs, merlin_hstu.sid)               default name sid_topk)
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -205,12 +207,27 @@ def check_serves(repo: Path, contract: ServingContract, request_arrays: dict,
 
 
 def export_run(run_dir: str | Path, output: str | Path, config: Optional[ExportConfig] = None,
-               task: Optional[str] = None, data: Optional[str] = None, overwrite: bool = False) -> Path:
+               task: Optional[str] = None, data: Optional[str] = None, overwrite: bool = False,
+               beam_width: Optional[int] = None) -> Path:
     """Export a run directory of any task.  `task`: check that the run is of this task; `data`: the dataset
-    directory to take the fitted workflow from, when the run does not record it (or it moved)."""
+    directory to take the fitted workflow from, when the run does not record it (or it moved); `beam_width`:
+    semantic-ID runs only (the served beam width)."""
+    from merlin_hstu.sid import SID_TASK
+    from merlin_hstu.sid.train import is_sid_run
     from merlin_hstu.train.run_dir import run_task
 
+    if is_sid_run(run_dir):  # a retrieval repository around the decoder's beam search (merlin_hstu.serving.sid)
+        if task is not None and task != SID_TASK:
+            raise ValueError(f"{run_dir} is a {SID_TASK} run, not a {task} run; drop --task or pass a {task} run")
+        from merlin_hstu.serving.sid import DEFAULT_MODEL_NAME, export_sid_repository
+
+        config = config or ExportConfig()
+        if config.model_name is None:
+            config = replace(config, model_name=DEFAULT_MODEL_NAME)
+        return export_sid_repository(run_dir, data, output, config, overwrite=overwrite, beam_width=beam_width)
     found = run_task(run_dir)
+    if beam_width is not None:
+        raise ValueError(f"a beam width applies to semantic-ID runs only; {run_dir} is a {found} run")
     if task is not None and task != found:
         raise ValueError(f"{run_dir} is a {found} run, not a {task} run; drop --task or pass a {task} run")
     config = config or ExportConfig()

@@ -176,32 +176,52 @@ def build_sid_scorer(model: SIDDecoder, sids: SemanticIds, num_items: int, max_h
     return torch.jit.script(SIDBeamScorer(tower, model, sids, num_items, max_history, beam_width).eval())
 
 
-def export_sid_repository(run_dir: Union[str, Path], dataset_dir: Union[str, Path], output: Union[str, Path], config=None,
-                          overwrite: bool = False, beam_width: Optional[int] = None, id_column: str = "user_id",
-                          item_column: str = "item_id", timestamp_column: Optional[str] = "timestamp") -> Path:
+def export_sid_repository(run_dir: Union[str, Path], dataset_dir: Optional[Union[str, Path]], output: Union[str, Path],
+                          config=None, overwrite: bool = False, beam_width: Optional[int] = None,
+                          id_column: Optional[str] = None, item_column: Optional[str] = None,
+                          timestamp_column: Optional[str] = None) -> Path:
     """Write a Triton model repository serving the SID run `run_dir` (merlin_hstu.sid.train.save_sid_run) on raw
-    events of the dataset it was trained on (`dataset_dir`: workflow/, candidates.parquet).  `config`:
-    `merlin_hstu.serving.repository.ExportConfig` (model name default sid_topk); `beam_width`: the served beam width
-    (default max(decode.beam_width, top_k + max_history)); `id_column` / `item_column` /
-    `timestamp_column`: the raw log's names (the timestamps, when the workflow takes them, order a request's events)."""
+    events of the dataset it was trained on (`dataset_dir`: workflow/, candidates.parquet; None: the one the run
+    recorded).  `config`: `merlin_hstu.serving.repository.ExportConfig` (model name default sid_topk); `beam_width`:
+    the served beam width (default max(decode.beam_width, top_k + max_history)); `id_column` / `item_column` /
+    `timestamp_column`: the raw log's names (default: the dataset's data_report.json; the timestamps, when the
+    workflow takes them, order a request's events).  Written atomically (`write_repository`): a repository that
+    exists has answered a request."""
     from merlin_hstu.common import schema as roles
     from merlin_hstu.serving.contract import RequestContract, example_request
     from merlin_hstu.serving.export import ServingParts, build_ensemble, item_ids_of
     from merlin_hstu.serving.repository import (ENTRY_SHIM, EXECUTOR_SHIM, ExportConfig, TritonModel, check_serves,
                                                 export_settings, write_repository)
-    from merlin_hstu.sid.train import load_sid_run
+    from merlin_hstu.sid.train import load_sid_run, sid_run_data
     from merlin_hstu.workflows.session_workflow import load_serving_workflow
 
     config = config or ExportConfig(model_name=DEFAULT_MODEL_NAME)
+    if beam_width is not None and (isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1):
+        raise ValueError(f"beam_width must be an int >= 1, got {beam_width!r}")
+    if not config.prune_unused_inputs:
+        raise ValueError(f"{run_dir} is a semantic-ID run; its decoder reads item ids only, so the served workflow "
+                         "always drops the other branches: drop --keep-unused-inputs (prune_unused_inputs=False)")
     output = Path(output).resolve()
     if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists; remove it or pass overwrite=True")
+        raise FileExistsError(f"{output} already exists; remove it or pass overwrite=True (--overwrite)")
     model, sids, cfg, _ = load_sid_run(run_dir)
+    if dataset_dir is None:
+        dataset_dir = sid_run_data(run_dir)
+        if dataset_dir is None:
+            raise FileNotFoundError(f"{run_dir} does not record the dataset it was trained on; pass it (--data DIR: "
+                                    "the `merlin-hstu preprocess` output with workflow/ and candidates.parquet)")
     dataset_dir = Path(dataset_dir)
     workflow_path = dataset_dir / "workflow"
     if not workflow_path.is_dir():
         raise FileNotFoundError(f"{workflow_path} is missing: pass the `merlin-hstu preprocess` output the run was "
-                                "trained on (it holds workflow/ and candidates.parquet)")
+                                "trained on (--data DIR: it holds workflow/ and candidates.parquet)")
+    if id_column is None or item_column is None:
+        from merlin_hstu.serving.t4r_export import session_columns
+
+        named = session_columns(dataset_dir)
+        id_column = id_column or named.id_column
+        item_column = item_column or named.item_column
+        timestamp_column = timestamp_column or named.timestamp_column
     workflow = load_serving_workflow(workflow_path)
     item_list = roles.item_list_column(workflow.output_schema)
     inputs = workflow.input_schema.column_names
@@ -231,7 +251,7 @@ def export_sid_repository(run_dir: Union[str, Path], dataset_dir: Union[str, Pat
     scorer = build_sid_scorer(model, sids, len(mapping), history, width)
     if config.top_k > scorer.max_k:
         raise ValueError(f"top_k={config.top_k} is larger than a beam of {width} allows after the history window of "
-                         f"{history} ({scorer.max_k}); pass a larger beam_width")
+                         f"{history} ({scorer.max_k}); pass a larger beam_width (--beam-width)")
     contract = RequestContract(
         id_column=id_column, id_dtype=kind(id_column), item_column=item_column, item_dtype=kind(item_column),
         timestamp_column=time_column, reads_actions=False, max_history=history, max_k=scorer.max_k,

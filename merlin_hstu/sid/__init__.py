@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import importlib
 
+SID_TASK = "sid"  # the task of a semantic-ID run (run.json, model.pt); `merlin-hstu export` routes on it
+
 _EXPORTS = {
     "TokenizerConfig": "tokenizer",
     "SemanticIds": "tokenizer",

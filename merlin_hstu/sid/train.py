@@ -13,7 +13,8 @@ items are dropped from the list (the target itself never), Recall@K (= HR@K) and
 target outside the list has rank beam width + 1.
 
 Run directory (written atomically):  config.yaml, model.pt ({"task": "sid", model config, state dict}),
-tokenizer/ (merlin_hstu.sid.tokenizer.SemanticIds.save), metrics.json, run.json.
+tokenizer/ (merlin_hstu.sid.tokenizer.SemanticIds.save), metrics.json, run.json (task "sid"; "data": the dataset
+directory when known, which `merlin-hstu export RUN` exports the workflow of).
 """
 from __future__ import annotations
 
@@ -29,12 +30,14 @@ from tqdm.auto import tqdm
 
 from merlin_hstu.retrieval.data import LeaveOneOut, SequenceTable, history_window
 from merlin_hstu.retrieval.metrics import RetrievalMetricAccumulator
+from merlin_hstu.sid import SID_TASK
 from merlin_hstu.sid.config import SIDConfig, dump_sid_config, load_sid_config
 from merlin_hstu.sid.decode import SemanticIdTrie, beam_ranks, beam_search
 from merlin_hstu.sid.model import SIDDecoder, SIDModelConfig, item_token_sequences, next_token_loss
 from merlin_hstu.sid.tokenizer import BOS_TOKEN, SemanticIds
 from merlin_hstu.train.config import resolve_device
 from merlin_hstu.train.loop import EpochShuffle, FitResult, fit, module_device, move_to
+from merlin_hstu.train.run_dir import RUN_FILE
 
 TOKENIZER_DIR = "tokenizer"
 MODEL_FILE = "model.pt"
@@ -197,15 +200,17 @@ def train_sid(table: SequenceTable, sids: SemanticIds, cfg: SIDConfig, progress:
 # ------------------------------------------------------------------------------------------------------------
 # run directories
 # ------------------------------------------------------------------------------------------------------------
-def save_sid_run(run_dir: str | Path, result: SIDResult, cfg: SIDConfig, extra: Optional[dict] = None) -> Path:
-    """Publish RUN (module docstring) atomically."""
+def save_sid_run(run_dir: str | Path, result: SIDResult, cfg: SIDConfig, extra: Optional[dict] = None,
+                 data_dir: Optional[str | Path] = None) -> Path:
+    """Publish RUN (module docstring) atomically.  `data_dir`: the `merlin-hstu preprocess` output the run was
+    trained on, recorded in run.json ("data") so that `merlin-hstu export RUN` finds its workflow without --data."""
     from merlin_hstu.common.atomic_dir import publish_dir, staging_dir
 
     target = Path(run_dir)
     tmp = staging_dir(target)
     try:
         (tmp / "config.yaml").write_text(dump_sid_config(cfg))
-        blob = {"task": "sid", "model_config": result.model.config.to_dict(),
+        blob = {"task": SID_TASK, "model_config": result.model.config.to_dict(),
                 "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()}}
         torch.save(blob, tmp / MODEL_FILE)
         result.sids.save(tmp / TOKENIZER_DIR)
@@ -213,15 +218,33 @@ def save_sid_run(run_dir: str | Path, result: SIDResult, cfg: SIDConfig, extra: 
                   "validation_metrics": [{"epoch": e, **m} for e, m in result.validation_metrics], **(extra or {})}
         (tmp / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
         fitted = result.fit
-        run = {"format": 1, "task": "sid", "device": fitted.device if fitted else "cpu",
+        run = {"format": 1, "task": SID_TASK, "device": fitted.device if fitted else "cpu",
                "steps": fitted.steps if fitted else 0, "stopped_early": fitted.stopped_early if fitted else False,
-               "best_epoch": fitted.best_epoch if fitted else 0}
-        (tmp / "run.json").write_text(json.dumps(run, indent=2))
+               "best_epoch": fitted.best_epoch if fitted else 0,
+               "data": str(Path(data_dir).resolve()) if data_dir else None}
+        (tmp / RUN_FILE).write_text(json.dumps(run, indent=2))
         publish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def is_sid_run(run_dir: str | Path) -> bool:
+    """Whether `run_dir` is a semantic-ID run directory (its run.json says task "sid")."""
+    run = Path(run_dir) / RUN_FILE
+    if not run.is_file():
+        return False
+    try:
+        return json.loads(run.read_text()).get("task") == SID_TASK
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{run} is not valid JSON ({error}); the run directory is damaged: retrain it") from None
+
+
+def sid_run_data(run_dir: str | Path) -> Optional[Path]:
+    """The dataset directory a SID run recorded (save_sid_run's `data_dir`), or None."""
+    data = json.loads((Path(run_dir) / RUN_FILE).read_text()).get("data")
+    return Path(data) if data else None
 
 
 def load_sid_run(run_dir: str | Path):
@@ -231,7 +254,7 @@ def load_sid_run(run_dir: str | Path):
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"{run_dir} is not a semantic-ID run directory: {name} is missing")
     blob = torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=True)
-    if blob.get("task") != "sid":
+    if blob.get("task") != SID_TASK:
         raise ValueError(f"{run_dir / MODEL_FILE} is not a semantic-ID model (task {blob.get('task')!r})")
     model = SIDDecoder(SIDModelConfig.from_dict(blob["model_config"]))
     model.load_state_dict(blob["state_dict"])
