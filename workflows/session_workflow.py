@@ -131,9 +131,16 @@ CLI_FLAGS = {
     "max_length": "--max-history", "csv_separator": "--separator", "drop_nulls": "--drop-nulls",
     "timestamp_none": "--timestamp-column none",
     "input_format": "--input-format", "sequence_user_ids": "--sequence-user-ids",
-    "session_time_column": "--session-time-column",
+    "session_time_column": "--session-time-column", "split_layout": "--split-layout",
+    "valid_fraction": "--valid-fraction", "test_fraction": "--test-fraction", "prefix_expansion": "--prefix-expansion",
 }
 INPUT_FORMATS = ("auto", "events", "sessions", "sequences")
+SPLIT_LAYOUTS = ("none", "merlin")
+#: the Merlin split layout: <dir>/{train,valid,test}.parquet, or per-day folders <dir>/<day>/{train,...}.parquet as
+#: T4R's preprocessing writes them; preprocess writes <output>/splits/{train,valid,test}.parquet + schema.pbtxt
+SPLITS = ("train", "valid", "test")
+SPLITS_DIR = "splits"
+SPLITS_ATTR = "merlin_hstu_splits"  # DataFrame.attrs key: {id value: split name} of a log read from the layout
 _ROLE_NAMES = {"id_column": "id", "item_column": "item id", "action_column": "action",
                "timestamp_column": "timestamp"}
 
@@ -158,6 +165,12 @@ class SessionWorkflowConfig:
     # sessions: the per-event time column (a list aligned with item_id_list_seq), or a per-session column repeated
     # for every event (e.g. timestamp_first); None: detected (see merlin_session_time_column)
     session_time_column: Optional[str] = None
+    # the Merlin split layout: "none", or "merlin" = also write <output>/splits/{train,valid,test}.parquet, sessions
+    # split by start time (an input that already has the layout keeps its own split)
+    split_layout: str = "none"
+    valid_fraction: float = 0.1  # split_layout="merlin": the share of sequences in valid.parquet ...
+    test_fraction: float = 0.1  # ... and in test.parquet (the latest ones)
+    prefix_expansion: bool = False  # every train sequence of n events -> its prefixes of 2..n events (train only)
     cli_flags: Optional[Dict[str, str]] = field(default=None, compare=False, repr=False)  # CLI_FLAGS overrides
 
     def __post_init__(self) -> None:
@@ -177,6 +190,17 @@ class SessionWorkflowConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"SessionWorkflowConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.split_layout not in SPLIT_LAYOUTS:
+            raise ValueError(f"SessionWorkflowConfig.split_layout must be one of {SPLIT_LAYOUTS} "
+                             f"({self.flag('split_layout')}), got {self.split_layout!r}")
+        for name in ("valid_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+                raise ValueError(f"SessionWorkflowConfig.{name} must be a number in (0, 1) ({self.flag(name)}), "
+                                 f"got {value!r}")
+        if self.valid_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"SessionWorkflowConfig.valid_fraction + test_fraction must be < 1 (train needs the rest), "
+                             f"got {self.valid_fraction} + {self.test_fraction}")
         if self.interleave_actions and self.action_column is None:
             raise ValueError("SessionWorkflowConfig.interleave_actions=True needs action_column (it is None)")
         raw = [c for c in (self.id_column, self.item_column, self.action_column, self.timestamp_column) if c]
@@ -317,6 +341,8 @@ def read_event_log(
     if isinstance(path_or_df, pd.DataFrame):
         df = path_or_df.copy(deep=False)
         df.attrs = {ORIGIN_ATTR: LogOrigin.of(path_or_df), NOTES_ATTR: list(path_or_df.attrs.get(NOTES_ATTR, []))}
+        if SPLITS_ATTR in path_or_df.attrs:
+            df.attrs[SPLITS_ATTR] = path_or_df.attrs[SPLITS_ATTR]
     elif isinstance(path_or_df, (str, os.PathLike)):
         path = Path(path_or_df)
         if detect_input_format(path, config) == "sequences":
@@ -391,6 +417,9 @@ def _read_file(path: Path, config: SessionWorkflowConfig) -> pd.DataFrame:
     flag = config.flag("input")
     if not path.exists():
         raise EventLogError(f"event log {str(path)!r} does not exist. Fix: pass the path of the log to {flag}.")
+    layout = split_layout_files(path) if path.is_dir() else None
+    if layout:
+        return _read_split_layout(path, layout, config)
     if path.is_dir():  # e.g. an NVTabular output: part_*.parquet next to schema.pbtxt / _metadata
         files = sorted(path.glob("*.parquet"), key=lambda p: (len(p.name), p.name))
         if not files:
@@ -418,6 +447,85 @@ def _read_file(path: Path, config: SessionWorkflowConfig) -> pd.DataFrame:
         f".gz/.xz/.bz2/.zst) or .parquet, pass a Parquet folder, or {config.flag('input_format')} sequences for a "
         "sequence-per-line text file"
     )
+
+
+def split_layout_files(path: PathLike) -> List[Tuple[str, Path]]:
+    """[(split, file)] of a Merlin split layout folder, in order (days numerically, then train, valid, test);
+    [] when the folder is not one. A file may be a Parquet file or a folder of parts."""
+    path = Path(path)
+    folders = [path] if any((path / f"{s}.parquet").exists() for s in SPLITS) else []
+    if not folders:
+        days = [d for d in path.iterdir() if d.is_dir() and any((d / f"{s}.parquet").exists() for s in SPLITS)]
+        folders = sorted(days, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
+    out = []
+    for folder in folders:
+        missing = [f"{s}.parquet" for s in SPLITS if not (folder / f"{s}.parquet").exists()]
+        if missing:
+            raise EventLogError(
+                f"{folder}: a Merlin split layout needs train.parquet, valid.parquet and test.parquet, but "
+                f"{missing} {'is' if len(missing) == 1 else 'are'} missing. Fix: write all three files (empty ones "
+                "are fine), or pass one Parquet file instead of the folder."
+            )
+        out += [(s, folder / f"{s}.parquet") for s in SPLITS]
+    return out
+
+
+def _arrow_schema(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetDataset(str(path)).schema
+    except Exception as error:
+        raise _read_error(path, "not a readable Parquet file", error, "re-write the file") from None
+
+
+def _read_split_layout(path: Path, layout: List[Tuple[str, Path]], config: SessionWorkflowConfig) -> pd.DataFrame:
+    """The files of a Merlin split layout as one frame; their schemas must agree (names and types), and no
+    user/session may sit in two splits (leakage). attrs[SPLITS_ATTR] maps every id to its split."""
+    reference = None
+    for split, file in layout:
+        schema = _arrow_schema(file)
+        fields = {f.name: str(f.type) for f in schema}
+        if reference is None:
+            reference = (file, fields)
+            continue
+        ref_file, ref_fields = reference
+        if fields != ref_fields:
+            only_ref = sorted(set(ref_fields) - set(fields))
+            only_this = sorted(set(fields) - set(ref_fields))
+            typed = sorted(f"{n}: {ref_fields[n]} vs {fields[n]}" for n in set(fields) & set(ref_fields)
+                           if fields[n] != ref_fields[n])
+            raise EventLogError(
+                f"{file}: its schema disagrees with {ref_file} (columns only in {ref_file.name}: {only_ref}; only in "
+                f"{file.name}: {only_this}; types differ: {typed}). Fix: write the train / valid / test files with "
+                "the same columns and types."
+            )
+    frames, parts, splits, start = [], [], [], 0
+    for split, file in layout:
+        frame = _read_parquet(file, config)
+        frames.append(frame)
+        parts.append((str(file), start))
+        splits.append(np.full(len(frame), split, dtype=object))
+        start += len(frame)
+    df = pd.concat(frames, ignore_index=True)
+    key = MERLIN_SESSION_ID if MERLIN_SESSION_ITEMS in df.columns and config.input_format != "events" \
+        else config.id_column
+    if key not in df.columns:
+        raise EventLogError(f"{path}: the split files have no id column {key!r} (columns: {list(df.columns)}). Fix: "
+                            f"{config.flag('id_column')} NAME.")
+    split_of = pd.Series(np.concatenate(splits) if splits else [], index=df.index)
+    owners = split_of.groupby(df[key].to_numpy()).agg(lambda v: sorted(set(v), key=SPLITS.index))
+    shared = owners[owners.map(len) > 1]
+    if len(shared):
+        raise EventLogError(
+            f"{path}: {len(shared)} {config.id_kind}(s) appear in more than one split file, e.g. {_short(shared.index[0])} "
+            f"in {shared.iloc[0]} (that would leak its events across splits). Fix: put every {config.id_kind} in "
+            "exactly one of train / valid / test."
+        )
+    df.attrs = {ORIGIN_ATTR: LogOrigin(str(path), "parquet", path=path, parts=parts), NOTES_ATTR: [
+        f"{path}: the Merlin split layout ({len(layout)} files); each {config.id_kind} keeps its split"],
+        SPLITS_ATTR: {k: v[0] for k, v in owners.items()}}
+    return df
 
 
 def _read_parquet(path: Path, config: SessionWorkflowConfig) -> pd.DataFrame:
@@ -681,6 +789,8 @@ def merlin_sessions_to_event_log(df: pd.DataFrame, config: SessionWorkflowConfig
     source = base.source
     out.attrs = {ORIGIN_ATTR: LogOrigin(source, "sessions", sessions=sessions),
                  NOTES_ATTR: list(df.attrs.get(NOTES_ATTR, [])), "merlin_hstu_null_sessions": dropped_sessions}
+    if SPLITS_ATTR in df.attrs:
+        out.attrs[SPLITS_ATTR] = df.attrs[SPLITS_ATTR]
     return out
 
 
@@ -942,6 +1052,7 @@ class PreparedLog:
     sequences_in: int  # distinct ids read, before dropping nulls
     dropped_nulls: dict = field(default_factory=dict)  # {"events": n, "sessions": m, "by_column": {col: n}}
     notes: List[str] = field(default_factory=list)
+    splits: Optional[dict] = None  # {id: "train" | "valid" | "test"} when the input was a Merlin split layout
 
     def sequence_lengths(self) -> np.ndarray:
         """Events per id (before the min_length filter and truncation), in id order."""
@@ -979,7 +1090,8 @@ def load_event_log(source: Union[PathLike, pd.DataFrame], config: Optional[Sessi
     validate_event_log(raw, config)
     events = normalize_event_log(raw, config)
     return PreparedLog(events=events, config=config, source=origin.source, input_format=layout,
-                       events_in=events_in, sequences_in=ids_in, dropped_nulls=dropped, notes=notes)
+                       events_in=events_in, sequences_in=ids_in, dropped_nulls=dropped, notes=notes,
+                       splits=raw.attrs.get(SPLITS_ATTR))
 
 
 def _whole_floats_as_int64(df: pd.DataFrame, config: SessionWorkflowConfig, notes: List[str]) -> pd.DataFrame:
@@ -1122,6 +1234,19 @@ def preprocess(
     catalogue = None
     if candidates is not None:
         catalogue = _validate_catalogue(candidates, events[config.item_column], config)
+    write_splits = prepared.splits is not None or config.split_layout == "merlin"
+    if config.prefix_expansion and not write_splits:
+        raise EventLogError(
+            f"{prepared.source}: prefix expansion adds rows to the TRAIN split only (on one file it would put the "
+            f"prefixes of evaluated sequences into training). Fix: {config.flag('split_layout')} merlin (or an input "
+            f"in the Merlin train/valid/test layout), or drop {config.flag('prefix_expansion')}."
+        )
+    if config.split_layout == "merlin" and prepared.splits is None and config.timestamp_column is None:
+        raise EventLogError(
+            f"{prepared.source}: {config.flag('split_layout')} merlin splits sequences by time, but the log has no "
+            f"timestamps ({config.flag('timestamp_column')} is none). Fix: name the timestamp column, or give the "
+            "input as train.parquet / valid.parquet / test.parquet."
+        )
 
     staging = staging_dir(output_dir)
     try:
@@ -1141,6 +1266,10 @@ def preprocess(
         report = data_report(prepared, config, lengths, result[roles.LENGTH].to_numpy(), len(encoded),
                              max_history_chosen_by, report_extra)
         Dataset(result, cpu=True, schema=out_schema).to_parquet(str(processed_dir), output_files=1)
+        if write_splits:
+            parts = split_sequences(result, config, prepared.splits)
+            report["splits"] = write_split_layout(parts, staging / SPLITS_DIR, processed_dir, config,
+                                                  given=prepared.splits is not None)
         workflow.save(str(workflow_dir))
         pd.DataFrame({CANDIDATES_COLUMN: encoded}).to_parquet(staging / CANDIDATES_FILE, index=False)
         (staging / DATA_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -1153,6 +1282,95 @@ def preprocess(
     schema = TensorflowMetadata.from_proto_text_file(str(processed)).to_merlin_schema()
     return ProcessedDataset(path=processed, schema=schema, workflow_path=output_dir / "workflow",
                             num_rows=len(result), candidates_path=output_dir / CANDIDATES_FILE, report=report)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Merlin split layout (train / valid / test files) and prefix expansion
+# ---------------------------------------------------------------------------------------------------------
+def split_sequences(rows: pd.DataFrame, config: SessionWorkflowConfig, given: Optional[dict] = None
+                    ) -> Dict[str, pd.DataFrame]:
+    """The workflow's output rows as {"train", "valid", "test"} frames, each in start-time order.
+
+    `given` ({id: split}, from an input in the split layout) keeps the input's split. Otherwise sequences are
+    ordered by their first kept event's time (ties: id order) and cut into the first 1 - valid - test share
+    (train), the next `valid_fraction` (valid) and the latest `test_fraction` (test); each split gets >= 1 row.
+    """
+    ids = rows[config.id_column]
+    if given is not None:
+        label = ids.map(given)
+        if label.isna().any():  # ids read as strings (wider than int64) are keyed by their text
+            label = label.fillna(ids.astype(str).map({str(k): v for k, v in given.items()}))
+        if label.isna().any():
+            raise RuntimeError(f"split layout: no split recorded for {config.id_kind} {_short(ids[label.isna()].iloc[0])}")
+    else:
+        starts = np.array([int(t[0]) for t in rows[roles.TIMESTAMP_LIST]], dtype=np.int64)
+        order = np.argsort(starts, kind="stable")
+        n = len(rows)
+        n_test, n_valid = max(1, round(n * config.test_fraction)), max(1, round(n * config.valid_fraction))
+        if n - n_test - n_valid < 1:
+            raise EventLogError(
+                f"{n} {config.id_kind}(s) are too few for a train / valid / test split ({n_valid} valid, {n_test} test). "
+                f"Fix: more data, or smaller {config.flag('valid_fraction')} / {config.flag('test_fraction')}."
+            )
+        names = np.empty(n, dtype=object)
+        names[order[: n - n_test - n_valid]] = "train"
+        names[order[n - n_test - n_valid: n - n_test]] = "valid"
+        names[order[n - n_test:]] = "test"
+        label = pd.Series(names, index=rows.index)
+    out = {}
+    for split in SPLITS:
+        part = rows[(label == split).to_numpy()]
+        if roles.TIMESTAMP_LIST in part.columns and len(part):
+            start = np.array([int(t[0]) if len(t) else 0 for t in part[roles.TIMESTAMP_LIST]], dtype=np.int64)
+            part = part.iloc[np.argsort(start, kind="stable")]
+        out[split] = part.reset_index(drop=True)
+    return out
+
+
+def expand_prefixes(rows: pd.DataFrame) -> pd.DataFrame:
+    """Every row of n events -> its prefixes of 2..n events (in that order; a 1-event row gives none): the
+    classic session augmentation. Every list column is cut to the prefix (the interleaved list to 2k tokens) and
+    `length` set to k; other columns (the id) are repeated."""
+    lists = [c for c in rows.columns if c != roles.LENGTH and len(rows) and _is_list_like(rows[c].iloc[0])]
+    lengths = rows[roles.LENGTH].to_numpy(dtype=np.int64)
+    source = np.repeat(np.arange(len(rows)), np.maximum(lengths - 1, 0))
+    k = np.concatenate([np.arange(2, n + 1) for n in lengths]) if len(rows) else np.zeros(0, np.int64)
+    out = rows.iloc[source].reset_index(drop=True)
+    out[roles.LENGTH] = k.astype(np.int64)
+    for column in lists:
+        width = 2 if column == roles.INTERLEAVED_LIST else 1
+        values = rows[column].to_numpy()
+        out[column] = [np.asarray(values[r])[: width * n] for r, n in zip(source, k)]
+    return out
+
+
+def write_split_layout(parts: Dict[str, pd.DataFrame], folder: Path, processed_dir: Path,
+                       config: SessionWorkflowConfig, given: bool) -> dict:
+    """folder/{train,valid,test}.parquet (+ the processed schema.pbtxt), with prefix expansion of train if asked;
+    returns the data report's "splits" section."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    shutil.copyfile(processed_dir / "schema.pbtxt", folder / "schema.pbtxt")
+    report = {"folder": SPLITS_DIR,
+              "how": ("the input's own train / valid / test files" if given else
+                      f"sequences ordered by their first event's time: the latest {config.test_fraction:g} test, the "
+                      f"{config.valid_fraction:g} before them valid, the rest train")}
+    reference = None
+    for split in SPLITS:
+        part = parts[split]
+        report[split] = {"sequences": int(len(part)), "events": int(part[roles.LENGTH].sum())}
+        if split == "train" and config.prefix_expansion:
+            part = expand_prefixes(part)
+            report["prefix_expansion"] = {"train_rows": int(len(part)), "how": "every train sequence of n events "
+                                          "-> its prefixes of 2..n events"}
+        table = pa.Table.from_pandas(part, preserve_index=False)
+        if reference is not None:  # an empty split would infer other types: cast to the first split's schema
+            table = table.cast(reference)
+        reference = reference or table.schema
+        pq.write_table(table, folder / f"{split}.parquet")
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1285,6 +1503,11 @@ def format_data_report(report: dict) -> str:
         f"  history    p50 {h['p50']:,}  p90 {h['p90']:,}  p95 {h['p95']:,}  p99 {h['p99']:,}  max {h['max']:,} events",
         f"  max history {m['value']}: {m['chosen_by']}",
     ]
+    if report.get("splits"):
+        sp = report["splits"]
+        lines.append(f"  splits     {sp['folder']}/: " + ", ".join(f"{k} {sp[k]['sequences']:,}" for k in SPLITS)
+                     + f" {kind} ({sp['how']})" + (f"; train expanded to {sp['prefix_expansion']['train_rows']:,} "
+                                                   "prefix rows" if "prefix_expansion" in sp else ""))
     lines += [f"  note       {note}" for note in report.get("notes", [])]
     return "\n".join(lines)
 

@@ -75,6 +75,18 @@ def _add_column_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drop-nulls", action="store_true",
                    help="drop events with an empty id / item / action / timestamp field (counted in the data "
                         "report) instead of stopping with an error")
+    g = p.add_argument_group("the Merlin train / valid / test layout (preprocess)")
+    g.add_argument("--split-layout", choices=["none", "merlin"], default="none",
+                   help="merlin: also write OUTPUT/splits/{train,valid,test}.parquet (+ schema.pbtxt), sequences "
+                        "split by start time (an --input folder with train/valid/test.parquet, or per-day folders "
+                        "1/train.parquet ..., keeps its own split without this flag)")
+    g.add_argument("--valid-fraction", type=float, default=0.1, metavar="F",
+                   help="--split-layout merlin: the share of sequences in valid.parquet (default 0.1)")
+    g.add_argument("--test-fraction", type=float, default=0.1, metavar="F",
+                   help="--split-layout merlin: the latest share of sequences in test.parquet (default 0.1)")
+    g.add_argument("--prefix-expansion", action="store_true",
+                   help="every train sequence of n events also becomes its prefixes of 2..n events (train.parquet "
+                        "only; needs the split layout)")
     g = p.add_argument_group("sequence sizing (default: from the data, see the data report)")
     g.add_argument("--max-history", type=int, metavar="N",
                    help="history window H: keep the last H + 2 events per user (H history + train and eval "
@@ -198,6 +210,10 @@ def _workflow_config(cfg, args=None, input_flag: str = "--input"):
                                  input_format=getattr(args, "input_format", None) or "auto",
                                  sequence_user_ids=user_ids, cli_flags={"input": input_flag},
                                  session_time_column=getattr(args, "session_time_column", None),
+                                 split_layout=getattr(args, "split_layout", None) or "none",
+                                 valid_fraction=getattr(args, "valid_fraction", None) or 0.1,
+                                 test_fraction=getattr(args, "test_fraction", None) or 0.1,
+                                 prefix_expansion=bool(getattr(args, "prefix_expansion", False)),
                                  interleave_actions=cfg.inputs.actions == "interleave")
 
 
