@@ -274,3 +274,23 @@ def test_cli_writes_the_split_layout_with_prefixes(diginetica_events, tmp_path, 
     assert "prefix rows" in printed
     test = pd.read_parquet(tmp_path / "out" / SPLITS_DIR / "test.parquet")
     assert len(test) == round(2053 * 0.2)
+
+
+def test_t4r_merlin_dataloader_reads_the_written_splits(diginetica_events, tmp_path):
+    """T4R's own data path on our output: the Merlin dataloader built from splits/schema.pbtxt pads the train file's
+    lists to max_sequence_length, as T4R's examples feed tr.Trainer(train_paths=..., eval_paths=...)."""
+    from transformers4rec.torch.utils.data_utils import MerlinDataLoader
+
+    from merlin_hstu.t4r.data import read_schema
+
+    result = preprocess(diginetica_events, tmp_path / "out", SPLIT_CONFIG)
+    folder = tmp_path / "out" / SPLITS_DIR
+    schema = read_schema(folder).select_by_name([roles.ITEM_LIST, roles.TIMESTAMP_LIST])
+    loader = MerlinDataLoader.from_schema(schema, str(folder / "valid.parquet"), batch_size=64,
+                                          max_sequence_length=20, shuffle=False)
+    inputs, _ = next(iter(loader))
+    valid = _read_split(folder, "valid")
+    items = inputs[roles.ITEM_LIST]
+    assert tuple(items.shape) == (64, 20)
+    assert items[0, : len(valid[roles.ITEM_LIST][0])].tolist() == valid[roles.ITEM_LIST][0]
+    assert result.report["splits"]["valid"]["sequences"] == len(valid)

@@ -49,6 +49,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 import pandas as pd
 
+from merlin_hstu.common import schema as roles
 from merlin_hstu.workflows.session_workflow import (
     ORIGIN_ATTR,
     EventLogError,
@@ -60,7 +61,7 @@ from merlin_hstu.workflows.session_workflow import (
 
 PathLike = Union[str, os.PathLike]
 
-USER, ITEM, RATING, TIME = "user_id", "item_id", "rating", "timestamp"
+USER, ITEM, RATING, TIME = roles.LOG_USER_ID, roles.LOG_ITEM_ID, roles.LOG_RATING, roles.LOG_TIMESTAMP
 COMPRESSIONS = ("", ".xz", ".gz", ".bz2")  # looked up in this order: a decompressed copy wins
 _OPENERS = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
 
@@ -392,13 +393,13 @@ def read_movielens_dat_users(path: Path) -> pd.DataFrame:
 
 def read_movielens_100k_ratings(path: Path) -> pd.DataFrame:
     """ML-100K `u.data`: user id TAB item id TAB rating TAB timestamp."""
-    fields = ("user id", "item id", "rating", "timestamp")
+    fields = ("user id", "item id", RATING, TIME)
     df = _read_table(path, "\t", fields, header=None, encoding="latin-1")
     return _event_frame(
         _integer_column(df["user id"], path, "user id", 1),
         _integer_column(df["item id"], path, "item id", 1),
         _ratings(_number_column(df["rating"], path, "rating", 1), path, 1, 5, 1, 1),
-        _timestamps(_integer_column(df["timestamp"], path, "timestamp", 1), path, 1),
+        _timestamps(_integer_column(df[TIME], path, TIME, 1), path, 1),
     )
 
 
@@ -418,13 +419,13 @@ def read_movielens_100k_items(path: Path) -> pd.DataFrame:
 
 def read_movielens_csv_ratings(path: Path) -> pd.DataFrame:
     """ML-20M / ML-25M / ml-latest `ratings.csv`: header userId,movieId,rating,timestamp; 0.5..5 half stars."""
-    fields = ("userId", "movieId", "rating", "timestamp")
+    fields = ("userId", "movieId", RATING, TIME)  # the file's header
     df = _read_table(path, ",", fields, header=fields, encoding="utf-8")
     return _event_frame(
         _integer_column(df["userId"], path, "userId", 2),
         _integer_column(df["movieId"], path, "movieId", 2),
         _ratings(_number_column(df["rating"], path, "rating", 2), path, 0.5, 5, 0.5, 2),
-        _timestamps(_integer_column(df["timestamp"], path, "timestamp", 2), path, 2),
+        _timestamps(_integer_column(df[TIME], path, TIME, 2), path, 2),
     )
 
 
@@ -448,9 +449,9 @@ def read_amazon_ratings(path: Path) -> pd.DataFrame:
     User and item ids are strings (item = ASIN; ISBN-like ASINs have leading zeros, so they are never parsed as
     numbers); ratings 1..5; timestamps unix seconds.
     """
-    fields = ("user", "item", "rating", "timestamp")
+    fields = ("user", "item", RATING, TIME)
     df = _read_table(path, ",", fields, header=None, encoding="utf-8", dtype={0: str, 1: str})
-    times = df["timestamp"]
+    times = df[TIME]
     if not pd.api.types.is_integer_dtype(times.dtype):
         whole = times.astype(str).str.fullmatch(r"\d+").to_numpy()
         if not whole.all():

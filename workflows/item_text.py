@@ -179,7 +179,7 @@ def _check_metadata(metadata: pd.DataFrame, raw_id_column: str, text_columns: Se
 
 
 def write_item_text(dataset_dir: PathLike, metadata: pd.DataFrame, text_columns: Sequence[str],
-                    raw_id_column: str = "item_id", separators: Optional[Dict[str, str]] = None,
+                    raw_id_column: str = roles.LOG_ITEM_ID, separators: Optional[Dict[str, str]] = None,
                     missing: str = "error", source: str = "item metadata", overwrite: bool = True) -> ItemTextTable:
     """Join `metadata` (one row per raw item id) onto the catalogue of the preprocessed dataset at `dataset_dir`
     and write `<dataset_dir>/item_text/` atomically (see the module docstring)."""

@@ -111,7 +111,7 @@ from merlin_hstu.workflows.session_workflow import (
 PathLike = Union[str, os.PathLike]
 
 # ---- roles of the ranking-only columns (names: merlin_hstu.ranking.data) --------------------------------
-ROLE_WATCH_TIME = "watch_time"
+ROLE_WATCH_TIME = roles.ROLE_WATCH_TIME
 ROLE_CANDIDATE_ITEM = "candidate_item"
 ROLE_CANDIDATE_ACTION = "candidate_action"
 ROLE_CANDIDATE_WATCH_TIME = "candidate_watch_time"
@@ -123,7 +123,7 @@ ACTION_ENCODING_PROPERTY = "action_encoding"  # action-list / candidate_action-l
 MAX_ACTION_BITS = 62  # bitmasks are int64; keep clear of the sign bit
 
 # Raw columns are renamed to these bases before the Groupby, whose `<base>-<agg>` naming gives the outputs.
-_ITEM, _ACTION, _TIME, _WATCH = "item_id", "action", "timestamp", "watch_time"
+_ITEM, _ACTION, _TIME, _WATCH = roles.ITEM_BASE, roles.ACTION_BASE, roles.TIME_BASE, roles.WATCH_TIME_BASE
 _CONTEXT_AGG = "last"  # a contextual value that changes over time: the value at the user's latest event
 assert (f"{_ITEM}-list", f"{_ACTION}-list", f"{_TIME}-list", f"{_WATCH}-list") == (
     roles.ITEM_LIST, roles.ACTION_LIST, roles.TIMESTAMP_LIST, WATCH_TIME_LIST)
@@ -137,9 +137,9 @@ class RankingDataError(EventLogError):
 class RankingWorkflowConfig:
     """Raw column roles and the sample layout (K candidates, UIH length)."""
 
-    user_column: str = "user_id"
-    item_column: str = "item_id"
-    timestamp_column: str = "timestamp"  # unix seconds (or datetime64); required: samples are chronological
+    user_column: str = roles.LOG_USER_ID
+    item_column: str = roles.LOG_ITEM_ID
+    timestamp_column: str = roles.LOG_TIMESTAMP  # unix seconds (or datetime64); required: samples are chronological
     action_column: Optional[str] = None  # an integer bitmask per event ...
     action_names: Tuple[str, ...] = ()  # ... or binary 0/1 columns, bit b <- action_names[b]; with
     # action_column these only NAME its bits (for the default tasks)
@@ -273,7 +273,7 @@ class RankingSamples(Operator):
             raise ValueError(f"RankingSamples expects the Groupby outputs {required}, missing {missing}")
         k, h = self.num_candidates, self.max_uih_len
         bitmask = {ACTION_ENCODING_PROPERTY: "bitmask",
-                   "domain": {"min": 0, "max": max(2 ** self.num_action_bits - 1, 0), "name": "action"}}
+                   "domain": {"min": 0, "max": max(2 ** self.num_action_bits - 1, 0), "name": roles.ROLE_ACTION}}
         item = input_schema[roles.ITEM_LIST]
         columns = [
             roles.with_role(input_schema[self.user_column], roles.ROLE_USER_ID),
@@ -680,7 +680,7 @@ class RankingSource:
 
 # MovieLens: actions from the rating (bit 0 is constant, so it is no task)
 ML_ACTION_NAMES = ("rated", "liked", "loved")  # bit 0: every rating; bit 1: rating >= 4; bit 2: rating == 5
-ML_CONTEXTUAL = ("user_id", "sex", "age_group", "occupation", "zip_code")
+ML_CONTEXTUAL = (roles.LOG_USER_ID, "sex", "age_group", "occupation", "zip_code")
 
 
 def movielens_ranking_source(name: str, input_dir: PathLike, *, num_candidates: int = 10, max_uih_len: int = 200,
@@ -695,19 +695,20 @@ def movielens_ranking_source(name: str, input_dir: PathLike, *, num_candidates: 
     from merlin_hstu.workflows.datasets import load_dataset
 
     loaded = load_dataset(name, input_dir, check_counts=check_counts)
-    rating = loaded.events["rating"].to_numpy()
+    rating = loaded.events[roles.LOG_RATING].to_numpy()
     events = pd.DataFrame({
-        "user_id": loaded.events["user_id"].to_numpy(),
-        "item_id": loaded.events["item_id"].to_numpy(),
-        "timestamp": loaded.events["timestamp"].to_numpy(),
+        roles.LOG_USER_ID: loaded.events[roles.LOG_USER_ID].to_numpy(),
+        roles.LOG_ITEM_ID: loaded.events[roles.LOG_ITEM_ID].to_numpy(),
+        roles.LOG_TIMESTAMP: loaded.events[roles.LOG_TIMESTAMP].to_numpy(),
         "rated": np.ones(len(rating), dtype=np.int64),
         "liked": (rating >= 4).astype(np.int64),
         "loved": (rating == 5).astype(np.int64),
-        "rating": rating.astype(np.float64),
+        roles.LOG_RATING: rating.astype(np.float64),
     })
     users = loaded.user_features.rename(columns={"gender": "sex", "age": "age_group"})
-    config = RankingWorkflowConfig(user_column="user_id", item_column="item_id", timestamp_column="timestamp",
-                                   action_names=ML_ACTION_NAMES, watch_time_column="rating",
+    config = RankingWorkflowConfig(user_column=roles.LOG_USER_ID, item_column=roles.LOG_ITEM_ID,
+                                   timestamp_column=roles.LOG_TIMESTAMP,
+                                   action_names=ML_ACTION_NAMES, watch_time_column=roles.LOG_RATING,
                                    contextual_columns=ML_CONTEXTUAL, num_candidates=num_candidates,
                                    max_uih_len=max_uih_len, item_encoding="raw")
     tasks = (RankingTask("liked", "binary", bit=1), RankingTask("loved", "binary", bit=2))
@@ -723,8 +724,8 @@ def movielens_ranking_source(name: str, input_dir: PathLike, *, num_candidates: 
 # KuaiRand (Gao et al., CIKM 2022; https://kuairand.com): standard logs + user features
 KUAIRAND_ACTIONS = ("is_click", "is_like", "is_follow", "is_comment", "is_forward", "is_hate", "long_view",
                     "is_profile_enter")  # bit b <- KUAIRAND_ACTIONS[b]: weights 1, 2, 4, ..., 128
-KUAIRAND_LOG_COLUMNS = ("user_id", "video_id", "time_ms", *KUAIRAND_ACTIONS, "play_time_ms")
-KUAIRAND_CONTEXTUAL = ("user_id", "user_active_degree", "follow_user_num_range", "fans_user_num_range",
+KUAIRAND_LOG_COLUMNS = (roles.LOG_USER_ID, "video_id", "time_ms", *KUAIRAND_ACTIONS, "play_time_ms")
+KUAIRAND_CONTEXTUAL = (roles.LOG_USER_ID, "user_active_degree", "follow_user_num_range", "fans_user_num_range",
                        "friend_user_num_range", "register_days_range")
 KUAIRAND_SIZES = ("1k", "27k", "pure")
 
@@ -792,13 +793,13 @@ def kuairand_ranking_source(input_dir: PathLike, size: Optional[str] = None, *, 
     raw = pd.concat([read_kuairand_log(p) for p in logs], ignore_index=True)
     raw = raw.iloc[np.argsort(raw["time_ms"].to_numpy(), kind="stable")].reset_index(drop=True)
     events = pd.DataFrame({
-        "user_id": raw["user_id"].to_numpy().astype(np.int64),
-        "item_id": raw["video_id"].to_numpy().astype(np.int64),
-        "timestamp": raw["time_ms"].to_numpy().astype(np.int64) // 1000,
+        roles.LOG_USER_ID: raw[roles.LOG_USER_ID].to_numpy().astype(np.int64),
+        roles.LOG_ITEM_ID: raw["video_id"].to_numpy().astype(np.int64),
+        roles.LOG_TIMESTAMP: raw["time_ms"].to_numpy().astype(np.int64) // 1000,
         **{name: raw[name].to_numpy() for name in KUAIRAND_ACTIONS},
-        "watch_time": raw["play_time_ms"].to_numpy().astype(np.float64) / 1000.0,
+        roles.LOG_WATCH_TIME: raw["play_time_ms"].to_numpy().astype(np.float64) / 1000.0,
     })
-    contextual: Tuple[str, ...] = ("user_id",)
+    contextual: Tuple[str, ...] = (roles.LOG_USER_ID,)
     users = None
     if users_path is not None:
         users = pd.read_csv(users_path)
@@ -807,8 +808,9 @@ def kuairand_ranking_source(input_dir: PathLike, size: Optional[str] = None, *, 
             raise RankingDataError(f"{users_path}: not a KuaiRand user-feature file: missing {missing}")
         users = users[list(KUAIRAND_CONTEXTUAL)]
         contextual = KUAIRAND_CONTEXTUAL
-    config = RankingWorkflowConfig(user_column="user_id", item_column="item_id", timestamp_column="timestamp",
-                                   action_names=KUAIRAND_ACTIONS, watch_time_column="watch_time",
+    config = RankingWorkflowConfig(user_column=roles.LOG_USER_ID, item_column=roles.LOG_ITEM_ID,
+                                   timestamp_column=roles.LOG_TIMESTAMP,
+                                   action_names=KUAIRAND_ACTIONS, watch_time_column=roles.LOG_WATCH_TIME,
                                    contextual_columns=contextual, num_candidates=num_candidates,
                                    max_uih_len=max_uih_len, item_encoding="categorify")
     name = f"kuairand-{size}" if size else "kuairand"

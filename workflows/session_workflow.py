@@ -95,22 +95,21 @@ from merlin_hstu.workflows.ops import ChronologicalGroupby, FinalizeSequences, R
 PathLike = Union[str, os.PathLike]
 
 # Raw columns are renamed to these before the Groupby, whose `<name>-<agg>` naming yields the output names.
-ITEM_BASE, ACTION_BASE, TIME_BASE = "item_id", "action", "timestamp"
-GROUPBY_SEP = "-"
+ITEM_BASE, ACTION_BASE, TIME_BASE = roles.ITEM_BASE, roles.ACTION_BASE, roles.TIME_BASE
+GROUPBY_SEP = roles.LIST_SUFFIX[0]
 assert f"{ITEM_BASE}{GROUPBY_SEP}list" == roles.ITEM_LIST
 assert f"{ACTION_BASE}{GROUPBY_SEP}list" == roles.ACTION_LIST
 assert f"{TIME_BASE}{GROUPBY_SEP}list" == roles.TIMESTAMP_LIST
 
 # Merlin session Parquet layout
-MERLIN_SESSION_ID = "user_session"
-MERLIN_SESSION_ITEMS = "item_id_list_seq"
-MERLIN_SESSION_EVENTS = "item_event_name_list_seq"
-MERLIN_SESSION_TIME = "timestamp_first"  # the session's start time (one value per session)
-MERLIN_SESSION_TIME_HINT = "timestamp"  # a list column whose name holds this is a per-event time candidate
+# Merlin session Parquet layout (names in merlin_hstu.common.schema)
+MERLIN_SESSION_ID, MERLIN_SESSION_ITEMS = roles.MERLIN_SESSION_ID, roles.MERLIN_SESSION_ITEMS
+MERLIN_SESSION_EVENTS, MERLIN_SESSION_TIME = roles.MERLIN_SESSION_EVENTS, roles.MERLIN_SESSION_TIME
+MERLIN_SESSION_TIME_HINT = roles.MERLIN_SESSION_TIME_HINT
 
 ITEM_ENCODINGS = ("categorify", "raw")
 CANDIDATES_FILE = "candidates.parquet"  # <output>/candidates.parquet: column CANDIDATES_COLUMN, sorted int64
-CANDIDATES_COLUMN = "item_id"
+CANDIDATES_COLUMN = roles.CANDIDATES_COLUMN
 
 _LIKELY_MILLISECONDS = 10**11  # unix seconds above this are past year 5000: probably milliseconds
 _CSV_SUFFIXES = {".csv", ".tsv", ".txt"}
@@ -141,19 +140,19 @@ SPLIT_LAYOUTS = ("none", "merlin")
 SPLITS = ("train", "valid", "test")
 SPLITS_DIR = "splits"
 SPLITS_ATTR = "merlin_hstu_splits"  # DataFrame.attrs key: {id value: split name} of a log read from the layout
-_ROLE_NAMES = {"id_column": "id", "item_column": "item id", "action_column": "action",
-               "timestamp_column": "timestamp"}
+_ROLE_NAMES = {"id_column": "id", "item_column": "item id", "action_column": roles.ROLE_ACTION,
+               "timestamp_column": roles.ROLE_TIMESTAMP}
 
 
 @dataclass
 class SessionWorkflowConfig:
     """How raw log columns map to roles, how the file is read, and the sequence limits."""
 
-    id_column: str = "user_id"  # user or session id column of the raw log
+    id_column: str = roles.LOG_USER_ID  # user or session id column of the raw log
     id_kind: str = "user"  # "user" -> Tags.USER_ID, "session" -> Tags.SESSION_ID
-    item_column: str = "item_id"
-    action_column: Optional[str] = "action"  # None: no actions
-    timestamp_column: Optional[str] = "timestamp"  # None: no timestamps (lists omitted, input order kept)
+    item_column: str = roles.LOG_ITEM_ID
+    action_column: Optional[str] = roles.LOG_ACTION  # None: no actions
+    timestamp_column: Optional[str] = roles.LOG_TIMESTAMP  # None: no timestamps (lists omitted, input order kept)
     max_length: int = 200  # keep the most recent max_length events
     min_length: int = 2  # drop sequences with fewer events (counted before truncation)
     interleave_actions: bool = False
@@ -1447,8 +1446,8 @@ def data_report(prepared: PreparedLog, config: SessionWorkflowConfig, sequence_l
         "source": prepared.source,
         "input_format": prepared.input_format,
         "id": {"column": config.id_column, "kind": config.id_kind},
-        "columns": {"id": config.id_column, "item": config.item_column, "action": config.action_column,
-                    "timestamp": config.timestamp_column},  # None: the data has no such column
+        "columns": {"id": config.id_column, roles.ROLE_ITEM: config.item_column,
+                    roles.ROLE_ACTION: config.action_column, roles.ROLE_TIMESTAMP: config.timestamp_column},  # None: the data has no such column
         "in": {"sequences": int(prepared.sequences_in), "events": int(prepared.events_in)},
         "dropped": dropped,
         "truncated": {"sequences": int((cut > 0).sum()), "events": int(cut.sum()),

@@ -48,6 +48,36 @@ ITEM_TEXT = "item_text"  # the item's text as a language model reads it (its tex
 # semantic IDs (merlin_hstu.workflows.semantic_ids, merlin_hstu.sid): every item of item_id-list as its T tokens
 SEMANTIC_ID_LIST = "semantic_id-list"
 
+# ranking datasets (merlin_hstu.workflows.ranking_workflow writes them, merlin_hstu.ranking.data reads them)
+WATCH_TIME_LIST = "watch_time-list"
+CANDIDATE_ITEM_LIST = "candidate_item_id-list"
+CANDIDATE_ACTION_LIST = "candidate_action-list"
+CANDIDATE_WATCH_TIME_LIST = "candidate_watch_time-list"
+# the candidate pool file (<output>/candidates.parquet): one column of encoded item ids
+CANDIDATES_COLUMN = ITEM_ID
+
+# ---- raw event logs -------------------------------------------------------------------------------------
+# The default column names a raw log is read with (SessionWorkflowConfig, RankingWorkflowConfig, the retrieval
+# config's data section) and the standard event-log form the dataset loaders return (workflows/datasets.py).
+# The workflows rename the configured raw columns to the bases below before their Groupby, whose
+# `<base>-<agg>` naming gives the list names above (checked at import of the workflows).
+LOG_USER_ID = "user_id"
+LOG_SESSION_ID = "session_id"
+LOG_ITEM_ID = "item_id"
+LOG_ACTION = "action"
+LOG_TIMESTAMP = "timestamp"
+LOG_RATING = "rating"
+LOG_WATCH_TIME = "watch_time"
+ITEM_BASE, ACTION_BASE, TIME_BASE, WATCH_TIME_BASE = LOG_ITEM_ID, LOG_ACTION, LOG_TIMESTAMP, LOG_WATCH_TIME
+LIST_SUFFIX = "-list"  # Groupby "list" aggregation: <base>-list
+
+# The Merlin session Parquet layout (one row per session; T4R / Merlin examples' names)
+MERLIN_SESSION_ID = "user_session"
+MERLIN_SESSION_ITEMS = "item_id_list_seq"
+MERLIN_SESSION_EVENTS = "item_event_name_list_seq"
+MERLIN_SESSION_TIME = "timestamp_first"  # the session's start time (one value per session)
+MERLIN_SESSION_TIME_HINT = "timestamp"  # a list column whose name holds this is a per-event time candidate
+
 # ---- roles ------------------------------------------------------------------------------------------
 # ColumnSchema property naming a column's role, e.g. {"merlin_hstu_role": "action"}
 ACTION_PROPERTY = "merlin_hstu_role"
@@ -65,6 +95,7 @@ ROLE_RAW_ITEM_ID = "raw_item_id"  # item table: raw item id
 ROLE_ITEM_TEXT = "item_text"  # item table: the composed text an item language model reads
 ROLE_ITEM_TEXT_FIELD = "item_text_field"  # item table: one source text column (title, genres, ...)
 ROLE_SEMANTIC_ID = "semantic_id"  # the semantic-ID tokens of a row's items (T per item, in item order)
+ROLE_WATCH_TIME = "watch_time"  # ranking: the continuous signal list (tags: merlin_hstu.workflows.ranking_workflow)
 
 #: exact tag set each role's column carries (tags are replaced, not merged, so nothing leaks from the source)
 ROLE_TAGS: Dict[str, Tuple[Tags, ...]] = {

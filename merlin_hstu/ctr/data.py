@@ -54,6 +54,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from merlin_hstu.common import schema as roles
 from merlin_hstu.common.overrides import replace_fields
 
 PathLike = Union[str, os.PathLike]
@@ -297,7 +298,7 @@ def load_criteo_tensors(path: PathLike) -> CTRData:
 # ---------------------------------------------------------------------------------------------------------
 # ml-1m-prefix CTR
 # ---------------------------------------------------------------------------------------------------------
-ML1M_CTR_CATEGORICAL = ["user_id", "item_id", "gender", "age", "occupation", "zip_prefix", "genre_1", "genre_2",
+ML1M_CTR_CATEGORICAL = [roles.LOG_USER_ID, roles.LOG_ITEM_ID, "gender", "age", "occupation", "zip_prefix", "genre_1", "genre_2",
                         "hour", "weekday"]
 ML1M_CTR_DENSE = ["user_log_count", "item_log_count", "release_year"]
 ML1M_CTR_LABEL = "label"
@@ -306,22 +307,23 @@ VALID_FRACTION = 0.2
 
 def ml1m_ctr_frame(events: pd.DataFrame, users: pd.DataFrame, movies: pd.DataFrame) -> pd.DataFrame:
     """One row per rating with raw feature values, the label and the split ("train" / "valid")."""
-    df = events.merge(users, on="user_id", how="left", validate="many_to_one")
-    df = df.merge(movies, on="item_id", how="left", validate="many_to_one")
-    df[ML1M_CTR_LABEL] = (df["rating"] >= 4).astype(np.int64)
+    user, item, time = roles.LOG_USER_ID, roles.LOG_ITEM_ID, roles.LOG_TIMESTAMP
+    df = events.merge(users, on=user, how="left", validate="many_to_one")
+    df = df.merge(movies, on=item, how="left", validate="many_to_one")
+    df[ML1M_CTR_LABEL] = (df[roles.LOG_RATING] >= 4).astype(np.int64)
     df["zip_prefix"] = df["zip_code"].astype(str).str[:3]
     genres = df["genres"].fillna("").str.split("|")
     df["genre_1"] = genres.str[0].fillna("none")
     df["genre_2"] = genres.str[1].fillna("none")
-    when = pd.to_datetime(df["timestamp"], unit="s", utc=True)
+    when = pd.to_datetime(df[time], unit="s", utc=True)
     df["hour"], df["weekday"] = when.dt.hour, when.dt.weekday
     df["release_year"] = pd.to_numeric(df["title"].str.extract(r"\((\d{4})\)\s*$")[0], errors="coerce")
     # per-user time split: stable sort by time, the last ceil(20%) of each user's ratings are validation
     df = df.reset_index(drop=True)
-    order = np.lexsort((np.arange(len(df)), df["timestamp"].to_numpy(), df["user_id"].to_numpy()))
+    order = np.lexsort((np.arange(len(df)), df[time].to_numpy(), df[user].to_numpy()))
     df = df.iloc[order].reset_index(drop=True)
-    rank = df.groupby("user_id").cumcount().to_numpy()
-    count = df.groupby("user_id")["user_id"].transform("size").to_numpy()
+    rank = df.groupby(user).cumcount().to_numpy()
+    count = df.groupby(user)[user].transform("size").to_numpy()
     n_valid = np.maximum(1, np.ceil(count * VALID_FRACTION)).astype(np.int64)
     df["split"] = np.where(rank >= count - n_valid, "valid", "train")
     return df
@@ -362,16 +364,16 @@ class ML1MCTREncoder:
         _check_raw_columns(frame)
         vocabularies = {name: pd.unique(frame[name]).tolist() for name in ML1M_CTR_CATEGORICAL}
         counts = {}
-        for column in ("user_id", "item_id"):
+        for column in (roles.LOG_USER_ID, roles.LOG_ITEM_ID):
             c = frame[column].value_counts()
             counts[column] = {"values": c.index.tolist(), "counts": [int(v) for v in c.to_numpy()]}
-        raw = _raw_dense(frame, counts["user_id"], counts["item_id"])
+        raw = _raw_dense(frame, counts[roles.LOG_USER_ID], counts[roles.LOG_ITEM_ID])
         fill, mean, std = {}, {}, {}
         for name, values in raw.items():
             fill[name] = float(np.nanmean(values))
             values = np.where(np.isnan(values), fill[name], values)
             mean[name], std[name] = float(values.mean()), float(values.std() or 1.0)
-        return cls(vocabularies, counts["user_id"], counts["item_id"], fill, mean, std)
+        return cls(vocabularies, counts[roles.LOG_USER_ID], counts[roles.LOG_ITEM_ID], fill, mean, std)
 
     def transform(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Raw rows -> ML1M_CTR_CATEGORICAL ids (int64) and standardised ML1M_CTR_DENSE (float64), in row order."""
@@ -408,7 +410,8 @@ def _raw_dense(frame: pd.DataFrame, user_counts: dict, item_counts: dict) -> Dic
         table = pd.Series(counts["counts"], index=counts["values"], dtype=np.int64)
         return np.log1p(frame[column].map(table).fillna(0).to_numpy(dtype=np.float64))
 
-    return {"user_log_count": log_count("user_id", user_counts), "item_log_count": log_count("item_id", item_counts),
+    return {"user_log_count": log_count(roles.LOG_USER_ID, user_counts),
+            "item_log_count": log_count(roles.LOG_ITEM_ID, item_counts),
             "release_year": frame["release_year"].to_numpy(dtype=np.float64)}
 
 

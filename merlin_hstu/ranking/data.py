@@ -43,10 +43,8 @@ SPLITS = ("train", "test", "all")
 
 # The column names of a ranking dataset (written by merlin_hstu.workflows.ranking_workflow, which imports them
 # from here so that reading a dataset does not import NVTabular); the UIH lists use merlin_hstu.common.schema's names.
-WATCH_TIME_LIST = "watch_time-list"
-CANDIDATE_ITEM_LIST = "candidate_item_id-list"
-CANDIDATE_ACTION_LIST = "candidate_action-list"
-CANDIDATE_WATCH_TIME_LIST = "candidate_watch_time-list"
+WATCH_TIME_LIST, CANDIDATE_ITEM_LIST = roles.WATCH_TIME_LIST, roles.CANDIDATE_ITEM_LIST
+CANDIDATE_ACTION_LIST, CANDIDATE_WATCH_TIME_LIST = roles.CANDIDATE_ACTION_LIST, roles.CANDIDATE_WATCH_TIME_LIST
 QUERY_TIME = "query_time"
 NUM_CANDIDATES = "num_candidates"
 CONTEXT_PREFIX = "context-"  # context-<feature>

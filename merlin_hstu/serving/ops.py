@@ -29,6 +29,7 @@ from merlin.schema import ColumnSchema, Schema
 from merlin.systems.dag.ops.workflow import TransformWorkflow
 from merlin.table import TensorTable
 
+from merlin_hstu.common import schema as roles
 from merlin_hstu.serving.contract import EXCLUDE_HISTORY, OUT_ITEM_IDS, OUT_SCORES, QUERY_TIMESTAMP, TOP_K
 
 OPTIONS = (QUERY_TIMESTAMP, EXCLUDE_HISTORY, TOP_K)
@@ -154,9 +155,15 @@ class SessionWorkflowFromRequest(InlineWorkflow):
     (`load_serving_workflow`): every request row must produce an output row.
     """
 
-    def __init__(self, workflow=None, id_column: str = "user_id", list_columns: Optional[List[str]] = None,
-                 item_list: str = "item_id-list", time_list: Optional[str] = None, action_list: Optional[str] = None):
+    def __init__(self, workflow=None, id_column: Optional[str] = None, list_columns: Optional[List[str]] = None,
+                 item_list: Optional[str] = None, time_list: Optional[str] = None, action_list: Optional[str] = None):
         super().__init__(workflow)
+        # names not given come from the workflow's output schema (the contract), else merlin_hstu.common.schema's
+        out_schema = workflow.output_schema if workflow is not None else None
+        if id_column is None:
+            id_column = (roles.id_column(out_schema) if out_schema is not None else None) or roles.LOG_USER_ID
+        if item_list is None:
+            item_list = roles.item_list_column(out_schema) if out_schema is not None else roles.ITEM_LIST
         self.id_column = id_column
         self.list_columns = list(list_columns or [])
         self.item_list = item_list
@@ -244,7 +251,7 @@ class PredictHSTUTopK(TorchScriptOp):
 
     model_file = SCORER_FILE
 
-    def __init__(self, scorer=None, item_list: str = "item_id-list", time_list: Optional[str] = None,
+    def __init__(self, scorer=None, item_list: str = roles.ITEM_LIST, time_list: Optional[str] = None,
                  action_list: Optional[str] = None):
         super().__init__()
         self.model = scorer
