@@ -163,3 +163,28 @@ def test_lazy_kernel_exports_are_the_functions_whatever_was_imported_first():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "BAD []", out
+
+
+def test_user_data_epochs_come_from_early_stopping(small_log, tmp_path, capsys):
+    """A user's own log without --config or --set train.epochs: at most USER_DATA_MAX_EPOCHS, early stopping on
+    every user's second-to-last event, the best epoch's weights kept; an explicit epoch count turns it off."""
+    from merlin_hstu.cli.main import USER_DATA_MAX_EPOCHS, USER_DATA_PATIENCE
+
+    sizes = [*SMALL[2:], "--set", "train.learning_rate=0.02"]  # no train.epochs; converges within ~10 epochs
+    assert main(["demo", "--data", str(small_log), "--output", str(tmp_path / "d"), "--no-progress", "--no-serve",
+                 *sizes]) == 0
+    out = capsys.readouterr().out
+    assert "epochs from the data" in out and "early stopping:" in out
+    cfg = load_config(tmp_path / "d" / "run" / "config.yaml")
+    assert (cfg.train.epochs, cfg.train.validation_fraction, cfg.train.early_stopping_patience) == \
+        (USER_DATA_MAX_EPOCHS, 1.0, USER_DATA_PATIENCE)
+    run = json.loads((tmp_path / "d" / "run" / "run.json").read_text())
+    losses = json.loads((tmp_path / "d" / "run" / "metrics.json").read_text())["epoch_losses"]
+    assert run["stopped_early"] and len(losses) < USER_DATA_MAX_EPOCHS
+    assert len(losses) - run["best_epoch"] == USER_DATA_PATIENCE  # stopped PATIENCE epochs after the best one
+
+    data = tmp_path / "d" / "dataset"
+    assert main(["train", "--data", str(data), "--output", str(tmp_path / "fixed"), "--no-progress", *SMALL]) == 0
+    assert "epochs from the data" not in capsys.readouterr().out
+    fixed = load_config(tmp_path / "fixed" / "config.yaml")
+    assert (fixed.train.epochs, fixed.train.validation_fraction, fixed.train.early_stopping_patience) == (2, 0.0, 0)

@@ -23,6 +23,11 @@ DEFAULT_PRESET = "demo"
 #: the memory budget of the data-derived max history: the attention activations of one training step
 #: (`attention_bytes`) stay within it. 2 GiB fits a laptop or a small GPU beside the model and the data.
 MEMORY_BUDGET_BYTES = 2 * 1024**3
+#: training on a user's own data without --config: at most this many epochs, stopped early when validation NDCG@10
+#: (every user's second-to-last event, `train.validation_fraction=1.0`) has not improved for this many epochs; the
+#: weights of the best validation epoch are kept. The synthetic demo keeps its preset's epochs.
+USER_DATA_MAX_EPOCHS = 50
+USER_DATA_PATIENCE = 3
 #: fp32 values per (query, key) pair of one step: per head and layer the scores, their SiLU, the masked and scaled
 #: attention and a gradient buffer (4), plus 2 per layer shared by the heads (the relative position + time bias).
 #: Calibrated on CPU with the demo preset on ml-latest-small: peak RSS grew by 2.6 GB from N=75 to N=507, i.e.
@@ -148,6 +153,24 @@ def _history_overrides(args, history: int) -> list:
     return [f"data.max_history={history}", f"model.max_seq_len={history + max(slots, 1)}"]
 
 
+def stopping_overrides(args) -> list:
+    """Epochs for a user's own data come from the data: early stopping on a validation holdout (every user's
+    second-to-last event) instead of the demo preset's fixed epochs. Nothing changes when the user chose: an
+    explicit --config, or --set train.epochs / train.early_stopping_patience / train.validation_fraction."""
+    from merlin_hstu.common.overrides import parse_override
+
+    if getattr(args, "config", None):
+        return []
+    chosen = {".".join(keys) for keys, _ in map(parse_override, getattr(args, "overrides", []) or [])}
+    if chosen & {"train.epochs", "train.early_stopping_patience", "train.validation_fraction"}:
+        return []
+    print(f"epochs from the data: up to {USER_DATA_MAX_EPOCHS}, stopping when validation NDCG@10 (every user's "
+          f"second-to-last event held out) has not improved for {USER_DATA_PATIENCE} epochs; the best epoch's "
+          "weights are kept (set --set train.epochs=N to train a fixed number of epochs instead)")
+    return [f"train.epochs={USER_DATA_MAX_EPOCHS}", "train.validation_fraction=1.0",
+            f"train.early_stopping_patience={USER_DATA_PATIENCE}", "train.early_stopping_metric=ndcg@10"]
+
+
 def _load_cfg(args, extra: Sequence[str] = (), history: Optional[int] = None, quiet: bool = False):
     """The retrieval config: preset (--config, default demo) + column flags + `extra` + the history window (if
     given: data.max_history and model.max_seq_len) + the user's --set overrides, which come last and win."""
@@ -234,9 +257,11 @@ def _format_overrides(args, source) -> list:
     return out
 
 
-def preprocess_user_log(args, source, output: Path, overwrite: bool, input_flag: str = "--input"):
+def preprocess_user_log(args, source, output: Path, overwrite: bool, input_flag: str = "--input",
+                        training: bool = False):
     """A user's event log -> OUTPUT (preprocess), with the max history from the data unless set; prints the data
-    report. Returns (config with the chosen history, the PreparedLog, the ProcessedDataset)."""
+    report. Returns (config with the chosen history, the PreparedLog, the ProcessedDataset). `training`: the config
+    also takes its epochs from the data (`stopping_overrides`)."""
     from merlin_hstu.workflows.session_workflow import history_lengths, load_event_log, preprocess
 
     if output.exists() and not overwrite:  # before reading the whole log
@@ -248,7 +273,10 @@ def preprocess_user_log(args, source, output: Path, overwrite: bool, input_flag:
     prepared = load_event_log(source, _workflow_config(base, args, input_flag))
     histories = history_lengths(prepared.sequence_lengths(), base.data.min_length)
     history, chosen_by = choose_history(args, base, histories)
-    cfg = base if history == base.data.max_history else _load_cfg(args, extra, history=history, quiet=True)
+    if training:
+        extra = [*extra, *stopping_overrides(args)]
+    cfg = _load_cfg(args, extra, history=history, quiet=True) if training or history != base.data.max_history \
+        else base
     result = preprocess(prepared, output, _workflow_config(cfg, args, input_flag), overwrite=overwrite,
                         max_history_chosen_by=chosen_by)
     print(f"preprocessed {result.num_rows:,} sequences with NVTabular in {time.perf_counter() - t0:.1f} s -> {output}")
@@ -336,6 +364,10 @@ def train_and_report(data_dir: Path, run_dir: Path, cfg, progress: bool, checkpo
                              fingerprint=fingerprint)
     print(f"trained in {result.train_seconds:.1f} s on {result.fit.device} ({result.fit.precision}); "
           f"final epoch loss {result.epoch_losses[-1]:.4f}")
+    if cfg.train.early_stopping_patience:
+        how = "stopped early" if result.fit.stopped_early else "did not stop early"
+        print(f"early stopping: {how} after {len(result.epoch_losses)} epochs; kept the weights of epoch "
+              f"{result.fit.best_epoch}, the best by validation {cfg.train.early_stopping_metric or 'NDCG'}")
     workflow = data_dir / "workflow"
     save_run(run_dir, result, cfg, extra={"data": str(data_dir.resolve()),
                                           "workflow": str(workflow.resolve()) if workflow.is_dir() else None})
@@ -369,7 +401,7 @@ def _demo(args, out: Path, state: dict) -> int:
         print(f"[1/6] using the event log {args.data}")
         print("[2/6] NVTabular: sessionize, Categorify, truncate, tag")
         cfg, prepared, processed = preprocess_user_log(args, args.data, out / "dataset", overwrite=True,
-                                                       input_flag="--data")
+                                                       input_flag="--data", training=True)
     else:
         from merlin_hstu.data.synthetic import SyntheticConfig, generate_event_log
 

@@ -102,7 +102,7 @@ def cmd_train(args) -> int:
 
 
 def _train_retrieval(args, run_dir: Path, common: dict) -> int:
-    from merlin_hstu.cli.main import _load_cfg, train_and_report
+    from merlin_hstu.cli.main import _load_cfg, stopping_overrides, train_and_report
 
     data_dir = Path(args.data)
     if not data_dir.is_dir():
@@ -113,7 +113,7 @@ def _train_retrieval(args, run_dir: Path, common: dict) -> int:
     report = read_data_report(data_dir)
     extra = [*loop_overrides(args), *_absent_columns(report)]
     history = data_history(args, data_dir, _load_cfg(args, extra, quiet=True), report)
-    cfg = _load_cfg(args, extra, history=history)
+    cfg = _load_cfg(args, [*extra, *stopping_overrides(args)], history=history)
     if args.kernel and getattr(cfg.model, "kernel", None) is None:
         raise ValueError(f"--kernel: the encoder of config {cfg.name!r} ({type(cfg.model).__name__}) has no HSTU "
                          "attention; drop --kernel")

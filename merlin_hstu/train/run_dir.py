@@ -63,7 +63,8 @@ def run_record(fitted, model_type: str, data_dir=None, workflow_dir=None, steps:
             "device": fitted.device if fitted else "cpu", "precision": fitted.precision if fitted else "fp32",
             "steps": fitted.steps if fitted else steps,
             "resumed_from": fitted.resumed_from if fitted else None,
-            "stopped_early": fitted.stopped_early if fitted else False}
+            "stopped_early": fitted.stopped_early if fitted else False,
+            "best_epoch": fitted.best_epoch if fitted else None}
 
 
 def write_run(run_dir: str | Path, task: str, files: Dict[str, Callable[[Path], None]], record: dict) -> Path:
