@@ -26,8 +26,37 @@ import torch
 from merlin_hstu.retrieval.model import ACTION_INPUTS
 
 
+class Catalogue:
+    """The items a model ranks, from `num_items`, `first_item_id` and `candidates` (SequenceTable, StreamingTable)."""
+
+    num_items: int
+    first_item_id: int
+    candidates: Optional[np.ndarray]
+
+    @property
+    def candidate_ids(self) -> torch.Tensor:
+        """The catalogue: every id a model ranks and samples negatives from."""
+        if self.candidates is not None:
+            return torch.from_numpy(self.candidates.copy())
+        return torch.arange(self.first_item_id, self.num_items, dtype=torch.long)
+
+    @property
+    def non_candidate_ids(self) -> tuple:
+        """Embedding rows that are never ranked: padding, null / OOV rows, ids outside the catalogue."""
+        keep = np.zeros(self.num_items, dtype=bool)
+        keep[self.candidate_ids.numpy()] = True
+        return tuple(np.flatnonzero(~keep).tolist())
+
+
+def _check_candidates(candidates, num_items: int) -> np.ndarray:
+    c = np.unique(np.asarray(candidates, dtype=np.int64))
+    if len(c) == 0 or c[0] < 1 or c[-1] >= num_items:
+        raise ValueError(f"candidate ids must be non-empty and lie in [1, num_items={num_items})")
+    return c
+
+
 @dataclass
-class SequenceTable:
+class SequenceTable(Catalogue):
     """Chronological encoded item sequences, one per user/session."""
 
     items: list  # list[np.ndarray[int64]]
@@ -57,24 +86,11 @@ class SequenceTable:
             elif top >= self.num_actions:
                 raise ValueError(f"action id {top} is >= num_actions={self.num_actions}")
         if self.candidates is not None:
-            c = np.unique(np.asarray(self.candidates, dtype=np.int64))
-            if len(c) == 0 or c[0] < 1 or c[-1] >= self.num_items:
-                raise ValueError(f"candidate ids must be non-empty and lie in [1, num_items={self.num_items})")
-            self.candidates = c
+            self.candidates = _check_candidates(self.candidates, self.num_items)
 
     @property
-    def candidate_ids(self) -> torch.Tensor:
-        """The catalogue: every id a model ranks and samples negatives from."""
-        if self.candidates is not None:
-            return torch.from_numpy(self.candidates.copy())
-        return torch.arange(self.first_item_id, self.num_items, dtype=torch.long)
-
-    @property
-    def non_candidate_ids(self) -> tuple:
-        """Embedding rows that are never ranked: padding, null / OOV rows, ids outside the catalogue."""
-        keep = np.zeros(self.num_items, dtype=bool)
-        keep[self.candidate_ids.numpy()] = True
-        return tuple(np.flatnonzero(~keep).tolist())
+    def has_actions(self) -> bool:
+        return self.actions is not None
 
     @classmethod
     def from_frame(cls, df: pd.DataFrame, item_column: str, timestamp_column: Optional[str], key_column: str,
@@ -96,13 +112,28 @@ class SequenceTable:
                    num_actions=num_actions)
 
 
-def load_processed(path: str | Path, actions: str = "none") -> SequenceTable:
-    """Read the output of `merlin_hstu.workflows.session_workflow.preprocess` (parquet + schema.pbtxt).
+@dataclass
+class ProcessedLayout:
+    """What a processed dataset's schema says about its columns (shared by `load_processed` and streaming)."""
 
-    `actions` (the config's `inputs.actions`): "none" reads no actions; "concat" reads the `action-list` column;
-    "interleave" reads the `interleaved-list` column ([i_1, a_1 + K, i_2, a_2 + K, ...], K its
-    `action_token_offset`), checks its item tokens against `item_id-list` and keeps a_j = token - K.  Either way the
-    table's `actions` are the encoded action ids per event; a dataset without the column is an error naming it."""
+    path: Path  # the folder holding the part files and schema.pbtxt
+    item_column: str
+    timestamp_column: Optional[str]
+    key_column: str
+    action_column: Optional[str]  # the column `actions` reads (None: "none")
+    actions: str  # "none" | "concat" | "interleave"
+    num_items: Optional[int]
+    num_actions: int
+    action_token_offset: int  # interleave only (else 0)
+    candidates: Optional[np.ndarray]  # DATA/candidates.parquet, when present
+
+    @property
+    def read_columns(self) -> list:
+        return [c for c in (self.key_column, self.item_column, self.timestamp_column, self.action_column) if c]
+
+
+def processed_layout(path: str | Path, actions: str = "none"):
+    """-> (ProcessedLayout, merlin Dataset) of the output of `merlin-hstu preprocess` (no column data read)."""
     from merlin.io import Dataset
 
     from merlin_hstu.common import schema as roles
@@ -122,20 +153,39 @@ def load_processed(path: str | Path, actions: str = "none") -> SequenceTable:
     domain = schema[item_col].int_domain
     num_items = int(domain.max) + 1 if domain is not None and domain.max else None
     action_col = _action_source(schema, path, actions)
-    df = dataset.to_ddf().compute()
+    offset = roles.action_token_offset(schema) if actions == "interleave" else 0
     num_actions = 0
-    if actions == "interleave":
-        decoded = _read_interleaved(df, item_col, action_col, roles.action_token_offset(schema))
-        action_col = f"{action_col}:actions"
-        df = df.assign(**{action_col: decoded})
     if actions != "none" and roles.ACTION_LIST in schema.column_names:
         action_domain = schema[roles.ACTION_LIST].int_domain
         num_actions = int(action_domain.max) + 1 if action_domain is not None and action_domain.max else 0
-    table = SequenceTable.from_frame(df, item_col, ts_col, key_col, num_items=num_items, action_column=action_col,
-                                     num_actions=num_actions)
     candidates_file = path.parent / "candidates.parquet"
-    if candidates_file.is_file():
-        table.candidates = pd.read_parquet(candidates_file)["item_id"].to_numpy()
+    candidates = pd.read_parquet(candidates_file)["item_id"].to_numpy() if candidates_file.is_file() else None
+    layout = ProcessedLayout(path, item_col, ts_col, key_col, action_col, actions, num_items, num_actions, offset,
+                             candidates)
+    return layout, dataset
+
+
+def load_processed(path: str | Path, actions: str = "none") -> SequenceTable:
+    """Read the output of `merlin_hstu.workflows.session_workflow.preprocess` (parquet + schema.pbtxt).
+
+    `actions` (the config's `inputs.actions`): "none" reads no actions; "concat" reads the `action-list` column;
+    "interleave" reads the `interleaved-list` column ([i_1, a_1 + K, i_2, a_2 + K, ...], K its
+    `action_token_offset`), checks its item tokens against `item_id-list` and keeps a_j = token - K.  Either way the
+    table's `actions` are the encoded action ids per event; a dataset without the column is an error naming it.
+
+    The whole dataset is read into memory; `StreamingLeaveOneOut` (train.streaming) reads it by row groups."""
+    layout, dataset = processed_layout(path, actions)
+    df = dataset.to_ddf().compute()
+    action_col = layout.action_column
+    if actions == "interleave":
+        decoded = _read_interleaved(df, layout.item_column, action_col, layout.action_token_offset)
+        action_col = f"{action_col}:actions"
+        df = df.assign(**{action_col: decoded})
+    table = SequenceTable.from_frame(df, layout.item_column, layout.timestamp_column, layout.key_column,
+                                     num_items=layout.num_items, action_column=action_col,
+                                     num_actions=layout.num_actions)
+    if layout.candidates is not None:
+        table.candidates = layout.candidates
         table.__post_init__()
     return table
 
@@ -164,10 +214,11 @@ def _action_source(schema, path: Path, actions: str) -> Optional[str]:
     return column
 
 
-def _read_interleaved(df: pd.DataFrame, item_column: str, column: str, offset: int) -> list:
-    """Per row: the action ids of the interleaved tokens [i_1, a_1 + K, ...], checked against the item list."""
+def _read_interleaved(df: pd.DataFrame, item_column: str, column: str, offset: int, first_row: int = 0) -> list:
+    """Per row: the action ids of the interleaved tokens [i_1, a_1 + K, ...], checked against the item list
+    (`first_row`: the index of df's first row in the dataset, for the error messages)."""
     out = []
-    for row, (items, tokens) in enumerate(zip(df[item_column], df[column])):
+    for row, (items, tokens) in enumerate(zip(df[item_column], df[column]), start=first_row):
         items, tokens = np.asarray(items, dtype=np.int64), np.asarray(tokens, dtype=np.int64)
         if len(tokens) != 2 * len(items) or not np.array_equal(tokens[0::2], items):
             raise ValueError(f"row {row}: column {column!r} is not the interleaving of {item_column!r} "
@@ -191,6 +242,32 @@ class _Padded:
     timestamps: Optional[np.ndarray]
     rows: np.ndarray  # index into the SequenceTable
     actions: Optional[np.ndarray] = None  # aligned with ids; 0 at positions >= len (the target's action is unseen)
+
+
+def _pad(items: list, timestamps: Optional[list], actions: Optional[list], holdout: int, max_history: int,
+         first_row: int = 0, keep: Optional[np.ndarray] = None) -> _Padded:
+    """Samples of the sequences `items` (timestamps, actions aligned): target = s_{T-holdout+1}, history = the window
+    ending before it; sequences without >= 1 history item give none (nor rows with keep[r] False). rows are
+    first_row + the sequence's index."""
+    rows = [r for r, seq in enumerate(items) if len(seq) - holdout >= 1 and (keep is None or keep[r])]
+    width = max_history + 1
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    lengths = np.zeros(len(rows), dtype=np.int64)
+    has_ts = timestamps is not None
+    ts = np.zeros((len(rows), width), dtype=np.int64) if has_ts else None
+    acts = np.zeros((len(rows), width), dtype=np.int64) if actions is not None else None
+    for out, r in enumerate(rows):
+        seq = items[r]
+        t_index = len(seq) - holdout
+        hist = _window(seq, t_index, max_history)
+        n = len(hist)
+        ids[out, :n], ids[out, n], lengths[out] = hist, seq[t_index], n
+        if has_ts:
+            times = timestamps[r]
+            ts[out, :n], ts[out, n] = _window(times, t_index, max_history), times[t_index]
+        if acts is not None:
+            acts[out, :n] = _window(actions[r], t_index, max_history)
+    return _Padded(ids, lengths, ts, np.asarray(rows, dtype=np.int64) + first_row, acts)
 
 
 class LeaveOneOut:
@@ -234,26 +311,7 @@ class LeaveOneOut:
         self.validation, self.train = take(chosen), take(~chosen)
 
     def _build(self, holdout: int) -> _Padded:
-        # target = s_{T-holdout+1}; history = window ending before it.  Needs >= 1 history item.
-        rows = [r for r, seq in enumerate(self.table.items) if len(seq) - holdout >= 1]
-        width = self.max_history + 1
-        ids = np.zeros((len(rows), width), dtype=np.int64)
-        lengths = np.zeros(len(rows), dtype=np.int64)
-        has_ts = self.table.timestamps is not None
-        ts = np.zeros((len(rows), width), dtype=np.int64) if has_ts else None
-        acts = np.zeros((len(rows), width), dtype=np.int64) if self.table.actions is not None else None
-        for out, r in enumerate(rows):
-            seq = self.table.items[r]
-            t_index = len(seq) - holdout
-            hist = _window(seq, t_index, self.max_history)
-            n = len(hist)
-            ids[out, :n], ids[out, n], lengths[out] = hist, seq[t_index], n
-            if has_ts:
-                times = self.table.timestamps[r]
-                ts[out, :n], ts[out, n] = _window(times, t_index, self.max_history), times[t_index]
-            if acts is not None:
-                acts[out, :n] = _window(self.table.actions[r], t_index, self.max_history)
-        return _Padded(ids, lengths, ts, np.asarray(rows, dtype=np.int64), acts)
+        return _pad(self.table.items, self.table.timestamps, self.table.actions, holdout, self.max_history)
 
     @staticmethod
     def batches(split: _Padded, batch_size: int, shuffle: bool = False,
@@ -279,6 +337,286 @@ class LeaveOneOut:
 
     def num_batches(self, split: _Padded, batch_size: int) -> int:
         return -(-len(split.lengths) // batch_size)
+
+
+# --- streaming (train.streaming) --------------------------------------------------------------------------------
+@dataclass
+class StreamingTable(Catalogue):
+    """A processed dataset read by row groups (`merlin_hstu.data.stream`): the catalogue, no sequences in memory."""
+
+    layout: ProcessedLayout
+    groups: list  # this process's row groups (merlin_hstu.data.stream.RowGroup)
+    num_rows: int  # the dataset's rows (sequences), all processes together
+    num_items: int
+    first_item_id: int = 3
+    candidates: Optional[np.ndarray] = None
+    num_actions: int = 0
+    rank: int = 0  # this process's rank and the process count (groups = the dataset's row groups rank::world_size)
+    world_size: int = 1
+
+    @property
+    def has_actions(self) -> bool:
+        return self.layout.actions != "none"
+
+    def chunks(self, groups=None) -> Iterator[tuple]:
+        """(row group, items, timestamps, actions, keys) per row group: lists of int64 arrays (None when absent)."""
+        from merlin_hstu.data.stream import read_groups
+
+        layout = self.layout
+        for group, frame in read_groups(self.groups if groups is None else groups, layout.read_columns):
+            items = _list_column(frame, layout.item_column)
+            _check_items(items, layout.item_column, self.num_items, group)
+            times = _list_column(frame, layout.timestamp_column) if layout.timestamp_column else None
+            actions = None
+            if layout.actions == "concat":
+                actions = _list_column(frame, layout.action_column)
+            elif layout.actions == "interleave":
+                df = pd.DataFrame({layout.item_column: items, layout.action_column: _list_column(frame,
+                                                                                                   layout.action_column)})
+                actions = _read_interleaved(df, layout.item_column, layout.action_column,
+                                            layout.action_token_offset, first_row=group.first_row)
+            if actions is not None:
+                _check_actions(items, actions, self.num_actions, group)
+            yield group, items, times, actions, frame.column(layout.key_column).to_numpy()
+
+
+def _list_column(frame, name: str) -> list:
+    """A list column of a pyarrow table as int64 numpy arrays, one per row (nulls are an error naming the column)."""
+    import pyarrow as pa
+
+    column = frame.column(name).combine_chunks() if frame.num_rows else pa.array([], type=frame.schema.field(name).type)
+    if column.null_count:
+        raise ValueError(f"column {name!r} has {column.null_count} null list(s); re-run preprocess")
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)[offsets[0]:offsets[-1]]
+    return np.split(values, offsets[1:-1] - offsets[0]) if len(offsets) > 1 else []
+
+
+def _check_items(items: list, column: str, num_items: int, group) -> None:
+    top = max((int(a.max()) for a in items if len(a)), default=0)
+    if top >= num_items:
+        raise ValueError(f"item id {top} in column {column!r} ({group.path.name}, row group {group.index}) is >= "
+                         f"num_items={num_items} of the schema; re-run preprocess")
+
+
+def _check_actions(items: list, actions: list, num_actions: int, group) -> None:
+    where = f"{group.path.name}, row group {group.index}"
+    if any(len(a) != len(b) for a, b in zip(items, actions)):
+        raise ValueError(f"item and action lists differ in length for at least one row ({where})")
+    low = min((int(a.min()) for a in actions if len(a)), default=1)
+    top = max((int(a.max()) for a in actions if len(a)), default=0)
+    if low < 1:
+        raise ValueError(f"action id {low} in the action lists ({where}): encoded action ids of events must be >= 1 "
+                         "(0 is padding)")
+    if num_actions and top >= num_actions:
+        raise ValueError(f"action id {top} ({where}) is >= num_actions={num_actions}")
+
+
+def open_streaming(path: str | Path, actions: str = "none", rank: int = 0, world_size: int = 1) -> StreamingTable:
+    """The processed dataset at `path` for streaming: schema, catalogue and this process's row groups (rank r of N
+    reads groups r::N, merlin_hstu.data.stream.shard); reads no sequence."""
+    from merlin_hstu.data.stream import parquet_files, row_groups, shard
+
+    layout, _ = processed_layout(path, actions)
+    groups = row_groups(parquet_files(layout.path))
+    num_rows = sum(g.num_rows for g in groups)
+    if num_rows == 0:
+        raise ValueError(f"{layout.path} holds no rows; check the input data and the min_length filter")
+    if layout.num_items is None:
+        raise ValueError(f"train.streaming needs the item column's size in {layout.path}/schema.pbtxt (int_domain max "
+                         f"of {layout.item_column!r}; preprocess writes it) to size the model before reading the data")
+    if layout.actions != "none" and not layout.num_actions:
+        raise ValueError(f"train.streaming with inputs.actions={layout.actions} needs the action column's size in "
+                         f"{layout.path}/schema.pbtxt (int_domain max); re-run preprocess")
+    candidates = None if layout.candidates is None else _check_candidates(layout.candidates, layout.num_items)
+    return StreamingTable(layout, shard(groups, rank, world_size), num_rows, layout.num_items, candidates=candidates,
+                          num_actions=layout.num_actions, rank=rank, world_size=world_size)
+
+
+def _key_fraction(keys: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded uniform number in [0, 1) per key (splitmix64 of integer keys, blake2b of other keys): which users
+    a streaming validation split holds, decided row by row without seeing the others."""
+    keys = np.asarray(keys)
+    if np.issubdtype(keys.dtype, np.integer):
+        with np.errstate(over="ignore"):
+            z = keys.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z = z ^ (z >> np.uint64(31))
+        return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "little")
+                     / 2.0 ** 64 for k in keys])
+
+
+@dataclass(frozen=True)
+class StreamSplit:
+    """A split of a StreamingLeaveOneOut: which samples of each row the stream makes, and how many there are."""
+
+    holdout: int  # the target is s_{T-holdout+1}
+    count: int  # samples in this process's row groups
+    part: str = "all"  # all | kept (key fraction >= validation fraction) | held (< fraction)
+
+
+class StreamingLeaveOneOut:
+    """The leave-one-out splits of `LeaveOneOut`, made row group by row group as they are read (train.streaming).
+
+    Same protocol per row (train: target s_{T-1}; eval: s_T; validation fraction 1.0: s_{T-1} with training one
+    item earlier). A validation fraction < 1 holds out the users whose seeded key hash (`_key_fraction`) is below
+    it (the in-memory path draws a permutation instead, so the held-out users differ). Training batches come
+    through a shuffle buffer of `shuffle_buffer` samples (row groups in a seeded random order when the epoch does
+    not fit in it); evaluation batches come in file order. With shuffle_buffer >= the train samples, every batch
+    equals the in-memory path's (same generator, same order), so the whole training is the same."""
+
+    streaming = True
+
+    def __init__(self, table: StreamingTable, max_history: int = 200, shuffle_buffer: int = 10000):
+        if max_history < 1:
+            raise ValueError(f"max_history must be >= 1, got {max_history}")
+        if shuffle_buffer < 1:
+            raise ValueError(f"train.shuffle_buffer must be >= 1 sample, got {shuffle_buffer}")
+        self.table, self.max_history, self.shuffle_buffer = table, max_history, shuffle_buffer
+        self.rank, self.world_size = table.rank, table.world_size
+        self._fraction, self._seed = 0.0, 0
+        counts = self._count({(2, "all"), (1, "all")})
+        self.train, self.eval = StreamSplit(2, counts[2, "all"]), StreamSplit(1, counts[1, "all"])
+        self.validation: Optional[StreamSplit] = None
+        self._rank_steps: dict = {}
+
+    def _count(self, wanted: set) -> dict:
+        """Samples per (holdout, part) in this process's row groups: one pass over the item (and key) columns."""
+        counts = {w: 0 for w in wanted}
+        columns = [self.table.layout.item_column] + ([self.table.layout.key_column] if self._fraction else [])
+        from merlin_hstu.data.stream import read_groups
+
+        for group, frame in read_groups(self.table.groups, columns):
+            lengths = np.diff(frame.column(columns[0]).combine_chunks().offsets.to_numpy()) if frame.num_rows \
+                else np.zeros(0, dtype=np.int64)
+            held = self._held(frame.column(self.table.layout.key_column).to_numpy()) if self._fraction else None
+            for holdout, part in wanted:
+                ok = lengths - holdout >= 1
+                if part != "all":
+                    ok &= held if part == "held" else ~held
+                counts[holdout, part] += int(ok.sum())
+        return counts
+
+    def _held(self, keys: np.ndarray) -> np.ndarray:
+        return _key_fraction(keys, self._seed) < self._fraction
+
+    def hold_out_validation(self, fraction: float, seed: int) -> None:
+        """`LeaveOneOut.hold_out_validation` for a stream (fraction 1.0 the same; < 1: by seeded key hash)."""
+        if fraction == 1.0:
+            self.validation = self.train
+            self.train = StreamSplit(3, self._count({(3, "all")})[3, "all"])
+            return
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"validation fraction must be in (0, 1], got {fraction!r}")
+        self._fraction, self._seed = float(fraction), int(seed)
+        counts = self._count({(2, "kept"), (2, "held")})
+        if counts[2, "held"] < 1 or counts[2, "kept"] < 1:
+            raise ValueError(f"train.validation_fraction={fraction} of {self.train.count} train samples leaves an empty "
+                             "split; use more data or another fraction")
+        self.train, self.validation = StreamSplit(2, counts[2, "kept"], "kept"), StreamSplit(2, counts[2, "held"], "held")
+
+    # --- samples --------------------------------------------------------------------------------------------
+    def samples(self, split: StreamSplit, groups=None) -> Iterator[_Padded]:
+        """The split's samples, one _Padded per row group (rows = the dataset's row index)."""
+        for group, items, times, actions, keys in self.table.chunks(groups):
+            keep = None
+            if split.part != "all":
+                held = self._held(keys)
+                keep = held if split.part == "held" else ~held
+            yield _pad(items, times, actions, split.holdout, self.max_history, group.first_row, keep)
+
+    def batches(self, split: StreamSplit, batch_size: int, shuffle: bool = False,
+                generator: Optional[torch.Generator] = None) -> Iterator[dict]:
+        """Batches (the dicts of `LeaveOneOut.batches`): in file order, or through the shuffle buffer."""
+        from merlin_hstu.data.stream import ShuffleBuffer, in_order
+
+        chunks = (_samples_of(p) for p in self.samples(split, self._epoch_groups(split, generator) if shuffle else None))
+        if shuffle:
+            if generator is None:
+                raise ValueError("a shuffled stream needs its generator")
+            out = ShuffleBuffer(self.shuffle_buffer, batch_size, generator).batches(chunks)
+        else:
+            out = in_order(chunks, batch_size)
+        for samples in out:
+            yield next(LeaveOneOut.batches(_padded_of(samples), batch_size))
+
+    def _epoch_groups(self, split: StreamSplit, generator: Optional[torch.Generator]):
+        """Row groups in file order when the epoch fits in the buffer (then the shuffle is the in-memory one), else
+        in a seeded random order (the buffer alone would mix only neighbouring row groups)."""
+        groups = self.table.groups
+        if split.count <= self.shuffle_buffer or generator is None:
+            return groups
+        return [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
+
+    def num_batches(self, split: StreamSplit, batch_size: int) -> int:
+        return -(-split.count // batch_size)
+
+    # --- several processes ----------------------------------------------------------------------------------
+    def rank_steps(self, split: StreamSplit, batch_size: int) -> int:
+        """Steps of an epoch on every rank: the most any rank needs for its own samples in batches of its share of
+        the global batch (a rank with fewer samples starts its stream again, as torch's DistributedSampler pads)."""
+        from merlin_hstu.distributed.context import current
+
+        key = (split, batch_size)
+        if key not in self._rank_steps:
+            ctx = current()
+            counts = ctx.all_gather_object(split.count) if ctx is not None and self.world_size > 1 else [split.count]
+            if min(counts) < 1:
+                raise ValueError(f"rank {counts.index(min(counts))} has no {('train', 'eval')[split.holdout == 1]} "
+                                 f"samples in its row groups; rewrite the Parquet with smaller row groups or use "
+                                 "fewer processes")
+            self._rank_steps[key] = max(-(-c // _share(batch_size, r, len(counts))) for r, c in enumerate(counts))
+        return self._rank_steps[key]
+
+    def rank_batches(self, split: StreamSplit, batch_size: int, generator: torch.Generator) -> Iterator[dict]:
+        """This rank's batches of an epoch: its share of `batch_size` from its own row groups, shuffled, exactly
+        `rank_steps` of them (the stream restarted, with the same generator going on, when it ends early)."""
+        share, steps = _share(batch_size, self.rank, self.world_size), self.rank_steps(split, batch_size)
+        done = 0
+        while done < steps:
+            for batch in self.batches(split, share, shuffle=True, generator=generator):
+                yield batch
+                done += 1
+                if done == steps:
+                    return
+
+
+def _share(batch_size: int, rank: int, world_size: int) -> int:
+    from merlin_hstu.distributed.context import rank_slice
+
+    part = rank_slice(batch_size, rank, world_size)
+    if part.stop - part.start < 1:
+        raise ValueError(f"train.batch_size={batch_size} leaves rank {rank} of {world_size} no samples; use a larger "
+                         "batch size")
+    return part.stop - part.start
+
+
+def _samples_of(padded: _Padded) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(padded, f.name) for f in dataclasses.fields(padded) if getattr(padded, f.name) is not None}
+
+
+def _padded_of(samples: dict) -> _Padded:
+    return _Padded(samples["ids"], samples["lengths"], samples.get("timestamps"), samples["rows"],
+                   samples.get("actions"))
+
+
+def popularity_counts(split, samples, num_items: int) -> torch.Tensor:
+    """Item counts over everything a popularity baseline may see in training (history plus train target) of the
+    `samples` of `split` (a LeaveOneOut or a StreamingLeaveOneOut), summed batch by batch."""
+    from merlin_hstu.retrieval.baselines import MostPopular
+
+    counts = torch.zeros(num_items, dtype=torch.float32)
+    for batch in split.batches(samples, 4096):
+        ids, lengths = batch["ids"], batch["lengths"]
+        seen = torch.arange(ids.shape[1]).unsqueeze(0) <= lengths.unsqueeze(1)
+        counts += MostPopular().fit(ids * seen, num_items).counts
+    return counts
 
 
 def history_window(batch: dict) -> torch.Tensor:

@@ -6,6 +6,7 @@ final metrics of the model and of the most-popular baseline, run.json), written 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -16,7 +17,8 @@ from tqdm.auto import tqdm
 from merlin_hstu.common.embeddings import torchrec_tables
 from merlin_hstu.retrieval.baselines import MostPopular
 from merlin_hstu.retrieval.config import ExperimentConfig, dump_config, encoder_type, load_config
-from merlin_hstu.retrieval.data import LeaveOneOut, SequenceTable, history_window, train_sequences
+from merlin_hstu.retrieval.data import (LeaveOneOut, SequenceTable, StreamingLeaveOneOut, StreamingTable, history_window,
+                                        load_processed, open_streaming, popularity_counts, train_sequences)
 from merlin_hstu.retrieval.metrics import RetrievalMetricAccumulator, target_ranks
 from merlin_hstu.retrieval.losses import retrieval_loss, softmax_loss_over_sample
 from merlin_hstu.retrieval.model import HSTURetrievalModel, RetrievalModelConfig, next_item_training_loss, supervision
@@ -52,7 +54,7 @@ def build_model(table: SequenceTable, cfg: ExperimentConfig) -> HSTURetrievalMod
 
 def check_table_inputs(table: SequenceTable, cfg: ExperimentConfig) -> None:
     """A config that reads actions needs a table with actions (`load_processed(path, actions=cfg.inputs.actions)`)."""
-    if cfg.inputs.uses_actions and table.actions is None:
+    if cfg.inputs.uses_actions and not table.has_actions:
         raise ValueError(f"inputs.actions={cfg.inputs.actions!r} reads event types, but the sequence table has no "
                          "actions: load the data with load_processed(path, actions=cfg.inputs.actions) (the CLI does) "
                          "from a dataset preprocessed with its action column, or set inputs.actions=none")
@@ -77,19 +79,44 @@ def evaluate_model(model: HSTURetrievalModel, split: LeaveOneOut, cfg: Experimen
         batch = move_to(batch, device)
         query = model.last_user_vector(batch["ids"], batch["lengths"], batch.get("timestamps"), batch.get("actions"))
         acc.update(topk.target_ranks(query, batch["targets"], history_window(batch), rank_cap=cfg.train.rank_cap))
-    return acc.compute()
+    return _across_ranks(split, acc)
+
+
+def _across_ranks(split, acc: RetrievalMetricAccumulator) -> dict:
+    """The metrics of every process's samples: a streaming split under --nproc evaluates each rank's own row
+    groups, so the ranks' means are combined, weighted by their user counts."""
+    from merlin_hstu.distributed.context import current
+
+    ctx = current()
+    if not getattr(split, "streaming", False) or split.world_size == 1 or ctx is None:
+        return acc.compute()
+    metrics = acc.compute() if acc.count else {}
+    names = next((sorted(m) for m in ctx.all_gather_object(metrics) if m), None)
+    if names is None:
+        raise ValueError("no process has evaluation samples in its row groups")
+    totals = ctx.all_reduce_sum([acc.count] + [metrics.get(k, 0.0) * acc.count for k in names])
+    return {k: totals[1 + i] / totals[0] for i, k in enumerate(names)}
 
 
 def evaluate_most_popular(split: LeaveOneOut, cfg: ExperimentConfig) -> dict:
     """The same protocol with every user scored by training-set popularity."""
-    baseline = MostPopular().fit(train_sequences(split.train), num_items=split.table.num_items)
+    if getattr(split, "streaming", False):  # counted batch by batch (and summed over the ranks' row groups)
+        from merlin_hstu.distributed.context import current
+
+        baseline = MostPopular()
+        counts = popularity_counts(split, split.train, split.table.num_items)
+        if split.world_size > 1 and current() is not None:
+            counts = torch.tensor(current().all_reduce_sum(counts.tolist()), dtype=torch.float32)
+        baseline.counts = counts
+    else:
+        baseline = MostPopular().fit(train_sequences(split.train), num_items=split.table.num_items)
     acc = RetrievalMetricAccumulator(ks=cfg.train.ks)
     invalid = split.table.non_candidate_ids
     for batch in split.batches(split.eval, cfg.train.eval_batch_size):
         scores = baseline.scores(batch["ids"].shape[0])
         acc.update(target_ranks(scores, batch["targets"], history_window(batch),
                                 invalid_ids=invalid, rank_cap=cfg.train.rank_cap))
-    return acc.compute()
+    return _across_ranks(split, acc)
 
 
 class RetrievalTrainingTask:
@@ -98,15 +125,21 @@ class RetrievalTrainingTask:
 
     name = "retrieval"
     sample_weighted_loss = False
+    streams = True  # train.streaming: a StreamingLeaveOneOut split
 
     def __init__(self, split: LeaveOneOut, cfg: ExperimentConfig, device: torch.device):
         self.split, self.cfg = split, cfg
+        self.streaming = getattr(split, "streaming", False)
         self.loss_config = cfg.train.loss_config()
         self.shuffle = EpochShuffle(cfg.train.seed)
-        self.negatives = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
+        # streaming ranks train on their own samples, so each draws its own negatives (rank 0: the 1-process stream)
+        rank = split.rank if self.streaming else 0
+        self.negatives = torch.Generator(device=device).manual_seed(cfg.train.seed + 1 + rank)
         self.pool = split.table.candidate_ids.to(device)
 
     def steps_per_epoch(self) -> int:
+        if self.streaming and self.split.world_size > 1:
+            return self.split.rank_steps(self.split.train, self.cfg.train.batch_size)
         return self.split.num_batches(self.split.train, self.cfg.train.batch_size)
 
     def epoch_batches(self, epoch: int):
@@ -128,6 +161,12 @@ class RetrievalTrainingTask:
         this slice's start among them ("positive_offset"): negatives are drawn for the global batch, then sliced."""
         from merlin_hstu.distributed.context import rank_slice
 
+        if self.streaming:  # each rank its own row groups: local batches, local negatives (see rank_steps)
+            if (rank, world_size) != (self.split.rank, self.split.world_size):
+                raise ValueError(f"the streaming split was opened for rank {self.split.rank} of "
+                                 f"{self.split.world_size}, not {rank} of {world_size}")
+            yield from self.split.rank_batches(self.split.train, self.cfg.train.batch_size, self.shuffle.begin_epoch())
+            return
         if self.loss_config.loss == "bce" or self.loss_config.mi_loss_weight:
             raise ValueError("multi-process retrieval training supports loss=sampled_softmax | full_softmax without "
                              "train.mi_loss_weight (bce masks accidental hits per rank, the MoL gate loss is not a "
@@ -221,6 +260,17 @@ def make_retrieval_optimizer(cfg: ExperimentConfig):
     return make
 
 
+def training_table(data_dir, cfg: ExperimentConfig):
+    """The data `train_retrieval` reads: the processed dataset in memory (SequenceTable), or with
+    train.streaming its row groups (StreamingTable; under torchrun only this rank's, r::N)."""
+    if not cfg.train.streaming:
+        return load_processed(data_dir, actions=cfg.inputs.actions)
+    from merlin_hstu.distributed.context import launched
+
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if launched() else (0, 1)
+    return open_streaming(data_dir, actions=cfg.inputs.actions, rank=rank, world_size=world)
+
+
 def train_retrieval(table: SequenceTable, cfg: ExperimentConfig, progress: bool = True,
                     log_epoch: Optional[Callable[[int, float, dict], None]] = None,
                     model_name: str = "HSTU", checkpoint_dir: Optional[Path] = None, resume: bool = False,
@@ -234,10 +284,16 @@ def train_retrieval(table: SequenceTable, cfg: ExperimentConfig, progress: bool 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    split = LeaveOneOut(table, max_history=cfg.data.max_history)
+    if cfg.train.streaming != isinstance(table, StreamingTable):
+        raise ValueError(f"train.streaming={str(cfg.train.streaming).lower()} but the data is a "
+                         f"{type(table).__name__}; open it with merlin_hstu.retrieval.train.training_table(path, cfg)")
+    if cfg.train.streaming:
+        split = StreamingLeaveOneOut(table, max_history=cfg.data.max_history, shuffle_buffer=cfg.train.shuffle_buffer)
+    else:
+        split = LeaveOneOut(table, max_history=cfg.data.max_history)
     if cfg.train.validation_fraction:
         split.hold_out_validation(cfg.train.validation_fraction, seed=cfg.train.seed)
-    if len(split.train.lengths) == 0:
+    if split.num_batches(split.train, 1) == 0:
         raise ValueError("no user has the >= 3 events a leave-one-out train sample needs")
     model = build_model(table, cfg)
     device = resolve_device(cfg.train.device)

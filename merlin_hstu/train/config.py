@@ -36,6 +36,11 @@ class LoopConfig:
     sharding: str = "auto"  # auto (torchrec's planner decides) | table_wise | row_wise | column_wise
     sparse_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd | adam (CUDA only)
     sparse_learning_rate: float = 0.0  # the tables' learning rate (0: the task's learning_rate)
+    # Streaming data (retrieval; merlin_hstu.data.stream): read the processed Parquet row group by row group instead
+    # of loading it whole; memory is bounded by the shuffle buffer, a row group and a batch. Under --nproc N each
+    # process reads only its own row groups (r::N). See docs/scaling.md, "Streaming data".
+    streaming: bool = False
+    shuffle_buffer: int = 10000  # training samples held for shuffling (>= an epoch's samples: the in-memory order)
 
     def __post_init__(self) -> None:
         from merlin_hstu.distributed.sharding import check_settings
@@ -56,6 +61,10 @@ class LoopConfig:
         if isinstance(self.keep_checkpoints, bool) or not isinstance(self.keep_checkpoints, int) \
                 or self.keep_checkpoints < 1:
             raise ValueError(f"train.keep_checkpoints must be an int >= 1, got {self.keep_checkpoints!r}")
+        if not isinstance(self.streaming, bool):
+            raise ValueError(f"train.streaming must be true or false, got {self.streaming!r}")
+        if isinstance(self.shuffle_buffer, bool) or not isinstance(self.shuffle_buffer, int) or self.shuffle_buffer < 1:
+            raise ValueError(f"train.shuffle_buffer must be an int >= 1 (samples), got {self.shuffle_buffer!r}")
         if not self.grad_clip >= 0:
             raise ValueError(f"train.grad_clip must be >= 0 (0: off), got {self.grad_clip!r}")
         if not 0.0 <= self.validation_fraction <= 1.0:

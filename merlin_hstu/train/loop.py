@@ -449,6 +449,9 @@ def fit(task: TrainingTask, model: torch.nn.Module,
     evaluation (for tests and smoke runs of resuming; 0: off). Without a progress bar, a line with the step, loss
     and samples/s is printed at least every `log_interval` seconds, so a long quiet run still says it is alive."""
     log_epoch = log_epoch or (lambda epoch, loss, metrics: None)
+    if getattr(config, "streaming", False) and not getattr(task, "streams", False):
+        raise ValueError(f"train.streaming: the {task.name} task reads its data in memory (streaming is implemented "
+                         "for retrieval); set train.streaming=false")
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     device = resolve_device(config.device)
     run = DistributedRun.start(task, model, make_optimizer, config, device)
