@@ -351,12 +351,12 @@ def cmd_preprocess_criteo(args) -> int:
 def train_and_report(data_dir: Path, run_dir: Path, cfg, progress: bool, checkpoint_dir=None, resume: bool = False,
                      fingerprint: str = ""):
     """Retrieval: train on a preprocessed directory through the one loop, save the run, print the metrics table."""
-    from merlin_hstu.retrieval.data import load_processed
     from merlin_hstu.retrieval.metrics import format_metrics_table
-    from merlin_hstu.retrieval.train import save_run, train_retrieval
+    from merlin_hstu.retrieval.train import save_run, train_retrieval, training_table
 
-    table = load_processed(data_dir, actions=cfg.inputs.actions)
-    print(f"{len(table.items):,} sequences, {len(table.candidate_ids):,} candidate items; "
+    table = training_table(data_dir, cfg)  # in memory, or its row groups with train.streaming
+    sequences = f"{table.num_rows:,} sequences streamed" if cfg.train.streaming else f"{len(table.items):,} sequences"
+    print(f"{sequences}, {len(table.candidate_ids):,} candidate items; "
           f"config {cfg.name}: {cfg.model.num_blocks} {type(cfg.model).__name__[:-13]} blocks, "
           f"D={cfg.model.embedding_dim}, "
           f"{cfg.train.epochs} epochs")
