@@ -3,9 +3,11 @@
 * exact: with train.shuffle_buffer >= the train samples, the stream's batches are the in-memory path's (same
   generator, same order), so the epoch losses and every metric are equal (==, not close);
 * approximate: a small buffer changes the shuffle order only: the same samples are trained on every epoch (checked
-  exactly), and the metrics stay within the noise of a different shuffle: tolerance 0.1 absolute on HR@50 / HR@200
-  and 0.05 on NDCG@50 over 150 users. The in-memory path itself moves by that much between shuffle seeds (measured
-  here over seeds 1..3: HR@50 spread 0.07), so a larger gap means a streaming bug, a smaller one is shuffle noise;
+  exactly), and the metrics stay within the spread that a different shuffle gives the in-memory path itself.
+  Measured here (150 users, 78 items, 4 epochs, train.seed 42 / 1 / 2 / 3): in-memory HR@10 0.847-0.867, NDCG@50
+  0.675-0.738, HR@50 0.960-0.987; streaming (buffer 24) HR@10 0.820-0.900, NDCG@50 0.694-0.728, HR@50 0.967-0.980.
+  Tolerances at seed 42: HR@10 0.08, NDCG@50 0.07, HR@50 0.05 absolute (the seed-to-seed ranges); a larger gap
+  means a streaming bug, a smaller one is shuffle noise;
 * bounded memory: peak RSS (VmHWM) of a streaming training of a fixed number of steps grows by < 20% from a
   dataset to one 10x larger, while the in-memory path's grows clearly more (so the test can fail);
 * ranks: with 2 processes each rank reads only its own row groups (r::2): disjoint, together the whole file, and
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,7 +116,7 @@ def test_streaming_with_a_small_buffer_trains_every_sample_and_is_close(data, on
     a, b = memory_run.metrics["HSTU"], stream_run.metrics["HSTU"]
     assert stream_run.epoch_losses != memory_run.epoch_losses  # another order: another trajectory
     assert abs(stream_run.epoch_losses[-1] - memory_run.epoch_losses[-1]) < 0.05 * memory_run.epoch_losses[-1]
-    for key, tol in (("hr@50", 0.1), ("hr@200", 0.1), ("ndcg@50", 0.05)):
+    for key, tol in (("hr@10", 0.08), ("ndcg@50", 0.07), ("hr@50", 0.05)):
         assert abs(a[key] - b[key]) <= tol, (key, a, b)
     assert stream_run.metrics["most-popular"] == memory_run.metrics["most-popular"]  # the same counts
 
@@ -183,71 +184,23 @@ def test_cli_two_processes_stream_their_own_row_groups(data, tmp_path):
 
 
 # --- bounded memory -------------------------------------------------------------------------------------------
-RSS_SCRIPT = r"""
-import sys, torch
-torch.set_num_threads(1)
-from merlin_hstu.retrieval.config import load_config
-from merlin_hstu.retrieval.train import train_retrieval, training_table
-cfg = load_config("demo", sys.argv[3:])
-table = training_table(sys.argv[1], cfg)
-result = train_retrieval(table, cfg, progress=False, stop_after_steps=int(sys.argv[2]))
-assert len(result.step_times) == int(sys.argv[2])
-peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print("PEAK_KB", peak)
-"""
-RSS_MODEL = ["data.max_history=200", "model.max_seq_len=205", "model.embedding_dim=16", "model.attention_dim=8",
-             "model.linear_dim=8", "train.batch_size=32", "train.num_negatives=16"]
-
-
-def write_sequences(template: Path, output: Path, users: int, events: int, row_group_size: int, seed: int) -> Path:
-    """A processed dataset of `users` random sequences of `events` catalogue items (the schema and catalogue of the
-    preprocessed `template`), Parquet row groups of `row_group_size` rows. Written in row-group slices, so writing
-    a large one never holds it whole."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from merlin_hstu.common import schema as roles
-
-    (output / "processed").mkdir(parents=True)
-    shutil.copy(template / "processed" / "schema.pbtxt", output / "processed" / "schema.pbtxt")
-    shutil.copy(template / "candidates.parquet", output / "candidates.parquet")
-    schema = pq.read_schema(template / "processed" / "part_0.parquet").remove_metadata()
-    catalogue = pq.read_table(template / "candidates.parquet").column(0).to_numpy()
-    rng = np.random.default_rng(seed)
-    with pq.ParquetWriter(output / "processed" / "part_0.parquet", schema) as writer:
-        for start in range(0, users, row_group_size):
-            n = min(row_group_size, users - start)
-            items = rng.choice(catalogue, size=(n, events))
-            actions = rng.integers(3, 5, size=(n, events))
-            times = np.cumsum(rng.integers(1, 100, size=(n, events)), axis=1) + 1_600_000_000
-            columns = {roles.LOG_USER_ID: np.arange(start, start + n) + 1, roles.ITEM_LIST: list(items),
-                       roles.ACTION_LIST: list(actions), roles.TIMESTAMP_LIST: list(times),
-                       roles.LENGTH: np.full(n, events)}
-            writer.write_table(pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema))
-    return output
-
-
-def peak_rss_kb(data: Path, steps: int, overrides: list) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", RSS_SCRIPT, str(data), str(steps), *overrides],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
-
-
-def _peak(proc: subprocess.Popen) -> int:
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-2000:] + err[-3000:]
-    return int(out.split("PEAK_KB")[1].split()[0])
-
-
 def test_streaming_peak_rss_does_not_grow_with_the_dataset(data, tmp_path):
-    small = write_sequences(data, tmp_path / "x1", 4000, 200, 64, seed=1)
-    large = write_sequences(data, tmp_path / "x10", 40000, 200, 64, seed=2)
-    stream = [*RSS_MODEL, "train.streaming=true", "train.shuffle_buffer=256"]
-    procs = {(kind, size): peak_rss_kb(path, 4, overrides)
-             for kind, overrides in (("stream", stream), ("memory", RSS_MODEL))
-             for size, path in (("1x", small), ("10x", large))}
-    peaks = {key: _peak(proc) for key, proc in procs.items()}
-    stream_growth = peaks["stream", "10x"] / peaks["stream", "1x"] - 1
-    memory_growth = peaks["memory", "10x"] / peaks["memory", "1x"] - 1
-    print({f"{k}/{s}": f"{v / 1024:.0f} MiB" for (k, s), v in peaks.items()}, stream_growth, memory_growth)
+    """4,000 and 40,000 users x 200 events (random sequences of the fixture's catalogue, row groups of 64), 4 steps
+    each, in four processes run side by side (each its own peak). Streaming holds a 256-sample buffer, a row group
+    and a batch: measured 700 -> 702 MiB (+0.4%); in memory the dataset and its padded splits: 746 -> 1100 MiB
+    (+47%). The process's ~700 MiB floor is torch, NVTabular and Dask imported."""
+    from merlin_hstu.bench.stream import measure
+
+    peaks = measure(data, tmp_path, users=4000, events=200, row_group=64, steps=4, shuffle_buffer=256, parallel=True)
+    stream_growth = peaks["streaming/10x"] / peaks["streaming/1x"] - 1
+    memory_growth = peaks["in-memory/10x"] / peaks["in-memory/1x"] - 1
+    print({k: f"{v / 1024:.0f} MiB" for k, v in peaks.items()}, stream_growth, memory_growth)
     assert stream_growth < 0.20, peaks
-    assert memory_growth > 0.30 and memory_growth > stream_growth + 0.2, peaks
+    assert memory_growth > 0.30 and memory_growth > stream_growth + 0.2, peaks  # the test can fail
+
+
+def test_bench_stream_command_is_registered():
+    from merlin_hstu.cli.main import build_parser
+
+    args = build_parser().parse_args(["bench", "stream", "--users", "10", "--steps", "1"])
+    assert args.func.__module__ == "merlin_hstu.bench.stream" and args.users == 10

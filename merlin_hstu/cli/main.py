@@ -551,7 +551,7 @@ EXTENSION_MODULES: list = ["merlin_hstu.cli.train", "merlin_hstu.cli.serving", "
                           "merlin_hstu.bench.mfalcon", "merlin_hstu.bench.compare", "merlin_hstu.bench.gpu_check",
                           "merlin_hstu.cli.help_speed", "merlin_hstu.bench.t4r_vs_native", "merlin_hstu.cli.scale",
                           "merlin_hstu.bench.grid", "merlin_hstu.bench.hllm", "merlin_hstu.bench.ab",
-                          "merlin_hstu.bench.sid", "merlin_hstu.bench.scale"]
+                          "merlin_hstu.bench.sid", "merlin_hstu.bench.scale", "merlin_hstu.bench.stream"]
 
 
 def _quiet_known_warnings() -> None:

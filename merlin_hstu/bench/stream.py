@@ -1,0 +1,167 @@
+"""`merlin-hstu bench stream`: peak memory of retrieval training on a dataset and on one 10x larger, streaming
+(train.streaming) against in memory (docs/scaling.md, "Streaming data"; tests/test_streaming.py asserts the bound).
+
+Each measurement is its own process (peak RSS = the kernel's VmHWM of that process): it opens the data as
+`merlin-hstu train` does (`retrieval.train.training_table`), trains `--steps` optimizer steps and reports. The
+datasets are written by `write_sequences`: random sequences of the catalogue of a preprocessed template, in
+Parquet row groups of `--row-group` rows, each row group written as it is made (never the dataset in memory).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Sequence
+
+import numpy as np
+
+CHILD = r"""
+import sys, torch
+torch.set_num_threads(1)
+from merlin_hstu.retrieval.config import load_config
+from merlin_hstu.retrieval.train import train_retrieval, training_table
+cfg = load_config("demo", sys.argv[3:])
+result = train_retrieval(training_table(sys.argv[1], cfg), cfg, progress=False, stop_after_steps=int(sys.argv[2]))
+assert len(result.step_times) == int(sys.argv[2]), result.step_times
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print("PEAK_KB", peak)
+"""
+
+MODEL = ["data.max_history=200", "model.max_seq_len=205", "model.embedding_dim=16", "model.attention_dim=8",
+         "model.linear_dim=8", "train.batch_size=32", "train.num_negatives=16"]
+
+
+def write_sequences(template: Path, output: Path, users: int, events: int, row_group_size: int, seed: int) -> Path:
+    """A processed dataset of `users` random sequences of `events` catalogue items, with the schema and catalogue of
+    the preprocessed `template` (`merlin-hstu preprocess` output), in row groups of `row_group_size` rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from merlin_hstu.common import schema as roles
+
+    template = Path(template)
+    part = next((template / "processed").glob("*.parquet"), None)
+    if part is None or not (template / "candidates.parquet").is_file():
+        raise FileNotFoundError(f"{template} is not a `merlin-hstu preprocess` output (processed/*.parquet and "
+                                "candidates.parquet)")
+    schema = pq.read_schema(part).remove_metadata()
+    wanted = {roles.LOG_USER_ID, roles.ITEM_LIST, roles.ACTION_LIST, roles.TIMESTAMP_LIST, roles.LENGTH}
+    if set(schema.names) != wanted:
+        raise ValueError(f"{part}: columns {schema.names}; write_sequences writes {sorted(wanted)} (preprocess a log "
+                         "with user, item, action and timestamp columns as the template)")
+    if output.exists():
+        raise FileExistsError(f"{output} exists; pass a new directory")
+    tmp = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "processed").mkdir(parents=True)
+    shutil.copy(template / "processed" / "schema.pbtxt", tmp / "processed" / "schema.pbtxt")
+    shutil.copy(template / "candidates.parquet", tmp / "candidates.parquet")
+    catalogue = pq.read_table(template / "candidates.parquet").column(0).to_numpy()
+    rng = np.random.default_rng(seed)
+    with pq.ParquetWriter(tmp / "processed" / "part_0.parquet", schema) as writer:
+        for start in range(0, users, row_group_size):
+            n = min(row_group_size, users - start)
+            times = np.cumsum(rng.integers(1, 100, size=(n, events)), axis=1) + 1_600_000_000
+            columns = {roles.LOG_USER_ID: np.arange(start, start + n) + 1,
+                       roles.ITEM_LIST: list(rng.choice(catalogue, size=(n, events))),
+                       roles.ACTION_LIST: list(rng.integers(3, 5, size=(n, events))),
+                       roles.TIMESTAMP_LIST: list(times), roles.LENGTH: np.full(n, events)}
+            writer.write_table(pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema},
+                                        schema=schema))
+    os.replace(tmp, output)
+    return output
+
+
+def start_peak_rss(data: Path, steps: int, overrides: Sequence[str]) -> subprocess.Popen:
+    """A process training `steps` steps on `data` with `overrides`; `finish_peak_rss` gives its peak RSS."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(data), str(steps), *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish_peak_rss(proc: subprocess.Popen, timeout: float = 1800.0) -> int:
+    """Peak RSS (KiB) of a `start_peak_rss` process; its output tail in the error if it failed."""
+    out, err = proc.communicate(timeout=timeout)
+    if proc.returncode != 0 or "PEAK_KB" not in out:
+        raise RuntimeError(f"the measured training failed (exit {proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}")
+    return int(out.split("PEAK_KB")[1].split()[0])
+
+
+def measure(template: Path, work: Path, users: int, events: int, row_group: int, steps: int, shuffle_buffer: int,
+            parallel: bool = False) -> Dict[str, int]:
+    """Peak RSS (KiB) of streaming and in-memory training on `users` and 10 x `users` sequences."""
+    paths = {"1x": write_sequences(template, work / "x1", users, events, row_group, seed=1),
+             "10x": write_sequences(template, work / "x10", 10 * users, events, row_group, seed=2)}
+    history = [f"data.max_history={events}", f"model.max_seq_len={events + 5}"]
+    kinds = {"streaming": [*MODEL, *history, "train.streaming=true", f"train.shuffle_buffer={shuffle_buffer}"],
+             "in-memory": [*MODEL, *history]}
+    jobs = [(f"{kind}/{size}", path, overrides) for kind, overrides in kinds.items() for size, path in paths.items()]
+    if parallel:  # memory peaks are per process: running them side by side changes no figure, only the wall time
+        procs = {name: start_peak_rss(path, steps, overrides) for name, path, overrides in jobs}
+        return {name: finish_peak_rss(proc) for name, proc in procs.items()}
+    return {name: finish_peak_rss(start_peak_rss(path, steps, overrides)) for name, path, overrides in jobs}
+
+
+def _template(work: Path) -> Path:
+    """A small preprocessed synthetic log (its schema and catalogue are what the written datasets use)."""
+    from merlin_hstu.cli.main import main
+    from merlin_hstu.data.synthetic import SyntheticConfig, generate_event_log
+
+    events = generate_event_log(SyntheticConfig(num_users=150, num_items=500, min_events=4, max_events=20, seed=5))
+    events.to_parquet(work / "events.parquet")
+    if main(["preprocess", "--input", str(work / "events.parquet"), "--output", str(work / "template")]) != 0:
+        raise RuntimeError("preprocessing the template log failed")
+    return work / "template"
+
+
+def run_stream(args) -> int:
+    work = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("x1", "x10"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    template = Path(args.data) if args.data else _template(work)
+    peaks = measure(template, work, args.users, args.events, args.row_group, args.steps, args.shuffle_buffer,
+                    parallel=args.parallel)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}; {args.users:,} and {10 * args.users:,} users x {args.events} events, row "
+          f"groups of {args.row_group}, {args.steps} steps, shuffle buffer {args.shuffle_buffer}")
+    print(f"{'path':<10} {'peak RSS 1x':>12} {'peak RSS 10x':>13} {'growth':>8}")
+    record = {"users": args.users, "events": args.events, "row_group": args.row_group, "steps": args.steps,
+              "shuffle_buffer": args.shuffle_buffer, "peak_rss_kib": peaks, "growth": {}}
+    for kind in ("streaming", "in-memory"):
+        one, ten = peaks[f"{kind}/1x"], peaks[f"{kind}/10x"]
+        record["growth"][kind] = ten / one - 1
+        print(f"{kind:<10} {one / 1024:>9.0f} MiB {ten / 1024:>10.0f} MiB {100 * (ten / one - 1):>7.1f}%")
+    out = work / "stream.json"
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, out)
+    print(f"record: {out}")
+    return 0
+
+
+def register_subcommands(subparsers, bench_subparsers) -> None:
+    p = bench_subparsers.add_parser(
+        "stream", help="peak RSS of retrieval training on N and 10N users, streaming (train.streaming) vs in memory",
+        description="Writes two processed datasets (N and 10N random sequences of a preprocessed template's "
+                    "catalogue, small Parquet row groups), trains --steps steps on each in a fresh process, once "
+                    "streaming and once in memory, and prints each process's peak RSS (VmHWM) and the growth from "
+                    "1x to 10x. Writes OUTPUT/stream.json.")
+    p.add_argument("--data", metavar="DIR", help="a `merlin-hstu preprocess` output whose schema and catalogue the "
+                                                 "datasets use (default: a small synthetic log, preprocessed)")
+    p.add_argument("--users", type=int, default=4000, help="sequences of the 1x dataset (default 4000)")
+    p.add_argument("--events", type=int, default=200, help="events per sequence = the max history (default 200)")
+    p.add_argument("--row-group", type=int, default=64, help="rows per Parquet row group (default 64)")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per measured training (default 4)")
+    p.add_argument("--shuffle-buffer", type=int, default=256, help="train.shuffle_buffer of the streaming runs")
+    p.add_argument("--parallel", action="store_true", help="run the four measurements side by side")
+    p.add_argument("--output", help="work directory (default: a new temporary one)")
+    p.set_defaults(func=run_stream)
