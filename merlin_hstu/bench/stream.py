@@ -112,13 +112,11 @@ def measure(template: Path, work: Path, users: int, events: int, row_group: int,
 
 def _template(work: Path) -> Path:
     """A small preprocessed synthetic log (its schema and catalogue are what the written datasets use)."""
-    from merlin_hstu.cli.main import main
     from merlin_hstu.data.synthetic import SyntheticConfig, generate_event_log
+    from merlin_hstu.workflows.session_workflow import preprocess
 
     events = generate_event_log(SyntheticConfig(num_users=150, num_items=500, min_events=4, max_events=20, seed=5))
-    events.to_parquet(work / "events.parquet")
-    if main(["preprocess", "--input", str(work / "events.parquet"), "--output", str(work / "template")]) != 0:
-        raise RuntimeError("preprocessing the template log failed")
+    preprocess(events, work / "template", overwrite=True)
     return work / "template"
 
 
