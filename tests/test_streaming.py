@@ -80,6 +80,11 @@ def test_streaming_with_a_buffer_of_the_epoch_equals_the_in_memory_path(data, on
     assert stream.epoch_losses == memory.epoch_losses
     assert stream.metrics == memory.metrics  # HSTU and most-popular, every metric, bit for bit
     assert stream.fit.step_losses == memory.fit.step_losses
+    # with the action inputs (the action list read per row group, aligned with the items)
+    memory = _train(data, "train.epochs=1", "inputs.actions=concat", "inputs.action_embedding_dim=4")
+    stream = _train(data, "train.epochs=1", "inputs.actions=concat", "inputs.action_embedding_dim=4",
+                    "train.streaming=true", "train.shuffle_buffer=100000")
+    assert stream.metrics == memory.metrics and stream.fit.step_losses == memory.fit.step_losses
 
 
 def test_streaming_with_a_small_buffer_trains_every_sample_and_is_close(data, one_thread):
@@ -162,6 +167,17 @@ def test_two_ranks_read_disjoint_row_groups_that_cover_the_file(data):
     assert sorted(np.concatenate(train_rows).tolist()) == memory.train.rows.tolist()
     with pytest.raises(ValueError, match="fewer than the 64 processes"):
         open_streaming(data, rank=0, world_size=64)
+
+
+def test_streaming_bad_settings_are_named(data):
+    from merlin_hstu.retrieval.train import train_retrieval
+
+    with pytest.raises(ValueError, match="train.shuffle_buffer must be an int >= 1"):
+        _cfg("train.streaming=true", "train.shuffle_buffer=0")
+    with pytest.raises(ValueError, match=r"train.streaming=true but the data is a SequenceTable.*training_table"):
+        from merlin_hstu.retrieval.data import load_processed
+
+        train_retrieval(load_processed(data), _cfg("train.streaming=true"), progress=False)
 
 
 def test_cli_two_processes_stream_their_own_row_groups(data, tmp_path):

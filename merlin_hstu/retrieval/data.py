@@ -367,6 +367,9 @@ class StreamingTable(Catalogue):
             items = _list_column(frame, layout.item_column)
             _check_items(items, layout.item_column, self.num_items, group)
             times = _list_column(frame, layout.timestamp_column) if layout.timestamp_column else None
+            if times is not None and any(len(a) != len(b) for a, b in zip(items, times)):
+                raise ValueError(f"item and timestamp lists differ in length for at least one row "
+                                 f"({group.path.name}, row group {group.index})")
             actions = None
             if layout.actions == "concat":
                 actions = _list_column(frame, layout.action_column)
@@ -385,8 +388,9 @@ def _list_column(frame, name: str) -> list:
     import pyarrow as pa
 
     column = frame.column(name).combine_chunks() if frame.num_rows else pa.array([], type=frame.schema.field(name).type)
-    if column.null_count:
-        raise ValueError(f"column {name!r} has {column.null_count} null list(s); re-run preprocess")
+    if column.null_count or column.values.null_count:
+        raise ValueError(f"column {name!r} has null lists or null ids ({column.null_count} / "
+                         f"{column.values.null_count}); re-run preprocess")
     offsets = column.offsets.to_numpy()
     values = column.values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)[offsets[0]:offsets[-1]]
     return np.split(values, offsets[1:-1] - offsets[0]) if len(offsets) > 1 else []
