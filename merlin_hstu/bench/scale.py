@@ -28,9 +28,9 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 BYTES_FP32 = 4
 GB = 1e9
@@ -223,10 +223,10 @@ def source_events(args):
     """The log to expand: --input, or a registered dataset; its first --users users when given."""
     import pandas as pd
 
-    from merlin_hstu.cli.scale import _read_events
+    from merlin_hstu.data.fractal import read_events
     from merlin_hstu.data.fractal import FractalConfig
 
-    events = _read_events(argparse.Namespace(dataset=None if args.input else args.dataset, input=args.input))
+    events = read_events(None if args.input else args.dataset, args.input)
     if args.users:
         column = FractalConfig().user_column
         if column not in events.columns:

@@ -8,7 +8,6 @@ Parquet row groups of `--row-group` rows, each row group written as it is made (
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform

@@ -46,37 +46,15 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
     p.set_defaults(func=cmd_expand)
 
 
-def _read_events(args):
-    import pandas as pd
-
-    if args.dataset:
-        from merlin_hstu.workflows import datasets
-
-        if args.dataset not in datasets.DATASETS:
-            raise ValueError(f"--dataset {args.dataset}: unknown; use one of {', '.join(datasets.DATASETS)}")
-        folder = datasets.default_input_dir(args.dataset)
-        if folder is None:
-            raise ValueError(f"--dataset {args.dataset} is not staged on this machine; pass its event log with --input")
-        return datasets.get_spec(args.dataset).load(folder).events
-    path = args.input
-    if path.endswith(".parquet") or not path.endswith((".csv", ".csv.gz", ".csv.xz")):
-        try:
-            return pd.read_parquet(path)
-        except Exception as exc:  # noqa: BLE001 - reported with the file name
-            if path.endswith(".parquet"):
-                raise ValueError(f"--input {path}: not a readable Parquet file ({exc})") from exc
-    return pd.read_csv(path)
-
-
 def cmd_expand(args) -> int:
     from tqdm.auto import tqdm
 
-    from merlin_hstu.data.fractal import FractalConfig, expand, shape_statistics
+    from merlin_hstu.data.fractal import FractalConfig, expand, read_events, shape_statistics
 
     config = FractalConfig(user_factor=args.user_factor, item_factor=args.item_factor, density=args.density,
                            contrast=args.contrast, seed=args.seed, user_column=args.user_column,
                            item_column=args.item_column, timestamp_column=args.timestamp_column)
-    events = _read_events(args)
+    events = read_events(args.dataset, args.input)
     start = time.perf_counter()
     bar = tqdm(total=config.user_factor, desc="user blocks", unit="block", disable=args.no_progress, file=sys.stderr)
 
