@@ -43,3 +43,24 @@ def test_bench_ab_times_two_versions_and_prints_ratios(tmp_path, capsys):
     # the temporary worktree is gone
     listed = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
     assert "merlin-hstu-ab-" not in listed
+
+
+def test_bench_ab_head_only_settings_time_bf16_against_fp32(tmp_path, capsys):
+    """--head-set applies to one side only: bf16 autocast on the head changes its first loss (the probe runs the
+    forward under the loop's precision context), by bf16 rounding only."""
+    from merlin_hstu.data.synthetic import SyntheticConfig, generate_event_log
+
+    log = tmp_path / "ev.parquet"
+    generate_event_log(SyntheticConfig(num_users=60, num_items=90, min_events=4, max_events=20, seed=1)).to_parquet(log)
+    assert main(["preprocess", "--input", str(log), "--output", str(tmp_path / "data"), "--max-history", "16"]) == 0
+    small = ["--set", "data.max_history=16", "--set", "model.max_seq_len=17", "--set", "model.embedding_dim=16",
+             "--set", "model.attention_dim=8", "--set", "model.linear_dim=8", "--set", "train.batch_size=32"]
+    assert main(["bench", "ab", "--base", "HEAD", "--head", "HEAD", "--model", "demo", "--dataset",
+                 str(tmp_path / "data"), "--steps", "1", "--warmup", "0", "--rounds", "1", "--threads", "1",
+                 "--no-eval", "--head-set", "train.precision=bf16", "--json", str(tmp_path / "ab.json"), *small]) == 0
+    assert "head only: --set train.precision=bf16" in capsys.readouterr().out
+    record = json.loads((tmp_path / "ab.json").read_text())
+    assert record["specs"]["head"]["overrides"][-1] == "train.precision=bf16"
+    assert "train.precision=bf16" not in record["specs"]["base"]["overrides"]
+    fp32, bf16 = record["summary"]["base"]["first_loss"], record["summary"]["head"]["first_loss"]
+    assert fp32 != bf16 and abs(bf16 - fp32) / fp32 < 0.02

@@ -38,6 +38,12 @@ from merlin_hstu.retrieval.config import load_config
 from merlin_hstu.retrieval.data import LeaveOneOut, load_processed
 from merlin_hstu.retrieval.train import RetrievalTrainingTask, build_model, evaluate_model, make_retrieval_optimizer
 cfg = load_config(spec["model"], spec["overrides"])
+try:  # the loop's precision context (bf16 autocast or nothing), where this version has it
+    from merlin_hstu.train.config import autocast
+    precision = lambda: autocast(torch.device("cpu"), cfg.train.precision)
+except ImportError:
+    import contextlib
+    precision = contextlib.nullcontext
 data_dir, _ = resolve_dataset(spec["dataset"], None, Path(spec["cache"]), cfg.data.max_history)
 table = load_processed(data_dir)
 split = LeaveOneOut(table, max_history=cfg.data.max_history)
@@ -52,14 +58,16 @@ for step in range(spec["steps"]):
     batch = next(batches)
     t, c = time.perf_counter(), time.process_time()
     optimizer.zero_grad(set_to_none=True)
-    loss, _ = task.loss(model, batch)
+    with precision():
+        loss, _ = task.loss(model, batch)
     loss.backward()
     optimizer.step()
     wall.append(time.perf_counter() - t); cpu.append(time.process_time() - c); losses.append(float(loss))
 eval_seconds = None
 if spec["eval"]:
     t = time.perf_counter()
-    evaluate_model(model, split, cfg)
+    with precision():
+        evaluate_model(model, split, cfg)
     eval_seconds = time.perf_counter() - t
 print("AB-RESULT " + json.dumps({"wall": wall, "cpu": cpu, "losses": losses, "eval_seconds": eval_seconds,
                                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
@@ -123,6 +131,8 @@ def run(args) -> int:
         spec = {"model": args.model, "dataset": args.dataset, "cache": str(Path(args.cache).resolve()),
                 "overrides": list(args.overrides), "steps": args.steps, "threads": args.threads,
                 "eval": not args.no_eval}
+        specs = {"base": {**spec, "overrides": [*args.overrides, *args.base_overrides]},
+                 "head": {**spec, "overrides": [*args.overrides, *args.head_overrides]}}
         # the dataset is preprocessed once, here, so both versions read the same cached files
         from merlin_hstu.bench.retrieval import resolve_dataset
         from merlin_hstu.retrieval.config import load_config
@@ -132,11 +142,14 @@ def run(args) -> int:
         print(f"machine: {machine_summary(machine_info())}")
         print(f"base {args.base} vs head {args.head or 'working tree'}: {args.model} on {args.dataset}, "
               f"{args.steps} steps (first {args.warmup} not timed), {args.threads} threads, {args.rounds} rounds")
+        for name, extra in (("base", args.base_overrides), ("head", args.head_overrides)):
+            if extra:
+                print(f"  {name} only: " + " ".join(f"--set {o}" for o in extra))
         results = {"base": [], "head": []}
         for r in range(args.rounds):
             order = ["base", "head"] if r % 2 == 0 else ["head", "base"]
             for name in order:
-                results[name].append(run_probe(farms[name], trees[name], spec))
+                results[name].append(run_probe(farms[name], trees[name], specs[name]))
                 got = results[name][-1]
                 print(f"  round {r + 1} {name}: {statistics.median(got['wall'][args.warmup:]):.3f} s/step"
                       + (f", eval {got['eval_seconds']:.1f} s" if got["eval_seconds"] is not None else ""), flush=True)
@@ -159,7 +172,7 @@ def run(args) -> int:
         print(f"first-step loss relative difference: {abs(h['first_loss'] - b['first_loss']) / abs(b['first_loss']):.2e}")
         if args.json:
             Path(args.json).write_text(json.dumps({"base": args.base, "head": args.head or "working tree",
-                                                   "summary": summary, "ratios": ratios, "spec": spec,
+                                                   "summary": summary, "ratios": ratios, "specs": specs,
                                                    "machine": machine_info()}, indent=2, default=str))
     finally:
         for name, tree in trees.items():
@@ -186,5 +199,10 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the timed full evaluation")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for both versions")
+    p.add_argument("--base-set", dest="base_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the base only, e.g. --base HEAD --head-set train.precision=bf16 times "
+                        "fp32 against bf16 on the same code")
+    p.add_argument("--head-set", dest="head_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the head only")
     p.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
     p.set_defaults(func=run)
