@@ -12,6 +12,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from merlin_hstu.common import schema as roles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,26 +25,9 @@ NAMES = {roles.LOG_USER_ID, roles.LOG_SESSION_ID, roles.LOG_ITEM_ID, roles.LOG_A
          roles.MERLIN_SESSION_TIME}
 LIST_NAME = re.compile(r"^[a-z_]+" + re.escape(roles.LIST_SUFFIX) + "$")
 
-#: files not yet migrated (owned by other work) -> literals they hold now; may only shrink
+#: files not yet migrated (another engineer edits them now) -> literals they hold now; may only shrink
 PENDING = {
-    "merlin_hstu/cli/ranking.py": 3,
-    "merlin_hstu/cli/scale.py": 3,
-    "merlin_hstu/cli/serving.py": 2,
-    "merlin_hstu/cli/train.py": 2,
-    "merlin_hstu/data/fractal.py": 5,
-    "merlin_hstu/data/synthetic.py": 8,
-    "merlin_hstu/hllm/data.py": 1,
-    "merlin_hstu/hllm/serving.py": 3,
-    "merlin_hstu/retrieval/config.py": 4,
     "merlin_hstu/retrieval/data.py": 1,
-    "merlin_hstu/retrieval/model.py": 3,
-    "merlin_hstu/serving/contract.py": 2,
-    "merlin_hstu/serving/export.py": 2,
-    "merlin_hstu/serving/ranking.py": 1,
-    "merlin_hstu/serving/t4r_export.py": 6,
-    "merlin_hstu/sid/embeddings.py": 6,
-    "merlin_hstu/sid/tokenizer.py": 3,
-    "merlin_hstu/t4r/ranking.py": 4,
 }
 
 
@@ -94,3 +79,31 @@ def test_schema_constants_are_the_workflow_names():
     from merlin_hstu.ranking import data as ranking_data
 
     assert ranking_data.CANDIDATE_ITEM_LIST is roles.CANDIDATE_ITEM_LIST
+
+
+def test_the_schema_module_imports_light():
+    """The command line formats its help from the schema constants and the Triton entry model's contract module
+    reads them: importing the schema module must not load Merlin, torch or pandas (seconds each)."""
+    import subprocess
+    import sys
+
+    heavy = ("merlin.schema", "torch", "pandas", "nvtabular")
+    probe = ("import sys; import merlin_hstu.common.schema as s; "
+             f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == ""
+
+
+def test_role_tags_and_role_lookup():
+    from merlin.schema import ColumnSchema, Schema, Tags
+
+    assert roles.ROLE_TAGS[roles.ROLE_ITEM] == (Tags.ITEM, Tags.ID, Tags.LIST, Tags.CATEGORICAL)
+    assert set(roles.ROLE_TAGS) >= {roles.ROLE_ITEM, roles.ROLE_ACTION, roles.ROLE_TIMESTAMP}
+    tagged = roles.with_role(ColumnSchema("clicks", is_list=True, is_ragged=True), roles.ROLE_ACTION)
+    assert set(tagged.tags) == {Tags.LIST, Tags.CATEGORICAL}
+    schema = Schema([tagged, ColumnSchema("other")])
+    assert roles.role_column(schema, roles.ROLE_ACTION) == "clicks"
+    assert roles.role_column(schema, roles.ROLE_TIMESTAMP) is None
+    twice = Schema([tagged, roles.with_role(ColumnSchema("views", is_list=True, is_ragged=True), roles.ROLE_ACTION)])
+    with pytest.raises(roles.SchemaRoleError, match="ambiguous action column"):
+        roles.role_column(twice, roles.ROLE_ACTION)

@@ -10,6 +10,8 @@ import dataclasses
 import time
 from pathlib import Path
 
+from merlin_hstu.common import schema as roles  # light: no Merlin import
+
 FORMATS = ("ml-1m", "kuairand", "events")
 # kept in sync with merlin_hstu.workflows.ranking_workflow.RANKING_DATASETS (tested); importing it would load
 # NVTabular just to build --help
@@ -133,9 +135,10 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
     g.add_argument("--rating-task", action="store_true", help="ml-1m: add the regression task 'rating'")
     g.add_argument("--size", choices=["1k", "27k", "pure"], help="kuairand: which release's files to read")
     g = p.add_argument_group("--format events: columns of the log")
-    g.add_argument("--user-column", default="user_id", help="user id column (default user_id)")
-    g.add_argument("--item-column", default="item_id", help="item id column (default item_id)")
-    g.add_argument("--timestamp-column", default="timestamp", help="unix-seconds column (default timestamp)")
+    g.add_argument("--user-column", default=roles.LOG_USER_ID, help=f"user id column (default {roles.LOG_USER_ID})")
+    g.add_argument("--item-column", default=roles.LOG_ITEM_ID, help=f"item id column (default {roles.LOG_ITEM_ID})")
+    g.add_argument("--timestamp-column", default=roles.LOG_TIMESTAMP,
+                   help=f"unix-seconds column (default {roles.LOG_TIMESTAMP})")
     g.add_argument("--action-column", help="an integer bitmask column (bit b = action b)")
     g.add_argument("--action-names", default="",
                    help="comma list: binary 0/1 columns combined into the bitmask (bit b = name b), or with "

@@ -9,6 +9,8 @@ import json
 import sys
 import time
 
+from merlin_hstu.common import schema as roles  # light: no Merlin import
+
 
 def register_subcommands(subparsers, bench_subparsers) -> None:
     p = subparsers.add_parser(
@@ -36,9 +38,12 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
                    help="keep-probability = (block density / max) ** contrast; 1: the log's coarse structure as is "
                         "(wider length and popularity spreads), 0: uniform (an exact-shape copy); default 0.25")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-block sampling (default 0)")
-    p.add_argument("--user-column", default="user_id", help="user column of --input (default user_id)")
-    p.add_argument("--item-column", default="item_id", help="item column of --input (default item_id)")
-    p.add_argument("--timestamp-column", default="timestamp", help="timestamp column of --input (default timestamp)")
+    p.add_argument("--user-column", default=roles.LOG_USER_ID,
+                   help=f"user column of --input (default {roles.LOG_USER_ID})")
+    p.add_argument("--item-column", default=roles.LOG_ITEM_ID,
+                   help=f"item column of --input (default {roles.LOG_ITEM_ID})")
+    p.add_argument("--timestamp-column", default=roles.LOG_TIMESTAMP,
+                   help=f"timestamp column of --input (default {roles.LOG_TIMESTAMP})")
     p.add_argument("--stats", action="store_true",
                    help="also print the shape statistics of the source and of the expansion (reads the expansion "
                         "back: use it on sizes that fit in memory)")

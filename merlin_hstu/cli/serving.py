@@ -330,6 +330,7 @@ def cmd_query(args) -> int:
 def _query_retrieval(client, args) -> None:
     import pandas as pd
 
+    from merlin_hstu.common import schema as roles
     from merlin_hstu.workflows.session_workflow import read_event_log
 
     events = read_event_log(args.request)
@@ -350,11 +351,12 @@ def _query_retrieval(client, args) -> None:
                             exclude_history=False if args.include_history else None)
     frame = recs.to_frame(id_column)
     for user, group in frame.groupby(id_column, sort=False):
+        items = group[roles.RECOMMENDED_ITEM_ID]
         if args.json:
-            print(json.dumps({id_column: _plain(user), "item_ids": [_plain(v) for v in group["item_id"]],
+            print(json.dumps({id_column: _plain(user), "item_ids": [_plain(v) for v in items],
                               "scores": [round(float(v), 6) for v in group["score"]]}))
         else:
-            items = ", ".join(f"{_plain(i)} ({s:.3f})" for i, s in zip(group["item_id"], group["score"]))
+            items = ", ".join(f"{_plain(i)} ({s:.3f})" for i, s in zip(items, group["score"]))
             print(f"{id_column} {_plain(user)}: {items}")
 
 

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from merlin_hstu.common import schema as roles  # light: no Merlin import
+
 TASKS = ("retrieval", "ranking", "ctr")
 DEFAULT_PRESETS = {"retrieval": "demo", "ranking": "dlrm-hstu", "ctr": "wukong"}
 # Loop settings that may differ between a checkpoint and its resume without changing the numbers.
@@ -126,7 +128,8 @@ def _absent_columns(report: Optional[dict]) -> list:
     """data.action_column / data.timestamp_column = null when the data has none (e.g. a sequence-per-line log):
     the config follows the data, and a time bias is switched off (with the note `_load_cfg` prints)."""
     columns = (report or {}).get("columns") or {}
-    return [f"data.{role}_column=null" for role in ("action", "timestamp") if role in columns and columns[role] is None]
+    return [f"data.{role}_column=null" for role in (roles.ROLE_ACTION, roles.ROLE_TIMESTAMP)
+            if role in columns and columns[role] is None]
 
 
 def data_history(args, data_dir: Path, cfg, report: Optional[dict]) -> Optional[int]:

@@ -26,14 +26,20 @@ K = item cardinality = item `int_domain.max + 1`, stored as property `action_tok
 CATEGORICAL on purpose: T4R's `TabularSequenceFeatures.from_schema` concatenates every CATEGORICAL list
 position-wise, and this list is twice as long as the others.
 
+Importing this module is light (no Merlin, torch or pandas: `merlin.schema` is imported inside the functions
+that need it), so the command line formats its help from these constants and the Triton entry model's light
+contract module reads them.
+
 Note: schema properties round-trip through schema.pbtxt as protobuf Struct numbers, i.e. floats; read
 integer properties through the helpers here (`action_token_offset`, `embedding_table_size`).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Tuple
+import functools
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple
 
-from merlin.schema import ColumnSchema, Schema, Tags
+if TYPE_CHECKING:  # imported where used: `merlin.schema` loads torch and pandas (seconds)
+    from merlin.schema import ColumnSchema, Schema, Tags
 
 # ---- canonical column names ---------------------------------------------------------------------------
 ITEM_LIST = "item_id-list"
@@ -68,6 +74,7 @@ LOG_ACTION = "action"
 LOG_TIMESTAMP = "timestamp"
 LOG_RATING = "rating"
 LOG_WATCH_TIME = "watch_time"
+LOG_CATEGORY = "category"  # the item's category on each event of the synthetic log (merlin_hstu.data.synthetic)
 ITEM_BASE, ACTION_BASE, TIME_BASE, WATCH_TIME_BASE = LOG_ITEM_ID, LOG_ACTION, LOG_TIMESTAMP, LOG_WATCH_TIME
 LIST_SUFFIX = "-list"  # Groupby "list" aggregation: <base>-list
 
@@ -77,6 +84,10 @@ MERLIN_SESSION_ITEMS = "item_id_list_seq"
 MERLIN_SESSION_EVENTS = "item_event_name_list_seq"
 MERLIN_SESSION_TIME = "timestamp_first"  # the session's start time (one value per session)
 MERLIN_SESSION_TIME_HINT = "timestamp"  # a list column whose name holds this is a per-event time candidate
+
+# The recommendations frame (serving.contract.Recommendations.to_frame, `merlin-hstu query`): one row per user and
+# rank, `<id column>, rank, <RECOMMENDED_ITEM_ID>, score`
+RECOMMENDED_ITEM_ID = LOG_ITEM_ID  # the recommended item, as a raw id (the log's spelling)
 
 # ---- roles ------------------------------------------------------------------------------------------
 # ColumnSchema property naming a column's role, e.g. {"merlin_hstu_role": "action"}
@@ -97,21 +108,35 @@ ROLE_ITEM_TEXT_FIELD = "item_text_field"  # item table: one source text column (
 ROLE_SEMANTIC_ID = "semantic_id"  # the semantic-ID tokens of a row's items (T per item, in item order)
 ROLE_WATCH_TIME = "watch_time"  # ranking: the continuous signal list (tags: merlin_hstu.workflows.ranking_workflow)
 
-#: exact tag set each role's column carries (tags are replaced, not merged, so nothing leaks from the source)
-ROLE_TAGS: Dict[str, Tuple[Tags, ...]] = {
-    ROLE_USER_ID: (Tags.USER, Tags.ID),
-    ROLE_SESSION_ID: (Tags.SESSION, Tags.ID),
-    ROLE_ITEM: (Tags.ITEM, Tags.ID, Tags.LIST, Tags.CATEGORICAL),
-    ROLE_ACTION: (Tags.LIST, Tags.CATEGORICAL),
-    ROLE_TIMESTAMP: (Tags.LIST, Tags.TIME, Tags.CONTINUOUS),
-    ROLE_LENGTH: (),
-    ROLE_INTERLEAVED: (Tags.LIST,),
-    ROLE_ITEM_TABLE_ID: (Tags.ITEM, Tags.ID, Tags.CATEGORICAL),
-    ROLE_RAW_ITEM_ID: (Tags.ITEM,),
-    ROLE_ITEM_TEXT: (Tags.ITEM, Tags.TEXT),
-    ROLE_ITEM_TEXT_FIELD: (Tags.ITEM, Tags.TEXT),
-    ROLE_SEMANTIC_ID: (Tags.LIST,),  # not CATEGORICAL: T times longer than the other lists (see interleaved)
-}
+
+#: ROLE_TAGS: the exact tag set each role's column carries (tags are replaced, not merged, so nothing leaks from
+#: the source)
+@functools.lru_cache(maxsize=None)
+def _role_tags() -> Dict[str, Tuple["Tags", ...]]:
+    from merlin.schema import Tags
+
+    return {
+        ROLE_USER_ID: (Tags.USER, Tags.ID),
+        ROLE_SESSION_ID: (Tags.SESSION, Tags.ID),
+        ROLE_ITEM: (Tags.ITEM, Tags.ID, Tags.LIST, Tags.CATEGORICAL),
+        ROLE_ACTION: (Tags.LIST, Tags.CATEGORICAL),
+        ROLE_TIMESTAMP: (Tags.LIST, Tags.TIME, Tags.CONTINUOUS),
+        ROLE_LENGTH: (),
+        ROLE_INTERLEAVED: (Tags.LIST,),
+        ROLE_ITEM_TABLE_ID: (Tags.ITEM, Tags.ID, Tags.CATEGORICAL),
+        ROLE_RAW_ITEM_ID: (Tags.ITEM,),
+        ROLE_ITEM_TEXT: (Tags.ITEM, Tags.TEXT),
+        ROLE_ITEM_TEXT_FIELD: (Tags.ITEM, Tags.TEXT),
+        ROLE_SEMANTIC_ID: (Tags.LIST,),  # not CATEGORICAL: T times longer than the other lists (see interleaved)
+    }
+
+
+def __getattr__(name: str):
+    """`ROLE_TAGS`, built on first use (module-level `__getattr__`, PEP 562) so that importing stays light."""
+    if name == "ROLE_TAGS":
+        return _role_tags()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # ---- other properties ---------------------------------------------------------------------------------
 ACTION_TOKEN_OFFSET_PROPERTY = "action_token_offset"  # interleaved-list: action token = action id + offset
@@ -135,13 +160,16 @@ def with_role(column: ColumnSchema, role: str, extra_properties: Optional[dict] 
     Tags are replaced rather than merged: a Groupby output inherits its source column's tags, and a stray
     ID tag on e.g. a count column would make item-id lookups ambiguous.
     """
-    if role not in ROLE_TAGS:
-        raise ValueError(f"unknown role {role!r}; known roles: {sorted(ROLE_TAGS)}")
+    from merlin.schema import ColumnSchema
+
+    role_tags = _role_tags()
+    if role not in role_tags:
+        raise ValueError(f"unknown role {role!r}; known roles: {sorted(role_tags)}")
     properties = {**column.properties, ROLE_PROPERTY: role, **(extra_properties or {})}
     properties.pop("value_count", None)  # re-derived from the shape below; a stale copy would conflict
     return ColumnSchema(
         column.name,
-        tags=list(ROLE_TAGS[role]),
+        tags=list(role_tags[role]),
         properties=properties,
         dtype=column.dtype,
         is_list=column.is_list,
@@ -155,6 +183,8 @@ def _columns_with_role(schema: Schema, role: str) -> List[str]:
 
 
 def _is_list(column: ColumnSchema) -> bool:
+    from merlin.schema import Tags
+
     return bool(column.is_list) or Tags.LIST in column.tags or Tags.SEQUENCE in column.tags
 
 
@@ -187,8 +217,15 @@ def _find(schema: Schema, role: str, fallback_tags: Optional[Iterable[Tags]], re
     return None
 
 
+def role_column(schema: Schema, role: str) -> Optional[str]:
+    """Name of the one column with property merlin_hstu_role=`role`, or None (several are an error)."""
+    return _find(schema, role, None, required=False)
+
+
 def item_list_column(schema: Schema) -> str:
     """Name of the item-id sequence column (required)."""
+    from merlin.schema import Tags
+
     return _find(schema, ROLE_ITEM, (Tags.ITEM, Tags.ID), required=True)
 
 
@@ -199,6 +236,8 @@ def action_list_column(schema: Schema) -> Optional[str]:
 
 def timestamp_list_column(schema: Schema) -> Optional[str]:
     """Name of the timestamp sequence column (unix seconds), or None."""
+    from merlin.schema import Tags
+
     return _find(schema, ROLE_TIMESTAMP, (Tags.TIME,), required=False)
 
 
@@ -219,6 +258,8 @@ def length_column(schema: Schema) -> Optional[str]:
 
 def id_column(schema: Schema) -> Optional[str]:
     """Name of the user or session id column (role property, then USER_ID / SESSION_ID tags), or None."""
+    from merlin.schema import Tags
+
     names = _columns_with_role(schema, ROLE_USER_ID) + _columns_with_role(schema, ROLE_SESSION_ID)
     if not names:
         names = [

@@ -43,6 +43,8 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import pandas as pd
 
+from merlin_hstu.common import schema as roles
+
 MANIFEST = "fractal.json"
 
 
@@ -53,9 +55,9 @@ class FractalConfig:
     density: float = 1.0  # scale of the keep-probabilities (1: the densest block is copied whole)
     contrast: float = 0.25  # P = (block density / max) ** contrast: 1 the coarse-grained R as is, 0 uniform
     seed: int = 0
-    user_column: str = "user_id"
-    item_column: str = "item_id"
-    timestamp_column: str = "timestamp"
+    user_column: str = roles.LOG_USER_ID
+    item_column: str = roles.LOG_ITEM_ID
+    timestamp_column: str = roles.LOG_TIMESTAMP
 
     def __post_init__(self) -> None:
         for name in ("user_factor", "item_factor"):
@@ -204,7 +206,8 @@ def expand(events: pd.DataFrame, output: str | Path, config: Optional[FractalCon
     return manifest
 
 
-def shape_statistics(events: pd.DataFrame, user_column: str = "user_id", item_column: str = "item_id") -> Dict:
+def shape_statistics(events: pd.DataFrame, user_column: str = roles.LOG_USER_ID,
+                     item_column: str = roles.LOG_ITEM_ID) -> Dict:
     """Scale-free shape of a log: user-length quantiles / mean, and the item popularity curve (share of events
     held by the top q of items; the Gini coefficient)."""
     lengths = events.groupby(user_column, sort=False).size().to_numpy(dtype=np.float64)

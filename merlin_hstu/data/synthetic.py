@@ -41,6 +41,8 @@ from typing import Union
 import numpy as np
 import pandas as pd
 
+from merlin_hstu.common import schema as roles
+
 __all__ = [
     "SyntheticConfig",
     "SyntheticCatalogue",
@@ -51,7 +53,7 @@ __all__ = [
     "EVENT_LOG_COLUMNS",
 ]
 
-EVENT_LOG_COLUMNS = ("user_id", "item_id", "action", "timestamp", "category")
+EVENT_LOG_COLUMNS = (roles.LOG_USER_ID, roles.LOG_ITEM_ID, roles.LOG_ACTION, roles.LOG_TIMESTAMP, roles.LOG_CATEGORY)
 
 _DAY_S = 86_400
 
@@ -284,11 +286,11 @@ def generate_event_log(config: SyntheticConfig = SyntheticConfig()) -> pd.DataFr
     action_table = np.array(config.action_names, dtype=object)
     return pd.DataFrame(
         {
-            "user_id": (config.user_id_offset + user_index[order]).astype(np.int64),
-            "item_id": catalogue.item_ids[item_index[order]],
-            "action": action_table[actions[valid][order]],
-            "timestamp": ts[order].astype(np.int64),
-            "category": catalogue.categories[item_index[order]],
+            roles.LOG_USER_ID: (config.user_id_offset + user_index[order]).astype(np.int64),
+            roles.LOG_ITEM_ID: catalogue.item_ids[item_index[order]],
+            roles.LOG_ACTION: action_table[actions[valid][order]],
+            roles.LOG_TIMESTAMP: ts[order].astype(np.int64),
+            roles.LOG_CATEGORY: catalogue.categories[item_index[order]],
         },
         columns=list(EVENT_LOG_COLUMNS),
     )

@@ -30,6 +30,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import pandas as pd
 
+from merlin_hstu.common import schema as roles
 from merlin_hstu.retrieval.data import LeaveOneOut, SequenceTable, load_processed
 
 
@@ -77,7 +78,7 @@ def prepare_item_text(dataset_dir: str | Path, name: str, input_dir: Optional[st
     if (dataset_dir / ITEM_TEXT_DIR / "schema.pbtxt").is_file() and not overwrite:
         return read_item_text(dataset_dir)
     frame, recipe, path = read_item_metadata(name, input_dir)
-    return write_item_text(dataset_dir, frame, recipe.text_columns, raw_id_column="item_id",
+    return write_item_text(dataset_dir, frame, recipe.text_columns, raw_id_column=roles.LOG_ITEM_ID,
                            separators=dict(recipe.separators), source=str(path))
 
 

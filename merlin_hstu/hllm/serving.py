@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from merlin_hstu.common import schema as roles
 from merlin_hstu.hllm.model import HLLMModel
 
 DEFAULT_MODEL_NAME = "hllm_topk"
@@ -64,14 +65,13 @@ def add_items_by_text(model: HLLMModel, encoder, texts: Sequence[str], cache=Non
 
 
 def export_hllm_repository(model: HLLMModel, dataset_dir: str | Path, output: str | Path, config=None,
-                           overwrite: bool = False, id_column: str = "user_id", item_column: str = "item_id",
-                           timestamp_column: Optional[str] = "timestamp",
+                           overwrite: bool = False, id_column: str = roles.LOG_USER_ID,
+                           item_column: str = roles.LOG_ITEM_ID, timestamp_column: Optional[str] = roles.LOG_TIMESTAMP,
                            raw_ids: Optional[Sequence] = None) -> Path:
     """Write a Triton model repository serving `model` on the raw events of the dataset at `dataset_dir` (its
     workflow/ and candidates.parquet).  `config`: `merlin_hstu.serving.repository.ExportConfig` (its model name
     defaults to hllm_topk).  `raw_ids`: raw ids of items added after the workflow was fitted (Categorify only)."""
     from merlin_hstu.serving.contract import RequestContract, example_request
-    from merlin_hstu.common import schema as roles
     from merlin_hstu.serving.export import ServingParts, build_ensemble, item_ids_of, load_candidates
     from merlin_hstu.serving.repository import (ENTRY_SHIM, EXECUTOR_SHIM, ExportConfig, TritonModel, check_serves,
                                                 export_settings, write_repository)

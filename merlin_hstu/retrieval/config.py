@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import yaml
 
 from merlin_hstu.common import presets
+from merlin_hstu.common import schema as roles
 from merlin_hstu.common.embeddings import check_backend
 from merlin_hstu.encoders.hstu import HSTUEncoderConfig
 from merlin_hstu.retrieval.losses import RetrievalLossConfig
@@ -44,11 +45,11 @@ def encoder_type(model_config) -> str:
 
 @dataclass
 class DataConfig:
-    id_column: str = "user_id"
+    id_column: str = roles.LOG_USER_ID
     id_kind: str = "user"  # user | session
-    item_column: str = "item_id"
-    action_column: Optional[str] = "action"
-    timestamp_column: Optional[str] = "timestamp"
+    item_column: str = roles.LOG_ITEM_ID
+    action_column: Optional[str] = roles.LOG_ACTION
+    timestamp_column: Optional[str] = roles.LOG_TIMESTAMP
     max_history: int = 200  # history window H; the encoder's max_seq_len must be >= H + 1
     min_length: int = 3  # a user needs 3 events: >= 1 history item, a train target, an eval target
 

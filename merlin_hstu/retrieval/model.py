@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from merlin_hstu.common import schema as roles
 from merlin_hstu.common.embeddings import check_backend, jagged_to_padded, padded_to_jagged, to_torchrec, torchrec_tables
 from merlin_hstu.encoders.hstu import HSTUEncoder, HSTUEncoderConfig
 from merlin_hstu.retrieval.losses import (  # noqa: F401  (re-exported: the loss API used to live here)
@@ -172,9 +173,9 @@ class HSTURetrievalModel(nn.Module):
             self.action_embedding = nn.Embedding(config.num_actions, action_dim, padding_idx=0)
         self.reset_parameters()
         if config.embeddings == "torchrec":  # the same weights, moved into one EmbeddingCollection
-            tables = {"item_embedding": "item"}
+            tables = {"item_embedding": roles.ROLE_ITEM}  # table -> its torchrec feature, named by role
             if self.action_embedding is not None:
-                tables["action_embedding"] = "action"
+                tables["action_embedding"] = roles.ROLE_ACTION
             to_torchrec(self, tables)
 
     def _embed_real_positions(self, features: dict, lengths: torch.Tensor) -> dict:
@@ -211,7 +212,7 @@ class HSTURetrievalModel(nn.Module):
                              "ids (the batch's 'actions'; load the data with load_processed(path, actions=...))")
         if mode == "none":  # the reference's plain preprocessor, operation for operation
             items = (self.item_embedding(ids) if torchrec_tables(self) is None
-                     else self._embed_real_positions({"item": ids}, lengths)["item"])
+                     else self._embed_real_positions({roles.ROLE_ITEM: ids}, lengths)[roles.ROLE_ITEM])
             tokens = items * math.sqrt(self.item_embedding.embedding_dim)
             token_lengths = lengths
         else:
@@ -239,8 +240,8 @@ class HSTURetrievalModel(nn.Module):
         if torchrec_tables(self) is None:
             items, kinds = self.item_embedding(ids), self.action_embedding(actions)
         else:
-            looked_up = self._embed_real_positions({"item": ids, "action": actions}, lengths)
-            items, kinds = looked_up["item"], looked_up["action"]
+            looked_up = self._embed_real_positions({roles.ROLE_ITEM: ids, roles.ROLE_ACTION: actions}, lengths)
+            items, kinds = looked_up[roles.ROLE_ITEM], looked_up[roles.ROLE_ACTION]
         if self.config.inputs.actions == "concat":
             return torch.cat([items, kinds], dim=-1) * scale, lengths, timestamps
         batch, width, dim = items.shape

@@ -62,6 +62,8 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from merlin_hstu.common import schema as roles  # light: no Merlin import
+
 QUERY_TIMESTAMP = "query_timestamp"
 TOP_K = "top_k"
 EXCLUDE_HISTORY = "exclude_history"
@@ -281,12 +283,12 @@ class Recommendations:
     item_ids: np.ndarray  # [B, K] raw ids, best first
     scores: np.ndarray  # [B, K]
 
-    def to_frame(self, id_column: str = "user_id"):
+    def to_frame(self, id_column: str = roles.LOG_USER_ID):
         import pandas as pd
 
         b, k = self.item_ids.shape
         return pd.DataFrame({id_column: np.repeat(self.user_ids, k), "rank": np.tile(np.arange(1, k + 1), b),
-                             "item_id": self.item_ids.reshape(-1), "score": self.scores.reshape(-1)})
+                             roles.RECOMMENDED_ITEM_ID: self.item_ids.reshape(-1), "score": self.scores.reshape(-1)})
 
 
 @dataclass

@@ -106,14 +106,17 @@ def item_ids_of(workflow, workflow_path: Path) -> ItemIds:
 
 
 def load_candidates(path: Path, num_items: int) -> np.ndarray:
-    """Encoded candidate ids from `candidates.parquet`: a column `item_id` (or the only column) of encoded ids."""
+    """Encoded candidate ids from `candidates.parquet`: its column `schema.CANDIDATES_COLUMN` (or the only column)."""
     import pandas as pd
 
+    from merlin_hstu.common import schema as roles
+
     frame = pd.read_parquet(path)
-    column = "item_id" if "item_id" in frame.columns else (frame.columns[0] if len(frame.columns) == 1 else None)
+    column = (roles.CANDIDATES_COLUMN if roles.CANDIDATES_COLUMN in frame.columns
+              else (frame.columns[0] if len(frame.columns) == 1 else None))
     if column is None:
-        raise ValueError(f"{path} must have an 'item_id' column (or exactly one column) of encoded item ids; "
-                         f"found {list(frame.columns)}")
+        raise ValueError(f"{path} must have a {roles.CANDIDATES_COLUMN!r} column (or exactly one column) of encoded "
+                         f"item ids; found {list(frame.columns)}")
     return frame[column].to_numpy(dtype=np.int64)
 
 

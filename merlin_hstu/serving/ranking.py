@@ -50,6 +50,7 @@ from merlin.dag import ColumnSelector, DataFormats
 from merlin.schema import ColumnSchema, Schema
 from merlin.table import TensorTable
 
+from merlin_hstu.common import schema as roles
 from merlin_hstu.ranking.batch import RankingBatch
 from merlin_hstu.ranking.data import CONTEXT_PREFIX, read_meta
 from merlin_hstu.ranking.model import DlrmHSTU
@@ -79,7 +80,7 @@ from merlin_hstu.serving.repository import (
 # encoder -> model columns
 _CANDIDATE_TIMES = "candidate_timestamp"
 _CONTEXT = "contextual"  # [B, c] encoded contextual values
-ITEM_INPUT = "item_id"  # the ranking workflow's item column (after normalize_ranking_log)
+ITEM_INPUT = roles.ITEM_BASE  # the ranking workflow's item column (normalize_ranking_log renames the raw one to it)
 MODEL_FILE = "ranking_model.pt"
 
 RankingServingError = BadRequest  # the name of earlier releases: a request the model cannot score

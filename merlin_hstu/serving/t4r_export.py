@@ -226,8 +226,8 @@ def session_columns(data: Path) -> SimpleNamespace:
         raise FileNotFoundError(f"{data}/{DATA_REPORT_FILE} (which names the raw columns) is missing; re-run "
                                 "`merlin-hstu preprocess` to write it")
     c = report["columns"]
-    return SimpleNamespace(id_column=c["id"], item_column=c["item"], action_column=c.get("action"),
-                           timestamp_column=c.get("timestamp"))
+    return SimpleNamespace(id_column=c["id"], item_column=c[roles.ROLE_ITEM],
+                           action_column=c.get(roles.ROLE_ACTION), timestamp_column=c.get(roles.ROLE_TIMESTAMP))
 
 
 def retrieval_serving_parts(model, data, config: ExportConfig, prune: bool = True):
@@ -329,7 +329,8 @@ class StockRankingModel(nn.Module):
                  binary: Tensor, raw_ids: Tensor):
         super().__init__()
         self.model = traced
-        self.items, self.actions, self.times = history["item"], history["action"], history["timestamp"]
+        self.items, self.actions = history[roles.ROLE_ITEM], history[roles.ROLE_ACTION]
+        self.times = history[roles.ROLE_TIMESTAMP]
         self.candidate, self.query_time, self.contextual = candidate, query_time, contextual
         self.register_buffer("binary", binary)
         self.register_buffer("raw_ids", raw_ids)
@@ -382,7 +383,8 @@ def _export_ranking(model, data, output, mode: str, config: ExportConfig, overwr
     for name in dlrm.contextual_names:
         column = block.contextual_columns.get(name)
         contextual.append(column or (CONTEXT_PREFIX + name if CONTEXT_PREFIX + name in out.column_names else name))
-    lists = [block.history_columns[k] for k in ("item", "action", "timestamp")] + [block.candidate_column]
+    lists = [block.history_columns[k] for k in (roles.ROLE_ITEM, roles.ROLE_ACTION, roles.ROLE_TIMESTAMP)]
+    lists.append(block.candidate_column)
     missing = [c for c in lists + [block.query_time_column] + contextual if c not in out.column_names]
     if missing:
         raise ValueError(f"the model reads column(s) {missing} that the workflow at {workflow_path} does not write")

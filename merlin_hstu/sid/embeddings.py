@@ -19,6 +19,8 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
+from merlin_hstu.common import schema as roles
+
 SOURCES = ("collaborative", "text", "file")
 
 
@@ -84,17 +86,18 @@ def file_embeddings(path: str | Path, item_ids: Sequence[int]) -> Tuple[np.ndarr
         import pandas as pd
 
         frame = pd.read_parquet(path)
-        if "item_id" not in frame.columns:
-            raise ValueError(f"{path}: needs an 'item_id' column of encoded item ids; found {list(frame.columns)}")
-        if frame["item_id"].duplicated().any():
-            dup = frame.loc[frame["item_id"].duplicated(), "item_id"].unique()[:5].tolist()
+        key = roles.ITEM_ID  # encoded item ids, as in an item table
+        if key not in frame.columns:
+            raise ValueError(f"{path}: needs an {key!r} column of encoded item ids; found {list(frame.columns)}")
+        if frame[key].duplicated().any():
+            dup = frame.loc[frame[key].duplicated(), key].unique()[:5].tolist()
             raise ValueError(f"{path}: item ids {dup} have more than one row")
-        values = [c for c in frame.columns if c != "item_id"]
+        values = [c for c in frame.columns if c != key]
         if len(values) == 1 and frame[values[0]].dtype == object:
             matrix = np.stack([np.asarray(v, dtype=np.float32) for v in frame[values[0]]])
         else:
             matrix = frame[values].to_numpy(dtype=np.float32)
-        position = pd.Series(np.arange(len(frame)), index=frame["item_id"].to_numpy(np.int64))
+        position = pd.Series(np.arange(len(frame)), index=frame[key].to_numpy(np.int64))
         absent = ids[~np.isin(ids, position.index.to_numpy())]
         if len(absent):
             raise ValueError(f"{path}: {len(absent)} catalogue item(s) have no row (encoded ids e.g. "

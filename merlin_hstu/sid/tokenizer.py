@@ -48,6 +48,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from merlin_hstu.common import schema as roles
+
 METHODS = ("rq-kmeans", "rq-vae")
 NORMALIZATIONS = ("l2", "center", "none")
 PAD_TOKEN = 0
@@ -448,7 +450,7 @@ class SemanticIds:
                     "vocab_size": self.vocab_size, "token_offsets": self.token_offsets.tolist(),
                     "input_dim": self.input_dim, "stats": self.stats, "source": self.source}
             (tmp / TOKENIZER_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-            frame = pd.DataFrame({"item_id": self.item_ids,
+            frame = pd.DataFrame({roles.ITEM_ID: self.item_ids,
                                   **{f"code_{level}": self.codes[:, level] for level in range(self.num_levels)}})
             frame.to_parquet(tmp / CODES_FILE, index=False)
             if self.codebooks is not None:
@@ -475,7 +477,7 @@ class SemanticIds:
             raise ValueError(f"{meta_path}: tokenizer format {meta.get('format')!r} is not {FORMAT}; fit it again")
         frame = pd.read_parquet(directory / CODES_FILE)
         levels = int(meta["num_levels"])
-        missing = [c for c in ["item_id", *(f"code_{l}" for l in range(levels))] if c not in frame.columns]
+        missing = [c for c in [roles.ITEM_ID, *(f"code_{l}" for l in range(levels))] if c not in frame.columns]
         if missing:
             raise ValueError(f"{directory / CODES_FILE} lacks column(s) {missing}; fit the tokenizer again")
         codes = np.stack([frame[f"code_{l}"].to_numpy(np.int64) for l in range(levels)], axis=1)
@@ -484,7 +486,7 @@ class SemanticIds:
             with np.load(directory / CODEBOOKS_FILE) as books:
                 codebooks = [books[f"arr_{i}"] for i in range(len(books.files))]
         state = torch.load(directory / RQVAE_FILE, weights_only=True) if (directory / RQVAE_FILE).is_file() else None
-        return cls(frame["item_id"].to_numpy(np.int64), codes, meta["codebook_sizes"],
+        return cls(frame[roles.ITEM_ID].to_numpy(np.int64), codes, meta["codebook_sizes"],
                    TokenizerConfig.from_dict(meta["config"]), meta.get("stats", {}), meta.get("source", {}),
                    codebooks, state, int(meta.get("input_dim", 0)))
 

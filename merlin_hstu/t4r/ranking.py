@@ -52,7 +52,9 @@ from merlin_hstu.ranking.data import (CANDIDATE_ACTION_LIST, CANDIDATE_ITEM_LIST
                                       CONTEXT_PREFIX, QUERY_TIME)
 from merlin_hstu.ranking.model import DlrmHSTU
 
-HISTORY_COLUMNS = {"item": roles.ITEM_LIST, "action": roles.ACTION_LIST, "timestamp": roles.TIMESTAMP_LIST}
+#: role -> the ranking workflow's history list column (the defaults; `history_columns(schema)` reads a schema's)
+HISTORY_COLUMNS = {roles.ROLE_ITEM: roles.ITEM_LIST, roles.ROLE_ACTION: roles.ACTION_LIST,
+                   roles.ROLE_TIMESTAMP: roles.TIMESTAMP_LIST}
 CANDIDATE_COLUMN = CANDIDATE_ITEM_LIST
 QUERY_TIME_COLUMN = QUERY_TIME
 BINARY_TARGET = CANDIDATE_ACTION_LIST
@@ -98,7 +100,7 @@ class DlrmHSTUBlock(torch.nn.Module):
 
     def to_batch(self, inputs: Dict[str, Tensor]) -> RankingBatch:
         """The padded T4R inputs as a jagged RankingBatch (labels zero: T4R hands targets to the tasks)."""
-        items = _column(inputs, self.history_columns["item"]).long()
+        items = _column(inputs, self.history_columns[roles.ROLE_ITEM]).long()
         real = items != 0
         candidates = _column(inputs, self.candidate_column).long()
         if candidates.dim() == 1:
@@ -112,8 +114,8 @@ class DlrmHSTUBlock(torch.nn.Module):
 
         return RankingBatch(
             history_item_ids=items[real],
-            history_actions=_column(inputs, self.history_columns["action"]).long()[real],
-            history_timestamps=_column(inputs, self.history_columns["timestamp"]).long()[real],
+            history_actions=_column(inputs, self.history_columns[roles.ROLE_ACTION]).long()[real],
+            history_timestamps=_column(inputs, self.history_columns[roles.ROLE_TIMESTAMP]).long()[real],
             history_offsets=offsets(real), candidate_item_ids=candidates[cand_mask],
             candidate_timestamps=torch.repeat_interleave(query, counts), candidate_offsets=offsets(cand_mask),
             labels=torch.zeros(int(counts.sum()), len(self.model.tasks), device=items.device),
@@ -266,6 +268,13 @@ def _core(schema) -> Schema:
     return _as_core_schema(schema)
 
 
+def history_columns(schema) -> Dict[str, str]:
+    """role -> history list column of a ranking schema, read by role property (`HISTORY_COLUMNS`' name for a role
+    the schema does not mark)."""
+    core = _core(schema)
+    return {role: roles.role_column(core, role) or name for role, name in HISTORY_COLUMNS.items()}
+
+
 def trainer_schema(schema) -> Schema:
     """The schema to give `tr.Trainer` for ranking-workflow data: the ragged list columns tagged TARGET keep
     every other tag and property but lose TARGET. The Merlin loader then pads them and delivers them with the
@@ -298,14 +307,15 @@ class RankingSchemaSizes:
         if not tasks or not all(isinstance(t, RankingTask) for t in tasks):
             raise ValueError("tasks must be a non-empty sequence of RankingTask; the ranking workflow records them "
                              "in ranking.json: [RankingTask(**t) for t in read_meta(dir)['tasks']]")
-        needed = [*HISTORY_COLUMNS.values(), CANDIDATE_COLUMN, QUERY_TIME_COLUMN]
+        history = history_columns(core)
+        needed = [*history.values(), CANDIDATE_COLUMN, QUERY_TIME_COLUMN]
         needed += [BINARY_TARGET] if any(t.kind == "binary" for t in tasks) else []
         needed += [REGRESSION_TARGET] if any(t.kind == "regression" for t in tasks) else []
         missing = [n for n in needed if n not in core.column_names]
         if missing:
             raise ValueError(f"the schema lacks the ranking column(s) {missing} (columns: {core.column_names}); "
                              "pass the schema.pbtxt of a ranking-workflow output (merlin-hstu preprocess-ranking)")
-        num_items = max(roles.embedding_table_size(core, roles.ITEM_LIST),
+        num_items = max(roles.embedding_table_size(core, history[roles.ROLE_ITEM]),
                         roles.embedding_table_size(core, CANDIDATE_COLUMN))
         contextual, columns = {}, {}
         for column in core:
@@ -314,9 +324,10 @@ class RankingSchemaSizes:
             feature = column.name[len(CONTEXT_PREFIX):] if column.name.startswith(CONTEXT_PREFIX) else column.name
             contextual[feature] = roles.embedding_table_size(core, column.name)
             columns[feature] = column.name
-        domain = core[roles.ACTION_LIST].int_domain
+        action_list = history[roles.ROLE_ACTION]
+        domain = core[action_list].int_domain
         if domain is None or domain.max is None:
-            raise ValueError(f"column {roles.ACTION_LIST!r} has no domain max (the bitmask's largest value); "
+            raise ValueError(f"column {action_list!r} has no domain max (the bitmask's largest value); "
                              "it must come from the ranking workflow")
         # bits of the largest bitmask; a float-rounded 2**62 - 1 reads as 2**62, hence the cap
         bits = min(max(int(domain.max).bit_length(), 1), 62)
@@ -333,8 +344,10 @@ def ranking_model_from_schema(schema, tasks: Sequence[RankingTask], overrides: O
 
     sizes = RankingSchemaSizes.from_schema(schema, tasks)
     model = build_dlrm_hstu(sizes, overrides)
-    return tr.Model(ranking_head(model, contextual_columns=sizes.contextual_columns))
+    return tr.Model(ranking_head(model, contextual_columns=sizes.contextual_columns,
+                                 history_columns=history_columns(schema)))
 
 
 __all__ = ["DlrmHSTUBlock", "DlrmHSTUPredictionTask", "DlrmHSTUHead", "RankingSchemaSizes", "default_metrics",
-           "ranking_prediction_tasks", "ranking_head", "ranking_model_from_schema", "trainer_schema"]
+           "history_columns", "ranking_prediction_tasks", "ranking_head", "ranking_model_from_schema",
+           "trainer_schema"]
