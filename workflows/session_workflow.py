@@ -1507,6 +1507,9 @@ def format_data_report(report: dict) -> str:
         lines.append(f"  splits     {sp['folder']}/: " + ", ".join(f"{k} {sp[k]['sequences']:,}" for k in SPLITS)
                      + f" {kind} ({sp['how']})" + (f"; train expanded to {sp['prefix_expansion']['train_rows']:,} "
                                                    "prefix rows" if "prefix_expansion" in sp else ""))
+        lines.append(f"  training   `merlin-hstu train --data` on this output trains on {sp['folder']}/train, early-stops "
+                     f"on {sp['folder']}/valid and reports {sp['folder']}/test (train.split=sessions; "
+                     "--set train.split=leave_one_out for processed/)")
     lines += [f"  note       {note}" for note in report.get("notes", [])]
     return "\n".join(lines)
 

@@ -14,6 +14,12 @@ the history window removed): HR and NDCG at 5 / 10 / 50, MRR; and the eval loss,
 losses: the full-catalogue cross-entropy of the held-out item, -log softmax(s / tau)[target] with the model's
 similarity s and the config's temperature tau, averaged over eval users (history items stay in the softmax).
 
+A dataset with the Merlin train / valid / test files (DATA/splits/, `preprocess --split-layout merlin`) is run
+with their protocol instead (`--split auto`, the default; train.split=sessions, docs/training.md): trained on the
+train sessions, every metric and the eval loss on the test sessions' last items (the loop also evaluates the valid
+sessions after every epoch; nothing stops early unless --set asks for it). `--split leave_one_out` keeps
+leave-one-out on processed/.
+
 A dataset without an action column runs the action-free rows only (the others print "n/a").
 """
 from __future__ import annotations
@@ -70,7 +76,8 @@ def experiment_config(row: GridConfig, args, num_items_hint: int = 0):
     actions = []
     if row.actions == "concat":
         actions = ["inputs.actions=concat", f"inputs.action_embedding_dim={max(args.dim // 8, 1)}"]
-    cfg = load_config(base, [o for o in common + model + actions + list(args.overrides) if o])
+    split = [f"train.split={args.split}"] if getattr(args, "split", None) else []  # run() resolves --split auto
+    cfg = load_config(base, [o for o in common + split + model + actions + list(args.overrides) if o])
     cfg.name = row.name
     return cfg
 
@@ -101,15 +108,15 @@ def eval_loss(model, split, cfg) -> float:
 
 
 def run_row(row: GridConfig, data_dir: Path, args, progress: bool) -> Dict:
-    from merlin_hstu.retrieval.data import load_processed
-    from merlin_hstu.retrieval.train import train_retrieval
+    from merlin_hstu.retrieval.train import train_retrieval, training_table
 
     runs = []
     for i in range(args.seeds):
         cfg = experiment_config(row, args)
         cfg.train.seed = args.seed + i
-        table = load_processed(data_dir, actions=cfg.inputs.actions)
-        if table.timestamps is None and getattr(cfg.model, "time_bias", False):
+        table = training_table(data_dir, cfg)  # processed/, or with train.split=sessions the three split files
+        timestamps = table.has_timestamps if cfg.train.split == "sessions" else table.timestamps is not None
+        if not timestamps and getattr(cfg.model, "time_bias", False):
             cfg.model.time_bias = False
         result = train_retrieval(table, cfg, progress=progress, model_name=row.name)
         metrics = dict(result.metrics[row.name])
@@ -174,6 +181,20 @@ def plot(results: Dict[str, Optional[Dict]], path: Path, title: str) -> Optional
     return path
 
 
+PROTOCOLS = {"leave_one_out": "leave-one-out (last item per user)",
+             "sessions": "Merlin session splits (train on splits/train, metrics on the last item of each "
+                         "splits/test session)"}
+
+
+def resolve_split(split: str, data_dir: Path) -> str:
+    """--split auto -> sessions when `data_dir` has the split files, else leave_one_out (an explicit mode as is)."""
+    from merlin_hstu.retrieval.data import session_split_files
+
+    if split != "auto":
+        return split
+    return "sessions" if session_split_files(data_dir) is not None else "leave_one_out"
+
+
 def run(args) -> int:
     from merlin_hstu.bench.retrieval import machine_info, machine_summary
     from merlin_hstu.common import schema as roles
@@ -186,6 +207,7 @@ def run(args) -> int:
 
     schema = Dataset(str(data_dir / "processed"), engine="parquet").schema
     has_actions = roles.action_list_column(schema) is not None
+    args.split = resolve_split(args.split, data_dir)
     rows = grid_configs()
     if args.configs:
         wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -197,7 +219,7 @@ def run(args) -> int:
     print(f"machine: {machine_summary(info)}")
     print(f"dataset {data_dir}: event types {'present' if has_actions else 'absent (action rows: n/a)'}; "
           f"{len(rows)} configs x {args.seeds} seed(s), {args.epochs} epochs, D={args.dim}, {args.blocks} blocks, "
-          f"history {args.max_history}")
+          f"history {args.max_history}; protocol {PROTOCOLS[args.split]}")
     results: Dict[str, Optional[Dict]] = {}
     most_popular = None
     for row in rows:
@@ -213,12 +235,15 @@ def run(args) -> int:
     out = Path(args.output or f"runs/bench/grid-{data_dir.name}")
     out.mkdir(parents=True, exist_ok=True)
     command = (f"merlin-hstu bench grid --dataset {args.dataset} --epochs {args.epochs} --seeds {args.seeds} "
-               f"--dim {args.dim} --blocks {args.blocks} --heads {args.heads} --max-history {args.max_history}"
+               f"--dim {args.dim} --blocks {args.blocks} --heads {args.heads} --max-history {args.max_history} "
+               f"--split {args.split}"
                + (f" --configs {args.configs}" if args.configs else "")
                + "".join(f" --set {o}" for o in args.overrides))
-    markdown = "\n".join([f"Machine: {machine_summary(info)}. Date {datetime.now(timezone.utc):%Y-%m-%d}.", "",
+    markdown = "\n".join([f"Machine: {machine_summary(info)}. Date {datetime.now(timezone.utc):%Y-%m-%d}. "
+                          f"Protocol: {PROTOCOLS[args.split]}.", "",
                           table, "", f"Command: `{command}`"])
-    record = {"dataset": str(data_dir), "machine": info, "results": results, "most_popular": most_popular,
+    record = {"dataset": str(data_dir), "split": args.split, "machine": info, "results": results,
+              "most_popular": most_popular,
               "markdown": markdown, "command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     (out / "grid.json").write_text(json.dumps(record, indent=2, default=str))
     (out / "grid.md").write_text(markdown + "\n")
@@ -242,6 +267,9 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
     p.add_argument("--blocks", type=int, default=2, help="encoder blocks (default 2)")
     p.add_argument("--heads", type=int, default=2, help="attention heads (default 2)")
     p.add_argument("--max-history", type=int, default=50, help="history window (default 50)")
+    p.add_argument("--split", choices=("auto", "leave_one_out", "sessions"), default="auto",
+                   help="evaluation protocol: auto (default) = sessions when DIR/splits/ holds the Merlin train / "
+                        "valid / test files, else leave_one_out (see the description)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch (default 128)")
     p.add_argument("--num-negatives", type=int, default=128, help="sampled softmax negatives (default 128)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")

@@ -153,10 +153,11 @@ def _history_overrides(args, history: int) -> list:
     return [f"data.max_history={history}", f"model.max_seq_len={history + max(slots, 1)}"]
 
 
-def stopping_overrides(args) -> list:
+def stopping_overrides(args, sessions: bool = False) -> list:
     """Epochs for a user's own data come from the data: early stopping on a validation holdout (every user's
-    second-to-last event) instead of the demo preset's fixed epochs. Nothing changes when the user chose: an
-    explicit --config, or --set train.epochs / train.early_stopping_patience / train.validation_fraction."""
+    second-to-last event; `sessions` (train.split=sessions): the valid sessions) instead of the demo preset's fixed
+    epochs. Nothing changes when the user chose: an explicit --config, or --set train.epochs /
+    train.early_stopping_patience / train.validation_fraction."""
     from merlin_hstu.common.overrides import parse_override
 
     if getattr(args, "config", None):
@@ -164,10 +165,11 @@ def stopping_overrides(args) -> list:
     chosen = {".".join(keys) for keys, _ in map(parse_override, getattr(args, "overrides", []) or [])}
     if chosen & {"train.epochs", "train.early_stopping_patience", "train.validation_fraction"}:
         return []
-    print(f"epochs from the data: up to {USER_DATA_MAX_EPOCHS}, stopping when validation NDCG@10 (every user's "
-          f"second-to-last event held out) has not improved for {USER_DATA_PATIENCE} epochs; the best epoch's "
-          "weights are kept (set --set train.epochs=N to train a fixed number of epochs instead)")
-    return [f"train.epochs={USER_DATA_MAX_EPOCHS}", "train.validation_fraction=1.0",
+    held = "the valid sessions' last items" if sessions else "every user's second-to-last event held out"
+    print(f"epochs from the data: up to {USER_DATA_MAX_EPOCHS}, stopping when validation NDCG@10 ({held}) has not "
+          f"improved for {USER_DATA_PATIENCE} epochs; the best epoch's weights are kept (set --set train.epochs=N to "
+          "train a fixed number of epochs instead)")
+    return [f"train.epochs={USER_DATA_MAX_EPOCHS}", *([] if sessions else ["train.validation_fraction=1.0"]),
             f"train.early_stopping_patience={USER_DATA_PATIENCE}", "train.early_stopping_metric=ndcg@10"]
 
 
@@ -355,7 +357,8 @@ def train_and_report(data_dir: Path, run_dir: Path, cfg, progress: bool, checkpo
     from merlin_hstu.retrieval.train import save_run, train_retrieval, training_table
 
     table = training_table(data_dir, cfg)  # in memory, or its row groups with train.streaming
-    sequences = f"{table.num_rows:,} sequences streamed" if cfg.train.streaming else f"{len(table.items):,} sequences"
+    sequences = (f"{table.num_rows:,} sequences streamed" if cfg.train.streaming else table.summary()
+                 if cfg.train.split == "sessions" else f"{len(table.items):,} sequences")
     print(f"{sequences}, {len(table.candidate_ids):,} candidate items; "
           f"config {cfg.name}: {cfg.model.num_blocks} {type(cfg.model).__name__[:-13]} blocks, "
           f"D={cfg.model.embedding_dim}, "

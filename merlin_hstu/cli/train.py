@@ -113,15 +113,36 @@ def _train_retrieval(args, run_dir: Path, common: dict) -> int:
     from merlin_hstu.workflows.session_workflow import read_data_report
 
     report = read_data_report(data_dir)
-    extra = [*loop_overrides(args), *_absent_columns(report)]
-    history = data_history(args, data_dir, _load_cfg(args, extra, quiet=True), report)
-    cfg = _load_cfg(args, [*extra, *stopping_overrides(args)], history=history)
+    extra = [*loop_overrides(args), *_absent_columns(report), *data_split(args, data_dir)]
+    chosen = _load_cfg(args, extra, quiet=True)
+    history = data_history(args, data_dir, chosen, report)
+    cfg = _load_cfg(args, [*extra, *stopping_overrides(args, sessions=chosen.train.split == "sessions")],
+                    history=history)
     if args.kernel and getattr(cfg.model, "kernel", None) is None:
         raise ValueError(f"--kernel: the encoder of config {cfg.name!r} ({type(cfg.model).__name__}) has no HSTU "
                          "attention; drop --kernel")
     train_and_report(data_dir, run_dir, cfg, fingerprint=fingerprint_of(cfg.to_dict(), str(data_dir)), **common)
     print(f"run saved to {run_dir}")
     return 0
+
+
+def data_split(args, data_dir: Path) -> list:
+    """train.split=sessions when DATA/splits/ holds the Merlin train / valid / test files (preprocess
+    --split-layout merlin, or an --input in that layout), unless --config or --set chose train.split; with a note."""
+    from merlin_hstu.common import presets
+    from merlin_hstu.retrieval.data import session_split_files
+
+    files = session_split_files(data_dir)
+    if files is None:
+        return []
+    chosen = presets.read_preset("retrieval", args.config or DEFAULT_PRESETS["retrieval"], args.overrides)
+    if "split" in (chosen.get("train") or {}):
+        return []
+    print(f"note: {files['train'].parent} holds the Merlin train / valid / test files, so training uses them "
+          "(train.split=sessions): it trains on the train sessions, early-stops on the valid sessions and reports "
+          "the test sessions, each evaluated session scored on its last item; --set train.split=leave_one_out "
+          "trains on processed/ with leave-one-out instead")
+    return ["train.split=sessions"]
 
 
 def _absent_columns(report: Optional[dict]) -> list:
@@ -238,7 +259,13 @@ def cmd_evaluate(args) -> int:
         from merlin_hstu.retrieval.train import evaluate_model, evaluate_most_popular
 
         cfg = run.config
-        split = LeaveOneOut(load_processed(data, actions=cfg.inputs.actions), max_history=cfg.data.max_history)
+        if cfg.train.split == "sessions":  # the run's protocol: the test sessions of DATA/splits/
+            from merlin_hstu.retrieval.data import SessionSplits, load_session_splits
+
+            split = SessionSplits(load_session_splits(data, actions=cfg.inputs.actions),
+                                  max_history=cfg.data.max_history)
+        else:
+            split = LeaveOneOut(load_processed(data, actions=cfg.inputs.actions), max_history=cfg.data.max_history)
         metrics = {"HSTU": evaluate_model(model, split, cfg, progress=not args.no_progress),
                    "most-popular": evaluate_most_popular(split, cfg)}
         print(format_metrics_table(metrics))

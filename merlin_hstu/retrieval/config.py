@@ -32,6 +32,9 @@ from merlin_hstu.encoders.sasrec import SASRecEncoderConfig
 from merlin_hstu.retrieval.similarity import RetrievalHeadConfig
 from merlin_hstu.train.config import LoopConfig
 
+#: train.split: how retrieval samples are split (merlin_hstu.retrieval.data: LeaveOneOut | SessionSplits)
+SPLIT_MODES = ("leave_one_out", "sessions")
+
 # model.type -> the encoder's typed config
 ENCODER_CONFIGS = {"hstu": HSTUEncoderConfig, "sasrec": SASRecEncoderConfig}
 
@@ -78,14 +81,30 @@ class TrainConfig(LoopConfig):
     negatives: str = "uniform"  # uniform (over the catalogue) | in_batch (the batch's supervised positives)
     logq_correction: bool = False  # in-batch negatives only: logit - log q(item)
     mi_loss_weight: float = 0.0  # MoL heads: weight of the gates' mutual-information aux loss
+    # leave_one_out: per user, train on s_1..s_{T-1}, evaluate s_T (processed/); sessions: the Merlin train / valid /
+    # test files of DATA/splits/ (train on train, validate on valid, final metrics on test; last item per session)
+    split: str = "leave_one_out"
 
     def __post_init__(self) -> None:
+        if self.split not in SPLIT_MODES:
+            raise ValueError(f"train.split must be one of {list(SPLIT_MODES)}, got {self.split!r}")
         super().__post_init__()
+        if self.split == "sessions" and self.validation_fraction:
+            raise ValueError(f"train.validation_fraction={self.validation_fraction} holds users out of leave-one-out "
+                             "training, but with train.split=sessions the valid sessions (DATA/splits/valid.parquet) "
+                             "are the validation split: set train.validation_fraction=0")
+        if self.split == "sessions" and self.streaming:
+            raise ValueError("train.split=sessions reads the train / valid / test files in memory; streaming reads "
+                             "processed/ for leave-one-out: set train.streaming=false or train.split=leave_one_out")
         try:  # an invalid loss / negatives / temperature combination fails here, at load time
             self.loss_config()
         except ValueError as error:
             raise ValueError(f"train section: {error} (keys train.loss, train.negatives, train.num_negatives, "
                              "train.temperature, train.logq_correction, train.mi_loss_weight)") from None
+
+    @property
+    def validates(self) -> bool:
+        return bool(self.validation_fraction) or self.split == "sessions"
 
     def loss_config(self) -> RetrievalLossConfig:
         return RetrievalLossConfig(num_negatives=self.num_negatives, temperature=self.temperature, loss=self.loss,
@@ -113,6 +132,8 @@ class ExperimentConfig:
             d["train"][key] = list(d["train"][key])
         if self.inputs == RetrievalInputsConfig():
             del d["inputs"]
+        if d["train"]["split"] == TrainConfig.split:  # written only when set: leave-one-out configs dump as before
+            del d["train"]["split"]
         return d
 
 

@@ -12,6 +12,9 @@ A batch is a dict of right-padded tensors:
   targets    [B]     the target ids
 W is trimmed per batch to max(len) + 1; the encoder's normaliser N is a constant, so trimming never changes
 a number.
+
+train.split=sessions (`SessionSplits`) reads the Merlin train / valid / test files of DATA/splits/ instead
+(`load_session_splits`): one sample per session, target = its last item; train / validation / eval = the three files.
 """
 from __future__ import annotations
 
@@ -132,8 +135,9 @@ class ProcessedLayout:
         return [c for c in (self.key_column, self.item_column, self.timestamp_column, self.action_column) if c]
 
 
-def processed_layout(path: str | Path, actions: str = "none"):
-    """-> (ProcessedLayout, merlin Dataset) of the output of `merlin-hstu preprocess` (no column data read)."""
+def processed_layout(path: str | Path, actions: str = "none", files: Optional[Sequence[Path]] = None):
+    """-> (ProcessedLayout, merlin Dataset) of the output of `merlin-hstu preprocess` (no column data read);
+    `files`: the Parquet files of the folder `path` to read, with its schema.pbtxt (e.g. the split layout's)."""
     from merlin.io import Dataset
 
     from merlin_hstu.common import schema as roles
@@ -143,7 +147,13 @@ def processed_layout(path: str | Path, actions: str = "none"):
     path = Path(path)
     if (path / "processed").is_dir():
         path = path / "processed"
-    dataset = Dataset(str(path), engine="parquet", cpu=True)
+    if files is None:
+        dataset = Dataset(str(path), engine="parquet", cpu=True)
+    else:
+        from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
+
+        dataset = Dataset([str(f) for f in files], engine="parquet", cpu=True,
+                          schema=TensorflowMetadata.from_proto_text_file(str(path)).to_merlin_schema())
     schema = dataset.schema
     item_col = roles.item_list_column(schema)
     ts_col = roles.timestamp_list_column(schema)
@@ -175,19 +185,99 @@ def load_processed(path: str | Path, actions: str = "none") -> SequenceTable:
 
     The whole dataset is read into memory; `StreamingLeaveOneOut` (train.streaming) reads it by row groups."""
     layout, dataset = processed_layout(path, actions)
-    df = dataset.to_ddf().compute()
+    return _table_of_frame(dataset.to_ddf().compute(), layout, layout.num_items)
+
+
+def _table_of_frame(df: pd.DataFrame, layout: ProcessedLayout, num_items: Optional[int]) -> SequenceTable:
+    """The SequenceTable of processed rows `df` read with `layout` (actions decoded, the catalogue attached)."""
     action_col = layout.action_column
-    if actions == "interleave":
+    if layout.actions == "interleave":
         decoded = _read_interleaved(df, layout.item_column, action_col, layout.action_token_offset)
         action_col = f"{action_col}:actions"
         df = df.assign(**{action_col: decoded})
     table = SequenceTable.from_frame(df, layout.item_column, layout.timestamp_column, layout.key_column,
-                                     num_items=layout.num_items, action_column=action_col,
+                                     num_items=num_items, action_column=action_col,
                                      num_actions=layout.num_actions)
     if layout.candidates is not None:
         table.candidates = layout.candidates
         table.__post_init__()
     return table
+
+
+# --- the Merlin train / valid / test files (train.split=sessions) ---------------------------------------------
+@dataclass
+class SessionTables(Catalogue):
+    """The three files of a Merlin split layout (DATA/splits/{train,valid,test}.parquet, written by
+    `preprocess --split-layout merlin`) as SequenceTables over one catalogue."""
+
+    train: SequenceTable
+    valid: SequenceTable
+    test: SequenceTable
+    num_items: int
+    first_item_id: int = 3
+    candidates: Optional[np.ndarray] = None
+    num_actions: int = 0
+    folder: Optional[Path] = None
+
+    @property
+    def has_actions(self) -> bool:
+        return self.train.has_actions
+
+    @property
+    def has_timestamps(self) -> bool:
+        return self.train.timestamps is not None
+
+    def summary(self) -> str:
+        return ", ".join(f"{len(t.items):,} {name}" for name, t in
+                         (("train", self.train), ("valid", self.valid), ("test", self.test))) + " sequences"
+
+
+def session_split_files(path: str | Path) -> Optional[dict]:
+    """{"train" | "valid" | "test": file} of DATA/splits/ (DATA: the output of `preprocess`; also accepted: the
+    splits folder itself or DATA/processed), or None when the dataset has no splits folder. A splits folder that
+    lacks a file (or its schema.pbtxt) is an error naming it."""
+    from merlin_hstu.workflows.session_workflow import SPLITS, SPLITS_DIR
+
+    path = Path(path)
+    if path.name == "processed" and not (path / SPLITS_DIR).is_dir():
+        path = path.parent
+    folder = path if path.name == SPLITS_DIR and not (path / SPLITS_DIR).is_dir() else path / SPLITS_DIR
+    if not folder.is_dir():
+        return None
+    files = {split: folder / f"{split}.parquet" for split in SPLITS}
+    missing = [f.name for f in [*files.values(), folder / "schema.pbtxt"] if not f.exists()]
+    if missing:
+        raise ValueError(f"{folder} is a Merlin split layout without {missing}; re-run `merlin-hstu preprocess ... "
+                         "--split-layout merlin` into a new --output")
+    return files
+
+
+def load_session_splits(path: str | Path, actions: str = "none") -> SessionTables:
+    """The train / valid / test files of a processed dataset (`session_split_files`), each a SequenceTable with the
+    processed dataset's columns, catalogue and sizes (the splits' schema.pbtxt is the processed one)."""
+    files = session_split_files(path)
+    if files is None:
+        raise ValueError(f"train.split=sessions reads the Merlin train / valid / test files of {path}/splits/, but "
+                         f"{path} has none. Fix: re-run `merlin-hstu preprocess ... --split-layout merlin` (add "
+                         "--prefix-expansion for train prefixes), give preprocess an --input folder with "
+                         "train.parquet / valid.parquet / test.parquet, or set train.split=leave_one_out")
+    folder = files["train"].parent
+    layout, _ = processed_layout(folder, actions, files=list(files.values()))
+    frames = {split: pd.read_parquet(file, columns=layout.read_columns) for split, file in files.items()}
+    num_items = layout.num_items
+    if num_items is None:  # no size in the schema: the largest id of any split
+        num_items = 1 + max(int(np.max(v)) for df in frames.values() for v in df[layout.item_column] if len(v))
+    tables = {}
+    for split, df in frames.items():
+        if len(df) == 0:
+            raise ValueError(f"{files[split]} holds no sequence; every split needs at least one (re-run preprocess "
+                             "with other --valid-fraction / --test-fraction, or fill the input's file)")
+        tables[split] = _table_of_frame(df, layout, num_items)
+    num_actions = max(t.num_actions for t in tables.values())
+    for table in tables.values():  # one action vocabulary for the model, whichever split holds the largest id
+        table.num_actions = num_actions
+    return SessionTables(tables["train"], tables["valid"], tables["test"], num_items,
+                         candidates=tables["train"].candidates, num_actions=num_actions, folder=folder)
 
 
 def _action_source(schema, path: Path, actions: str) -> Optional[str]:
@@ -273,6 +363,8 @@ def _pad(items: list, timestamps: Optional[list], actions: Optional[list], holdo
 class LeaveOneOut:
     """Train / eval samples of a SequenceTable as padded arrays, batched on demand."""
 
+    protocol = "leave_one_out"
+
     def __init__(self, table: SequenceTable, max_history: int = 200):
         if max_history < 1:
             raise ValueError(f"max_history must be >= 1, got {max_history}")
@@ -303,12 +395,11 @@ class LeaveOneOut:
         chosen = np.zeros(n, dtype=bool)
         chosen[np.random.default_rng(seed).permutation(n)[:count]] = True
 
-        def take(mask: np.ndarray) -> _Padded:
-            t = self.train
-            return _Padded(t.ids[mask], t.lengths[mask], None if t.timestamps is None else t.timestamps[mask],
-                           t.rows[mask], None if t.actions is None else t.actions[mask])
+        self.validation, self.train = _subset(self.train, chosen), _subset(self.train, ~chosen)
 
-        self.validation, self.train = take(chosen), take(~chosen)
+    def popularity_samples(self) -> _Padded:
+        """The samples a most-popular baseline counts (history plus target): the training samples."""
+        return self.train
 
     def _build(self, holdout: int) -> _Padded:
         return _pad(self.table.items, self.table.timestamps, self.table.actions, holdout, self.max_history)
@@ -337,6 +428,55 @@ class LeaveOneOut:
 
     def num_batches(self, split: _Padded, batch_size: int) -> int:
         return -(-len(split.lengths) // batch_size)
+
+
+class SessionSplits(LeaveOneOut):
+    """The samples of train.split=sessions (the Merlin train / valid / test files, `SessionTables`), with the
+    batches of `LeaveOneOut`.
+
+    One sample per sequence of >= 2 events, the T4R next-item protocol: target = its LAST item, history = the last
+    <= H items before it. train: every row of train.parquet (prefix-expanded rows included), trained on at every
+    position (the model supervises each history position with the next item, as for leave-one-out's training
+    samples); validation: valid.parquet (early stopping); eval: test.parquet (the final metrics). Valid and test
+    rows are never training samples; `rows` index the split's own table."""
+
+    protocol = "sessions"
+
+    def __init__(self, tables: SessionTables, max_history: int = 200):
+        if max_history < 1:
+            raise ValueError(f"max_history must be >= 1, got {max_history}")
+        self.tables, self.table, self.max_history = tables, tables, max_history
+        self.train = self._samples(tables.train, "train")
+        self.validation: Optional[_Padded] = self._samples(tables.valid, "valid")
+        self.eval = self._samples(tables.test, "test")
+
+    def _samples(self, table: SequenceTable, name: str) -> _Padded:
+        padded = _pad(table.items, table.timestamps, table.actions, 1, self.max_history)
+        if len(padded.lengths) == 0:
+            raise ValueError(f"{name}.parquet ({self.tables.folder}) has no sequence of >= 2 events, so it gives no "
+                             "sample (history + last item); re-run preprocess with --min-length 2 or more data")
+        return padded
+
+    def hold_out_validation(self, fraction: float, seed: int) -> None:
+        raise ValueError(f"train.validation_fraction={fraction} holds users out of leave-one-out training, but with "
+                         "train.split=sessions the valid sessions (splits/valid.parquet) are the validation split: "
+                         "set train.validation_fraction=0")
+
+    def popularity_samples(self) -> _Padded:
+        """What most-popular counts: each train sequence once (of prefix-expanded rows only the longest per key,
+        which holds the others), so the expansion does not weigh early events more."""
+        table = self.tables.train
+        longest: dict = {}  # key -> (events, sample index)
+        for i, row in enumerate(self.train.rows.tolist()):
+            key, n = table.keys[row], len(table.items[row])
+            if key not in longest or n > longest[key][0]:
+                longest[key] = (n, i)
+        return _subset(self.train, np.sort(np.array([i for _, i in longest.values()], dtype=np.int64)))
+
+
+def _subset(split: _Padded, index: np.ndarray) -> _Padded:
+    return _Padded(split.ids[index], split.lengths[index], None if split.timestamps is None else split.timestamps[index],
+                   split.rows[index], None if split.actions is None else split.actions[index])
 
 
 # --- streaming (train.streaming) --------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 from merlin_hstu.common.embeddings import torchrec_tables
 from merlin_hstu.retrieval.baselines import MostPopular
 from merlin_hstu.retrieval.config import ExperimentConfig, dump_config, encoder_type, load_config
-from merlin_hstu.retrieval.data import (LeaveOneOut, SequenceTable, StreamingLeaveOneOut, StreamingTable, history_window,
-                                        load_processed, open_streaming, popularity_counts, train_sequences)
+from merlin_hstu.retrieval.data import (LeaveOneOut, SequenceTable, SessionSplits, SessionTables, StreamingLeaveOneOut,
+                                        StreamingTable, history_window, load_processed, load_session_splits,
+                                        open_streaming, popularity_counts, train_sequences)
 from merlin_hstu.retrieval.metrics import RetrievalMetricAccumulator, target_ranks
 from merlin_hstu.retrieval.losses import retrieval_loss, softmax_loss_over_sample
 from merlin_hstu.retrieval.model import HSTURetrievalModel, RetrievalModelConfig, next_item_training_loss, supervision
@@ -109,7 +110,7 @@ def evaluate_most_popular(split: LeaveOneOut, cfg: ExperimentConfig) -> dict:
             counts = torch.tensor(current().all_reduce_sum(counts.tolist()), dtype=torch.float32)
         baseline.counts = counts
     else:
-        baseline = MostPopular().fit(train_sequences(split.train), num_items=split.table.num_items)
+        baseline = MostPopular().fit(train_sequences(split.popularity_samples()), num_items=split.table.num_items)
     acc = RetrievalMetricAccumulator(ks=cfg.train.ks)
     invalid = split.table.non_candidate_ids
     for batch in split.batches(split.eval, cfg.train.eval_batch_size):
@@ -262,7 +263,10 @@ def make_retrieval_optimizer(cfg: ExperimentConfig):
 
 def training_table(data_dir, cfg: ExperimentConfig):
     """The data `train_retrieval` reads: the processed dataset in memory (SequenceTable), or with
-    train.streaming its row groups (StreamingTable; under torchrun only this rank's, r::N)."""
+    train.streaming its row groups (StreamingTable; under torchrun only this rank's, r::N), or with
+    train.split=sessions the Merlin train / valid / test files of DATA/splits/ (SessionTables)."""
+    if cfg.train.split == "sessions":
+        return load_session_splits(data_dir, actions=cfg.inputs.actions)
     if not cfg.train.streaming:
         return load_processed(data_dir, actions=cfg.inputs.actions)
     from merlin_hstu.distributed.context import launched
@@ -271,7 +275,30 @@ def training_table(data_dir, cfg: ExperimentConfig):
     return open_streaming(data_dir, actions=cfg.inputs.actions, rank=rank, world_size=world)
 
 
-def train_retrieval(table: SequenceTable, cfg: ExperimentConfig, progress: bool = True,
+def make_split(table, cfg: ExperimentConfig):
+    """The samples `train_retrieval` trains, validates and evaluates on, by train.split / train.streaming:
+    LeaveOneOut (a SequenceTable), StreamingLeaveOneOut (a StreamingTable) or SessionSplits (SessionTables), with the
+    validation split of train.validation_fraction (leave-one-out) or of the valid sessions."""
+    kinds = {"sessions": SessionTables, "streaming": StreamingTable, "leave_one_out": SequenceTable}
+    mode = "sessions" if cfg.train.split == "sessions" else "streaming" if cfg.train.streaming else "leave_one_out"
+    if not isinstance(table, kinds[mode]):
+        setting = "train.streaming=true" if mode == "streaming" else f"train.split={cfg.train.split}"
+        raise ValueError(f"{setting} but the data is a {type(table).__name__} (not a {kinds[mode].__name__}); "
+                         "open it with merlin_hstu.retrieval.train.training_table(path, cfg)")
+    if mode == "sessions":
+        return SessionSplits(table, max_history=cfg.data.max_history)
+    if mode == "streaming":
+        split = StreamingLeaveOneOut(table, max_history=cfg.data.max_history, shuffle_buffer=cfg.train.shuffle_buffer)
+    else:
+        split = LeaveOneOut(table, max_history=cfg.data.max_history)
+    if cfg.train.validation_fraction:
+        split.hold_out_validation(cfg.train.validation_fraction, seed=cfg.train.seed)
+    if split.num_batches(split.train, 1) == 0:
+        raise ValueError("no user has the >= 3 events a leave-one-out train sample needs")
+    return split
+
+
+def train_retrieval(table, cfg: ExperimentConfig, progress: bool = True,
                     log_epoch: Optional[Callable[[int, float, dict], None]] = None,
                     model_name: str = "HSTU", checkpoint_dir: Optional[Path] = None, resume: bool = False,
                     fingerprint: str = "", stop_after_steps: int = 0) -> TrainResult:
@@ -280,22 +307,14 @@ def train_retrieval(table: SequenceTable, cfg: ExperimentConfig, progress: bool 
     through the one training loop (`merlin_hstu.train.loop.fit`: device, precision, schedule, checkpoints);
     evaluate it and most-popular.
 
+    `table`: what `training_table(path, cfg)` returns (a SequenceTable; train.streaming: a StreamingTable;
+    train.split=sessions: SessionTables, trained on the train sessions, validated on valid, evaluated on test).
     `log_epoch(epoch, mean_loss, metrics)` is called after every evaluated epoch (train.eval_every)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    if cfg.train.streaming != isinstance(table, StreamingTable):
-        raise ValueError(f"train.streaming={str(cfg.train.streaming).lower()} but the data is a "
-                         f"{type(table).__name__}; open it with merlin_hstu.retrieval.train.training_table(path, cfg)")
-    if cfg.train.streaming:
-        split = StreamingLeaveOneOut(table, max_history=cfg.data.max_history, shuffle_buffer=cfg.train.shuffle_buffer)
-    else:
-        split = LeaveOneOut(table, max_history=cfg.data.max_history)
-    if cfg.train.validation_fraction:
-        split.hold_out_validation(cfg.train.validation_fraction, seed=cfg.train.seed)
-    if split.num_batches(split.train, 1) == 0:
-        raise ValueError("no user has the >= 3 events a leave-one-out train sample needs")
-    model = build_model(table, cfg)
+    split = make_split(table, cfg)
+    model = build_model(split.table, cfg)
     device = resolve_device(cfg.train.device)
     task = RetrievalTrainingTask(split, cfg, device)
     metrics: dict = {}
@@ -349,6 +368,11 @@ def save_run(run_dir: str | Path, result: TrainResult, cfg: ExperimentConfig, ex
     record = {"metrics": result.metrics, "epoch_losses": result.epoch_losses, "loss": cfg.train.loss,
               "epoch_metrics": [{"epoch": e, **m} for e, m in result.epoch_metrics],
               "train_seconds": result.train_seconds, **(extra or {})}
+    if isinstance(result.split, SessionSplits):  # the protocol and what each split held (leave-one-out: as before)
+        record["split"] = {"protocol": "sessions", "folder": str(result.split.tables.folder), **{
+            name: len(samples.lengths) for name, samples in
+            (("train", result.split.train), ("valid", result.split.validation), ("test", result.split.eval))},
+            "validation_metrics": [{"epoch": e, **m} for e, m in result.fit.validation_metrics]}
     run = run_record(result.fit, encoder_type(cfg.model), record.get("data"), record.get("workflow"),
                      steps=len(result.step_times))
     blob = {"task": "retrieval", "model_type": run["model_type"], "model_config": result.model.config.to_dict(),

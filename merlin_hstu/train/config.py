@@ -69,9 +69,15 @@ class LoopConfig:
             raise ValueError(f"train.grad_clip must be >= 0 (0: off), got {self.grad_clip!r}")
         if not 0.0 <= self.validation_fraction <= 1.0:
             raise ValueError(f"train.validation_fraction must be in [0, 1], got {self.validation_fraction!r}")
-        if self.early_stopping_patience and not self.validation_fraction:
+        if self.early_stopping_patience and not self.validates:
             raise ValueError("train.early_stopping_patience needs a validation split: set train.validation_fraction "
                              "(e.g. 0.1); the test split is never used to choose when to stop")
+
+    @property
+    def validates(self) -> bool:
+        """Whether the task holds a validation split, evaluated after every epoch (early stopping watches it):
+        `validation_fraction` here; a task may have one of its own (retrieval: train.split=sessions)."""
+        return bool(self.validation_fraction)
 
 
 def resolve_device(device: str, check_available: bool = True) -> torch.device:

@@ -572,7 +572,7 @@ def fit(task: TrainingTask, model: torch.nn.Module,
         state.epoch, state.step_in_epoch = epoch + 1, 0
         last = state.epoch >= epochs or bool(max_steps and state.global_step >= max_steps)
         t0 = time.perf_counter()
-        if config.early_stopping_patience or config.validation_fraction:
+        if config.early_stopping_patience or config.validates:
             validation = task.evaluate(model, "validation")
             state.validation_metrics.append((state.epoch, validation))
             name, monitored = task.monitor(validation, config.early_stopping_metric)
