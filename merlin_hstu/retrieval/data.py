@@ -169,7 +169,8 @@ def processed_layout(path: str | Path, actions: str = "none", files: Optional[Se
         action_domain = schema[roles.ACTION_LIST].int_domain
         num_actions = int(action_domain.max) + 1 if action_domain is not None and action_domain.max else 0
     candidates_file = path.parent / "candidates.parquet"
-    candidates = pd.read_parquet(candidates_file)["item_id"].to_numpy() if candidates_file.is_file() else None
+    candidates = (pd.read_parquet(candidates_file)[roles.CANDIDATES_COLUMN].to_numpy() if candidates_file.is_file()
+                  else None)
     layout = ProcessedLayout(path, item_col, ts_col, key_col, action_col, actions, num_items, num_actions, offset,
                              candidates)
     return layout, dataset
