@@ -125,8 +125,13 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
         "serve", help="load test: merlin-hstu serving vs the stock merlin-systems path, side by side (retrieval)",
         description="Export the retrieval run twice (merlin-hstu repository and the stock merlin-systems ensemble), "
                     "serve both from one tritonserver, and drive each with the same requests in alternating rounds; "
-                    "prints p50/p99 latency, QPS, errors and the p50 ratio.  With --t4r the model is the demo "
-                    "preset's HSTU trained with transformers4rec's tr.Trainer, exported by export_t4r_model.")
+                    "prints p50/p99 latency, QPS, errors and the p50 ratio.  With --t4r, models trained with "
+                    "transformers4rec's tr.Trainer (--task: retrieval = the demo preset's HSTU, ranking = "
+                    "DLRM-HSTU, ctr = WuKong, or all) are exported by export_t4r_model as the stock merlin-systems "
+                    "ensemble and as our endpoint, served by one tritonserver and timed with the same raw-id "
+                    "requests: one table task x path with p50/p95/p99, QPS and ours/stock.  The defaults "
+                    "(synthetic data, 1 epoch, 2000 requests per path) take a few minutes per task on 2 cores; "
+                    "--task all about 5-10 minutes.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", "--model", dest="run", metavar="RUN", help="retrieval run to export")
     source.add_argument("--t4r", action="store_true",
@@ -135,6 +140,11 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
     g.add_argument("--data", metavar="DIR",
                    help="session-workflow output to train on (merlin-hstu preprocess; default: a synthetic log)")
     g.add_argument("--epochs", type=int, default=1, help="tr.Trainer epochs (default: 1)")
+    g.add_argument("--task", choices=["retrieval", "ranking", "ctr", "all"], default="retrieval",
+                   help="which task's T4R model to train, export both ways and time (default: retrieval)")
+    g.add_argument("--users", type=int, default=2000,
+                   help="users of the synthetic logs (retrieval without --data, ranking; default: 2000)")
+    g.add_argument("--ctr-rows", type=int, default=4000, help="synthetic Criteo lines for ctr (default: 4000)")
     p.add_argument("--requests", type=int, default=2000, help="requests per path (default: 2000)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: 8)")
     p.add_argument("--rounds", type=int, default=4, help="alternations between the paths (default: 4)")
@@ -453,12 +463,28 @@ def cmd_bench_serve(args) -> int:
     config = BenchConfig(requests=args.requests, concurrency=args.concurrency, rounds=args.rounds,
                          instances=args.instances, prune_unused_inputs=not args.keep_unused_inputs)
     if args.t4r:
-        from merlin_hstu.bench.serving import bench_t4r_serve
+        from merlin_hstu.bench.serving import TASKS, T4RTaskData, bench_t4r_tasks, format_task_table
 
-        summary = bench_t4r_serve(args.data, config, epochs=args.epochs)
+        tasks = list(TASKS) if args.task == "all" else [args.task]
+        if args.data and "retrieval" not in tasks:
+            print(f"error: --data is the retrieval task's session-workflow output; --task {args.task} trains on "
+                  "synthetic data (drop --data or use --task retrieval / all)", file=sys.stderr)
+            return 2
+        spec = T4RTaskData(data=args.data, users=args.users, ctr_rows=args.ctr_rows, epochs=args.epochs)
+        result = bench_t4r_tasks(tasks, config, spec)
+        print(format_task_table(result))
+        if args.json:
+            staged = Path(args.json).with_name(Path(args.json).name + ".partial")
+            staged.write_text(json.dumps({"config": vars(config), "data": vars(spec), **result}, indent=2))
+            staged.replace(args.json)
+        return 1 if any(s["errors"] for paths in result["tasks"].values() for s in paths.values()) else 0
     else:
         if args.data:
             print("error: --data goes with --t4r (a run records the data it was trained on)", file=sys.stderr)
+            return 2
+        if args.task != "retrieval":
+            print("error: --task goes with --t4r (a run is of one task: bench serve --run times retrieval runs)",
+                  file=sys.stderr)
             return 2
         summary = bench_serve(args.run, config)
     print(format_summary(summary))
