@@ -59,6 +59,8 @@ class BenchConfig:
         for name in ("requests", "concurrency", "rounds", "top_k", "instances", "entry_instances"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"BenchConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.warmup) < 0:
+            raise ValueError(f"BenchConfig.warmup must be >= 0, got {self.warmup}")
         if self.requests < self.rounds:
             raise ValueError(f"BenchConfig.requests={self.requests} must be >= rounds={self.rounds}")
 
@@ -470,12 +472,16 @@ def bench_t4r_tasks(tasks=TASKS, config: Optional[BenchConfig] = None, spec: Opt
         cases = {task: builders[task]() for task in tasks}
         export_cfg = _export_config(config)
         repos = {}
+        start = time.perf_counter()
         for task, case in cases.items():
             for path, mode in (("stock", "stock"), ("merlin-hstu", "merlin-hstu")):
                 repos[task, path] = export_t4r_model(case.model, case.data, work / f"{task}-{mode}-repo", mode=mode,
                                                      config=export_cfg, overwrite=True)
+        log(f"exported {len(repos)} repositories in {time.perf_counter() - start:.0f} s")
+        start = time.perf_counter()
         with TritonServer(ServerConfig(list(repos.values()), http_port=0, grpc_port=0)) as server:
-            log(f"tritonserver ready at {server.http_url} (pid {server.pid}) with {len(repos)} repositories")
+            log(f"tritonserver ready at {server.http_url} (pid {server.pid}) with {len(repos)} repositories in "
+                f"{time.perf_counter() - start:.0f} s")
             results = {task: _drive_task(server.http_url, case, export_cfg, config, log)
                        for task, case in cases.items()}
         return {"machine": machine, "tasks": results}

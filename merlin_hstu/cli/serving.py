@@ -148,6 +148,7 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
     p.add_argument("--requests", type=int, default=2000, help="requests per path (default: 2000)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: 8)")
     p.add_argument("--rounds", type=int, default=4, help="alternations between the paths (default: 4)")
+    p.add_argument("--warmup", type=int, default=40, help="untimed requests per path first (default: 40)")
     p.add_argument("--instances", type=int, default=2, help="executor instances of the batched model (default: 2)")
     p.add_argument("--keep-unused-inputs", action="store_true",
                    help="merlin-hstu also runs the workflow's action branch (as the stock path does)")
@@ -460,7 +461,7 @@ def _plain(value):
 def cmd_bench_serve(args) -> int:
     from merlin_hstu.bench.serving import BenchConfig, bench_serve, format_summary
 
-    config = BenchConfig(requests=args.requests, concurrency=args.concurrency, rounds=args.rounds,
+    config = BenchConfig(requests=args.requests, concurrency=args.concurrency, rounds=args.rounds, warmup=args.warmup,
                          instances=args.instances, prune_unused_inputs=not args.keep_unused_inputs)
     if args.t4r:
         from merlin_hstu.bench.serving import TASKS, T4RTaskData, bench_t4r_tasks, format_task_table
