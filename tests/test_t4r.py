@@ -96,7 +96,8 @@ def plain_hstu(model: t4r.HSTUModel, x, lengths, query_times, key_times):
     out = torch.zeros_like(x)
     for b in range(x.shape[0]):
         length = int(lengths[b])
-        z = x[b, :length] + model.position_embeddings.weight[:length]
+        z = x[b, :length] * math.sqrt(cfg.hidden_size) ** (cfg.input_scale == "sqrt_d") \
+            + model.position_embeddings.weight[:length]
         for layer in model.encoder.layers:
             zn = F.layer_norm(z, (z.shape[-1],), eps=cfg.layer_norm_eps)
             proj = F.silu(zn @ layer.uvqk)

@@ -154,6 +154,13 @@ class RetrievalModelConfig:
                    inputs=RetrievalInputsConfig(**(d.get("inputs") or {})), num_actions=int(d.get("num_actions", 0)))
 
 
+def item_table_init(weight: torch.Tensor) -> torch.Tensor:
+    """The item table's initialisation: truncated normal, std 0.02, cut at +-2 std (row 0 included; padding rows
+    get no gradient).  Also what `merlin_hstu.t4r.retrieval.retrieval_model_from_schema` gives T4R's item table."""
+    with torch.no_grad():
+        return nn.init.trunc_normal_(weight, std=0.02, a=-0.04, b=0.04)
+
+
 class HSTURetrievalModel(nn.Module):
     def __init__(self, config: RetrievalModelConfig):
         super().__init__()
@@ -187,8 +194,7 @@ class HSTURetrievalModel(nn.Module):
         return {f: jagged_to_padded(out[f], lengths, width) for f in features}
 
     def reset_parameters(self) -> None:
-        # Truncated normal, std 0.02, cut at +-2 std (row 0 included; padding rows get no gradient).
-        nn.init.trunc_normal_(self.item_embedding.weight, std=0.02, a=-0.04, b=0.04)
+        item_table_init(self.item_embedding.weight)
         # The input preprocessor's own tables (positions, actions): the reference initialises them with a
         # truncated normal of std sqrt(1/D) (D the full width), which its HSTU then overwrites with xavier_normal_.
         for table in (self.position_embedding, self.action_embedding):

@@ -34,6 +34,7 @@ time as its query time.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -59,6 +60,7 @@ HSTU_MODEL_TYPE = "hstu"
 HSTU_REGISTRY_KEY = "hstu"
 HSTU_TIME_REGISTRY_KEY = "hstu-time"
 HSTU_MASKING_KEYS = ("hstu-clm", "hstu-causal")
+INPUT_SCALES = ("sqrt_d", "none")  # HSTUConfig.input_scale
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,6 +80,13 @@ class HSTUConfig(PretrainedConfig):
     kernel picks the attention implementation: "pytorch", "triton" or "auto" (Triton for CUDA tensors,
     PyTorch otherwise; see `merlin_hstu.kernels.dispatch`).  It is saved with the config, so a model loaded
     by `from_pretrained` runs the kernel it was saved with.
+
+    input_scale is what the embedded inputs are multiplied by before the position embedding is added:
+    "sqrt_d" (default) multiplies by sqrt(hidden_size), as the native model's input stack and the reference do
+    (x = E[ids] * sqrt(D) + P); "none" takes T4R's embeddings as they come (what this block did before the
+    field existed; a config saved without the field loads with "none", so a saved model computes what it was
+    trained to).  Without the scale the items are ~8x smaller than the position embedding at D = 64 and the
+    model trains far worse (docs/t4r.md, "tr.Trainer vs the native loop").
     """
 
     model_type = HSTU_MODEL_TYPE
@@ -98,9 +107,13 @@ class HSTUConfig(PretrainedConfig):
         absolute_position_embedding: bool = True,
         layer_norm_eps: float = 1e-6,
         kernel: str = "auto",
+        input_scale: str = "sqrt_d",
         **kwargs: Any,
     ):
         validate_kernel(kernel, "HSTUConfig.kernel")
+        if input_scale not in INPUT_SCALES:
+            raise ValueError(f"HSTUConfig.input_scale must be one of {INPUT_SCALES} (sqrt_d: x * sqrt(hidden_size) "
+                             f"as the native model; none: T4R's embeddings unscaled), got {input_scale!r}")
         for name, value in (
             ("hidden_size", hidden_size),
             ("num_hidden_layers", num_hidden_layers),
@@ -134,7 +147,19 @@ class HSTUConfig(PretrainedConfig):
         self.absolute_position_embedding = absolute_position_embedding
         self.layer_norm_eps = layer_norm_eps
         self.kernel = kernel
+        self.input_scale = input_scale
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: Dict[str, Any], **kwargs: Any):
+        # A config saved before `input_scale` existed was trained without the scale: load it that way.
+        if "input_scale" not in config_dict:
+            config_dict = {**config_dict, "input_scale": "none"}
+        return super().from_dict(config_dict, **kwargs)
+
+    def input_multiplier(self) -> float:
+        """The factor the embedded inputs are multiplied by (`input_scale`)."""
+        return math.sqrt(self.hidden_size) if getattr(self, "input_scale", "none") == "sqrt_d" else 1.0
 
     def encoder_config(self) -> HSTUEncoderConfig:
         """The typed config of the wrapped `HSTUEncoder` (validates the per-head dims too)."""
@@ -156,10 +181,11 @@ class HSTUConfig(PretrainedConfig):
 
 
 class HSTUModel(PreTrainedModel):
-    """HSTU encoder as a Hugging Face model: h = STU^L(Dropout(x + P[0:W])) on right-padded x [B, W, D].
+    """HSTU encoder as a Hugging Face model: h = STU^L(Dropout(x * s + P[0:W])) on right-padded x [B, W, D].
 
-    P is a learned absolute position table (as in the reference's input preprocessor; T4R hands over
-    already-embedded items, so the item embedding and its scale stay in the T4R feature block).
+    s is sqrt(D) (config.input_scale="sqrt_d", the default: the native model's and the reference's input stack)
+    or 1 ("none").  P is a learned absolute position table (as in the reference's input preprocessor; T4R hands
+    over already-embedded items, so the item table and its initialisation stay in the T4R feature block).
     Causal by construction, so it pairs with T4R's causal LM masking ("clm"/"causal"/"hstu-clm") only.
     """
 
@@ -231,7 +257,8 @@ class HSTUModel(PreTrainedModel):
         if not torch.jit.is_tracing():  # shape checks would only bake constants (and warn) into a trace
             self._check_shapes(inputs_embeds, timestamps)
         width = inputs_embeds.shape[1]
-        x = inputs_embeds
+        scale = self.config.input_multiplier()
+        x = inputs_embeds * scale if scale != 1.0 else inputs_embeds
         if self.position_embeddings is not None:
             positions = torch.arange(width, device=x.device)
             x = x + self.position_embeddings(positions).unsqueeze(0)

@@ -185,9 +185,12 @@ def first_item_id(schema, item_column: str) -> int:
     return 1 if raw else roles.FIRST_REAL_ID
 
 
+INPUT_STACKS = ("native", "t4r")
+
+
 def retrieval_model_from_schema(schema, encoder: HSTUEncoderConfig, max_sequence_length: int,
                                 task: Optional[GenerativeRetrievalTask] = None, input_dropout: float = 0.2,
-                                features: Sequence[str] = ()):
+                                features: Sequence[str] = (), input_stack: str = "native"):
     """A T4R next-item model for a session-workflow schema (its schema.pbtxt, or a split's).
 
         inputs  HSTUSequenceFeatures (time bias on: the schema's timestamp list goes to the encoder) or
@@ -198,11 +201,22 @@ def retrieval_model_from_schema(schema, encoder: HSTUEncoderConfig, max_sequence
 
     `max_sequence_length` is the padded width T4R's loader and `tr.Model` use, at most encoder.max_seq_len.
     With `retrieval_trainer_splits` it is `TrainerSplits.max_sequence_length` (H + 1).
+
+    `input_stack` is how items enter the encoder:
+
+        native  x = E[ids] * sqrt(D) + P, E initialised as the native model's table (truncated normal, std 0.02,
+                `merlin_hstu.retrieval.model.item_table_init`): the native retrieval model's input stack, so the
+                same weights give the same loss (the default; without it the Trainer trains far worse)
+        t4r     x = E[ids] + P with T4R's own table initialisation (normal, std 0.05): T4R's stock feature block
     """
     import transformers4rec.torch as tr
 
+    from merlin_hstu.retrieval.model import item_table_init
     from merlin_hstu.t4r.encoders import HSTUSequenceFeatures, T4RecHSTUConfig, _as_core_schema
 
+    if input_stack not in INPUT_STACKS:
+        raise ValueError(f"input_stack must be one of {INPUT_STACKS} (native: E * sqrt(D) with the native item "
+                         f"table init; t4r: T4R's stock embeddings), got {input_stack!r}")
     core = _as_core_schema(schema)
     if not encoder.causal:
         raise ValueError("retrieval_model_from_schema needs a causal encoder (HSTUEncoderConfig.causal=True): T4R's "
@@ -222,6 +236,8 @@ def retrieval_model_from_schema(schema, encoder: HSTUEncoderConfig, max_sequence
     dim = encoder.embedding_dim
     common = dict(max_sequence_length=max_sequence_length, embedding_dim_default=dim, embedding_dims={item: dim},
                   masking="hstu-clm")
+    if input_stack == "native":
+        common["embeddings_initializers"] = {item: item_table_init}
     if len(names) > 1:
         common["d_output"] = dim  # the concatenated features are wider than the encoder
     if timestamps is not None:
@@ -233,7 +249,8 @@ def retrieval_model_from_schema(schema, encoder: HSTUEncoderConfig, max_sequence
         dim, encoder.num_heads, encoder.num_blocks, encoder.max_seq_len, dropout=encoder.linear_dropout,
         time_bias=encoder.time_bias, kernel=encoder.kernel, attention_dim=encoder.attention_dim,
         linear_dim=encoder.linear_dim, input_dropout=input_dropout, position_bias=encoder.position_bias,
-        num_time_buckets=encoder.num_time_buckets, layer_norm_eps=encoder.layer_norm_eps)
+        num_time_buckets=encoder.num_time_buckets, layer_norm_eps=encoder.layer_norm_eps,
+        input_scale="sqrt_d" if input_stack == "native" else "none")
     body = tr.SequentialBlock(inputs, tr.TransformerBlock(config, masking=inputs.masking))
     task = task if task is not None else GenerativeRetrievalTask()
     if task.first_item_id is None:
@@ -241,4 +258,5 @@ def retrieval_model_from_schema(schema, encoder: HSTUEncoderConfig, max_sequence
     return tr.Model(tr.Head(body, task), max_sequence_length=max_sequence_length)
 
 
-__all__ = ["GenerativeRetrievalTask", "RetrievalOutput", "first_item_id", "retrieval_model_from_schema"]
+__all__ = ["GenerativeRetrievalTask", "RetrievalOutput", "INPUT_STACKS", "first_item_id",
+           "retrieval_model_from_schema"]
