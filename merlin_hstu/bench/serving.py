@@ -383,13 +383,13 @@ def _ranking_case(work: Path, spec: T4RTaskData, log) -> _TaskCase:
 def _ctr_case(work: Path, spec: T4RTaskData, log) -> _TaskCase:
     """WuKong (`wukong_ctr_model`, its default sizes) trained by tr.Trainer on the Criteo workflow's output of a
     synthetic Criteo log; one request = `spec.ctr_rows_per_request` raw rows."""
+    import nvtabular as nvt
     import torch
     import transformers4rec.torch as tr
 
     from merlin_hstu.bench.t4r_vs_native import training_arguments
     from merlin_hstu.ctr.data import SyntheticCriteoConfig, generate_synthetic_criteo, write_criteo_tsv
     from merlin_hstu.retrieval.config import load_config
-    from merlin_hstu.serving.ctr import _features
     from merlin_hstu.serving.ctr_contract import CTRRequest
     from merlin_hstu.t4r.ctr import wukong_ctr_model
     from merlin_hstu.workflows.criteo_workflow import LABEL, CriteoWorkflowConfig, preprocess_criteo, read_criteo_tsv
@@ -410,7 +410,7 @@ def _ctr_case(work: Path, spec: T4RTaskData, log) -> _TaskCase:
     raw = read_criteo_tsv(tsv, CriteoWorkflowConfig()).drop(columns=[LABEL])
     n = spec.ctr_rows_per_request
     frames = [raw.iloc[i:i + n].reset_index(drop=True) for i in range(0, len(raw) - n + 1, n)]
-    workflow = _features(criteo.path)[0]
+    workflow = nvt.Workflow.load(str(criteo.workflow_path)).remove_inputs([LABEL])  # as the CTR export serves it
 
     def offline(frame: pd.DataFrame):
         features = workflow._transform_df(frame[workflow.input_schema.column_names].reset_index(drop=True))
