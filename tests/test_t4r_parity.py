@@ -157,3 +157,32 @@ def test_t4r_stock_input_stack_is_a_different_model(data, tmp_path, one_thread):
     assert initial["item_embedding.weight"][1:].std() == pytest.approx(0.05, rel=0.15)  # T4R's init
     native_losses, _ = replay_natively(cfg, table, initial, batches)
     assert abs(t4r_losses[0] - native_losses[0]) > 1e-3 * abs(native_losses[0])  # 1e4 x the parity gap
+
+
+def test_input_scale_is_saved_and_older_configs_load_unscaled(tmp_path):
+    """input_scale round-trips through save_pretrained; a config.json written before the field existed loads as
+    "none" (the model it was trained as); the scale multiplies the inputs exactly; a bad value is named."""
+    import json
+
+    import transformers
+
+    from merlin_hstu.t4r.encoders import HSTUConfig, HSTUModel
+
+    torch.manual_seed(0)
+    model = HSTUModel(HSTUConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=1,
+                                 max_position_embeddings=8, dropout=0.0)).eval()
+    assert model.config.input_scale == "sqrt_d"
+    model.save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["input_scale"] == "sqrt_d"
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "new").input_scale == "sqrt_d"
+    old = json.loads((tmp_path / "new" / "config.json").read_text())
+    del old["input_scale"]
+    model.save_pretrained(tmp_path / "old")
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    legacy = transformers.AutoModel.from_pretrained(tmp_path / "old").eval()
+    assert legacy.config.input_scale == "none"
+    x, lengths = torch.randn(2, 5, 16), torch.tensor([5, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, lengths=lengths)[0], legacy(x * 4.0, lengths=lengths)[0])
+    with pytest.raises(ValueError, match=r"HSTUConfig.input_scale must be one of \('sqrt_d', 'none'\).*'sqrt'"):
+        HSTUConfig(input_scale="sqrt")

@@ -382,3 +382,29 @@ def test_bench_t4r_vs_native_prints_both_rows(tmp_path, capsys):
     assert own["ndcg@10"] == pytest.approx(ours["ndcg@10"], abs=1e-5)
     assert len(record["native_epoch_losses"]) == len(record["t4r_epoch_losses"]) == 1
     assert record["config"]["model"]["embedding_dim"] == 16
+    assert record["input_stack"] == "native" and "T4R input stack native" in record["markdown"]
+    assert "--input-stack" not in record["command"]  # the default is not spelled out
+
+
+def test_bench_t4r_vs_native_input_stack_option(tmp_path, capsys):
+    """--input-stack t4r trains T4R's stock feature block (and says so); a bad value is refused by name."""
+    threads = torch.get_num_threads()
+    try:
+        code = main(["bench", "t4r-vs-native", "--synthetic-users", "100", "--epochs", "1", "--threads", "1",
+                     "--max-steps", "1", "--input-stack", "t4r", "--cache", str(tmp_path / "cache"),
+                     "--output", str(tmp_path / "out"), "--no-progress", "--set", "model.embedding_dim=16",
+                     "--set", "model.attention_dim=8", "--set", "model.linear_dim=8", "--set", "model.num_blocks=1",
+                     "--set", "data.max_history=16", "--set", "model.max_seq_len=17",
+                     "--set", "train.num_negatives=16"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    record = json.loads((tmp_path / "out" / "t4r_vs_native.json").read_text())
+    assert record["input_stack"] == "t4r" and "--input-stack t4r" in record["command"]
+    assert "T4R input stack t4r" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "t4r-vs-native", "--input-stack", "plain"])
+    assert "invalid choice: 'plain'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"input_stack must be one of \('native', 't4r'\).*'plain'"):
+        retrieval_model_from_schema(read_schema(tmp_path / "cache" / "synthetic-u100-h16" / "processed"),
+                                    small_encoder(max_seq_len=17), 17, input_stack="plain")

@@ -85,8 +85,8 @@ class HSTUConfig(PretrainedConfig):
     "sqrt_d" (default) multiplies by sqrt(hidden_size), as the native model's input stack and the reference do
     (x = E[ids] * sqrt(D) + P); "none" takes T4R's embeddings as they come (what this block did before the
     field existed; a config saved without the field loads with "none", so a saved model computes what it was
-    trained to).  Without the scale the items are ~8x smaller than the position embedding at D = 64 and the
-    model trains far worse (docs/t4r.md, "tr.Trainer vs the native loop").
+    trained to).  Without the scale T4R's N(0, 0.05) items are ~2.5x smaller than the position embedding at D = 64
+    and the model trains far worse (docs/t4r.md, "tr.Trainer vs the native loop").
     """
 
     model_type = HSTU_MODEL_TYPE
