@@ -549,23 +549,32 @@ def _drive_task(url: str, case: _TaskCase, export_cfg, config: BenchConfig, log)
     log(f"{case.task}: the first request's answer equals the offline model on both paths")
 
     paths = {"stock": sender(stock_name, stock_inputs), "merlin-hstu": sender(ours_name, ours_inputs)}
+    totals = time_paths(paths, make_client, config, log, prefix=f"{case.task} ")
+    return {name: t.summary() for name, t in totals.items()}
+
+
+def time_paths(paths: dict, make_client, config, log, prefix: str = "") -> dict:
+    """`config.warmup` untimed requests per path (any error stops the benchmark), then `config.requests` timed
+    requests per path in `config.rounds` alternating rounds at `config.concurrency`; each round and the first
+    errors of each path are logged. -> {path name: merged LoadResult}."""
     warm = list(range(config.requests, config.requests + config.warmup))
     for name, send in paths.items():
         warm_result = run_load(send, make_client, warm, config.concurrency)
         if warm_result.errors:
-            raise RuntimeError(f"{case.task} {name} warm-up failed: {warm_result.errors[0]}")
+            raise RuntimeError(f"{prefix}{name} warm-up failed: {warm_result.errors[0]}")
     totals = {name: LoadResult() for name in paths}
+    width = max(len(name) for name in paths)
     for r, chunk in enumerate(np.array_split(np.arange(config.requests), config.rounds)):
         for name, send in paths.items():
             result = run_load(send, make_client, chunk.tolist(), config.concurrency)
             totals[name].merge(result)
             s = result.summary()
-            log(f"  {case.task} round {r + 1}/{config.rounds} {name:12s} p50 {s['p50_ms']:7.1f} ms  p99 "
+            log(f"  {prefix}round {r + 1}/{config.rounds} {name:{width}s} p50 {s['p50_ms']:7.1f} ms  p99 "
                 f"{s['p99_ms']:7.1f} ms  {s['qps']:6.1f} QPS  errors {s['errors']}")
     for name, t in totals.items():
         for line in t.errors[:3]:
-            log(f"  {case.task} {name} error: {line}")
-    return {name: t.summary() for name, t in totals.items()}
+            log(f"  {prefix}{name} error: {line}")
+    return totals
 
 
 TASK_TABLE_HEADER = ("task", "path", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "QPS", "p50 ours/stock",
@@ -630,25 +639,9 @@ def _drive(ours_repo: Path, stock_repo: Path, stock_model: str, events: pd.DataF
         paths = {"merlin-hstu": sender("merlin-hstu", contract.batched_model_name, batched_inputs),
                  "merlin-hstu ragged": sender("merlin-hstu ragged", contract.model_name, ragged_inputs),
                  "stock": sender("stock", stock_model, stock_inputs)}
-        warm = list(range(config.requests, config.requests + config.warmup))
-        for name, send in paths.items():
-            warm_result = run_load(send, make_client, warm, config.concurrency)
-            if warm_result.errors:
-                raise RuntimeError(f"{name} warm-up failed: {warm_result.errors[0]}")
-        totals = {name: LoadResult() for name in paths}
-        chunks = np.array_split(np.arange(config.requests), config.rounds)
-        for r, chunk in enumerate(chunks):
-            for name, send in paths.items():
-                result = run_load(send, make_client, chunk.tolist(), config.concurrency)
-                totals[name].merge(result)
-                s = result.summary()
-                log(f"  round {r + 1}/{config.rounds} {name:18s} p50 {s['p50_ms']:7.1f} ms  p99 {s['p99_ms']:7.1f} ms"
-                    f"  {s['qps']:6.1f} QPS  errors {s['errors']}")
+        totals = time_paths(paths, make_client, config, log)
         client.close()
     summary = {name: t.summary() for name, t in totals.items()}
-    for name, t in totals.items():
-        for line in t.errors[:3]:
-            log(f"  {name} error: {line}")
     summary["agreement"] = _agreement(answers, stock_mapping, config.requests)
     return summary
 
