@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from test_workflow import _as_lists  # list cells as Python lists, one definition for both files
 
 from merlin_hstu.common import schema as roles
 from merlin_hstu.workflows.session_workflow import (
@@ -27,13 +28,6 @@ SESSION = "session_id"
 CONFIG = SessionWorkflowConfig(id_column=SESSION, id_kind="session", item_column="item", action_column=None,
                                timestamp_column="ts", max_length=20, min_length=2)
 
-
-def _as_lists(df: pd.DataFrame) -> pd.DataFrame:
-    out = df.copy()
-    for col in out.columns:
-        if out[col].dtype == object and len(out) and not isinstance(out[col].iloc[0], str):
-            out[col] = [list(map(int, v)) for v in out[col]]
-    return out.reset_index(drop=True)
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +224,7 @@ def test_prefix_expansion_equals_plain_python(diginetica_events, tmp_path):
     config = SessionWorkflowConfig(**{**vars(SPLIT_CONFIG), "prefix_expansion": True})
     result = preprocess(diginetica_events, tmp_path / "out", config)
     folder = tmp_path / "out" / SPLITS_DIR
-    plain = preprocess(diginetica_events, tmp_path / "plain", SPLIT_CONFIG)
+    preprocess(diginetica_events, tmp_path / "plain", SPLIT_CONFIG)  # the same data, not expanded
     base = _read_split(tmp_path / "plain" / SPLITS_DIR, "train")
     expected = []  # plain Python: every train row of n events -> prefixes of 2..n events, in order
     for _, row in base.iterrows():
