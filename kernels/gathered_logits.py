@@ -10,6 +10,7 @@ keeps only the gathered [P, C] logits, and rebuilds each chunk's sparse gradient
     forward : logits[c] = (user[c] @ table^T).gather(1, ids[c])             for row chunks c
     backward: G_c = scatter_add(zeros[|c|, V], ids[c], grad[c])
               grad_user[c] = G_c @ table;   grad_table += G_c^T @ user[c]
+              G_c[ids[c]] = 0                               (the buffer is zero again for the next chunk)
 
 Same numbers as `(user @ table.T).gather(1, ids)` (the test compares them); memory O(chunk * V), one chunk
 buffer per pass, reused (a fresh 32 MB block per chunk would be a fresh mmap, page-faulted and zeroed each time).
@@ -48,15 +49,19 @@ class _GatheredLogits(torch.autograd.Function):
         grad_user = torch.empty_like(user) if need_user else None
         grad_table = torch.zeros_like(table) if need_table else None
         grad = grad.contiguous()
-        buffer = grad.new_empty(min(rows, user.shape[0]), table.shape[0])  # reused: no fresh pages per chunk
+        # One zeroed buffer, reused: no fresh pages per chunk, and after each chunk only the entries it wrote are
+        # reset to zero (C per row instead of a V-wide fill).
+        buffer = grad.new_zeros(min(rows, user.shape[0]), table.shape[0])
         for start in range(0, user.shape[0], rows):
             stop = min(start + rows, user.shape[0])
-            dense = buffer[: stop - start].zero_()
-            dense.scatter_add_(1, ids[start:stop], grad[start:stop])
+            dense = buffer[: stop - start]
+            chunk_ids = ids[start:stop]
+            dense.scatter_add_(1, chunk_ids, grad[start:stop])
             if need_user:
                 torch.mm(dense, table, out=grad_user[start:stop])
             if need_table:
                 grad_table.addmm_(dense.t(), user[start:stop])
+            dense.scatter_(1, chunk_ids, 0.0)
         return grad_user, grad_table, None
 
 

@@ -282,6 +282,29 @@ def test_time_bucket_ids_hand_computed():
     assert time_bucket_ids(query, keys, 10)[0, :, 0].tolist() == [min(e, 10) for e in expected]
 
 
+@pytest.mark.parametrize("block", [1, 7, 1 << 19])
+def test_time_bucket_ids_blocked_equals_one_expression(monkeypatch, block):
+    # The eager path works in place over blocks of rows; it must give the bits of the one-expression formula
+    # (the traced form), for int64 unix times, broadcast [1, R] queries and blocks that do not divide B.
+    import merlin_hstu.encoders.stu as stu
+
+    monkeypatch.setattr(stu, "_TIME_BUCKET_BLOCK_ELEMENTS", block * 5 * 9)
+    g = torch.Generator().manual_seed(3)
+    keys = 1_600_000_000 + torch.randint(0, 10**8, (11, 9), generator=g)
+    queries = 1_600_000_000 + torch.randint(0, 10**8, (11, 5), generator=g)
+
+    def one_expression(q, k):
+        dt = (q.to(torch.float64).unsqueeze(2) - k.to(torch.float64).unsqueeze(1)).abs()
+        return (torch.log(dt.clamp(min=1.0)) / stu.TIME_BUCKET_DIVISOR).long().clamp(0, 40)
+
+    for q, k in ((queries, keys), (queries[:1], keys), (queries, keys[:1])):
+        got = time_bucket_ids(q, k, 40)
+        assert got.dtype == torch.long and got.shape == (11 if q.shape[0] * k.shape[0] > 1 else 1, 5, 9)
+        assert torch.equal(got, one_expression(q, k))
+    traced = torch.jit.trace(lambda q, k: time_bucket_ids(q, k, 40), (queries, keys))
+    assert torch.equal(traced(queries, keys), one_expression(queries, keys))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Numeric parity against the plain implementation
 # ----------------------------------------------------------------------------------------------------------

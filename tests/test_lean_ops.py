@@ -24,9 +24,10 @@ def plain_attention(q, k, v, mask, normalizer, bias, alpha):
 
 @pytest.mark.parametrize("bias_rows", [0, 1, 3])  # no bias, one bias shared by the batch, one per sequence
 @pytest.mark.parametrize("alpha", [1.0, 0.25])
-def test_pointwise_attention_matches_plain_formula_and_gradients(bias_rows, alpha):
+@pytest.mark.parametrize("h", [1, 2])  # one head: the mask is applied to S; more: folded into the bias
+def test_pointwise_attention_matches_plain_formula_and_gradients(bias_rows, alpha, h):
     torch.manual_seed(bias_rows)
-    b, r, w, h = 3, 5, 6, 2
+    b, r, w = 3, 5, 6
     q = torch.randn(b, r, h, 4, dtype=torch.float64, requires_grad=True)
     k = torch.randn(b, w, h, 4, dtype=torch.float64, requires_grad=True)
     v = torch.randn(b, w, h, 3, dtype=torch.float64, requires_grad=True)
