@@ -40,6 +40,10 @@ def test_bench_ab_times_two_versions_and_prints_ratios(tmp_path, capsys):
     record = json.loads((tmp_path / "ab.json").read_text())
     assert set(record["ratios"]) >= {"s_per_step", "cpu_s_per_step", "peak_rss_gb"}
     assert record["summary"]["base"]["losses"][0] > 0 and len(record["summary"]["head"]["losses"]) == 2
+    # first-step gradients compared tensor by tensor (this change touches no training math: equal to rounding)
+    grads = record["first_step_gradients"]
+    assert grads["tensors"] >= 5 and grads["only_in_one"] == [] and grads["max_relative"] < 1e-5
+    assert "first-step gradients: max relative difference" in out
     # the temporary worktree is gone
     listed = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
     assert "merlin-hstu-ab-" not in listed
@@ -64,3 +68,4 @@ def test_bench_ab_head_only_settings_time_bf16_against_fp32(tmp_path, capsys):
     assert "train.precision=bf16" not in record["specs"]["base"]["overrides"]
     fp32, bf16 = record["summary"]["base"]["first_loss"], record["summary"]["head"]["first_loss"]
     assert fp32 != bf16 and abs(bf16 - fp32) / fp32 < 0.02
+    assert 1e-6 < record["first_step_gradients"]["max_relative"] < 0.5  # bf16 rounding shows in the gradients

@@ -66,15 +66,17 @@ def test_encoder_training_path_uses_lean_attention_with_unchanged_gradients():
     torch.testing.assert_close(out.detach(), expected, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("chunk_elements", [30, 10_000])  # several row chunks, one chunk
-def test_gathered_logits_equal_dense_gather(monkeypatch, chunk_elements):
+@pytest.mark.parametrize("method", ["dense", "sparse"])
+@pytest.mark.parametrize("chunk_elements", [30, 10_000])  # several row chunks, one chunk (dense path)
+def test_gathered_logits_equal_dense_gather(monkeypatch, chunk_elements, method):
     monkeypatch.setattr(gathered_module, "CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(1)
     user = torch.randn(23, 4, dtype=torch.float64, requires_grad=True)
     table = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
     ids = torch.randint(0, 9, (23, 5))
     ids[0] = 3  # repeated ids in one row accumulate their gradients
-    got = gathered_logits(user, table, ids)
+    ids[1] = torch.tensor([8, 2, 8, 0, 2])  # unsorted, repeated, row 0 of the table
+    got = gathered_logits(user, table, ids, method=method)
     # independent: one dot product per (p, c)
     want = torch.stack([torch.stack([user[p] @ table[ids[p, c]] for c in range(5)]) for p in range(23)])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
@@ -83,11 +85,38 @@ def test_gathered_logits_equal_dense_gather(monkeypatch, chunk_elements):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def test_gathered_logits_sparse_path_at_training_shape_in_float32():
+    # The path training takes on a CPU (auto -> sparse for float32): a catalogue wider than int16 keys would
+    # allow is covered too (int32 sort keys), against the dense path.
+    torch.manual_seed(4)
+    for items in (50, 40_000):
+        user = torch.randn(300, 8, requires_grad=True)
+        table = torch.randn(items, 8, requires_grad=True)
+        ids = torch.randint(0, items, (300, 17))
+        assert gathered_module._sparse_path(user, table)
+        sparse = gathered_logits(user, table, ids)
+        dense = gathered_logits(user, table, ids, method="dense")
+        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+        grad = torch.randn_like(sparse)
+        for a, b in zip(torch.autograd.grad(sparse, [user, table], grad),
+                        torch.autograd.grad(dense, [user, table], grad)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    # more entries per row than the catalogue has items (possible with a tiny catalogue): still exact
+    user, table, ids = torch.randn(30, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64), \
+        torch.randint(0, 6, (30, 9))
+    want = torch.einsum("pd,pcd->pc", user, table[ids])
+    torch.testing.assert_close(gathered_logits(user, table, ids, method="sparse"), want, rtol=0, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps the dense path (bf16 matmuls)
+        assert not gathered_module._sparse_path(user, table)
+
+
 def test_gathered_logits_explains_bad_shapes():
     with pytest.raises(ValueError, match="ids must be an int64"):
         gathered_logits(torch.randn(3, 2), torch.randn(4, 2), torch.zeros(3, 2, dtype=torch.int32))
     with pytest.raises(ValueError, match="one D"):
         gathered_logits(torch.randn(3, 2), torch.randn(4, 5), torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="method must be"):
+        gathered_logits(torch.randn(3, 2), torch.randn(4, 2), torch.zeros(3, 2, dtype=torch.long), method="csr")
 
 
 def test_bucket_gather_equals_plain_indexing_values_and_gradients():

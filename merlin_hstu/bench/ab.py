@@ -8,7 +8,8 @@ package folder of symlinks (`merlin_hstu/`, with `kernels/` and `workflows/` map
 maps them) goes first on PYTHONPATH, ahead of the editable install.
 
 Printed per version: median wall s/step over the timed steps of all rounds, CPU-s/step (process time, all
-threads), evaluation seconds, peak RSS, the first step's loss; then the ratios head / base.  Both versions ran in
+threads), evaluation seconds, peak RSS, the first step's loss; then the ratios head / base, and how far the
+head's first-step gradients are from the base's (max |difference| / max |base| per parameter tensor).  Both versions ran in
 this one command, interleaved, so the ratios are the numbers to quote (absolute times on a shared 2-core
 machine drift between runs).
 """
@@ -63,6 +64,9 @@ for step in range(spec["steps"]):
     loss.backward()
     optimizer.step()
     wall.append(time.perf_counter() - t); cpu.append(time.process_time() - c); losses.append(float(loss))
+    if step == 0 and spec.get("grads"):  # the first step's gradients, for the parent to compare (not timed)
+        torch.save({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None},
+                   spec["grads"])
 eval_seconds = None
 if spec["eval"]:
     t = time.perf_counter()
@@ -107,6 +111,25 @@ def run_probe(farm: Path, root: Path, spec: dict) -> dict:
     return json.loads(line[len("AB-RESULT "):])
 
 
+def gradient_difference(base_file: Path, head_file: Path) -> dict:
+    """The first step's gradients of the two versions, tensor by tensor: max |g_head - g_base| / max |g_base|
+    (the worst tensor's), over the parameter names both versions have."""
+    import torch
+
+    base, head = torch.load(base_file), torch.load(head_file)
+    common = sorted(set(base) & set(head))
+    worst, worst_name = 0.0, None
+    for name in common:
+        b, h = base[name].double(), head[name].double()
+        if b.shape != h.shape:
+            raise RuntimeError(f"first-step gradient of {name}: shape {tuple(b.shape)} (base) vs {tuple(h.shape)}")
+        rel = float((h - b).abs().max() / b.abs().max().clamp(min=1e-30))
+        if rel > worst or worst_name is None:
+            worst, worst_name = rel, name
+    return {"max_relative": worst, "worst_tensor": worst_name, "tensors": len(common),
+            "only_in_one": sorted(set(base) ^ set(head))}
+
+
 def summarize(results: list, warmup: int) -> dict:
     wall = [t for r in results for t in r["wall"][warmup:]]
     cpu = [t for r in results for t in r["cpu"][warmup:]]
@@ -146,10 +169,12 @@ def run(args) -> int:
             if extra:
                 print(f"  {name} only: " + " ".join(f"--set {o}" for o in extra))
         results = {"base": [], "head": []}
+        grads = {name: work / f"grads-{name}.pt" for name in specs}
         for r in range(args.rounds):
             order = ["base", "head"] if r % 2 == 0 else ["head", "base"]
             for name in order:
-                results[name].append(run_probe(farms[name], trees[name], specs[name]))
+                spec_r = {**specs[name], "grads": str(grads[name])} if r == 0 else specs[name]
+                results[name].append(run_probe(farms[name], trees[name], spec_r))
                 got = results[name][-1]
                 print(f"  round {r + 1} {name}: {statistics.median(got['wall'][args.warmup:]):.3f} s/step"
                       + (f", eval {got['eval_seconds']:.1f} s" if got["eval_seconds"] is not None else ""), flush=True)
@@ -170,9 +195,15 @@ def run(args) -> int:
         print("ratios head / base (measured in this run): "
               + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items()))
         print(f"first-step loss relative difference: {abs(h['first_loss'] - b['first_loss']) / abs(b['first_loss']):.2e}")
+        grad_diff = gradient_difference(grads["base"], grads["head"])
+        print(f"first-step gradients: max relative difference {grad_diff['max_relative']:.2e} "
+              f"(max |head - base| / max |base| per tensor; worst {grad_diff['worst_tensor']}, "
+              f"{grad_diff['tensors']} tensors)"
+              + (f"; only in one version: {', '.join(grad_diff['only_in_one'])}" if grad_diff["only_in_one"] else ""))
         if args.json:
             Path(args.json).write_text(json.dumps({"base": args.base, "head": args.head or "working tree",
                                                    "summary": summary, "ratios": ratios, "specs": specs,
+                                                   "first_step_gradients": grad_diff,
                                                    "machine": machine_info()}, indent=2, default=str))
     finally:
         for name, tree in trees.items():
