@@ -180,7 +180,7 @@ def run(args) -> int:
                       + (f", eval {got['eval_seconds']:.1f} s" if got["eval_seconds"] is not None else ""), flush=True)
         summary = {name: summarize(rs, args.warmup) for name, rs in results.items()}
         b, h = summary["base"], summary["head"]
-        print(f"\n| version | s/step | CPU-s/step | eval s | peak RSS GB | first loss |")
+        print("\n| version | s/step | CPU-s/step | eval s | peak RSS GB | first loss |")
         print("|---|---|---|---|---|---|")
         for name, label in (("base", args.base), ("head", args.head or "working tree")):
             s = summary[name]
