@@ -582,6 +582,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        # a torchrun process leaves its process group before exiting: left to interpreter teardown, the gloo
+        # threads can abort the process ("terminate called without an active exception") after a finished run
+        context = sys.modules.get("merlin_hstu.distributed.context")
+        if context is not None:
+            context.shutdown()
 
 
 def entry() -> None:
