@@ -351,9 +351,9 @@ class RetrievalHead(nn.Module):
         """query [P, D] against rows `ids` [P, M] of the (normalised) item table items [V, D] -> ([P, M], gates).
 
         Dot product: when the table is smaller than the gathered rows would be (V <= (M - 1) * D; ML-1M: 3,953 rows
-        vs 128 * 50), dense [P, V] matmuls and a gather are cheaper than gathering [P, M, D]; both give the same
-        scores.  `kernels.gathered_logits` does that in row chunks and never keeps the [P, V] matrix for the
-        backward pass (about 0.4 GB less peak memory at the hstu-large-ml1m shape).  MoL: the item side is computed once per distinct id (or once for the table when that is smaller),
+        vs 128 * 50), `kernels.gathered_logits` computes only the sampled dot products (sparse kernels on a CPU;
+        elsewhere row chunks of dense [P, V] matmuls and a gather, never keeping the [P, V] matrix for the backward
+        pass) instead of gathering [P, M, D]; both give the same scores.  MoL: the item side is computed once per distinct id (or once for the table when that is smaller),
         then gathered.
         """
         if not self.is_mol:
