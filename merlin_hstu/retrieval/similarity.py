@@ -353,8 +353,8 @@ class RetrievalHead(nn.Module):
         Dot product: when the table is smaller than the gathered rows would be (V <= (M - 1) * D; ML-1M: 3,953 rows
         vs 128 * 50), `kernels.gathered_logits` computes only the sampled dot products (sparse kernels on a CPU;
         elsewhere row chunks of dense [P, V] matmuls and a gather, never keeping the [P, V] matrix for the backward
-        pass) instead of gathering [P, M, D]; both give the same scores.  MoL: the item side is computed once per distinct id (or once for the table when that is smaller),
-        then gathered.
+        pass) instead of gathering [P, M, D]; both give the same scores.  MoL: the item side is computed once per
+        distinct id (or once for the table when that is smaller), then gathered.
         """
         if not self.is_mol:
             if items.shape[0] <= (ids.shape[1] - 1) * items.shape[1]:
