@@ -86,12 +86,16 @@ class CriteoWorkflowConfig:
     hash_buckets: Dict[str, int] = field(default_factory=dict)  # column -> HashBucket(n) instead of Categorify
     valid_fraction: float = 0.1  # the last lines (time order) form the validation split
     has_label: bool = True  # False: 39 fields (I1..I13, C1..C26), e.g. Criteo's unlabeled test file
+    row_group_size: int = 50_000  # rows per Parquet row group: what a streaming reader (train.streaming) holds
 
     def __post_init__(self) -> None:
         for name in ("freq_threshold", "max_size", "oov_buckets"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise ValueError(f"CriteoWorkflowConfig.{name} must be an integer >= 0, got {value!r}")
+        size = self.row_group_size
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise ValueError(f"CriteoWorkflowConfig.row_group_size must be an integer >= 1 (rows), got {size!r}")
         if self.freq_threshold and self.max_size:
             raise ValueError("CriteoWorkflowConfig: NVTabular Categorify cannot combine freq_threshold and "
                              "max_size; set one of them to 0")
@@ -310,7 +314,8 @@ def preprocess_criteo(source: Union[PathLike, pd.DataFrame], output_dir: PathLik
         for name, part in parts.items():
             # row order is the log's: on a Dask cluster (workflows/cluster.py) the partitions come back in order
             result = fit_transform(workflow, part, fit=False)
-            Dataset(result, cpu=True, schema=schema).to_parquet(str(staging / "processed" / name), output_files=1)
+            Dataset(result, cpu=True, schema=schema).to_parquet(str(staging / "processed" / name), output_files=1,
+                                                                row_group_size=config.row_group_size)
             rows[name] = len(result)
         workflow.save(str(workflow_dir))
         publish_dir(staging, output_dir)

@@ -1,10 +1,13 @@
-"""`merlin-hstu bench stream`: peak memory of retrieval training on a dataset and on one 10x larger, streaming
-(train.streaming) against in memory (docs/scaling.md, "Streaming data"; tests/test_streaming.py asserts the bound).
+"""`merlin-hstu bench stream`: peak memory of retrieval or CTR training on a dataset and on one 10x larger,
+streaming (train.streaming) against in memory (docs/scaling.md, "Streaming data"; tests/test_streaming.py asserts
+the bound).
 
 Each measurement is its own process (peak RSS = the kernel's VmHWM of that process): it opens the data as
-`merlin-hstu train` does (`retrieval.train.training_table`), trains `--steps` optimizer steps and reports. The
-datasets are written by `write_sequences`: random sequences of the catalogue of a preprocessed template, in
-Parquet row groups of `--row-group` rows, each row group written as it is made (never the dataset in memory).
+`merlin-hstu train` does (`retrieval.train.training_table`; CTR: `ctr.data.load_ctr_dataset`), trains `--steps`
+optimizer steps and reports. The datasets are written row group by row group (never the dataset in memory), in
+Parquet row groups of `--row-group` rows: `write_sequences` (retrieval: random sequences of the catalogue of a
+preprocessed template) and `write_criteo_rows` (`--task ctr`: random rows within the tables of a Criteo-workflow
+template, its valid split kept).
 """
 from __future__ import annotations
 
@@ -31,6 +34,25 @@ assert len(result.step_times) == int(sys.argv[2]), result.step_times
 peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print("PEAK_KB", peak)
 """
+
+CHILD_CTR = r"""
+import sys, torch
+from pathlib import Path
+torch.set_num_threads(1)
+from merlin_hstu.ctr.config import load_config
+from merlin_hstu.ctr.data import load_ctr_dataset
+from merlin_hstu.ctr.train import train_ctr
+cfg = load_config("dlrm", sys.argv[3:])
+data = load_ctr_dataset(sys.argv[1], Path(sys.argv[1]), {}, streaming=cfg.train.streaming,
+                        shuffle_buffer=cfg.train.shuffle_buffer)
+torch.manual_seed(cfg.train.seed)
+result = train_ctr(cfg.build_model(data.cardinalities, data.num_dense), data, cfg.train,
+                   stop_after_steps=int(sys.argv[2]))
+assert len(result.step_times) == int(sys.argv[2]), result.step_times
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print("PEAK_KB", peak)
+"""
+CTR_MODEL = ["model.embedding_dim=8", "train.batch_size=256"]
 
 MODEL = ["data.max_history=200", "model.max_seq_len=205", "model.embedding_dim=16", "model.attention_dim=8",
          "model.linear_dim=8", "train.batch_size=32", "train.num_negatives=16"]
@@ -77,12 +99,52 @@ def write_sequences(template: Path, output: Path, users: int, events: int, row_g
     return output
 
 
-def start_peak_rss(data: Path, steps: int, overrides: Sequence[str]) -> subprocess.Popen:
+def write_criteo_rows(template: Path, output: Path, rows: int, row_group_size: int, seed: int) -> Path:
+    """A Criteo-workflow directory of `rows` random train rows (dense N(0, 1), every categorical id uniform in its
+    table, labels Bernoulli(0.25)) with the schema, workflow and valid split of the `preprocess_criteo` output
+    `template`, in row groups of `row_group_size` rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from merlin_hstu.ctr.data import _criteo_columns
+    from merlin_hstu.workflows.criteo_workflow import load_criteo_dataset
+
+    template = Path(template)
+    dataset = load_criteo_dataset(template)
+    columns = _criteo_columns(dataset, template)
+    schema = pq.read_schema(dataset.parquet_files("train")[0]).remove_metadata()
+    if output.exists():
+        raise FileExistsError(f"{output} exists; pass a new directory")
+    tmp = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(template, tmp, ignore=shutil.ignore_patterns("*.parquet"))
+    shutil.copytree(template / "processed" / "valid", tmp / "processed" / "valid", dirs_exist_ok=True)
+    cards = dict(zip(columns.sparse, columns.cardinalities))
+    rng = np.random.default_rng(seed)
+    with pq.ParquetWriter(tmp / "processed" / "train" / "part_0.parquet", schema) as writer:
+        for start in range(0, rows, row_group_size):
+            n = min(row_group_size, rows - start)
+            values = {}
+            for field in schema:
+                if field.name in cards:
+                    values[field.name] = rng.integers(0, cards[field.name], n)
+                elif field.name == columns.label:
+                    values[field.name] = (rng.random(n) < 0.25).astype(np.int64)
+                else:
+                    values[field.name] = rng.standard_normal(n)
+                values[field.name] = pa.array(values[field.name]).cast(field.type)
+            writer.write_table(pa.table(values, schema=schema))
+    os.replace(tmp, output)
+    return output
+
+
+def start_peak_rss(data: Path, steps: int, overrides: Sequence[str], task: str = "retrieval") -> subprocess.Popen:
     """A process training `steps` steps on `data` with `overrides`; `finish_peak_rss` gives its peak RSS."""
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(data), str(steps), *overrides],
+    return subprocess.Popen([sys.executable, "-c", CHILD_CTR if task == "ctr" else CHILD, str(data), str(steps),
+                             *overrides],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -95,22 +157,37 @@ def finish_peak_rss(proc: subprocess.Popen, timeout: float = 1800.0) -> int:
 
 
 def measure(template: Path, work: Path, users: int, events: int, row_group: int, steps: int, shuffle_buffer: int,
-            parallel: bool = False) -> Dict[str, int]:
-    """Peak RSS (KiB) of streaming and in-memory training on `users` and 10 x `users` sequences."""
-    paths = {"1x": write_sequences(template, work / "x1", users, events, row_group, seed=1),
-             "10x": write_sequences(template, work / "x10", 10 * users, events, row_group, seed=2)}
-    history = [f"data.max_history={events}", f"model.max_seq_len={events + 5}"]
-    kinds = {"streaming": [*MODEL, *history, "train.streaming=true", f"train.shuffle_buffer={shuffle_buffer}"],
-             "in-memory": [*MODEL, *history]}
+            parallel: bool = False, task: str = "retrieval") -> Dict[str, int]:
+    """Peak RSS (KiB) of streaming and in-memory training on `users` and 10 x `users` sequences (--task ctr:
+    `users` and 10 x `users` train rows; `events` unused)."""
+    if task == "ctr":
+        paths = {"1x": write_criteo_rows(template, work / "x1", users, row_group, seed=1),
+                 "10x": write_criteo_rows(template, work / "x10", 10 * users, row_group, seed=2)}
+        model = CTR_MODEL
+    else:
+        paths = {"1x": write_sequences(template, work / "x1", users, events, row_group, seed=1),
+                 "10x": write_sequences(template, work / "x10", 10 * users, events, row_group, seed=2)}
+        model = [*MODEL, f"data.max_history={events}", f"model.max_seq_len={events + 5}"]
+    kinds = {"streaming": [*model, "train.streaming=true", f"train.shuffle_buffer={shuffle_buffer}"],
+             "in-memory": model}
     jobs = [(f"{kind}/{size}", path, overrides) for kind, overrides in kinds.items() for size, path in paths.items()]
     if parallel:  # memory peaks are per process: running them side by side changes no figure, only the wall time
-        procs = {name: start_peak_rss(path, steps, overrides) for name, path, overrides in jobs}
+        procs = {name: start_peak_rss(path, steps, overrides, task) for name, path, overrides in jobs}
         return {name: finish_peak_rss(proc) for name, proc in procs.items()}
-    return {name: finish_peak_rss(start_peak_rss(path, steps, overrides)) for name, path, overrides in jobs}
+    return {name: finish_peak_rss(start_peak_rss(path, steps, overrides, task)) for name, path, overrides in jobs}
 
 
-def _template(work: Path) -> Path:
-    """A small preprocessed synthetic log (its schema and catalogue are what the written datasets use)."""
+def _template(work: Path, task: str = "retrieval") -> Path:
+    """A small preprocessed synthetic dataset (its schema and catalogue / tables are what the written datasets use):
+    a session log through `merlin-hstu preprocess`, or (ctr) Criteo-layout rows through the Criteo workflow."""
+    if task == "ctr":
+        from merlin_hstu.ctr.data import SyntheticCriteoConfig, generate_synthetic_criteo, write_criteo_tsv
+        from merlin_hstu.workflows.criteo_workflow import CriteoWorkflowConfig, preprocess_criteo
+
+        frame = generate_synthetic_criteo(SyntheticCriteoConfig(num_rows=4000, seed=3, max_cardinality=2000)).frame
+        preprocess_criteo(write_criteo_tsv(frame, work / "template.tsv"), work / "template",
+                          CriteoWorkflowConfig(valid_fraction=0.25), overwrite=True)
+        return work / "template"
     from merlin_hstu.data.synthetic import SyntheticConfig, generate_event_log
     from merlin_hstu.workflows.session_workflow import preprocess
 
@@ -124,15 +201,16 @@ def run_stream(args) -> int:
     work.mkdir(parents=True, exist_ok=True)
     for name in ("x1", "x10"):
         shutil.rmtree(work / name, ignore_errors=True)
-    template = Path(args.data) if args.data else _template(work)
+    template = Path(args.data) if args.data else _template(work, args.task)
     peaks = measure(template, work, args.users, args.events, args.row_group, args.steps, args.shuffle_buffer,
-                    parallel=args.parallel)
+                    parallel=args.parallel, task=args.task)
+    unit = "train rows" if args.task == "ctr" else f"users x {args.events} events"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; {args.users:,} and {10 * args.users:,} users x {args.events} events, row "
+          f"{platform.python_version()}; {args.task}: {args.users:,} and {10 * args.users:,} {unit}, row "
           f"groups of {args.row_group}, {args.steps} steps, shuffle buffer {args.shuffle_buffer}")
     print(f"{'path':<10} {'peak RSS 1x':>12} {'peak RSS 10x':>13} {'growth':>8}")
-    record = {"users": args.users, "events": args.events, "row_group": args.row_group, "steps": args.steps,
-              "shuffle_buffer": args.shuffle_buffer, "peak_rss_kib": peaks, "growth": {}}
+    record = {"task": args.task, "users": args.users, "events": args.events, "row_group": args.row_group,
+              "steps": args.steps, "shuffle_buffer": args.shuffle_buffer, "peak_rss_kib": peaks, "growth": {}}
     for kind in ("streaming", "in-memory"):
         one, ten = peaks[f"{kind}/1x"], peaks[f"{kind}/10x"]
         record["growth"][kind] = ten / one - 1
@@ -147,14 +225,20 @@ def run_stream(args) -> int:
 
 def register_subcommands(subparsers, bench_subparsers) -> None:
     p = bench_subparsers.add_parser(
-        "stream", help="peak RSS of retrieval training on N and 10N users, streaming (train.streaming) vs in memory",
-        description="Writes two processed datasets (N and 10N random sequences of a preprocessed template's "
-                    "catalogue, small Parquet row groups), trains --steps steps on each in a fresh process, once "
-                    "streaming and once in memory, and prints each process's peak RSS (VmHWM) and the growth from "
-                    "1x to 10x. Writes OUTPUT/stream.json.")
-    p.add_argument("--data", metavar="DIR", help="a `merlin-hstu preprocess` output whose schema and catalogue the "
-                                                 "datasets use (default: a small synthetic log, preprocessed)")
-    p.add_argument("--users", type=int, default=4000, help="sequences of the 1x dataset (default 4000)")
+        "stream", help="peak RSS of retrieval or CTR training on N and 10N rows, streaming (train.streaming) vs in "
+                       "memory",
+        description="Writes two processed datasets (retrieval: N and 10N random sequences of a preprocessed "
+                    "template's catalogue; --task ctr: N and 10N random rows of a Criteo-workflow template's tables; "
+                    "small Parquet row groups), trains --steps steps on each in a fresh process, once streaming and "
+                    "once in memory, and prints each process's peak RSS (VmHWM) and the growth from 1x to 10x. "
+                    "Writes OUTPUT/stream.json.")
+    p.add_argument("--task", choices=("retrieval", "ctr"), default="retrieval",
+                   help="retrieval (HSTU, leave-one-out sequences) or ctr (DLRM on Criteo-workflow rows)")
+    p.add_argument("--data", metavar="DIR", help="a `merlin-hstu preprocess` output (--task ctr: a preprocess_criteo "
+                                                 "output) whose schema and catalogue the datasets use (default: a "
+                                                 "small synthetic one, preprocessed)")
+    p.add_argument("--users", type=int, default=4000, help="sequences (--task ctr: train rows) of the 1x dataset "
+                                                          "(default 4000)")
     p.add_argument("--events", type=int, default=200, help="events per sequence = the max history (default 200)")
     p.add_argument("--row-group", type=int, default=64, help="rows per Parquet row group (default 64)")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per measured training (default 4)")

@@ -223,9 +223,11 @@ def _train_ctr(args, run_dir: Path, common: dict) -> int:
 
     cfg = load_config(args.config or DEFAULT_PRESETS["ctr"], [*loop_overrides(args), *args.overrides])
     _check_kernel(cfg, args)
-    data = load_ctr_dataset(args.data, Path(args.cache), {})
-    print(f"{data.name}: {len(data.train):,} train / {len(data.valid):,} valid rows, {data.num_dense} dense + "
-          f"{len(data.cardinalities)} categorical features")
+    data = load_ctr_dataset(args.data, Path(args.cache), {}, streaming=cfg.train.streaming,
+                            shuffle_buffer=cfg.train.shuffle_buffer)
+    rows = f"{len(data.train):,} train rows streamed (this process's row groups)" if data.streaming else \
+        f"{len(data.train):,} train / {len(data.valid):,} valid rows"
+    print(f"{data.name}: {rows}, {data.num_dense} dense + {len(data.cardinalities)} categorical features")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)

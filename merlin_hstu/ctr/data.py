@@ -37,6 +37,9 @@ by timestamp) are the validation rows, so every validation rating is later than 
 Categorical ids are 1.. in order of first appearance in train; 0 is a value never seen in train.  The fitted
 encoding is an `ML1MCTREncoder` (fit on the train rows, transform any rows), kept as CTRData.info["encoder"]
 and in the run, so a served model encodes raw rows as training did.
+
+Criteo-workflow directories load in memory (`load_criteo_tensors` -> `CTRTensors`) or, with train.streaming, row
+group by row group (`open_criteo_stream` -> `CTRStream`, the same `batches` interface; docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -239,10 +242,17 @@ class CTRTensors:
 
 @dataclass
 class CTRData:
+    """The train and valid splits: tensors in memory (`CTRTensors`), or streamed row group by row group
+    (`CTRStream`, `open_criteo_stream`; the same `batches` interface)."""
+
     name: str
-    train: CTRTensors
-    valid: CTRTensors
+    train: Union[CTRTensors, "CTRStream"]
+    valid: Union[CTRTensors, "CTRStream"]
     info: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def streaming(self) -> bool:
+        return isinstance(self.train, CTRStream)
 
     @property
     def cardinalities(self) -> List[int]:
@@ -265,14 +275,22 @@ def tensors_from_frame(df: pd.DataFrame, dense: Sequence[str], sparse: Sequence[
         dense_names=list(dense), sparse_names=list(sparse), cardinalities=[int(c) for c in cardinalities])
 
 
-def load_criteo_tensors(path: PathLike) -> CTRData:
-    """A `preprocess_criteo` output (or any processed dir with train/valid splits tagged CONTINUOUS /
-    CATEGORICAL / TARGET) as tensors; table sizes come from the schema (int_domain.max + 1)."""
+@dataclass(frozen=True)
+class CriteoColumns:
+    """What a Criteo-workflow schema says: dense (CONTINUOUS), categorical (CATEGORICAL) and label (TARGET) column
+    names, and each categorical column's table size (int_domain.max + 1)."""
+
+    dense: List[str]
+    sparse: List[str]
+    label: str
+    cardinalities: List[int]
+
+
+def _criteo_columns(dataset, path: PathLike) -> CriteoColumns:
     from merlin.schema import Tags
 
-    from merlin_hstu.workflows.criteo_workflow import TRAIN, VALID, load_criteo_dataset
+    from merlin_hstu.workflows.criteo_workflow import VALID
 
-    dataset = load_criteo_dataset(path)
     if VALID not in dataset.splits:
         raise ValueError(f"{path} has no processed/valid split; preprocess with valid_fraction > 0")
     schema = dataset.schema
@@ -287,12 +305,158 @@ def load_criteo_tensors(path: PathLike) -> CTRData:
         if domain is None or domain.max is None:
             raise ValueError(f"{path}: categorical column {name!r} has no int_domain.max in schema.pbtxt")
         cards.append(int(domain.max) + 1)
+    return CriteoColumns(list(dense), list(sparse), targets[0], cards)
+
+
+def load_criteo_tensors(path: PathLike) -> CTRData:
+    """A `preprocess_criteo` output (or any processed dir with train/valid splits tagged CONTINUOUS /
+    CATEGORICAL / TARGET) as tensors; table sizes come from the schema (int_domain.max + 1)."""
+    from merlin_hstu.workflows.criteo_workflow import TRAIN, VALID, load_criteo_dataset
+
+    dataset = load_criteo_dataset(path)
+    columns = _criteo_columns(dataset, path)
     splits = {}
     for name in (TRAIN, VALID):
         df = dataset.to_pandas(name)
-        splits[name] = tensors_from_frame(df, dense, sparse, targets[0], cards)
+        splits[name] = tensors_from_frame(df, columns.dense, columns.sparse, columns.label, columns.cardinalities)
     return CTRData(Path(path).name, splits[TRAIN], splits[VALID],
                    {"path": str(path), "rows": dataset.num_rows, "workflow": str(dataset.workflow_path)})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# streaming (train.streaming): a Criteo-workflow directory read row group by row group
+# ---------------------------------------------------------------------------------------------------------
+VALIDATION_KEY_OFFSET = 7  # the streaming validation rows are keyed by train.seed + 7 (the in-memory draw's seed)
+
+
+@dataclass
+class CTRStream:
+    """One split of a Criteo-workflow directory read row group by row group (`merlin_hstu.data.stream`): what a
+    process holds is one row group, the shuffle buffer and a batch, never the split.
+
+    `batches(batch_size, shuffle, generator)` has `CTRTensors.batches`' signature and, when the split fits in the
+    buffer (`shuffle_buffer` >= its rows), its exact output: the rows in file order, `torch.randperm(n, generator)`,
+    batched in order. A smaller buffer shuffles within it (row groups in a seeded random order). `holdout`
+    (fraction, seed, held) keeps only the rows whose seeded hash of their index in the split
+    (`data.stream.key_fraction`) is below the fraction (held) or not (the rest): train.validation_fraction."""
+
+    groups: list  # this process's row groups (data.stream.RowGroup), in file order
+    dense_names: List[str]
+    sparse_names: List[str]
+    label: str
+    cardinalities: List[int]
+    shuffle_buffer: int = 10000
+    holdout: Optional[Tuple[float, int, bool]] = None
+    rank: int = 0  # groups = the split's row groups rank::world_size (the valid split: all of them, rank 0 of 1)
+    world_size: int = 1
+    streaming = True
+
+    def __post_init__(self) -> None:
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"train.shuffle_buffer must be >= 1 row, got {self.shuffle_buffer}")
+        self._count: Optional[int] = None
+
+    def _keep(self, rows: np.ndarray) -> Optional[np.ndarray]:
+        if self.holdout is None:
+            return None
+        from merlin_hstu.data.stream import key_fraction
+
+        fraction, seed, held = self.holdout
+        below = key_fraction(rows, seed) < fraction
+        return below if held else ~below
+
+    def __len__(self) -> int:
+        """Rows of this process's row groups in the split (counted from the footers and row indices only)."""
+        if self._count is None:
+            total = 0
+            for g in self.groups:
+                keep = self._keep(np.arange(g.first_row, g.first_row + g.num_rows))
+                total += g.num_rows if keep is None else int(keep.sum())
+            self._count = total
+        return self._count
+
+    def part(self, fraction: float, seed: int, held: bool) -> "CTRStream":
+        """The rows whose key hash is below `fraction` (held=True: the validation rows) or the others."""
+        return dataclasses.replace(self, holdout=(float(fraction), int(seed), bool(held)))
+
+    def samples(self, groups=None) -> Iterator[Dict[str, np.ndarray]]:
+        """Per row group: dense float32 [n, m], sparse int64 [n, c], labels float32 [n], rows int64 (index in the
+        split). Nulls, and ids outside a table, are errors naming the column."""
+        from merlin_hstu.data.stream import read_groups
+
+        names = [*self.dense_names, *self.sparse_names, self.label]
+        for group, frame in read_groups(self.groups if groups is None else groups, names):
+            where = f"{group.path.name}, row group {group.index}"
+            for name in names:
+                nulls = frame.column(name).null_count
+                if nulls:
+                    raise ValueError(f"column {name!r} has {nulls} null value(s) ({where}); the Criteo workflow "
+                                     "fills every value: re-run preprocess_criteo")
+            column = lambda name, dtype: frame.column(name).to_numpy().astype(dtype, copy=False)  # noqa: E731
+            n = frame.num_rows
+            sparse = np.stack([column(c, np.int64) for c in self.sparse_names], 1) if self.sparse_names \
+                else np.zeros((n, 0), np.int64)
+            for j, (name, card) in enumerate(zip(self.sparse_names, self.cardinalities)):
+                if n and (sparse[:, j].min() < 0 or sparse[:, j].max() >= card):
+                    raise ValueError(f"categorical column {name!r} has id {int(sparse[:, j].max())} or "
+                                     f"{int(sparse[:, j].min())} outside its table of {card} rows ({where}; "
+                                     "int_domain.max in schema.pbtxt); re-run preprocess_criteo")
+            out = {"dense": np.stack([column(c, np.float32) for c in self.dense_names], 1) if self.dense_names
+                   else np.zeros((n, 0), np.float32),
+                   "sparse": sparse, "labels": column(self.label, np.float32),
+                   "rows": np.arange(group.first_row, group.first_row + n, dtype=np.int64)}
+            keep = self._keep(out["rows"])
+            yield out if keep is None else {k: v[keep] for k, v in out.items()}
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None
+                ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(dense, sparse, labels) batches, as `CTRTensors.batches`; the last one may be smaller."""
+        from merlin_hstu.data.stream import epoch_batches
+
+        if shuffle and generator is None:
+            raise ValueError("a shuffled stream needs its generator")
+        for b in epoch_batches(self.samples, self.groups, len(self), batch_size, self.shuffle_buffer,
+                               generator if shuffle else None):
+            yield torch.from_numpy(b["dense"]), torch.from_numpy(b["sparse"]), torch.from_numpy(b["labels"])
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)
+
+    # --- several processes ----------------------------------------------------------------------------------
+    def rank_steps(self, batch_size: int) -> int:
+        from merlin_hstu.data.stream import rank_steps
+
+        return rank_steps(len(self), batch_size, self.world_size)
+
+    def rank_batches(self, batch_size: int, generator: torch.Generator):
+        """This rank's batches of an epoch: its share of the global `batch_size` from its own row groups, shuffled,
+        exactly `rank_steps` of them (its stream restarted, the generator going on, when it ends early)."""
+        from merlin_hstu.data.stream import batch_share, repeat_for
+
+        share = batch_share(batch_size, self.rank, self.world_size)
+        return repeat_for(lambda: self.batches(share, shuffle=True, generator=generator), self.rank_steps(batch_size))
+
+
+def open_criteo_stream(path: PathLike, shuffle_buffer: int = 10000, rank: int = 0, world_size: int = 1) -> CTRData:
+    """A `preprocess_criteo` output for streaming: the train split's row groups of this process (rank r of N:
+    groups r::N, `data.stream.shard`) and the whole valid split (every process evaluates all of it, so AUC is
+    exact); reads footers and the schema only."""
+    from merlin_hstu.data.stream import row_groups, shard
+    from merlin_hstu.workflows.criteo_workflow import TRAIN, VALID, load_criteo_dataset
+
+    dataset = load_criteo_dataset(path)
+    c = _criteo_columns(dataset, path)
+    splits = {}
+    for name in (TRAIN, VALID):
+        groups = row_groups(dataset.parquet_files(name))
+        if not sum(g.num_rows for g in groups):
+            raise ValueError(f"{path}: the {name} split holds no rows")
+        mine = shard(groups, rank, world_size) if name == TRAIN else groups
+        splits[name] = CTRStream(mine, c.dense, c.sparse, c.label, c.cardinalities, shuffle_buffer,
+                                 rank=rank if name == TRAIN else 0, world_size=world_size if name == TRAIN else 1)
+    return CTRData(Path(path).name, splits[TRAIN], splits[VALID],
+                   {"path": str(path), "rows": dataset.num_rows, "workflow": str(dataset.workflow_path),
+                    "streaming": True})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -446,16 +610,22 @@ DATASETS = ("synthetic-criteo", "ml-1m-prefix-ctr")
 # datasets by name (the CLI's --data / the bench's --dataset)
 # ---------------------------------------------------------------------------------------------------------
 def load_ctr_dataset(name_or_path: str, cache_root: Path, data_overrides: Dict[str, object],
-                     input_dir: Optional[str] = None, log: Callable[[str], None] = print) -> CTRData:
+                     input_dir: Optional[str] = None, log: Callable[[str], None] = print,
+                     streaming: bool = False, shuffle_buffer: int = 10000) -> CTRData:
+    """A named CTR dataset or a Criteo-workflow directory; `streaming` (train.streaming) opens the directory's row
+    groups instead of reading it (under torchrun only this rank's train row groups, r::N)."""
+    if name_or_path == "ml-1m-prefix-ctr" and streaming:
+        raise ValueError("ml-1m-prefix-ctr is encoded in memory (pandas); train.streaming reads a Criteo-workflow "
+                         "directory or synthetic-criteo: set train.streaming=false")
     if name_or_path == "synthetic-criteo":
-        return synthetic_criteo_dataset(cache_root, data_overrides, log)
+        return synthetic_criteo_dataset(cache_root, data_overrides, log, streaming, shuffle_buffer)
     if data_overrides:
         raise ValueError(f"data.* overrides apply to synthetic-criteo only (got {sorted(data_overrides)})")
     if name_or_path == "ml-1m-prefix-ctr":
         return load_ml1m_ctr(input_dir)
     path = Path(name_or_path)
     if (path / "processed" / "train").is_dir():
-        return load_criteo_tensors(path)
+        return _open_criteo(path, streaming, shuffle_buffer)
     raise ValueError(f"unknown CTR dataset {name_or_path!r}: use {' | '.join(DATASETS)} or a directory written by "
                      "merlin_hstu.workflows.criteo_workflow.preprocess_criteo")
 
@@ -463,7 +633,17 @@ def load_ctr_dataset(name_or_path: str, cache_root: Path, data_overrides: Dict[s
 SYNTHETIC_FREQ_THRESHOLD = 5  # Categorify freq_threshold for synthetic-criteo (its noise columns are Zipf-long)
 
 
-def synthetic_criteo_dataset(cache_root: Path, overrides: Dict[str, object], log) -> CTRData:
+def _open_criteo(path: Path, streaming: bool, shuffle_buffer: int) -> CTRData:
+    if not streaming:
+        return load_criteo_tensors(path)
+    from merlin_hstu.distributed.context import launched_rank
+
+    rank, world = launched_rank()
+    return open_criteo_stream(path, shuffle_buffer, rank, world)
+
+
+def synthetic_criteo_dataset(cache_root: Path, overrides: Dict[str, object], log, streaming: bool = False,
+                             shuffle_buffer: int = 10000) -> CTRData:
     """Generate (seeded) -> Criteo TSV -> NVTabular Criteo workflow, cached by a hash of the full config."""
     from merlin_hstu.workflows.criteo_workflow import CriteoWorkflowConfig, preprocess_criteo
 
@@ -494,7 +674,7 @@ def synthetic_criteo_dataset(cache_root: Path, overrides: Dict[str, object], log
             tmp = out / f".{name}.tmp"  # ceilings.json last: its presence marks a complete cache entry
             tmp.write_text(text)
             tmp.rename(out / name)
-    data = load_criteo_tensors(out)
+    data = _open_criteo(out, streaming, shuffle_buffer)
     data.name = "synthetic-criteo"
     data.info["config"] = described
     data.info["ceiling_auc"] = json.loads(ceilings_path.read_text())["valid_ceiling_auc"]

@@ -7,7 +7,7 @@ import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -85,41 +85,86 @@ def build_ctr_model(name: str, cardinalities, num_dense: int, overrides: Optiona
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, tensors: CTRTensors, batch_size: int = 8192) -> torch.Tensor:
-    """Logits of every row of a split, computed on the model's device, returned on the CPU."""
+def predict(model: nn.Module, split, batch_size: int = 8192) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of every row of a split (`CTRTensors` or a streamed `CTRStream`, in its row order), the
+    logits computed on the model's device, both returned on the CPU."""
     model.eval()
     device = module_device(model)
-    return torch.cat([model(dense.to(device), sparse.to(device)).float().cpu()
-                      for dense, sparse, _ in tensors.batches(batch_size)])
+    logits, labels = [], []
+    for dense, sparse, y in split.batches(batch_size):
+        logits.append(model(dense.to(device), sparse.to(device)).float().cpu())
+        labels.append(y)
+    if not logits:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(logits), torch.cat(labels)
 
 
-def evaluate_ctr(model: nn.Module, tensors: CTRTensors, batch_size: int = 8192) -> Dict[str, float]:
-    """AUC, log loss and NE of `model` on a split (ranking_metrics.binary_task_metrics on the logits)."""
-    return binary_task_metrics(tensors.labels, predict_logits(model, tensors, batch_size))
+def predict_logits(model: nn.Module, tensors: CTRTensors, batch_size: int = 8192) -> torch.Tensor:
+    """Logits of every row of a split, computed on the model's device, returned on the CPU."""
+    return predict(model, tensors, batch_size)[0]
+
+
+def evaluate_ctr(model: nn.Module, split, batch_size: int = 8192) -> Dict[str, float]:
+    """AUC, log loss and NE of `model` on a split (ranking_metrics.binary_task_metrics on the logits). A streamed
+    split of a rank's own row groups (the streaming validation rows under --nproc) has every rank's logits and
+    labels gathered first, so the metrics are those of the whole split."""
+    logits, labels = predict(model, split, batch_size)
+    if getattr(split, "streaming", False) and split.world_size > 1:
+        from merlin_hstu.distributed.context import current
+
+        ctx = current()
+        if ctx is not None:
+            parts = ctx.all_gather_object((logits, labels))
+            logits, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if not len(labels):
+        raise ValueError("the evaluated split has no rows")
+    return binary_task_metrics(labels, logits)
 
 
 class CTRTrainingTask:
     """Binary CTR for `merlin_hstu.train.loop.fit`: rows shuffled each epoch by one continuing generator (seed),
-    BCE on the logits, the epoch loss averaged over rows; evaluation on data.valid (AUC, log loss, NE)."""
+    BCE on the logits, the epoch loss averaged over rows; evaluation on data.valid (AUC, log loss, NE).
+
+    Data in memory (`CTRTensors`) or streamed (train.streaming: `CTRStream`, row group by row group through a
+    shuffle buffer; with train.shuffle_buffer >= the train rows every batch equals the in-memory one). The
+    validation rows of train.validation_fraction are a seeded random draw in memory and a seeded hash of each
+    row's index when streamed (so the two hold out different rows)."""
 
     name = "ctr"
     sample_weighted_loss = True
+    streams = True  # train.streaming: CTRData of CTRStream splits (ctr.data.open_criteo_stream)
 
     def __init__(self, data: CTRData, config: CTRTrainConfig):
+        from merlin_hstu.ctr.data import VALIDATION_KEY_OFFSET
+
         self.config = config
+        self.streaming = data.streaming
+        if bool(config.streaming) != self.streaming:
+            kind = "streamed" if self.streaming else "in memory"
+            raise ValueError(f"train.streaming={str(bool(config.streaming)).lower()} but the CTR data is {kind}; "
+                             "load it with merlin_hstu.ctr.data.load_ctr_dataset(..., streaming=train.streaming)")
         self.train, self.valid, self.validation = data.train, data.valid, None
         if config.validation_fraction:
+            seed, fraction = config.seed + VALIDATION_KEY_OFFSET, config.validation_fraction
             n = len(data.train)
-            count = int(round(n * config.validation_fraction))
-            if count < 1 or count >= n:
-                raise ValueError(f"train.validation_fraction={config.validation_fraction} of {n} rows leaves an "
-                                 "empty split")
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + 7))
-            self.validation = data.train.take(order[:count])
-            self.train = data.train.take(order[count:].sort().values)
+            if self.streaming:
+                self.validation = data.train.part(fraction, seed, held=True)
+                self.train = data.train.part(fraction, seed, held=False)
+                empty = data.train.world_size == 1 and (len(self.validation) < 1 or len(self.train) < 1)
+            else:
+                count = int(round(n * fraction))
+                empty = count < 1 or count >= n
+                if not empty:
+                    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+                    self.validation = data.train.take(order[:count])
+                    self.train = data.train.take(order[count:].sort().values)
+            if empty:
+                raise ValueError(f"train.validation_fraction={fraction} of {n} rows leaves an empty split")
         self.shuffle = EpochShuffle(config.seed)
 
     def steps_per_epoch(self) -> int:
+        if self.streaming and self.train.world_size > 1:
+            return self.train.rank_steps(self.config.batch_size)
         return self.train.num_batches(self.config.batch_size)
 
     def epoch_batches(self, epoch: int):
@@ -129,9 +174,16 @@ class CTRTrainingTask:
         return int(batch[2].shape[0])
 
     def rank_batches(self, epoch: int, rank: int, world_size: int):
-        """This rank's contiguous slice of every global batch of `epoch_batches(epoch)` (the same shuffle)."""
+        """This rank's contiguous slice of every global batch of `epoch_batches(epoch)` (the same shuffle); streamed:
+        its share of each global batch from its own row groups."""
         from merlin_hstu.distributed.context import rank_slice
 
+        if self.streaming:  # each rank its own row groups: its share of every global batch (see CTRStream)
+            if (rank, world_size) != (self.train.rank, self.train.world_size):
+                raise ValueError(f"the streamed CTR data was opened for rank {self.train.rank} of "
+                                 f"{self.train.world_size}, not {rank} of {world_size}")
+            yield from self.train.rank_batches(self.config.batch_size, self.shuffle.begin_epoch())
+            return
         order = torch.randperm(len(self.train), generator=self.shuffle.begin_epoch())
         size = self.config.batch_size
         for start in range(0, len(order), size):

@@ -11,7 +11,17 @@ row group, a shuffle buffer and a batch, never the dataset:
 * `read_groups(groups, columns)`: the groups' columns, one `pyarrow.Table` per row group;
 * `ShuffleBuffer`: samples (dicts of equal-length numpy arrays) in, shuffled batches out, holding at most
   `size` samples plus one incoming chunk. Once every sample of an epoch is in the buffer (size >= the epoch), its
-  output is exactly `torch.randperm(n, generator)` batched in order: the in-memory path's shuffle.
+  output is exactly `torch.randperm(n, generator)` batched in order: the in-memory path's shuffle;
+* `epoch_batches(...)`: one epoch of a split's batches, shuffled through a buffer (row groups in a seeded random
+  order when the epoch does not fit in it) or in file order;
+* `key_fraction(keys, seed)`: a seeded uniform number per key (which rows or users a validation split holds,
+  decided row by row without seeing the others);
+* several processes: `batch_share` (rank r's part of a global batch), `rank_steps` (the steps of an epoch on every
+  rank: the most any rank needs for its own samples) and `repeat_for` (a rank with fewer samples starts its
+  stream again, as torch's DistributedSampler pads).
+
+The retrieval stream (`retrieval.data.StreamingLeaveOneOut`) and the CTR stream (`ctr.data.CTRStream`) are built
+on these.
 
 Memory bound: peak samples held = shuffle buffer + the largest row group's samples + one batch, whatever the
 dataset's size (docs/scaling.md, "Streaming data", measures it).
@@ -21,7 +31,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -152,3 +162,82 @@ def in_order(chunks: Iterable[Samples], batch_size: int) -> Iterator[Samples]:
         held = _take(held, slice(full, n))
     if _size(held):
         yield held
+
+
+def epoch_groups(groups: Sequence[RowGroup], count: int, shuffle_buffer: int,
+                 generator: Optional[torch.Generator]) -> List[RowGroup]:
+    """The order an epoch reads its row groups in: file order when the epoch's `count` samples fit in the buffer
+    (then the shuffle is the in-memory one) or when there is no generator, else a seeded random order (a buffer
+    alone would mix only neighbouring row groups)."""
+    if generator is None or count <= shuffle_buffer:
+        return list(groups)
+    return [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
+
+
+def epoch_batches(read: Callable[[Sequence[RowGroup]], Iterable[Samples]], groups: Sequence[RowGroup], count: int,
+                  batch_size: int, shuffle_buffer: int = 0,
+                  generator: Optional[torch.Generator] = None) -> Iterator[Samples]:
+    """One epoch of a split's batches. `read(groups)` gives the split's samples row group by row group (`count` of
+    them in all); with a `generator` they go through a `ShuffleBuffer` of `shuffle_buffer` samples, row groups in
+    `epoch_groups` order, else they come in file order (`in_order`)."""
+    if generator is None:
+        return in_order(read(groups), batch_size)
+    order = epoch_groups(groups, count, shuffle_buffer, generator)
+    return ShuffleBuffer(shuffle_buffer, batch_size, generator).batches(read(order))
+
+
+def key_fraction(keys: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded uniform number in [0, 1) per key (splitmix64 of integer keys, blake2b of other keys): which users
+    or rows a streaming validation split holds, decided key by key without seeing the others."""
+    keys = np.asarray(keys)
+    if np.issubdtype(keys.dtype, np.integer):
+        with np.errstate(over="ignore"):
+            z = keys.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z = z ^ (z >> np.uint64(31))
+        return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "little")
+                     / 2.0 ** 64 for k in keys])
+
+
+# --- several processes ----------------------------------------------------------------------------------------
+def batch_share(batch_size: int, rank: int, world_size: int) -> int:
+    """How many samples of a global batch of `batch_size` rank `rank` trains on (`distributed.context.rank_slice`)."""
+    from merlin_hstu.distributed.context import rank_slice
+
+    part = rank_slice(batch_size, rank, world_size)
+    if part.stop - part.start < 1:
+        raise ValueError(f"train.batch_size={batch_size} leaves rank {rank} of {world_size} no samples; use a larger "
+                         "batch size")
+    return part.stop - part.start
+
+
+def rank_steps(count: int, batch_size: int, world_size: int, what: str = "train") -> int:
+    """Steps of an epoch on every rank when each streams its own `count` samples in batches of its share of the
+    global batch: the most any rank needs (the counts are all-gathered; one process: its own)."""
+    from merlin_hstu.distributed.context import current
+
+    ctx = current()
+    counts = ctx.all_gather_object(count) if ctx is not None and world_size > 1 else [count]
+    if min(counts) < 1:
+        raise ValueError(f"rank {counts.index(min(counts))} has no {what} samples in its row groups; rewrite the "
+                         "Parquet with smaller row groups or use fewer processes")
+    return max(-(-c // batch_share(batch_size, r, len(counts))) for r, c in enumerate(counts))
+
+
+def repeat_for(epoch: Callable[[], Iterable], steps: int) -> Iterator:
+    """Exactly `steps` batches: `epoch()`'s, then a new `epoch()` (its generator going on) while more are needed."""
+    done = 0
+    while done < steps:
+        empty = True
+        for batch in epoch():
+            empty = False
+            yield batch
+            done += 1
+            if done == steps:
+                return
+        if empty:
+            raise ValueError("a stream with no samples cannot fill an epoch's steps")

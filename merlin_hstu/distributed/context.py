@@ -22,6 +22,12 @@ def launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def launched_rank() -> tuple:
+    """(rank, world size) of a process started by torchrun, (0, 1) otherwise: which row groups a streaming reader
+    opens before the process group is joined."""
+    return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if launched() else (0, 1)
+
+
 @dataclass
 class DistContext:
     rank: int

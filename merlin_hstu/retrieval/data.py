@@ -578,23 +578,6 @@ def open_streaming(path: str | Path, actions: str = "none", rank: int = 0, world
                           num_actions=layout.num_actions, rank=rank, world_size=world_size)
 
 
-def _key_fraction(keys: np.ndarray, seed: int) -> np.ndarray:
-    """A seeded uniform number in [0, 1) per key (splitmix64 of integer keys, blake2b of other keys): which users
-    a streaming validation split holds, decided row by row without seeing the others."""
-    keys = np.asarray(keys)
-    if np.issubdtype(keys.dtype, np.integer):
-        with np.errstate(over="ignore"):
-            z = keys.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            z = z ^ (z >> np.uint64(31))
-        return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    import hashlib
-
-    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "little")
-                     / 2.0 ** 64 for k in keys])
-
-
 @dataclass(frozen=True)
 class StreamSplit:
     """A split of a StreamingLeaveOneOut: which samples of each row the stream makes, and how many there are."""
@@ -608,7 +591,7 @@ class StreamingLeaveOneOut:
     """The leave-one-out splits of `LeaveOneOut`, made row group by row group as they are read (train.streaming).
 
     Same protocol per row (train: target s_{T-1}; eval: s_T; validation fraction 1.0: s_{T-1} with training one
-    item earlier). A validation fraction < 1 holds out the users whose seeded key hash (`_key_fraction`) is below
+    item earlier). A validation fraction < 1 holds out the users whose seeded key hash (`data.stream.key_fraction`) is below
     it (the in-memory path draws a permutation instead, so the held-out users differ). Training batches come
     through a shuffle buffer of `shuffle_buffer` samples (row groups in a seeded random order when the epoch does
     not fit in it); evaluation batches come in file order. With shuffle_buffer >= the train samples, every batch
@@ -647,7 +630,9 @@ class StreamingLeaveOneOut:
         return counts
 
     def _held(self, keys: np.ndarray) -> np.ndarray:
-        return _key_fraction(keys, self._seed) < self._fraction
+        from merlin_hstu.data.stream import key_fraction
+
+        return key_fraction(keys, self._seed) < self._fraction
 
     def hold_out_validation(self, fraction: float, seed: int) -> None:
         """`LeaveOneOut.hold_out_validation` for a stream (fraction 1.0 the same; < 1: by seeded key hash)."""
@@ -676,68 +661,40 @@ class StreamingLeaveOneOut:
 
     def batches(self, split: StreamSplit, batch_size: int, shuffle: bool = False,
                 generator: Optional[torch.Generator] = None) -> Iterator[dict]:
-        """Batches (the dicts of `LeaveOneOut.batches`): in file order, or through the shuffle buffer."""
-        from merlin_hstu.data.stream import ShuffleBuffer, in_order
+        """Batches (the dicts of `LeaveOneOut.batches`): in file order, or through the shuffle buffer
+        (`data.stream.epoch_batches`)."""
+        from merlin_hstu.data.stream import epoch_batches
 
-        chunks = (_samples_of(p) for p in self.samples(split, self._epoch_groups(split, generator) if shuffle else None))
-        if shuffle:
-            if generator is None:
-                raise ValueError("a shuffled stream needs its generator")
-            out = ShuffleBuffer(self.shuffle_buffer, batch_size, generator).batches(chunks)
-        else:
-            out = in_order(chunks, batch_size)
-        for samples in out:
+        if shuffle and generator is None:
+            raise ValueError("a shuffled stream needs its generator")
+        read = lambda groups: (_samples_of(p) for p in self.samples(split, groups))  # noqa: E731
+        for samples in epoch_batches(read, self.table.groups, split.count, batch_size, self.shuffle_buffer,
+                                     generator if shuffle else None):
             yield next(LeaveOneOut.batches(_padded_of(samples), batch_size))
-
-    def _epoch_groups(self, split: StreamSplit, generator: Optional[torch.Generator]):
-        """Row groups in file order when the epoch fits in the buffer (then the shuffle is the in-memory one), else
-        in a seeded random order (the buffer alone would mix only neighbouring row groups)."""
-        groups = self.table.groups
-        if split.count <= self.shuffle_buffer or generator is None:
-            return groups
-        return [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
 
     def num_batches(self, split: StreamSplit, batch_size: int) -> int:
         return -(-split.count // batch_size)
 
     # --- several processes ----------------------------------------------------------------------------------
     def rank_steps(self, split: StreamSplit, batch_size: int) -> int:
-        """Steps of an epoch on every rank: the most any rank needs for its own samples in batches of its share of
-        the global batch (a rank with fewer samples starts its stream again, as torch's DistributedSampler pads)."""
-        from merlin_hstu.distributed.context import current
+        """Steps of an epoch on every rank (`data.stream.rank_steps`: the most any rank needs for its own samples
+        in batches of its share of the global batch; a rank with fewer samples starts its stream again)."""
+        from merlin_hstu.data.stream import rank_steps
 
         key = (split, batch_size)
         if key not in self._rank_steps:
-            ctx = current()
-            counts = ctx.all_gather_object(split.count) if ctx is not None and self.world_size > 1 else [split.count]
-            if min(counts) < 1:
-                raise ValueError(f"rank {counts.index(min(counts))} has no {('train', 'eval')[split.holdout == 1]} "
-                                 f"samples in its row groups; rewrite the Parquet with smaller row groups or use "
-                                 "fewer processes")
-            self._rank_steps[key] = max(-(-c // _share(batch_size, r, len(counts))) for r, c in enumerate(counts))
+            what = ("train", "eval")[split.holdout == 1]
+            self._rank_steps[key] = rank_steps(split.count, batch_size, self.world_size, what)
         return self._rank_steps[key]
 
     def rank_batches(self, split: StreamSplit, batch_size: int, generator: torch.Generator) -> Iterator[dict]:
         """This rank's batches of an epoch: its share of `batch_size` from its own row groups, shuffled, exactly
         `rank_steps` of them (the stream restarted, with the same generator going on, when it ends early)."""
-        share, steps = _share(batch_size, self.rank, self.world_size), self.rank_steps(split, batch_size)
-        done = 0
-        while done < steps:
-            for batch in self.batches(split, share, shuffle=True, generator=generator):
-                yield batch
-                done += 1
-                if done == steps:
-                    return
+        from merlin_hstu.data.stream import batch_share, repeat_for
 
-
-def _share(batch_size: int, rank: int, world_size: int) -> int:
-    from merlin_hstu.distributed.context import rank_slice
-
-    part = rank_slice(batch_size, rank, world_size)
-    if part.stop - part.start < 1:
-        raise ValueError(f"train.batch_size={batch_size} leaves rank {rank} of {world_size} no samples; use a larger "
-                         "batch size")
-    return part.stop - part.start
+        share = batch_share(batch_size, self.rank, self.world_size)
+        return repeat_for(lambda: self.batches(split, share, shuffle=True, generator=generator),
+                          self.rank_steps(split, batch_size))
 
 
 def _samples_of(padded: _Padded) -> dict:

@@ -6,7 +6,6 @@ final metrics of the model and of the most-popular baseline, run.json), written 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -269,9 +268,9 @@ def training_table(data_dir, cfg: ExperimentConfig):
         return load_session_splits(data_dir, actions=cfg.inputs.actions)
     if not cfg.train.streaming:
         return load_processed(data_dir, actions=cfg.inputs.actions)
-    from merlin_hstu.distributed.context import launched
+    from merlin_hstu.distributed.context import launched_rank
 
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if launched() else (0, 1)
+    rank, world = launched_rank()
     return open_streaming(data_dir, actions=cfg.inputs.actions, rank=rank, world_size=world)
 
 
