@@ -150,6 +150,7 @@ class RankingWorkflowConfig:
     min_uih_len: int = 1  # a user needs at least min_uih_len history events + 1 candidate
     item_encoding: str = "categorify"  # "categorify" | "raw" (positive integer ids kept; MovieLens)
     csv_separator: Optional[str] = None  # None: sniffed from the CSV header
+    row_group_size: int = 10_000  # users per Parquet row group: what a streaming reader (train.streaming) holds
 
     def __post_init__(self) -> None:
         self.action_names = tuple(self.action_names)
@@ -161,7 +162,7 @@ class RankingWorkflowConfig:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"RankingWorkflowConfig.{name} must be a non-empty column name "
                                  "(ranking samples need users, items and event times)")
-        for name, low in (("num_candidates", 1), ("max_uih_len", 1), ("min_uih_len", 1)):
+        for name, low in (("num_candidates", 1), ("max_uih_len", 1), ("min_uih_len", 1), ("row_group_size", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"RankingWorkflowConfig.{name} must be an integer >= {low}, got {value!r}")
@@ -607,7 +608,8 @@ def preprocess_ranking(source: Union[PathLike, pd.DataFrame], output_dir: PathLi
                 "the output would be empty. Fix: lower RankingWorkflowConfig.min_uih_len or use a longer log."
             )
         out_schema = _relocate_paths(workflow.output_schema, str(staging), str(output_dir))
-        Dataset(result, cpu=True, schema=out_schema).to_parquet(str(processed_dir), output_files=1)
+        Dataset(result, cpu=True, schema=out_schema).to_parquet(str(processed_dir), output_files=1,
+                                                                row_group_size=config.row_group_size)
         workflow.save(str(workflow_dir))
         meta = _meta(config, tasks, out_schema, result, test_fraction, split_seed, description)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))

@@ -1,13 +1,15 @@
-"""`merlin-hstu bench stream`: peak memory of retrieval or CTR training on a dataset and on one 10x larger,
+"""`merlin-hstu bench stream`: peak memory of retrieval, ranking or CTR training on a dataset and on one 10x larger,
 streaming (train.streaming) against in memory (docs/scaling.md, "Streaming data"; tests/test_streaming.py asserts
 the bound).
 
 Each measurement is its own process (peak RSS = the kernel's VmHWM of that process): it opens the data as
-`merlin-hstu train` does (`retrieval.train.training_table`; CTR: `ctr.data.load_ctr_dataset`), trains `--steps`
+`merlin-hstu train` does (`retrieval.train.training_table`; ranking: `RankingDataConfig.load`; CTR:
+`ctr.data.load_ctr_dataset`), trains `--steps`
 optimizer steps and reports. The datasets are written row group by row group (never the dataset in memory), in
 Parquet row groups of `--row-group` rows: `write_sequences` (retrieval: random sequences of the catalogue of a
-preprocessed template) and `write_criteo_rows` (`--task ctr`: random rows within the tables of a Criteo-workflow
-template, its valid split kept).
+preprocessed template), `write_ranking_rows` (`--task ranking`: random users within the catalogue, actions and
+contextual tables of a preprocess-ranking template) and `write_criteo_rows` (`--task ctr`: random rows within the
+tables of a Criteo-workflow template, its valid split kept).
 """
 from __future__ import annotations
 
@@ -53,6 +55,23 @@ peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.s
 print("PEAK_KB", peak)
 """
 CTR_MODEL = ["model.embedding_dim=8", "train.batch_size=256"]
+
+CHILD_RANKING = r"""
+import sys, torch
+torch.set_num_threads(1)
+from merlin_hstu.ranking.config import load_config
+from merlin_hstu.ranking.train import train_ranking
+cfg = load_config("dlrm-hstu", sys.argv[3:])
+data = cfg.data.load(sys.argv[1], cfg.train)
+torch.manual_seed(cfg.train.seed)
+result = train_ranking(cfg.build_model(data), data, cfg.train, progress=False, stop_after_steps=int(sys.argv[2]))
+assert len(result.step_times) == int(sys.argv[2]), result.step_times
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print("PEAK_KB", peak)
+"""
+RANKING_MODEL = ["model.embedding_dim=16", "model.num_blocks=1", "model.num_heads=1", "model.attention_dim=8",
+                 "model.linear_dim=8", "model.multitask_hidden=16", "train.batch_size=32"]
+CHILDREN = {"retrieval": CHILD, "ranking": CHILD_RANKING, "ctr": CHILD_CTR}
 
 MODEL = ["data.max_history=200", "model.max_seq_len=205", "model.embedding_dim=16", "model.attention_dim=8",
          "model.linear_dim=8", "train.batch_size=32", "train.num_negatives=16"]
@@ -138,13 +157,61 @@ def write_criteo_rows(template: Path, output: Path, rows: int, row_group_size: i
     return output
 
 
+def write_ranking_rows(template: Path, output: Path, users: int, events: int, row_group_size: int,
+                       seed: int) -> Path:
+    """A preprocess-ranking directory of `users` random users (`events` history events and K candidates each, items
+    and actions within the catalogue and action bits of the `template`, contextual ids within its tables), with the
+    template's ranking.json (row count updated) and schema, in row groups of `row_group_size` users."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from merlin_hstu.common import schema as roles
+    from merlin_hstu.ranking.data import (CANDIDATE_ACTION_LIST, CANDIDATE_ITEM_LIST, CONTEXT_PREFIX, META_FILE,
+                                          NUM_CANDIDATES, QUERY_TIME, read_meta)
+
+    template = Path(template)
+    meta = read_meta(template)
+    part = next((template / "processed").glob("*.parquet"))
+    schema = pq.read_schema(part).remove_metadata()
+    k, bits = int(meta["num_candidates"]), max(len(meta.get("action_names") or []), 1)
+    known = {meta["user_column"], roles.ITEM_LIST, roles.ACTION_LIST, roles.TIMESTAMP_LIST, CANDIDATE_ITEM_LIST,
+             CANDIDATE_ACTION_LIST, QUERY_TIME, roles.LENGTH, NUM_CANDIDATES,
+             *(CONTEXT_PREFIX + f for f in meta["contextual_cardinalities"])}
+    if set(schema.names) - known or meta.get("has_watch_time"):
+        raise ValueError(f"{part}: columns {sorted(set(schema.names) - known)} (or watch time) that "
+                         "write_ranking_rows does not write; use a template without them")
+    if output.exists():
+        raise FileExistsError(f"{output} exists; pass a new directory")
+    tmp = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(template, tmp, ignore=shutil.ignore_patterns("*.parquet"))
+    (tmp / META_FILE).write_text(json.dumps({**meta, "num_rows": users}, indent=2))
+    rng = np.random.default_rng(seed)
+    with pq.ParquetWriter(tmp / "processed" / part.name, schema) as writer:
+        for start in range(0, users, row_group_size):
+            n = min(row_group_size, users - start)
+            times = np.cumsum(rng.integers(1, 100, size=(n, events)), axis=1) + 1_600_000_000
+            columns = {meta["user_column"]: np.arange(start, start + n), roles.LENGTH: np.full(n, events),
+                       roles.ITEM_LIST: list(rng.integers(1, meta["num_items"], size=(n, events))),
+                       roles.ACTION_LIST: list(rng.integers(0, 2 ** bits, size=(n, events))),
+                       roles.TIMESTAMP_LIST: list(times), QUERY_TIME: times[:, -1],
+                       CANDIDATE_ITEM_LIST: list(rng.integers(1, meta["num_items"], size=(n, k))),
+                       CANDIDATE_ACTION_LIST: list(rng.integers(0, 2 ** bits, size=(n, k))),
+                       NUM_CANDIDATES: np.full(n, k)}
+            for f, card in meta["contextual_cardinalities"].items():
+                columns[CONTEXT_PREFIX + f] = rng.integers(0, card, n)
+            writer.write_table(pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema},
+                                        schema=schema))
+    os.replace(tmp, output)
+    return output
+
+
 def start_peak_rss(data: Path, steps: int, overrides: Sequence[str], task: str = "retrieval") -> subprocess.Popen:
     """A process training `steps` steps on `data` with `overrides`; `finish_peak_rss` gives its peak RSS."""
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
-    return subprocess.Popen([sys.executable, "-c", CHILD_CTR if task == "ctr" else CHILD, str(data), str(steps),
-                             *overrides],
+    return subprocess.Popen([sys.executable, "-c", CHILDREN[task], str(data), str(steps), *overrides],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -158,12 +225,16 @@ def finish_peak_rss(proc: subprocess.Popen, timeout: float = 1800.0) -> int:
 
 def measure(template: Path, work: Path, users: int, events: int, row_group: int, steps: int, shuffle_buffer: int,
             parallel: bool = False, task: str = "retrieval") -> Dict[str, int]:
-    """Peak RSS (KiB) of streaming and in-memory training on `users` and 10 x `users` sequences (--task ctr:
-    `users` and 10 x `users` train rows; `events` unused)."""
+    """Peak RSS (KiB) of streaming and in-memory training on `users` and 10 x `users` sequences (ranking: users
+    with `events` history events; ctr: train rows, `events` unused)."""
     if task == "ctr":
         paths = {"1x": write_criteo_rows(template, work / "x1", users, row_group, seed=1),
                  "10x": write_criteo_rows(template, work / "x10", 10 * users, row_group, seed=2)}
         model = CTR_MODEL
+    elif task == "ranking":
+        paths = {"1x": write_ranking_rows(template, work / "x1", users, events, row_group, seed=1),
+                 "10x": write_ranking_rows(template, work / "x10", 10 * users, events, row_group, seed=2)}
+        model = [*RANKING_MODEL, f"model.max_seq_len={events + 16}"]
     else:
         paths = {"1x": write_sequences(template, work / "x1", users, events, row_group, seed=1),
                  "10x": write_sequences(template, work / "x10", 10 * users, events, row_group, seed=2)}
@@ -180,6 +251,19 @@ def measure(template: Path, work: Path, users: int, events: int, row_group: int,
 def _template(work: Path, task: str = "retrieval") -> Path:
     """A small preprocessed synthetic dataset (its schema and catalogue / tables are what the written datasets use):
     a session log through `merlin-hstu preprocess`, or (ctr) Criteo-layout rows through the Criteo workflow."""
+    if task == "ranking":
+        from merlin_hstu.common import schema as roles
+        from merlin_hstu.data.synthetic import SyntheticConfig, generate_event_log
+        from merlin_hstu.workflows import ranking_workflow as rw
+
+        synthetic = SyntheticConfig(num_users=200, num_items=500, min_events=6, max_events=40, seed=11)
+        log = generate_event_log(synthetic)
+        for name in synthetic.action_names:  # bit b <- action_names[b]
+            log[name] = (log[roles.LOG_ACTION] == name).astype(np.int64)
+        config = rw.RankingWorkflowConfig(action_names=synthetic.action_names, num_candidates=8, max_uih_len=200,
+                                          contextual_columns=(roles.LOG_USER_ID,))
+        rw.preprocess_ranking(log.drop(columns=[roles.LOG_ACTION]), work / "template", config, overwrite=True)
+        return work / "template"
     if task == "ctr":
         from merlin_hstu.ctr.data import SyntheticCriteoConfig, generate_synthetic_criteo, write_criteo_tsv
         from merlin_hstu.workflows.criteo_workflow import CriteoWorkflowConfig, preprocess_criteo
@@ -204,7 +288,7 @@ def run_stream(args) -> int:
     template = Path(args.data) if args.data else _template(work, args.task)
     peaks = measure(template, work, args.users, args.events, args.row_group, args.steps, args.shuffle_buffer,
                     parallel=args.parallel, task=args.task)
-    unit = "train rows" if args.task == "ctr" else f"users x {args.events} events"
+    unit = "train rows" if args.task == "ctr" else f"users x {args.events} events"  # ranking: history events
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; {args.task}: {args.users:,} and {10 * args.users:,} {unit}, row "
           f"groups of {args.row_group}, {args.steps} steps, shuffle buffer {args.shuffle_buffer}")
@@ -232,8 +316,9 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
                     "small Parquet row groups), trains --steps steps on each in a fresh process, once streaming and "
                     "once in memory, and prints each process's peak RSS (VmHWM) and the growth from 1x to 10x. "
                     "Writes OUTPUT/stream.json.")
-    p.add_argument("--task", choices=("retrieval", "ctr"), default="retrieval",
-                   help="retrieval (HSTU, leave-one-out sequences) or ctr (DLRM on Criteo-workflow rows)")
+    p.add_argument("--task", choices=("retrieval", "ranking", "ctr"), default="retrieval",
+                   help="retrieval (HSTU, leave-one-out sequences), ranking (DLRM-HSTU, users with histories and "
+                        "candidates) or ctr (DLRM on Criteo-workflow rows)")
     p.add_argument("--data", metavar="DIR", help="a `merlin-hstu preprocess` output (--task ctr: a preprocess_criteo "
                                                  "output) whose schema and catalogue the datasets use (default: a "
                                                  "small synthetic one, preprocessed)")

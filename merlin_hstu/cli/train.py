@@ -198,7 +198,7 @@ def _train_ranking(args, run_dir: Path, common: dict) -> int:
 
     cfg = load_config(args.config or DEFAULT_PRESETS["ranking"], [*loop_overrides(args), *args.overrides])
     _check_kernel(cfg, args)
-    dataset = cfg.data.load(args.data)
+    dataset = cfg.data.load(args.data, cfg.train)
     print(dataset.summary())
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

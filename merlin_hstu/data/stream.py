@@ -11,7 +11,7 @@ row group, a shuffle buffer and a batch, never the dataset:
 * `read_groups(groups, columns)`: the groups' columns, one `pyarrow.Table` per row group;
 * `ShuffleBuffer`: samples (dicts of equal-length numpy arrays) in, shuffled batches out, holding at most
   `size` samples plus one incoming chunk. Once every sample of an epoch is in the buffer (size >= the epoch), its
-  output is exactly `torch.randperm(n, generator)` batched in order: the in-memory path's shuffle;
+  output is exactly `permutation(n, generator)` batched in order: the in-memory path's shuffle;
 * `epoch_batches(...)`: one epoch of a split's batches, shuffled through a buffer (row groups in a seeded random
   order when the epoch does not fit in it) or in file order;
 * `key_fraction(keys, seed)`: a seeded uniform number per key (which rows or users a validation split holds,
@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -100,32 +100,51 @@ def read_groups(groups: Iterable[RowGroup], columns: Sequence[str]) -> Iterator:
         yield group, handle.read_row_group(group.index, columns=list(columns))
 
 
-Samples = Dict[str, np.ndarray]  # equal-length arrays, one row per sample
+Samples = Dict[str, np.ndarray]  # equal-length arrays, one row per sample (or an object with __len__, take, concat)
 
 
-def _concat(a: Optional[Samples], b: Samples) -> Samples:
-    if a is None or len(next(iter(a.values()))) == 0:
+def _concat(a, b):
+    if a is None or _size(a) == 0:
         return b
+    if not isinstance(a, dict):
+        return a.concat(b)
     return {k: np.concatenate([a[k], b[k]]) for k in a}
 
 
-def _take(samples: Samples, index) -> Samples:
+def _take(samples, index):
+    if not isinstance(samples, dict):
+        return samples.take(np.arange(_size(samples))[index])
     return {k: v[index] for k, v in samples.items()}
 
 
-def _size(samples: Optional[Samples]) -> int:
-    return 0 if samples is None else len(next(iter(samples.values())))
+def _size(samples) -> int:
+    if samples is None:
+        return 0
+    return len(next(iter(samples.values()))) if isinstance(samples, dict) else len(samples)
+
+
+Generator = Union[torch.Generator, np.random.Generator]
+
+
+def permutation(n: int, generator: Generator) -> np.ndarray:
+    """A random permutation of range(n): `torch.randperm(n, generator)` or a numpy Generator's `permutation(n)`
+    (the ranking task shuffles with numpy, retrieval and CTR with torch; the stream draws as its task does)."""
+    if isinstance(generator, np.random.Generator):
+        return generator.permutation(n)
+    return torch.randperm(n, generator=generator).numpy()
 
 
 class ShuffleBuffer:
     """Shuffled batches from a stream of sample chunks, holding at most `size` samples between chunks.
 
     While the buffer holds more than `size` samples, it emits a batch of `batch_size` samples drawn uniformly at
-    random from it (torch.randperm with `generator`); when the stream ends, what is left is shuffled with one
-    `torch.randperm(left, generator)` and emitted in order. So an epoch that fits in the buffer gives exactly the
-    batches of the in-memory shuffle (`LeaveOneOut.batches(..., shuffle=True)`) with the same generator state."""
+    random from it (`permutation` with `generator`: torch.randperm, or numpy's for a numpy Generator); when the
+    stream ends, what is left is shuffled with one `permutation(left, generator)` and emitted in order. So an epoch
+    that fits in the buffer gives exactly the batches of the in-memory shuffle (`LeaveOneOut.batches(...,
+    shuffle=True)`) with the same generator state. Samples are dicts of equal-length arrays, or objects with
+    `__len__`, `take(index)` and `concat(other)` (ranking's ragged `RankingSamples`)."""
 
-    def __init__(self, size: int, batch_size: int, generator: torch.Generator):
+    def __init__(self, size: int, batch_size: int, generator: Generator):
         if size < 1 or batch_size < 1:
             raise ValueError(f"shuffle buffer size and batch size must be >= 1, got {size} and {batch_size}")
         self.size, self.batch_size, self.generator = size, batch_size, generator
@@ -138,14 +157,14 @@ class ShuffleBuffer:
             self.peak = max(self.peak, _size(held))
             while _size(held) > self.size:
                 n = _size(held)
-                picked = torch.randperm(n, generator=self.generator)[:self.batch_size].numpy()
+                picked = permutation(n, self.generator)[:self.batch_size]
                 keep = np.ones(n, dtype=bool)
                 keep[picked] = False
                 yield _take(held, picked)
                 held = _take(held, keep)
         n = _size(held)
         if n:
-            order = torch.randperm(n, generator=self.generator).numpy()
+            order = permutation(n, self.generator)
             for start in range(0, n, self.batch_size):
                 yield _take(held, order[start:start + self.batch_size])
 
@@ -165,18 +184,18 @@ def in_order(chunks: Iterable[Samples], batch_size: int) -> Iterator[Samples]:
 
 
 def epoch_groups(groups: Sequence[RowGroup], count: int, shuffle_buffer: int,
-                 generator: Optional[torch.Generator]) -> List[RowGroup]:
+                 generator: Optional[Generator]) -> List[RowGroup]:
     """The order an epoch reads its row groups in: file order when the epoch's `count` samples fit in the buffer
     (then the shuffle is the in-memory one) or when there is no generator, else a seeded random order (a buffer
     alone would mix only neighbouring row groups)."""
     if generator is None or count <= shuffle_buffer:
         return list(groups)
-    return [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
+    return [groups[i] for i in permutation(len(groups), generator).tolist()]
 
 
 def epoch_batches(read: Callable[[Sequence[RowGroup]], Iterable[Samples]], groups: Sequence[RowGroup], count: int,
                   batch_size: int, shuffle_buffer: int = 0,
-                  generator: Optional[torch.Generator] = None) -> Iterator[Samples]:
+                  generator: Optional[Generator] = None) -> Iterator[Samples]:
     """One epoch of a split's batches. `read(groups)` gives the split's samples row group by row group (`count` of
     them in all); with a `generator` they go through a `ShuffleBuffer` of `shuffle_buffer` samples, row groups in
     `epoch_groups` order, else they come in file order (`in_order`)."""

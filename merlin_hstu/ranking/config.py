@@ -37,11 +37,22 @@ class RankingDataConfig:
         if self.tasks is not None:
             self.tasks = tuple(self.tasks)
 
-    def load(self, path):
-        from merlin_hstu.ranking.data import RankingDataset
+    def load(self, path, train=None):
+        """The dataset at `path` in memory (RankingDataset), or with `train.streaming` (a RankingTrainConfig) read
+        row group by row group (StreamingRankingDataset; under torchrun the train split of this rank's row
+        groups only)."""
+        from merlin_hstu.ranking.data import RankingDataset, StreamingRankingDataset
 
-        return RankingDataset.load(path, tasks=self.tasks, test_fraction=self.test_fraction,
-                                   split_seed=self.split_seed, train_windows=self.train_windows)
+        if train is None or not train.streaming:
+            return RankingDataset.load(path, tasks=self.tasks, test_fraction=self.test_fraction,
+                                       split_seed=self.split_seed, train_windows=self.train_windows)
+        from merlin_hstu.distributed.context import launched_rank
+
+        rank, world = launched_rank()
+        return StreamingRankingDataset(path, tasks=self.tasks, test_fraction=self.test_fraction,
+                                       split_seed=self.split_seed, train_windows=self.train_windows,
+                                       shuffle_buffer=train.shuffle_buffer, rank=rank, world_size=world,
+                                       train_split=train.train_split)
 
 
 @dataclass

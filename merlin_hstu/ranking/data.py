@@ -200,11 +200,25 @@ class RankingDataset:
                    test_fraction: Optional[float] = None, split_seed: Optional[int] = None, train_windows: int = 1,
                    path: Optional[PathLike] = None) -> "RankingDataset":
         """The dataset of an in-memory processed frame and its ranking.json dict (see `load`)."""
-        available = tuple(RankingTask(**t) for t in meta["tasks"])
-        has_watch = bool(meta.get("has_watch_time"))
-        chosen = resolve_tasks(tasks, available, has_watch)
+        chosen = resolve_tasks(tasks, tuple(RankingTask(**t) for t in meta["tasks"]), bool(meta.get("has_watch_time")))
         if isinstance(train_windows, bool) or int(train_windows) < 0:
             raise ValueError(f"train_windows must be an integer >= 0 (0: every window), got {train_windows!r}")
+        split = meta.get("split", {})
+        fraction = split.get("test_fraction", 0.25) if test_fraction is None else test_fraction
+        seed = split.get("seed", 0) if split_seed is None else split_seed
+        ds = cls._of_frame(df, {**meta, "split": {"kind": "users", "test_fraction": fraction, "seed": seed}}, chosen,
+                           int(train_windows), path)
+        ds.splits = user_split(len(df), fraction, seed)
+        ds.samples = {name: ds._sample_index(rows, windows=ds.train_windows if name == "train" else 1)
+                      for name, rows in ds.splits.items()}
+        return ds
+
+    @classmethod
+    def _of_frame(cls, df: pd.DataFrame, meta: dict, tasks: Tuple[RankingTask, ...], train_windows: int,
+                  path: Optional[PathLike] = None) -> "RankingDataset":
+        """The flat event arrays of a processed frame, without splits (`from_frame` adds them; a stream makes one
+        per row group)."""
+        has_watch = bool(meta.get("has_watch_time"))
 
         def events(uih_column: str, candidate_column: str, dtype):
             uih, uih_len = _flatten(df[uih_column], dtype)
@@ -222,17 +236,10 @@ class RankingDataset:
         np.cumsum(uih_len + cand_len, out=offsets[1:])
         contextual = {f: df[CONTEXT_PREFIX + f].to_numpy().astype(np.int64)
                       for f in meta["contextual_cardinalities"]}
-        split = meta.get("split", {})
-        fraction = split.get("test_fraction", 0.25) if test_fraction is None else test_fraction
-        seed = split.get("seed", 0) if split_seed is None else split_seed
-        ds = cls(path=Path(path) if path is not None else None, meta={**meta, "split": {"kind": "users", "test_fraction": fraction, "seed": seed}},
-                 tasks=chosen, raw_user_ids=df[meta["user_column"]].to_numpy(), items=items, actions=actions,
-                 timestamps=timestamps, watch_time=watch, row_offsets=offsets, uih_lengths=uih_len,
-                 contextual=contextual, train_windows=int(train_windows))
-        ds.splits = user_split(len(df), fraction, seed)
-        ds.samples = {name: ds._sample_index(rows, windows=ds.train_windows if name == "train" else 1)
-                      for name, rows in ds.splits.items()}
-        return ds
+        return cls(path=Path(path) if path is not None else None, meta=meta, tasks=tasks,
+                   raw_user_ids=df[meta["user_column"]].to_numpy(), items=items, actions=actions,
+                   timestamps=timestamps, watch_time=watch, row_offsets=offsets, uih_lengths=uih_len,
+                   contextual=contextual, train_windows=train_windows)
 
     def hold_out_validation(self, fraction: float, seed: int) -> None:
         """Move a seeded `fraction` of the training users into a "validation" split (one sample each, their last
@@ -346,29 +353,7 @@ class RankingDataset:
         """The RankingBatch of the given samples (in that order)."""
         if len(samples) == 0:
             raise ValueError("a batch needs at least one sample")
-        hist, hist_offsets = _ranges(samples.hist_start, samples.hist_end)
-        cand, cand_offsets = _ranges(samples.hist_end, samples.cand_end)
-        query_time = np.maximum.reduceat(self.timestamps[hist], hist_offsets[:-1])  # histories are non-empty
-        watch = None
-        if self.watch_time is not None:
-            watch = torch.from_numpy(self.watch_time[hist])
-        raw = self.raw_user_ids[samples.row]
-        user_ids = torch.from_numpy(raw.astype(np.int64)) if np.issubdtype(raw.dtype, np.integer) \
-            else torch.from_numpy(samples.row.copy())
-        return RankingBatch(
-            history_item_ids=torch.from_numpy(self.items[hist]),
-            history_actions=torch.from_numpy(self.actions[hist]),
-            history_timestamps=torch.from_numpy(self.timestamps[hist]),
-            history_offsets=torch.from_numpy(hist_offsets),
-            candidate_item_ids=torch.from_numpy(self.items[cand]),
-            candidate_timestamps=torch.from_numpy(np.repeat(query_time, np.diff(cand_offsets))),
-            candidate_offsets=torch.from_numpy(cand_offsets),
-            labels=torch.from_numpy(self.event_labels(cand)),
-            tasks=self.tasks,
-            contextual={f: torch.from_numpy(v[samples.row]) for f, v in self.contextual.items()},
-            user_ids=user_ids,
-            history_watch_time=watch,
-        )
+        return RankingSamples.gather(self, samples).to_batch(self.tasks)
 
     def num_batches(self, split: str, batch_size: int) -> int:
         return -(-self.num_samples(split) // batch_size)
@@ -382,3 +367,277 @@ class RankingDataset:
         order = np.random.default_rng(seed).permutation(len(samples)) if shuffle else np.arange(len(samples))
         for start in range(0, len(order), batch_size):
             yield self.batch(samples.take(order[start:start + batch_size]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# samples with their events (what a batch is built from, and what a streamed epoch shuffles)
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class RankingSamples:
+    """Samples with their events copied out of a dataset: ragged flat arrays, history and candidates apart.
+
+    Sample i's history events are hist_*[hist_offsets[i]:hist_offsets[i+1]] and its candidates
+    cand_*[cand_offsets[i]:cand_offsets[i+1]]. `take`, `concat` and `len` make it a sample container of
+    `merlin_hstu.data.stream.ShuffleBuffer`; `to_batch` is the RankingBatch (every batch, in memory or streamed, is
+    built here)."""
+
+    hist_items: np.ndarray
+    hist_actions: np.ndarray
+    hist_times: np.ndarray
+    hist_watch: Optional[np.ndarray]
+    hist_offsets: np.ndarray  # [n + 1]
+    cand_items: np.ndarray
+    cand_actions: np.ndarray
+    cand_watch: Optional[np.ndarray]
+    cand_offsets: np.ndarray  # [n + 1]
+    contextual: Dict[str, np.ndarray]  # feature -> [n]
+    user_ids: np.ndarray  # [n] int64: the raw user id when ids are integers, else the user's row in the dataset
+
+    @classmethod
+    def gather(cls, ds: "RankingDataset", samples: SampleIndex, first_row: int = 0) -> "RankingSamples":
+        """The samples of `ds` (its rows numbered from `first_row` in the whole dataset: a streamed row group)."""
+        hist, hist_offsets = _ranges(samples.hist_start, samples.hist_end)
+        cand, cand_offsets = _ranges(samples.hist_end, samples.cand_end)
+        raw = ds.raw_user_ids[samples.row]
+        users = raw.astype(np.int64) if np.issubdtype(raw.dtype, np.integer) else samples.row + first_row
+        watch = ds.watch_time
+        return cls(ds.items[hist], ds.actions[hist], ds.timestamps[hist], None if watch is None else watch[hist],
+                   hist_offsets, ds.items[cand], ds.actions[cand], None if watch is None else watch[cand],
+                   cand_offsets, {f: v[samples.row] for f, v in ds.contextual.items()},
+                   np.array(users, dtype=np.int64, copy=True))
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def take(self, index: np.ndarray) -> "RankingSamples":
+        index = np.asarray(index, dtype=np.int64)
+        hist, hist_offsets = _ranges(self.hist_offsets[index], self.hist_offsets[index + 1])
+        cand, cand_offsets = _ranges(self.cand_offsets[index], self.cand_offsets[index + 1])
+        pick = lambda a, at: None if a is None else a[at]  # noqa: E731
+        return RankingSamples(self.hist_items[hist], self.hist_actions[hist], self.hist_times[hist],
+                              pick(self.hist_watch, hist), hist_offsets, self.cand_items[cand], self.cand_actions[cand],
+                              pick(self.cand_watch, cand), cand_offsets,
+                              {f: v[index] for f, v in self.contextual.items()}, self.user_ids[index])
+
+    def concat(self, other: "RankingSamples") -> "RankingSamples":
+        join = lambda a, b: None if a is None else np.concatenate([a, b])  # noqa: E731
+        offsets = lambda a, b: np.concatenate([a, b[1:] + a[-1]])  # noqa: E731
+        return RankingSamples(join(self.hist_items, other.hist_items), join(self.hist_actions, other.hist_actions),
+                              join(self.hist_times, other.hist_times), join(self.hist_watch, other.hist_watch),
+                              offsets(self.hist_offsets, other.hist_offsets),
+                              join(self.cand_items, other.cand_items), join(self.cand_actions, other.cand_actions),
+                              join(self.cand_watch, other.cand_watch), offsets(self.cand_offsets, other.cand_offsets),
+                              {f: np.concatenate([v, other.contextual[f]]) for f, v in self.contextual.items()},
+                              np.concatenate([self.user_ids, other.user_ids]))
+
+    def to_batch(self, tasks: Sequence[RankingTask]) -> RankingBatch:
+        """The RankingBatch of these samples, in order: candidates carry the query time (the latest history time),
+        labels come from the candidates' action bitmasks (and watch time) by task."""
+        if len(self) == 0:
+            raise ValueError("a batch needs at least one sample")
+        query_time = np.maximum.reduceat(self.hist_times, self.hist_offsets[:-1])  # histories are non-empty
+        watch = None if self.cand_watch is None else torch.from_numpy(self.cand_watch)
+        return RankingBatch(
+            history_item_ids=torch.from_numpy(self.hist_items),
+            history_actions=torch.from_numpy(self.hist_actions),
+            history_timestamps=torch.from_numpy(self.hist_times),
+            history_offsets=torch.from_numpy(self.hist_offsets),
+            candidate_item_ids=torch.from_numpy(self.cand_items),
+            candidate_timestamps=torch.from_numpy(np.repeat(query_time, np.diff(self.cand_offsets))),
+            candidate_offsets=torch.from_numpy(self.cand_offsets),
+            labels=torch.from_numpy(labels_from_bitmask(torch.from_numpy(self.cand_actions), tuple(tasks),
+                                                        watch).numpy()),
+            tasks=tuple(tasks),
+            contextual={f: torch.from_numpy(v) for f, v in self.contextual.items()},
+            user_ids=torch.from_numpy(self.user_ids),
+            history_watch_time=None if self.hist_watch is None else torch.from_numpy(self.hist_watch),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# streaming (train.streaming): a preprocess-ranking directory read row group by row group
+# ---------------------------------------------------------------------------------------------------------------
+_SPLIT_CODES = {"train": 0, "test": 1, "validation": 2}
+
+
+class StreamingRankingDataset:
+    """A preprocess-ranking directory read row group by row group (`merlin_hstu.data.stream`), with the
+    `RankingDataset` interface the training loop uses (`batches`, `num_batches`, `hold_out_validation`, the sizes
+    a model is built from).
+
+    The user split is the in-memory one (`user_split` over the row count from the Parquet footers; validation
+    users drawn as `RankingDataset.hold_out_validation` draws them), kept as one byte per user. Each row group
+    becomes a small `RankingDataset` whose samples (`RankingSamples`) go through a shuffle buffer of
+    `shuffle_buffer` samples; so with a buffer of at least the epoch's samples every batch equals the in-memory
+    path's (numpy default_rng(seed).permutation of the samples in user order). The train split (`train_split`) is
+    read from this process's row groups (rank r of N: r::N); every other split from all of them, so every process
+    evaluates the whole split. Memory: the buffer, one row group, a batch and one byte per user (five with
+    train_windows != 1: the windows per user, counted once from the list lengths)."""
+
+    streaming = True
+
+    def __init__(self, path: PathLike, tasks: Optional[Sequence[Union[str, RankingTask]]] = None,
+                 test_fraction: Optional[float] = None, split_seed: Optional[int] = None, train_windows: int = 1,
+                 shuffle_buffer: int = 10000, rank: int = 0, world_size: int = 1, train_split: str = "train"):
+        from merlin_hstu.data.stream import row_groups, shard
+
+        self.path = Path(path)
+        meta = read_meta(self.path)
+        files = sorted((self.path / "processed").glob("*.parquet"), key=lambda p: (len(p.name), p.name))
+        if not files:
+            raise FileNotFoundError(f"no parquet files under {self.path / 'processed'}; re-run preprocess-ranking")
+        if shuffle_buffer < 1:
+            raise ValueError(f"train.shuffle_buffer must be >= 1 sample, got {shuffle_buffer}")
+        if isinstance(train_windows, bool) or int(train_windows) < 0:
+            raise ValueError(f"train_windows must be an integer >= 0 (0: every window), got {train_windows!r}")
+        self.tasks = resolve_tasks(tasks, tuple(RankingTask(**t) for t in meta["tasks"]),
+                                   bool(meta.get("has_watch_time")))
+        split = meta.get("split", {})
+        fraction = split.get("test_fraction", 0.25) if test_fraction is None else test_fraction
+        seed = split.get("seed", 0) if split_seed is None else split_seed
+        self.meta = {**meta, "split": {"kind": "users", "test_fraction": fraction, "seed": seed}}
+        self.train_windows, self.shuffle_buffer = int(train_windows), shuffle_buffer
+        self.rank, self.world_size, self.train_split = rank, world_size, train_split
+        self.groups = row_groups(files)
+        import pyarrow.parquet as pq
+
+        self._columns = pq.read_schema(files[0]).names
+        self.own_groups = shard(self.groups, rank, world_size)
+        self.num_rows = sum(g.num_rows for g in self.groups)
+        if self.num_rows == 0:
+            raise ValueError(f"{self.path}/processed holds no rows; check the input data")
+        self._code = np.full(self.num_rows, _SPLIT_CODES["train"], dtype=np.uint8)
+        self._code[user_split(self.num_rows, fraction, seed)["test"]] = _SPLIT_CODES["test"]
+        self._has_validation = False
+        self._extra: Optional[np.ndarray] = None  # per row: training windows beyond the last-K sample
+        self._max_action = 0
+        self._scan()
+
+    # --- facts about the data (what a model is built from) ------------------------------------------------
+    @property
+    def num_items(self) -> int:
+        return int(self.meta["num_items"])
+
+    @property
+    def contextual_cardinalities(self) -> Dict[str, int]:
+        return {k: int(v) for k, v in self.meta["contextual_cardinalities"].items()}
+
+    @property
+    def num_action_bits(self) -> int:
+        names = self.meta.get("action_names") or []
+        return len(names) if names else max(self._max_action.bit_length(), 1)
+
+    @property
+    def has_watch_time(self) -> bool:
+        return bool(self.meta.get("has_watch_time"))
+
+    def _scan(self) -> None:
+        """One pass over the list lengths (train_windows != 1) and, without named actions, the action values:
+        samples per row and the largest action bitmask. No event is kept; nothing is read when neither is needed."""
+        from merlin_hstu.data.stream import read_groups
+
+        columns = [roles.ITEM_LIST] if self.train_windows != 1 else []
+        if not self.meta.get("action_names"):
+            columns += [roles.ACTION_LIST, CANDIDATE_ACTION_LIST]
+        if not columns:
+            return
+        k, min_uih = int(self.meta["num_candidates"]), int(self.meta.get("min_uih_len", 1))
+        extra = []
+        for _, frame in read_groups(self.groups, columns):
+            for name in columns:
+                if name == roles.ITEM_LIST:
+                    continue
+                values = frame.column(name).combine_chunks().values.to_numpy(zero_copy_only=False)
+                self._max_action = max(self._max_action, int(values.max(initial=0)))
+            if self.train_windows == 1:
+                continue
+            uih = np.diff(frame.column(roles.ITEM_LIST).combine_chunks().offsets.to_numpy()) if frame.num_rows \
+                else np.zeros(0, np.int64)
+            more = np.maximum((uih - min_uih) // k, 0)
+            extra.append(more if self.train_windows == 0 else np.minimum(more, self.train_windows - 1))
+        if extra:
+            self._extra = np.concatenate(extra).astype(np.int32)
+
+    # --- splits -------------------------------------------------------------------------------------------
+    def _rows(self, split: str, first: int, n: int) -> np.ndarray:
+        """The rows (numbered in the row group) of `split` among the row group's n rows starting at `first`."""
+        if split == "all":
+            return np.arange(n, dtype=np.int64)
+        if split not in _SPLIT_CODES or (split == "validation" and not self._has_validation):
+            raise ValueError(f"unknown split {split!r}; use one of {SPLITS}" + (" (validation: after "
+                             "hold_out_validation)" if split == "validation" else ""))
+        return np.flatnonzero(self._code[first:first + n] == _SPLIT_CODES[split])
+
+    def _groups(self, split: str):
+        return self.own_groups if split == self.train_split else self.groups
+
+    def num_samples(self, split: str) -> int:
+        """Samples of `split` in the row groups this process reads for it."""
+        windows = split == "train" and self._extra is not None
+        total = 0
+        for g in self._groups(split):
+            rows = self._rows(split, g.first_row, g.num_rows) + g.first_row
+            total += len(rows) + (int(self._extra[rows].sum()) if windows else 0)
+        return total
+
+    def num_batches(self, split: str, batch_size: int) -> int:
+        return -(-self.num_samples(split) // batch_size)
+
+    def hold_out_validation(self, fraction: float, seed: int) -> None:
+        """`RankingDataset.hold_out_validation`: the same seeded draw of training users (the same users)."""
+        train = np.flatnonzero(self._code == _SPLIT_CODES["train"])
+        count = int(round(len(train) * fraction))
+        if not 0.0 < fraction < 1.0 or count < 1 or count >= len(train):
+            raise ValueError(f"train.validation_fraction={fraction!r} of {len(train)} training users leaves an empty "
+                             "split; use a fraction in (0, 1) and more users")
+        self._code[train[np.random.default_rng(seed).permutation(len(train))[:count]]] = _SPLIT_CODES["validation"]
+        self._has_validation = True
+
+    def summary(self) -> str:
+        counts = {s: int((self._code == c).sum()) for s, c in _SPLIT_CODES.items()}
+        held = f" / {counts['validation']:,} validation" if self._has_validation else ""
+        return (f"{self.num_rows:,} users streamed from {len(self.groups)} row group(s): {counts['train']:,} train / "
+                f"{counts['test']:,} test{held} (split seed {self.meta['split']['seed']}); candidates per sample "
+                f"K={self.meta['num_candidates']}, train_windows={self.train_windows}; {self.num_items:,} item rows")
+
+    # --- samples and batches ------------------------------------------------------------------------------
+    def samples(self, split: str, groups=None) -> Iterator[RankingSamples]:
+        """The split's samples, one RankingSamples per row group (user order, the latest window first)."""
+        from merlin_hstu.data.stream import read_groups
+
+        for group, frame in read_groups(self._groups(split) if groups is None else groups, self._columns):
+            rows = self._rows(split, group.first_row, group.num_rows)
+            if not len(rows):
+                continue
+            chunk = RankingDataset._of_frame(frame.to_pandas(), self.meta, self.tasks, self.train_windows)
+            index = chunk._sample_index(rows, windows=self.train_windows if split == "train" else 1)
+            yield RankingSamples.gather(chunk, index, first_row=group.first_row)
+
+    def batches(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0,
+                generator: Optional[np.random.Generator] = None) -> Iterator[RankingBatch]:
+        """`RankingDataset.batches`: in user order, or shuffled with numpy default_rng(seed) (or `generator`)
+        through the buffer."""
+        from merlin_hstu.data.stream import epoch_batches
+
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        rng = (generator or np.random.default_rng(seed)) if shuffle else None
+        read = lambda groups: self.samples(split, groups)  # noqa: E731
+        for samples in epoch_batches(read, self._groups(split), self.num_samples(split), batch_size,
+                                     self.shuffle_buffer, rng):
+            yield samples.to_batch(self.tasks)
+
+    # --- several processes --------------------------------------------------------------------------------
+    def rank_steps(self, batch_size: int) -> int:
+        from merlin_hstu.data.stream import rank_steps
+
+        return rank_steps(self.num_samples(self.train_split), batch_size, self.world_size)
+
+    def rank_batches(self, batch_size: int, seed: int) -> Iterator[RankingBatch]:
+        """This rank's batches of an epoch: its share of the global batch from its own row groups, shuffled by one
+        numpy generator (seed), exactly `rank_steps` of them (the stream restarted when it ends early)."""
+        from merlin_hstu.data.stream import batch_share, repeat_for
+
+        share, rng = batch_share(batch_size, self.rank, self.world_size), np.random.default_rng(seed)
+        return repeat_for(lambda: self.batches(self.train_split, share, shuffle=True, generator=rng),
+                          self.rank_steps(batch_size))

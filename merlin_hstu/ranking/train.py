@@ -169,11 +169,19 @@ class RankingTrainingTask:
 
     name = "ranking"
     sample_weighted_loss = False
+    streams = True  # train.streaming: a StreamingRankingDataset (ranking.config.RankingDataConfig.load)
 
     def __init__(self, dataset, config: RankingTrainConfig):
         self.dataset, self.config = dataset, config
+        self.streaming = getattr(dataset, "streaming", False)
+        if bool(config.streaming) != self.streaming:
+            kind = "streamed" if self.streaming else "in memory"
+            raise ValueError(f"train.streaming={str(bool(config.streaming)).lower()} but the ranking dataset is "
+                             f"{kind}; load it with RankingDataConfig.load(path, train_config)")
 
     def steps_per_epoch(self) -> int:
+        if self.streaming and self.dataset.world_size > 1:
+            return self.dataset.rank_steps(self.config.batch_size)
         return self.dataset.num_batches(self.config.train_split, self.config.batch_size)
 
     def epoch_batches(self, epoch: int):
@@ -184,9 +192,16 @@ class RankingTrainingTask:
         return batch.batch_size
 
     def rank_batches(self, epoch: int, rank: int, world_size: int):
-        """This rank's contiguous slice of every global batch of `epoch_batches(epoch)` (the same order)."""
+        """This rank's contiguous slice of every global batch of `epoch_batches(epoch)` (the same order); streamed:
+        its share of each global batch from its own row groups."""
         from merlin_hstu.distributed.context import rank_slice
 
+        if self.streaming:  # each rank its own row groups: its share of every global batch
+            if (rank, world_size) != (self.dataset.rank, self.dataset.world_size):
+                raise ValueError(f"the streamed ranking dataset was opened for rank {self.dataset.rank} of "
+                                 f"{self.dataset.world_size}, not {rank} of {world_size}")
+            yield from self.dataset.rank_batches(self.config.batch_size, self.config.seed * 1000 + epoch)
+            return
         samples = self.dataset.sample_index(self.config.train_split)
         order = np.random.default_rng(self.config.seed * 1000 + epoch).permutation(len(samples))
         size = self.config.batch_size
