@@ -652,7 +652,8 @@ def synthetic_criteo_dataset(cache_root: Path, overrides: Dict[str, object], log
     cfg = replace_fields(SyntheticCriteoConfig(), overrides, "data (synthetic-criteo)")
     cfg.__post_init__()
     described = {"generator_version": GENERATOR_VERSION, **dataclasses.asdict(cfg),
-                 "freq_threshold": workflow_cfg.freq_threshold, "valid_fraction": workflow_cfg.valid_fraction}
+                 "freq_threshold": workflow_cfg.freq_threshold, "valid_fraction": workflow_cfg.valid_fraction,
+                 "row_group_size": workflow_cfg.row_group_size}  # older caches: one row group per split
     digest = hashlib.sha1(json.dumps(described, sort_keys=True).encode()).hexdigest()[:10]
     out = cache_root / f"synthetic-criteo-{cfg.num_rows}-{digest}"
     ceilings_path = out / "ceilings.json"
