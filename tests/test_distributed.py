@@ -160,13 +160,37 @@ def test_launch_flags_become_a_torchrun_command():
     assert parser.parse_args(["train", *child]).overrides == ["train.epochs=2", "model.embeddings=torchrec"]
     cmd = torchrun_command(args, ["train", *child])
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
-    for pair in (["--nproc-per-node", "4"], ["--nnodes", "2"], ["--node-rank", "1"],
-                 ["--rdzv-endpoint", "host0:29500"]):
+    for pair in (["--nproc-per-node", "4"], ["--nnodes", "2"], ["--node-rank", "1"], ["--master-addr", "host0"],
+                 ["--master-port", "29500"]):
         assert " ".join(pair) in " ".join(cmd)
     assert cmd[-len(child) - 3:-len(child)] == ["-m", "merlin_hstu.cli.main", "train"]
     single = parser.parse_args(["train", "--data", "D", "--nproc", "2"])
     assert "--standalone" in torchrun_command(single, ["train"])
     assert wants_launch(single) and not wants_launch(parser.parse_args(["train", "--data", "D"]))
+
+
+def test_two_nodes_on_localhost_equal_one_node_with_two_processes(data, tmp_path):
+    """`--nnodes 2` for real: two launchers (one process each) meet at 127.0.0.1:PORT as two machines would; the
+    run equals one `--nproc 2` launcher bit for bit (the same ranks, the same gloo sums), and node 0 is rank 0."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sets = [a for o in SMALL for a in ("--set", o)]
+    base = [sys.executable, "-m", "merlin_hstu.cli.main", "train", "--data", str(data), "--no-progress", *sets]
+    nodes = [subprocess.Popen([*base, "--output", str(tmp_path / "two-nodes"), "--nproc", "1", "--nnodes", "2",
+                               "--node-rank", str(r), "--rdzv-endpoint", f"127.0.0.1:{port}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT) for r in (1, 0)]  # 1 first
+    outs = [node.communicate(timeout=300) for node in nodes]
+    for node, (out, err) in zip(nodes, outs):
+        assert node.returncode == 0, out[-2000:] + err[-3000:]
+    assert "run saved to" in outs[1][0] and "run saved to" not in outs[0][0]  # node 0 (started second) is rank 0
+    one = subprocess.run([*base, "--output", str(tmp_path / "one-node"), "--nproc", "2"], capture_output=True,
+                         text=True, env=_env(), cwd=ROOT, timeout=300)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
+    a, b = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("two-nodes", "one-node"))
+    assert a["epoch_losses"] == b["epoch_losses"] and a["metrics"] == b["metrics"]
 
 
 @pytest.mark.parametrize("flags,message", [

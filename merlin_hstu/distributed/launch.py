@@ -7,7 +7,10 @@
 Without --nproc the command trains in the process itself, as always. With it, the command re-runs itself under torchrun with the same arguments minus these four flags: every process then
 trains through the one loop (`merlin_hstu.train.loop.fit`), which joins the process group torchrun describes.
 One node without an endpoint uses torchrun's `--standalone` rendezvous (a free local port); several nodes need
-`--rdzv-endpoint HOST:PORT` (a c10d rendezvous hosted by the first node to arrive) and the same `--nnodes` on each.
+`--rdzv-endpoint HOST:PORT` (node 0's address and a free port: torchrun's static rendezvous, its `--master-addr` /
+`--master-port`, hosted by node 0) and the same `--nnodes` on each. Static, not c10d, because c10d gives nodes
+their ranks in order of arrival and ignores `--node-rank`; here node I's N processes are global ranks I*N ..
+I*N + N - 1, so node 0 holds rank 0, which writes the run directory.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines taking part (default 1)")
     g.add_argument("--node-rank", type=int, default=0, metavar="I", help="this machine's index, 0..M-1")
     g.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
-                   help="where the machines meet (required with --nnodes > 1; e.g. the first machine's host:29500)")
+                   help="where the machines meet: node 0's address and a free port, the same on every machine "
+                        "(required with --nnodes > 1; e.g. host0:29500). Node 0 holds rank 0, which writes the run")
 
 
 def check_launch_arguments(args) -> None:
@@ -81,9 +85,9 @@ def torchrun_command(args, child: Sequence[str]) -> List[str]:
     """`python -m torch.distributed.run ... -m merlin_hstu.cli.main <child>`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
            "--nnodes", str(args.nnodes)]
-    if args.rdzv_endpoint:
-        cmd += ["--node-rank", str(args.node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint,
-                "--rdzv-id", "merlin-hstu"]
+    if args.rdzv_endpoint:  # static rendezvous: node I's processes are global ranks I*N .. I*N+N-1, so node 0 holds
+        host, port = args.rdzv_endpoint.rsplit(":", 1)  # rank 0 (the run directory, the printed report)
+        cmd += ["--node-rank", str(args.node_rank), "--master-addr", host, "--master-port", port]
     else:
         cmd += ["--standalone"]
     return cmd + ["-m", "merlin_hstu.cli.main", *child]
