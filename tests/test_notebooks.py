@@ -13,6 +13,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 EXPECTED = {"01-quickstart.ipynb": ("HR@10 is", "top-10"),
             "02-ranking.ipynb": ("click AUC is", "largest difference to the full model", "reloaded:"),
             "03-ctr-wukong.ipynb": ("WuKong AUC is", "reloaded predictions identical: True"),
+            "04-serving.ipynb": ("served top-10 == offline top-10 for 3 users: True", "client-side check:",
+                                 "server reply:", "stopped: True"),
             "05-hllm.ipynb": ("HLLM hybrid: HR@10 is", "cold start: HLLM HR@10 is", "new item scored"),
             "06-semantic-ids.ipynb": ("unique tuples", "SID-HSTU Recall@10", "KV cache == full recompute: True")}
 
