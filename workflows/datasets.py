@@ -856,3 +856,24 @@ def preprocess_loaded(loaded: LoadedDataset, output_dir: PathLike, max_length: i
         extra["in"] = {"sequences": c["users_in"], "events": c["events_in"]}  # as read, before that filter
     return preprocess(load_event_log(events, config), output_dir, config, overwrite=overwrite,
                       candidates=loaded.candidates, max_history_chosen_by=max_history_chosen_by, report_extra=extra)
+
+
+def read_events(dataset, path):
+    """The events of a named dataset (`--dataset`, its staged raw files) or of an event log (`--input`: Parquet or
+    CSV) as a DataFrame, for `merlin-hstu expand` and `bench scale`."""
+    import pandas as pd
+
+    if dataset:
+        if dataset not in DATASETS:
+            raise ValueError(f"--dataset {dataset}: unknown; use one of {', '.join(DATASETS)}")
+        folder = default_input_dir(dataset)
+        if folder is None:
+            raise ValueError(f"--dataset {dataset} is not staged on this machine; pass its event log with --input")
+        return get_spec(dataset).load(folder).events
+    if path.endswith(".parquet") or not path.endswith((".csv", ".csv.gz", ".csv.xz")):
+        try:
+            return pd.read_parquet(path)
+        except Exception as exc:  # noqa: BLE001 - reported with the file name
+            if path.endswith(".parquet"):
+                raise ValueError(f"--input {path}: not a readable Parquet file ({exc})") from exc
+    return pd.read_csv(path)

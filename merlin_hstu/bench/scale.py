@@ -223,7 +223,7 @@ def source_events(args):
     """The log to expand: --input, or a registered dataset; its first --users users when given."""
     import pandas as pd
 
-    from merlin_hstu.data.fractal import read_events
+    from merlin_hstu.workflows.datasets import read_events
     from merlin_hstu.data.fractal import FractalConfig
 
     events = read_events(None if args.input else args.dataset, args.input)

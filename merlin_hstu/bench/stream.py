@@ -125,12 +125,12 @@ def write_criteo_rows(template: Path, output: Path, rows: int, row_group_size: i
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from merlin_hstu.ctr.data import _criteo_columns
+    from merlin_hstu.ctr.data import criteo_columns
     from merlin_hstu.workflows.criteo_workflow import load_criteo_dataset
 
     template = Path(template)
     dataset = load_criteo_dataset(template)
-    columns = _criteo_columns(dataset, template)
+    columns = criteo_columns(dataset, template)
     schema = pq.read_schema(dataset.parquet_files("train")[0]).remove_metadata()
     if output.exists():
         raise FileExistsError(f"{output} exists; pass a new directory")

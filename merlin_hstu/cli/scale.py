@@ -54,7 +54,8 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
 def cmd_expand(args) -> int:
     from tqdm.auto import tqdm
 
-    from merlin_hstu.data.fractal import FractalConfig, expand, read_events, shape_statistics
+    from merlin_hstu.data.fractal import FractalConfig, expand, shape_statistics
+    from merlin_hstu.workflows.datasets import read_events
 
     config = FractalConfig(user_factor=args.user_factor, item_factor=args.item_factor, density=args.density,
                            contrast=args.contrast, seed=args.seed, user_column=args.user_column,

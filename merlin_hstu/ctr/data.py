@@ -286,7 +286,7 @@ class CriteoColumns:
     cardinalities: List[int]
 
 
-def _criteo_columns(dataset, path: PathLike) -> CriteoColumns:
+def criteo_columns(dataset, path: PathLike) -> CriteoColumns:
     from merlin.schema import Tags
 
     from merlin_hstu.workflows.criteo_workflow import VALID
@@ -314,7 +314,7 @@ def load_criteo_tensors(path: PathLike) -> CTRData:
     from merlin_hstu.workflows.criteo_workflow import TRAIN, VALID, load_criteo_dataset
 
     dataset = load_criteo_dataset(path)
-    columns = _criteo_columns(dataset, path)
+    columns = criteo_columns(dataset, path)
     splits = {}
     for name in (TRAIN, VALID):
         df = dataset.to_pandas(name)
@@ -445,7 +445,7 @@ def open_criteo_stream(path: PathLike, shuffle_buffer: int = 10000, rank: int = 
     from merlin_hstu.workflows.criteo_workflow import TRAIN, VALID, load_criteo_dataset
 
     dataset = load_criteo_dataset(path)
-    c = _criteo_columns(dataset, path)
+    c = criteo_columns(dataset, path)
     splits = {}
     for name in (TRAIN, VALID):
         groups = row_groups(dataset.parquet_files(name))

@@ -241,26 +241,3 @@ def _ccdf_tail_slope(lengths: np.ndarray) -> float:
     ccdf = 1.0 - np.arange(len(values)) / len(values)
     keep = values >= np.median(values)
     return _loglog_slope(values[keep], ccdf[keep], 0.0, 0.98)
-
-
-def read_events(dataset, path):
-    """The events of a named dataset (`--dataset`, its staged raw files) or of an event log (`--input`: Parquet or
-    CSV) as a DataFrame, for `merlin-hstu expand` and `bench scale`."""
-    import pandas as pd
-
-    if dataset:
-        from merlin_hstu.workflows import datasets
-
-        if dataset not in datasets.DATASETS:
-            raise ValueError(f"--dataset {dataset}: unknown; use one of {', '.join(datasets.DATASETS)}")
-        folder = datasets.default_input_dir(dataset)
-        if folder is None:
-            raise ValueError(f"--dataset {dataset} is not staged on this machine; pass its event log with --input")
-        return datasets.get_spec(dataset).load(folder).events
-    if path.endswith(".parquet") or not path.endswith((".csv", ".csv.gz", ".csv.xz")):
-        try:
-            return pd.read_parquet(path)
-        except Exception as exc:  # noqa: BLE001 - reported with the file name
-            if path.endswith(".parquet"):
-                raise ValueError(f"--input {path}: not a readable Parquet file ({exc})") from exc
-    return pd.read_csv(path)
