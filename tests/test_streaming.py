@@ -506,3 +506,43 @@ def test_ranking_streaming_peak_rss_does_not_grow_with_the_users(ranking, tmp_pa
     print({k: f"{v / 1024:.0f} MiB" for k, v in peaks.items()}, stream_growth, memory_growth)
     assert stream_growth < 0.10, peaks
     assert memory_growth > 0.30 and memory_growth > stream_growth + 0.2, peaks  # the test can fail
+
+
+def test_a_stream_killed_mid_epoch_resumes_to_the_uninterrupted_run(data, criteo, ranking, tmp_path, one_thread):
+    """All three streaming tasks with buffers smaller than an epoch (row groups in a seeded order, batches drawn from
+    the buffer): stopped in the middle of epoch 2 and resumed from the checkpoint, each ends with the losses and
+    metrics of a run that was never stopped (the stream replays the epoch from its generator's saved start)."""
+    import torch
+
+    from merlin_hstu.ctr.data import load_ctr_dataset
+    from merlin_hstu.ctr.train import CTRTrainConfig, build_ctr_model, train_ctr
+    from merlin_hstu.ranking.config import load_config as ranking_config
+    from merlin_hstu.ranking.train import train_ranking
+    from merlin_hstu.retrieval.train import train_retrieval, training_table
+
+    def retrieval(**kw):
+        cfg = _cfg("train.epochs=2", "train.streaming=true", "train.shuffle_buffer=24", "train.checkpoint_every=1")
+        return train_retrieval(training_table(data, cfg), cfg, progress=False, **kw)
+
+    def ctr(**kw):
+        stream = load_ctr_dataset(str(criteo), tmp_path, {}, streaming=True, shuffle_buffer=100)
+        cfg = CTRTrainConfig(epochs=2, batch_size=64, streaming=True, shuffle_buffer=100, checkpoint_every=1)
+        torch.manual_seed(0)
+        return train_ctr(build_ctr_model("dlrm", stream.cardinalities, stream.num_dense), stream, cfg, **kw)
+
+    def ranking_run(**kw):
+        cfg = ranking_config("dlrm-hstu", [*RANKING_SMALL, "data.train_windows=0", "train.streaming=true",
+                                           "train.shuffle_buffer=10", "train.checkpoint_every=1"])
+        dataset = cfg.data.load(ranking, cfg.train)
+        torch.manual_seed(cfg.train.seed)
+        return train_ranking(cfg.build_model(dataset), dataset, cfg.train, progress=False, **kw)
+
+    for name, run, stop in (("retrieval", retrieval, 13), ("ctr", ctr, 30), ("ranking", ranking_run, 17)):
+        full = run()
+        steps = len(full.fit.step_losses)
+        assert stop > steps // 2 and stop < steps, (name, steps)  # stopped inside epoch 2
+        run(checkpoint_dir=tmp_path / name, stop_after_steps=stop)
+        resumed = run(checkpoint_dir=tmp_path / name, resume=True)
+        assert resumed.fit.resumed_from == stop, name
+        assert resumed.fit.step_losses == full.fit.step_losses[stop:], name
+        assert resumed.epoch_losses == full.epoch_losses and resumed.metrics == full.metrics, name
