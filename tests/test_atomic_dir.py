@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,33 @@ def test_a_failed_swap_restores_the_old_target(tmp_path, monkeypatch):
         publish_dir(staging, target)
     assert (target / "old.txt").read_text() == "old"
     assert not list(tmp_path.glob(".out.old-*"))
+
+
+def _build_once(target: str, log: str) -> None:
+    import time
+
+    from merlin_hstu.common.atomic_dir import exclusive
+
+    with exclusive(Path(target)):
+        if not Path(target).exists():
+            with open(log, "a") as handle:
+                handle.write("built\n")
+            time.sleep(0.5)  # a slow build: without the lock every process would start one
+            Path(target).mkdir()
+    assert Path(target).is_dir()
+
+
+def test_exclusive_lets_one_of_several_processes_build_a_cached_output(tmp_path):
+    """Three processes build-if-missing the same cache entry at once (the ranks of --nproc on a cold cache): one
+    builds, the others wait for the lock and find it built."""
+    import multiprocessing
+
+    target, log = tmp_path / "cache" / "entry", tmp_path / "log"
+    context = multiprocessing.get_context("fork")
+    procs = [context.Process(target=_build_once, args=(str(target), str(log))) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert log.read_text() == "built\n"

@@ -877,3 +877,24 @@ def read_events(dataset, path):
             if path.endswith(".parquet"):
                 raise ValueError(f"--input {path}: not a readable Parquet file ({exc})") from exc
     return pd.read_csv(path)
+
+
+def cached_dataset(name: str, cache_root: PathLike, max_history: int, input_dir: Optional[PathLike] = None,
+                   log=print) -> Path:
+    """The named dataset preprocessed by its session workflow once, at `cache_root/<name>-h<max_history>` (what
+    `merlin-hstu bench`, `bench sid` and `bench hllm` share). One process builds it while others using the same
+    cache wait (`common.atomic_dir.exclusive`); the output is published atomically."""
+    from merlin_hstu.common.atomic_dir import exclusive
+
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: use one of {sorted(DATASETS)} or the output directory of "
+                         "`merlin-hstu preprocess`")
+    out = Path(cache_root) / f"{name}-h{max_history}"
+    with exclusive(out):
+        if not (out / "processed").is_dir():
+            source = input_dir or default_input_dir(name)
+            if source is None:
+                raise ValueError(f"dataset {name!r} is not staged here: pass --input DIR with its files")
+            log(f"preprocessing {name} from {source} -> {out}")
+            preprocess_dataset(name, source, out, max_length=max_history + 2)
+    return out

@@ -79,13 +79,16 @@ def resolve_ranking_dataset(name_or_path: str, input_dir: Optional[str], cache_r
     if name_or_path not in RANKING_DATASETS:
         raise ValueError(f"unknown ranking dataset {name_or_path!r}: use one of {sorted(RANKING_DATASETS)} or a "
                          "directory written by `merlin-hstu preprocess-ranking`")
+    from merlin_hstu.common.atomic_dir import exclusive
+
     out = cache_root / f"{name_or_path}-k{num_candidates}-u{max_uih_len}"
-    if not (out / META_FILE).is_file():
-        print(f"preprocessing {name_or_path} -> {out}")
-        t0 = time.perf_counter()
-        done = preprocess_ranking_dataset(name_or_path, input_dir, out, num_candidates=num_candidates,
-                                          max_uih_len=max_uih_len, overwrite=True)
-        print(f"  {done.num_rows:,} users in {time.perf_counter() - t0:.1f} s (NVTabular)")
+    with exclusive(out):  # one process builds it; others sharing the cache wait, then read it
+        if not (out / META_FILE).is_file():
+            print(f"preprocessing {name_or_path} -> {out}")
+            t0 = time.perf_counter()
+            done = preprocess_ranking_dataset(name_or_path, input_dir, out, num_candidates=num_candidates,
+                                              max_uih_len=max_uih_len, overwrite=True)
+            print(f"  {done.num_rows:,} users in {time.perf_counter() - t0:.1f} s (NVTabular)")
     return out, name_or_path
 
 

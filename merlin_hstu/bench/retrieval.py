@@ -83,19 +83,9 @@ def resolve_dataset(name_or_path: str, input_dir: Optional[str], cache_root: Pat
     path = Path(name_or_path)
     if (path / "processed").is_dir() or (path / "schema.pbtxt").is_file():
         return path, str(path)
-    from merlin_hstu.workflows import datasets
+    from merlin_hstu.workflows.datasets import cached_dataset
 
-    spec = datasets.DATASETS.get(name_or_path)
-    if spec is None:
-        raise ValueError(f"unknown dataset {name_or_path!r}: use one of {sorted(datasets.DATASETS)} "
-                         "or the output directory of `merlin-hstu preprocess`")
-    source = input_dir or datasets.default_input_dir(name_or_path)
-    if source is None:
-        raise ValueError(f"dataset {name_or_path!r} is not staged here: pass --input DIR with its files")
-    out = cache_root / f"{name_or_path}-h{max_history}"
-    if not (out / "processed").is_dir():
-        print(f"preprocessing {name_or_path} from {source} -> {out}")
-        datasets.preprocess_dataset(name_or_path, source, out, max_length=max_history + 2)
+    out = cached_dataset(name_or_path, cache_root, max_history, input_dir)
     return out, name_or_path
 
 

@@ -2,15 +2,19 @@
 
 Every writer of a multi-file output (preprocess outputs, run directories, model repositories) uses these two
 functions, so an interrupted write never leaves a half-written directory under the final name, and a
-replaced output is swapped in one rename (the old one is restored if that rename fails).
+replaced output is swapped in one rename (the old one is restored if that rename fails). `exclusive(target)`
+lets one process build a cached output while the others (the ranks of `--nproc`, two commands sharing a cache)
+wait for it and then read it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 
 def staging_dir(target: Path) -> Path:
@@ -39,3 +43,20 @@ def publish_dir(staging: Path, target: Path) -> None:
         os.rename(trash, target)
         raise
     shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `target`'s lock file (`.<name>.lock` beside it; fcntl.flock, released when the
+    holder exits or dies) for the block: build-if-missing inside it, so one process builds and the rest find the
+    finished output when they get the lock."""
+    import fcntl
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

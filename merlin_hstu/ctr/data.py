@@ -645,6 +645,7 @@ def _open_criteo(path: Path, streaming: bool, shuffle_buffer: int) -> CTRData:
 def synthetic_criteo_dataset(cache_root: Path, overrides: Dict[str, object], log, streaming: bool = False,
                              shuffle_buffer: int = 10000) -> CTRData:
     """Generate (seeded) -> Criteo TSV -> NVTabular Criteo workflow, cached by a hash of the full config."""
+    from merlin_hstu.common.atomic_dir import exclusive
     from merlin_hstu.workflows.criteo_workflow import CriteoWorkflowConfig, preprocess_criteo
 
     overrides = dict(overrides)
@@ -657,24 +658,25 @@ def synthetic_criteo_dataset(cache_root: Path, overrides: Dict[str, object], log
     digest = hashlib.sha1(json.dumps(described, sort_keys=True).encode()).hexdigest()[:10]
     out = cache_root / f"synthetic-criteo-{cfg.num_rows}-{digest}"
     ceilings_path = out / "ceilings.json"
-    if not ceilings_path.is_file():
-        log(f"generating synthetic Criteo-layout data ({cfg.num_rows:,} rows, seed {cfg.seed}) -> {out}")
-        synthetic = generate_synthetic_criteo(cfg)
-        staging = cache_root / f".{out.name}.tsv"
-        tsv = write_criteo_tsv(synthetic.frame, staging)
-        t0 = time.perf_counter()
-        try:
-            preprocess_criteo(tsv, out, workflow_cfg, overwrite=True)
-        finally:
-            tsv.unlink(missing_ok=True)
-        log(f"NVTabular Criteo workflow: {time.perf_counter() - t0:.1f} s")
-        n_valid = int(round(cfg.num_rows * workflow_cfg.valid_fraction))
-        ceilings = synthetic.ceiling_aucs(slice(cfg.num_rows - n_valid, None))
-        for name, text in (("config.json", json.dumps(described, indent=2)),
-                           ("ceilings.json", json.dumps({"config": described, "valid_ceiling_auc": ceilings}))):
-            tmp = out / f".{name}.tmp"  # ceilings.json last: its presence marks a complete cache entry
-            tmp.write_text(text)
-            tmp.rename(out / name)
+    with exclusive(out):  # one process generates (the ranks of --nproc, commands sharing the cache)
+        if not ceilings_path.is_file():
+            log(f"generating synthetic Criteo-layout data ({cfg.num_rows:,} rows, seed {cfg.seed}) -> {out}")
+            synthetic = generate_synthetic_criteo(cfg)
+            staging = cache_root / f".{out.name}.tsv"
+            tsv = write_criteo_tsv(synthetic.frame, staging)
+            t0 = time.perf_counter()
+            try:
+                preprocess_criteo(tsv, out, workflow_cfg, overwrite=True)
+            finally:
+                tsv.unlink(missing_ok=True)
+            log(f"NVTabular Criteo workflow: {time.perf_counter() - t0:.1f} s")
+            n_valid = int(round(cfg.num_rows * workflow_cfg.valid_fraction))
+            ceilings = synthetic.ceiling_aucs(slice(cfg.num_rows - n_valid, None))
+            for name, text in (("config.json", json.dumps(described, indent=2)),
+                               ("ceilings.json", json.dumps({"config": described, "valid_ceiling_auc": ceilings}))):
+                tmp = out / f".{name}.tmp"  # ceilings.json last: its presence marks a complete cache entry
+                tmp.write_text(text)
+                tmp.rename(out / name)
     data = _open_criteo(out, streaming, shuffle_buffer)
     data.name = "synthetic-criteo"
     data.info["config"] = described

@@ -86,15 +86,9 @@ def prepare_dataset(name: str, cache_root: str | Path, max_history: int = 200,
                     input_dir: Optional[str | Path] = None) -> Path:
     """The dataset preprocessed by its session workflow (cached at `cache_root/<name>-h<max_history>`, the
     directory `merlin-hstu bench` uses too) with its item table; returns the dataset directory."""
-    from merlin_hstu.workflows import datasets
+    from merlin_hstu.workflows.datasets import cached_dataset
 
-    out = Path(cache_root) / f"{name}-h{max_history}"
-    if not (out / "processed").is_dir():
-        source = input_dir or datasets.default_input_dir(name)
-        if source is None:
-            raise ValueError(f"dataset {name!r} is not staged here: pass its input directory")
-        print(f"preprocessing {name} from {source} -> {out}")
-        datasets.preprocess_dataset(name, source, out, max_length=max_history + 2)
+    out = cached_dataset(name, cache_root, max_history, input_dir)
     prepare_item_text(out, name, input_dir)
     return out
 
