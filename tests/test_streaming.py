@@ -546,3 +546,14 @@ def test_a_stream_killed_mid_epoch_resumes_to_the_uninterrupted_run(data, criteo
         assert resumed.fit.resumed_from == stop, name
         assert resumed.fit.step_losses == full.fit.step_losses[stop:], name
         assert resumed.epoch_losses == full.epoch_losses and resumed.metrics == full.metrics, name
+
+
+def test_bench_ctr_streams_with_train_streaming(criteo, tmp_path, capsys, one_thread):
+    from merlin_hstu.cli.main import main
+
+    assert main(["bench", "--task", "ctr", "--dataset", str(criteo), "--model", "dlrm", "--epochs", "1",
+                 "--max-steps", "3", "--no-progress", "--output", str(tmp_path / "b"), "--set", "train.streaming=true",
+                 "--set", "train.shuffle_buffer=200", "--set", "model.embedding_dim=4"]) == 0
+    assert "1,500 train / 500 valid rows (streamed)" in capsys.readouterr().out
+    record = json.loads((tmp_path / "b" / "ctr_bench.json").read_text())
+    assert record["runs"]["dlrm"][0]["steps"] == 3 and 0.0 < record["summary"]["dlrm"]["auc"] < 1.0

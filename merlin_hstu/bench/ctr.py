@@ -69,12 +69,14 @@ def run_bench(args) -> int:
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     progress = not args.no_progress
-    data = load_ctr_dataset(args.dataset, Path(args.cache), sections["data"], args.input)
+    data = load_ctr_dataset(args.dataset, Path(args.cache), sections["data"], args.input,
+                            streaming=train_cfg.streaming, shuffle_buffer=train_cfg.shuffle_buffer)
     info = machine_info()
     print(f"machine: {machine_summary(info)}")
-    print(f"dataset {data.name}: {len(data.train):,} train / {len(data.valid):,} valid rows, "
-          f"{data.num_dense} dense + {len(data.cardinalities)} categorical features, "
-          f"positive rate {float(data.train.labels.mean()):.3f}")
+    labels = torch.cat([y for _, _, y in data.train.batches(65536)]) if data.streaming else data.train.labels
+    print(f"dataset {data.name}: {len(data.train):,} train / {len(data.valid):,} valid rows"
+          f"{' (streamed)' if data.streaming else ''}, {data.num_dense} dense + {len(data.cardinalities)} categorical "
+          f"features, positive rate {float(labels.mean()):.3f}")
     if sections["scaling"].get("enabled"):
         return run_scaling(args, data, train_cfg, sections, info)
     out = Path(args.output or f"runs/bench/ctr-{Path(args.dataset).name}-{'-'.join(models)}")
