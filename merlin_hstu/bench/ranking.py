@@ -113,6 +113,10 @@ def run_bench(args) -> int:
     if args.no_epoch_eval:
         train_values["eval_every"] = 0
     train_cfg = _dataclass_from(RankingTrainConfig, train_values, "train (RankingTrainConfig)")
+    if train_cfg.streaming:
+        raise ValueError("bench --task ranking reads the dataset in memory (its item-prior baseline counts every "
+                         "event); train a streamed ranking model with `merlin-hstu train --task ranking --set "
+                         "train.streaming=true`, or drop train.streaming here")
 
     data_dir, dataset_name = resolve_ranking_dataset(args.dataset, args.input, Path(args.cache),
                                                      int(data["num_candidates"]), int(data["max_uih_len"]))
