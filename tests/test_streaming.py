@@ -197,6 +197,9 @@ def test_cli_two_processes_stream_their_own_row_groups(data, tmp_path):
     assert record["metrics"]["HSTU"]["hr@200"] == 1.0 and 0 < record["metrics"]["HSTU"]["hr@50"] <= 1
     one = _train(data, "train.epochs=1").metrics["most-popular"]  # counts summed over the ranks, means combined
     assert record["metrics"]["most-popular"] == pytest.approx(one, abs=1e-12)
+    evaluated = _evaluate(out)  # one process streams every row group: the ranks' combined means, to rounding
+    for model in ("HSTU", "most-popular"):
+        assert evaluated[model] == pytest.approx(record["metrics"][model], abs=1e-12)
 
 
 # --- bounded memory -------------------------------------------------------------------------------------------
@@ -364,6 +367,7 @@ def test_cli_two_processes_stream_their_own_ctr_row_groups(criteo, tmp_path):
     assert json.loads((out / "run.json").read_text())["steps"] == 2 * max(-(-k // 32) for k in kept)
     record = json.loads((out / "metrics.json").read_text())
     assert record["epoch_losses"][1] < record["epoch_losses"][0] and 0.3 < record["metrics"]["auc"] < 1.0
+    assert _evaluate(out) == record["metrics"]  # `evaluate` streams the valid split as the run did: the same numbers
 
 
 def test_ctr_streaming_peak_rss_does_not_grow_with_the_rows(criteo, tmp_path):
@@ -491,6 +495,15 @@ def test_cli_two_processes_stream_their_own_ranking_row_groups(ranking, tmp_path
     record = json.loads((out / "metrics.json").read_text())
     assert record["epoch_losses"][1] < record["epoch_losses"][0]
     assert 0.0 < record["metrics"]["click"]["auc"] <= 1.0  # the whole test split, on every rank
+    assert _evaluate(out) == record["metrics"]  # `evaluate` streams the test split as the run did
+
+
+def _evaluate(run_dir):
+    """`merlin-hstu evaluate --run RUN --json` in a fresh process -> its metrics."""
+    proc = subprocess.run([sys.executable, "-m", "merlin_hstu.cli.main", "evaluate", "--run", str(run_dir), "--json",
+                           "--no-progress"], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
 
 
 def test_ranking_streaming_peak_rss_does_not_grow_with_the_users(ranking, tmp_path):

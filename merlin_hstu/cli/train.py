@@ -266,6 +266,11 @@ def cmd_evaluate(args) -> int:
 
             split = SessionSplits(load_session_splits(data, actions=cfg.inputs.actions),
                                   max_history=cfg.data.max_history)
+        elif cfg.train.streaming:  # read as the run trained: row group by row group
+            from merlin_hstu.retrieval.data import StreamingLeaveOneOut, open_streaming
+
+            split = StreamingLeaveOneOut(open_streaming(data, actions=cfg.inputs.actions),
+                                         max_history=cfg.data.max_history, shuffle_buffer=cfg.train.shuffle_buffer)
         else:
             split = LeaveOneOut(load_processed(data, actions=cfg.inputs.actions), max_history=cfg.data.max_history)
         metrics = {"HSTU": evaluate_model(model, split, cfg, progress=not args.no_progress),
@@ -275,7 +280,7 @@ def cmd_evaluate(args) -> int:
         from merlin_hstu.ranking.train import evaluate_ranking, format_task_metrics
 
         cfg = run.config
-        dataset = cfg.data.load(data)
+        dataset = cfg.data.load(data, cfg.train)  # streamed when the run was (train.streaming)
         split = cfg.train.eval_split
         metrics = evaluate_ranking(model, dataset.batches(split, cfg.train.eval_batch_size),
                                    progress=not args.no_progress,
@@ -285,8 +290,10 @@ def cmd_evaluate(args) -> int:
         from merlin_hstu.ctr.data import load_ctr_dataset
         from merlin_hstu.ctr.train import evaluate_ctr
 
-        tensors = load_ctr_dataset(data, Path(args.cache), {}).valid
-        metrics = evaluate_ctr(model, tensors, run.config.train.eval_batch_size)
+        train = run.config.train  # streamed when the run was (train.streaming)
+        valid = load_ctr_dataset(data, Path(args.cache), {}, streaming=train.streaming,
+                                 shuffle_buffer=train.shuffle_buffer).valid
+        metrics = evaluate_ctr(model, valid, train.eval_batch_size)
         print("valid: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if args.json:
         print(json.dumps(metrics, indent=2))
