@@ -479,6 +479,8 @@ class StreamingRankingDataset:
     def __init__(self, path: PathLike, tasks: Optional[Sequence[Union[str, RankingTask]]] = None,
                  test_fraction: Optional[float] = None, split_seed: Optional[int] = None, train_windows: int = 1,
                  shuffle_buffer: int = 10000, rank: int = 0, world_size: int = 1, train_split: str = "train"):
+        import pyarrow.parquet as pq
+
         from merlin_hstu.data.stream import row_groups, shard
 
         self.path = Path(path)
@@ -499,8 +501,6 @@ class StreamingRankingDataset:
         self.train_windows, self.shuffle_buffer = int(train_windows), shuffle_buffer
         self.rank, self.world_size, self.train_split = rank, world_size, train_split
         self.groups = row_groups(files)
-        import pyarrow.parquet as pq
-
         self._columns = pq.read_schema(files[0]).names
         self.own_groups = shard(self.groups, rank, world_size)
         self.num_rows = sum(g.num_rows for g in self.groups)
