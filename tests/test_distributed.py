@@ -193,6 +193,23 @@ def test_two_nodes_on_localhost_equal_one_node_with_two_processes(data, tmp_path
     assert a["epoch_losses"] == b["epoch_losses"] and a["metrics"] == b["metrics"]
 
 
+def test_a_sharding_torchrec_cannot_run_here_is_a_clear_error(tmp_path):
+    """Pooled (CTR) tables have no row-wise CPU kernel in torchrec 1.8: the error names the setting and the fix."""
+    from merlin_hstu.ctr.data import SyntheticCriteoConfig, generate_synthetic_criteo, write_criteo_tsv
+    from merlin_hstu.workflows.criteo_workflow import CriteoWorkflowConfig, preprocess_criteo
+
+    frame = generate_synthetic_criteo(SyntheticCriteoConfig(num_rows=300, seed=1, max_cardinality=50)).frame
+    data = preprocess_criteo(write_criteo_tsv(frame, tmp_path / "c.tsv"), tmp_path / "criteo",
+                             CriteoWorkflowConfig(valid_fraction=0.2)).path
+    proc = subprocess.run([sys.executable, "-m", "merlin_hstu.cli.main", "train", "--task", "ctr", "--config", "dlrm",
+                           "--data", str(data), "--output", str(tmp_path / "run"), "--no-progress", "--nproc", "2",
+                           "--set", "model.embeddings=torchrec", "--set", "train.sharding=row_wise"],
+                          capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    assert proc.returncode != 0
+    assert "train.sharding=row_wise: torchrec 1.8 has no cpu kernel" in proc.stdout + proc.stderr
+    assert "Use train.sharding=auto, table_wise or column_wise" in proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--nproc", "0"], "--nproc must be >= 1"),
     (["--nproc", "2", "--nnodes", "2"], "needs --rdzv-endpoint"),

@@ -99,8 +99,17 @@ def shard_model(module: nn.Module, ctx, sharding: str = "auto", sparse_optimizer
     with _quiet_planner(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         topology = Topology(world_size=ctx.world_size, compute_device=ctx.device.type)
-        plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(
-            module, sharders, ctx.group)
+        try:
+            plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(
+                module, sharders, ctx.group)
+        except RuntimeError as exc:
+            if "No available sharding type" not in str(exc):
+                raise
+            kinds = sorted({"EmbeddingBagCollection" if getattr(t, "pooled", False) else "EmbeddingCollection"
+                            for t in collections})
+            raise ValueError(f"train.sharding={sharding}: torchrec 1.8 has no {ctx.device.type} kernel for that "
+                             f"sharding of these tables ({', '.join(kinds)}); pooled CTR tables shard row_wise on "
+                             "CUDA only. Use train.sharding=auto, table_wise or column_wise here") from exc
         dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(ctx.group), device=ctx.device,
                                        plan=plan, sharders=sharders)
     load_full_state(dmp, full)
