@@ -136,8 +136,8 @@ def write_criteo_rows(template: Path, output: Path, rows: int, row_group_size: i
         raise FileExistsError(f"{output} exists; pass a new directory")
     tmp = output.with_name(f".{output.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(template, tmp, ignore=shutil.ignore_patterns("*.parquet"))
-    shutil.copytree(template / "processed" / "valid", tmp / "processed" / "valid", dirs_exist_ok=True)
+    shutil.copytree(template, tmp, ignore=shutil.ignore_patterns("*.parquet", "_metadata*", "_file_list.txt"))
+    shutil.copytree(template / "processed" / "valid", tmp / "processed" / "valid", dirs_exist_ok=True)  # kept whole
     cards = dict(zip(columns.sparse, columns.cardinalities))
     rng = np.random.default_rng(seed)
     with pq.ParquetWriter(tmp / "processed" / "train" / "part_0.parquet", schema) as writer:
@@ -184,7 +184,7 @@ def write_ranking_rows(template: Path, output: Path, users: int, events: int, ro
         raise FileExistsError(f"{output} exists; pass a new directory")
     tmp = output.with_name(f".{output.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(template, tmp, ignore=shutil.ignore_patterns("*.parquet"))
+    shutil.copytree(template, tmp, ignore=shutil.ignore_patterns("*.parquet", "_metadata*", "_file_list.txt"))
     (tmp / META_FILE).write_text(json.dumps({**meta, "num_rows": users}, indent=2))
     rng = np.random.default_rng(seed)
     with pq.ParquetWriter(tmp / "processed" / part.name, schema) as writer:

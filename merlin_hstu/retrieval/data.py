@@ -591,8 +591,9 @@ class StreamingLeaveOneOut:
     """The leave-one-out splits of `LeaveOneOut`, made row group by row group as they are read (train.streaming).
 
     Same protocol per row (train: target s_{T-1}; eval: s_T; validation fraction 1.0: s_{T-1} with training one
-    item earlier). A validation fraction < 1 holds out the users whose seeded key hash (`data.stream.key_fraction`) is below
-    it (the in-memory path draws a permutation instead, so the held-out users differ). Training batches come
+    item earlier). A validation fraction < 1 holds out the users whose seeded key hash
+    (`data.stream.key_fraction`) is below it (the in-memory path draws a permutation instead, so the held-out users
+    differ). Training batches come
     through a shuffle buffer of `shuffle_buffer` samples (row groups in a seeded random order when the epoch does
     not fit in it); evaluation batches come in file order. With shuffle_buffer >= the train samples, every batch
     equals the in-memory path's (same generator, same order), so the whole training is the same."""
