@@ -404,6 +404,15 @@ def test_bench_commands_run_on_tiny_settings(processed, tmp_path, capsys):
         assert phrase in out
     record = json.loads((tmp_path / "sid" / "bench.json").read_text())
     assert record["benchmark"] == "sid" and (tmp_path / "sid" / "seed-42" / "tokenizer" / "codes.parquet").is_file()
+    # the recorded command reproduces the run: it parses back to the same arguments (no parent-parser options)
+    import shlex
+
+    from merlin_hstu.cli.main import build_parser
+
+    command = record["markdown"].split("command: `")[1].split("`")[0]
+    again = vars(build_parser().parse_args(shlex.split(command)[1:]))
+    for key, value in record["arguments"].items():
+        assert again[key] == value, (key, again[key], value)
     assert main(["bench", "sid-decode", "--dataset", str(processed), "--users", "16", "--beams", "3,6",
                  "--engines", "cached,full", "--repeats", "1", "--threads", "1", "--output", str(tmp_path / "dec"),
                  *tiny, *id_tiny]) == 0
@@ -451,3 +460,20 @@ def test_served_top_k_equals_offline_beam_search(processed, tmp_path):
     offline = recommend_sid(model, sids, [table.items[r] for r in rows], k=5, beam_width=width)
     assert served.item_ids.tolist() == [[raw[i] for i in items] for items in offline]
     assert np.all(np.isfinite(served.scores)) and np.all(np.diff(served.scores, axis=1) <= 0)
+
+
+def test_recorded_bench_amazon_command_parses_back():
+    """`bench amazon` records the command that reproduces it: only its own options, none of the parent `bench`
+    parser's (an `--epochs 3` there made the recorded command fail to parse)."""
+    import shlex
+
+    from merlin_hstu.bench.sid import command_line
+    from merlin_hstu.cli.main import build_parser
+
+    args = build_parser().parse_args(["bench", "amazon", "--datasets", "amazon-s3rec-toys", "--models", "hstu-amazon",
+                                      "--seeds", "1", "--threads", "2", "--output", "out"])
+    command = command_line("amazon", args)
+    assert "--epochs" not in command and "--cache" not in command  # not its options / its default
+    again = build_parser().parse_args(shlex.split(command)[1:])
+    for key in ("datasets", "models", "seeds", "threads", "output", "seed", "cache"):
+        assert getattr(again, key) == getattr(args, key), key

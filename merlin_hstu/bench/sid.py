@@ -148,11 +148,14 @@ def summary_rows(runs: Dict[str, List[dict]], published: Dict[str, dict]) -> Dic
 
 
 def command_line(kind: str, args) -> str:
-    """The command that reproduces a run: every argument that is not its default."""
+    """The command that reproduces a run: every argument of the subcommand (`args._parser`, set at registration)
+    that is not its default. Options of the parent `bench` parser (its --epochs, ...) are not the subcommand's."""
+    parser = getattr(args, "_parser", None)
+    own = {a.dest: a.default for a in parser._actions} if parser is not None else None
     parts = [f"merlin-hstu bench {kind}"]
     for key, value in vars(args).items():
         if key in ("func", "command", "bench_command", "task") or value in (None, False, 0, [], "") \
-                or key.startswith("_"):
+                or key.startswith("_") or (own is not None and (key not in own or own[key] == value)):
             continue
         flag = {"overrides": "--set", "id_overrides": "--id-set"}.get(key, "--" + key.replace("_", "-"))
         if isinstance(value, list):
@@ -164,7 +167,8 @@ def command_line(kind: str, args) -> str:
 
 def _record(args, kind: str, sections: dict, text: str, info: dict) -> dict:
     return {"benchmark": kind, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": info,
-            "arguments": {k: v for k, v in vars(args).items() if k != "func"}, "sections": sections,
+            "arguments": {k: v for k, v in vars(args).items() if k != "func" and not k.startswith("_")},
+            "sections": sections,
             "markdown": text}
 
 
@@ -483,7 +487,7 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
                    help="override a value of every model's config (repeatable)")
     _common(p)
     _training(p)
-    p.set_defaults(func=run_amazon)
+    p.set_defaults(func=run_amazon, _parser=p)
 
     p = bench_subparsers.add_parser("sid", help="semantic-ID HSTU vs ID HSTU (tokenizer stats, tail items, "
                                                 "published TIGER)", description=__doc__,
@@ -507,7 +511,7 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
                    help="override a value of the ID model's config (repeatable)")
     _common(p)
     _training(p)
-    p.set_defaults(func=run_sid_bench)
+    p.set_defaults(func=run_sid_bench, _parser=p)
 
     p = bench_subparsers.add_parser("sid-decode", help="users/s of semantic-ID beam search (beam 10, 50) vs ID "
                                                        "brute-force top-K", description=__doc__,
@@ -526,4 +530,4 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--id-set", dest="id_overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     _common(p)
-    p.set_defaults(func=run_decode_bench)
+    p.set_defaults(func=run_decode_bench, _parser=p)
