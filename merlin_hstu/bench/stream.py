@@ -21,9 +21,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
+
+from merlin_hstu.common.atomic_dir import publish_dir
 
 CHILD = r"""
 import sys, torch
@@ -77,10 +79,39 @@ MODEL = ["data.max_history=200", "model.max_seq_len=205", "model.embedding_dim=1
          "model.linear_dim=8", "train.batch_size=32", "train.num_negatives=16"]
 
 
+def _new_dataset_dir(output: Path, template: Optional[Path] = None) -> Path:
+    """A staging directory for `output` (`common.atomic_dir.staging_dir`; published by `publish_dir` once written),
+    holding a copy of `template` without its Parquet data and footers when one is given. `output` must not exist."""
+    from merlin_hstu.common.atomic_dir import staging_dir
+
+    if output.exists():
+        raise FileExistsError(f"{output} exists; pass a new directory")
+    staging = staging_dir(output)
+    if template is not None:
+        shutil.copytree(template, staging, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.parquet", "_metadata*", "_file_list.txt"))
+    return staging
+
+
+def _write_row_groups(path: Path, schema, rows: int, row_group_size: int,
+                      columns: Callable[[int, int], dict]) -> None:
+    """`rows` rows of `schema` written to `path` one row group of `row_group_size` at a time: `columns(start, n)` gives
+    the values of rows start..start+n-1 by column name (never the whole dataset in memory)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def arrow(values, type_):  # numpy columns are cast (float64 -> float32 ...); lists of arrays typed directly
+        return pa.array(values).cast(type_) if isinstance(values, np.ndarray) else pa.array(values, type=type_)
+
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, rows, row_group_size):
+            values = columns(start, min(row_group_size, rows - start))
+            writer.write_table(pa.table({f.name: arrow(values[f.name], f.type) for f in schema}, schema=schema))
+
+
 def write_sequences(template: Path, output: Path, users: int, events: int, row_group_size: int, seed: int) -> Path:
     """A processed dataset of `users` random sequences of `events` catalogue items, with the schema and catalogue of
     the preprocessed `template` (`merlin-hstu preprocess` output), in row groups of `row_group_size` rows."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from merlin_hstu.common import schema as roles
@@ -95,26 +126,22 @@ def write_sequences(template: Path, output: Path, users: int, events: int, row_g
     if set(schema.names) != wanted:
         raise ValueError(f"{part}: columns {schema.names}; write_sequences writes {sorted(wanted)} (preprocess a log "
                          "with user, item, action and timestamp columns as the template)")
-    if output.exists():
-        raise FileExistsError(f"{output} exists; pass a new directory")
-    tmp = output.with_name(f".{output.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "processed").mkdir(parents=True)
+    tmp = _new_dataset_dir(output)
+    (tmp / "processed").mkdir()
     shutil.copy(template / "processed" / "schema.pbtxt", tmp / "processed" / "schema.pbtxt")
     shutil.copy(template / "candidates.parquet", tmp / "candidates.parquet")
     catalogue = pq.read_table(template / "candidates.parquet").column(0).to_numpy()
     rng = np.random.default_rng(seed)
-    with pq.ParquetWriter(tmp / "processed" / "part_0.parquet", schema) as writer:
-        for start in range(0, users, row_group_size):
-            n = min(row_group_size, users - start)
-            times = np.cumsum(rng.integers(1, 100, size=(n, events)), axis=1) + 1_600_000_000
-            columns = {roles.LOG_USER_ID: np.arange(start, start + n) + 1,
-                       roles.ITEM_LIST: list(rng.choice(catalogue, size=(n, events))),
-                       roles.ACTION_LIST: list(rng.integers(3, 5, size=(n, events))),
-                       roles.TIMESTAMP_LIST: list(times), roles.LENGTH: np.full(n, events)}
-            writer.write_table(pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema},
-                                        schema=schema))
-    os.replace(tmp, output)
+
+    def columns(start: int, n: int) -> dict:
+        times = np.cumsum(rng.integers(1, 100, size=(n, events)), axis=1) + 1_600_000_000
+        return {roles.LOG_USER_ID: np.arange(start, start + n) + 1,
+                roles.ITEM_LIST: list(rng.choice(catalogue, size=(n, events))),
+                roles.ACTION_LIST: list(rng.integers(3, 5, size=(n, events))),
+                roles.TIMESTAMP_LIST: list(times), roles.LENGTH: np.full(n, events)}
+
+    _write_row_groups(tmp / "processed" / "part_0.parquet", schema, users, row_group_size, columns)
+    publish_dir(tmp, output)
     return output
 
 
@@ -122,7 +149,6 @@ def write_criteo_rows(template: Path, output: Path, rows: int, row_group_size: i
     """A Criteo-workflow directory of `rows` random train rows (dense N(0, 1), every categorical id uniform in its
     table, labels Bernoulli(0.25)) with the schema, workflow and valid split of the `preprocess_criteo` output
     `template`, in row groups of `row_group_size` rows."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from merlin_hstu.ctr.data import criteo_columns
@@ -132,28 +158,24 @@ def write_criteo_rows(template: Path, output: Path, rows: int, row_group_size: i
     dataset = load_criteo_dataset(template)
     columns = criteo_columns(dataset, template)
     schema = pq.read_schema(dataset.parquet_files("train")[0]).remove_metadata()
-    if output.exists():
-        raise FileExistsError(f"{output} exists; pass a new directory")
-    tmp = output.with_name(f".{output.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(template, tmp, ignore=shutil.ignore_patterns("*.parquet", "_metadata*", "_file_list.txt"))
+    tmp = _new_dataset_dir(output, template)
     shutil.copytree(template / "processed" / "valid", tmp / "processed" / "valid", dirs_exist_ok=True)  # kept whole
     cards = dict(zip(columns.sparse, columns.cardinalities))
     rng = np.random.default_rng(seed)
-    with pq.ParquetWriter(tmp / "processed" / "train" / "part_0.parquet", schema) as writer:
-        for start in range(0, rows, row_group_size):
-            n = min(row_group_size, rows - start)
-            values = {}
-            for field in schema:
-                if field.name in cards:
-                    values[field.name] = rng.integers(0, cards[field.name], n)
-                elif field.name == columns.label:
-                    values[field.name] = (rng.random(n) < 0.25).astype(np.int64)
-                else:
-                    values[field.name] = rng.standard_normal(n)
-                values[field.name] = pa.array(values[field.name]).cast(field.type)
-            writer.write_table(pa.table(values, schema=schema))
-    os.replace(tmp, output)
+
+    def values(start: int, n: int) -> dict:
+        out = {}
+        for field in schema:
+            if field.name in cards:
+                out[field.name] = rng.integers(0, cards[field.name], n)
+            elif field.name == columns.label:
+                out[field.name] = (rng.random(n) < 0.25).astype(np.int64)
+            else:
+                out[field.name] = rng.standard_normal(n)
+        return out
+
+    _write_row_groups(tmp / "processed" / "train" / "part_0.parquet", schema, rows, row_group_size, values)
+    publish_dir(tmp, output)
     return output
 
 
@@ -162,7 +184,6 @@ def write_ranking_rows(template: Path, output: Path, users: int, events: int, ro
     """A preprocess-ranking directory of `users` random users (`events` history events and K candidates each, items
     and actions within the catalogue and action bits of the `template`, contextual ids within its tables), with the
     template's ranking.json (row count updated) and schema, in row groups of `row_group_size` users."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from merlin_hstu.common import schema as roles
@@ -180,29 +201,25 @@ def write_ranking_rows(template: Path, output: Path, users: int, events: int, ro
     if set(schema.names) - known or meta.get("has_watch_time"):
         raise ValueError(f"{part}: columns {sorted(set(schema.names) - known)} (or watch time) that "
                          "write_ranking_rows does not write; use a template without them")
-    if output.exists():
-        raise FileExistsError(f"{output} exists; pass a new directory")
-    tmp = output.with_name(f".{output.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(template, tmp, ignore=shutil.ignore_patterns("*.parquet", "_metadata*", "_file_list.txt"))
+    tmp = _new_dataset_dir(output, template)
     (tmp / META_FILE).write_text(json.dumps({**meta, "num_rows": users}, indent=2))
     rng = np.random.default_rng(seed)
-    with pq.ParquetWriter(tmp / "processed" / part.name, schema) as writer:
-        for start in range(0, users, row_group_size):
-            n = min(row_group_size, users - start)
-            times = np.cumsum(rng.integers(1, 100, size=(n, events)), axis=1) + 1_600_000_000
-            columns = {meta["user_column"]: np.arange(start, start + n), roles.LENGTH: np.full(n, events),
-                       roles.ITEM_LIST: list(rng.integers(1, meta["num_items"], size=(n, events))),
-                       roles.ACTION_LIST: list(rng.integers(0, 2 ** bits, size=(n, events))),
-                       roles.TIMESTAMP_LIST: list(times), QUERY_TIME: times[:, -1],
-                       CANDIDATE_ITEM_LIST: list(rng.integers(1, meta["num_items"], size=(n, k))),
-                       CANDIDATE_ACTION_LIST: list(rng.integers(0, 2 ** bits, size=(n, k))),
-                       NUM_CANDIDATES: np.full(n, k)}
-            for f, card in meta["contextual_cardinalities"].items():
-                columns[CONTEXT_PREFIX + f] = rng.integers(0, card, n)
-            writer.write_table(pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema},
-                                        schema=schema))
-    os.replace(tmp, output)
+
+    def columns(start: int, n: int) -> dict:
+        times = np.cumsum(rng.integers(1, 100, size=(n, events)), axis=1) + 1_600_000_000
+        out = {meta["user_column"]: np.arange(start, start + n), roles.LENGTH: np.full(n, events),
+               roles.ITEM_LIST: list(rng.integers(1, meta["num_items"], size=(n, events))),
+               roles.ACTION_LIST: list(rng.integers(0, 2 ** bits, size=(n, events))),
+               roles.TIMESTAMP_LIST: list(times), QUERY_TIME: times[:, -1],
+               CANDIDATE_ITEM_LIST: list(rng.integers(1, meta["num_items"], size=(n, k))),
+               CANDIDATE_ACTION_LIST: list(rng.integers(0, 2 ** bits, size=(n, k))),
+               NUM_CANDIDATES: np.full(n, k)}
+        for f, card in meta["contextual_cardinalities"].items():
+            out[CONTEXT_PREFIX + f] = rng.integers(0, card, n)
+        return out
+
+    _write_row_groups(tmp / "processed" / part.name, schema, users, row_group_size, columns)
+    publish_dir(tmp, output)
     return output
 
 
