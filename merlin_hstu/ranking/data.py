@@ -67,12 +67,17 @@ def read_meta(path: PathLike) -> dict:
     return meta
 
 
-def read_processed_frame(path: PathLike) -> pd.DataFrame:
-    """processed/*.parquet of a preprocess-ranking directory, one row per user."""
+def processed_files(path: PathLike) -> list:
+    """processed/*.parquet of a preprocess-ranking directory, in row order (part_2 before part_10)."""
     parts = sorted((Path(path) / "processed").glob("*.parquet"), key=lambda p: (len(p.name), p.name))
     if not parts:
         raise FileNotFoundError(f"no parquet files under {Path(path) / 'processed'}; re-run preprocess-ranking")
-    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    return parts
+
+
+def read_processed_frame(path: PathLike) -> pd.DataFrame:
+    """processed/*.parquet of a preprocess-ranking directory, one row per user."""
+    return pd.concat([pd.read_parquet(p) for p in processed_files(path)], ignore_index=True)
 
 
 def _flatten(column: pd.Series, dtype) -> Tuple[np.ndarray, np.ndarray]:
@@ -127,6 +132,31 @@ def resolve_tasks(requested: Optional[Sequence[Union[str, RankingTask]]], availa
     return tuple(out)
 
 
+def read_settings(meta: dict, tasks, test_fraction: Optional[float], split_seed: Optional[int],
+                  train_windows) -> Tuple[Tuple[RankingTask, ...], dict, int]:
+    """(tasks, meta with the split in effect, train_windows) for reading a dataset: `tasks` default to ranking.json's,
+    `test_fraction` / `split_seed` to its recorded split (in memory and streamed alike)."""
+    chosen = resolve_tasks(tasks, tuple(RankingTask(**t) for t in meta["tasks"]), bool(meta.get("has_watch_time")))
+    if isinstance(train_windows, bool) or int(train_windows) < 0:
+        raise ValueError(f"train_windows must be an integer >= 0 (0: every window), got {train_windows!r}")
+    split = meta.get("split", {})
+    fraction = split.get("test_fraction", 0.25) if test_fraction is None else test_fraction
+    seed = split.get("seed", 0) if split_seed is None else split_seed
+    return chosen, {**meta, "split": {"kind": "users", "test_fraction": fraction, "seed": seed}}, int(train_windows)
+
+
+def validation_draw(num_train: int, fraction: float, seed: int) -> np.ndarray:
+    """[num_train] True for the training users (in user order) that `hold_out_validation` moves to "validation": the
+    first round(fraction * n) of numpy default_rng(seed).permutation(n)."""
+    count = int(round(num_train * fraction))
+    if not 0.0 < fraction < 1.0 or count < 1 or count >= num_train:
+        raise ValueError(f"train.validation_fraction={fraction!r} of {num_train} training users leaves an empty "
+                         "split; use a fraction in (0, 1) and more users")
+    chosen = np.zeros(num_train, dtype=bool)
+    chosen[np.random.default_rng(seed).permutation(num_train)[:count]] = True
+    return chosen
+
+
 def user_split(num_rows: int, test_fraction: float, seed: int) -> Dict[str, np.ndarray]:
     """{"train", "test", "all"} -> sorted row indices; see the module docstring."""
     if not 0.0 <= test_fraction < 1.0:
@@ -154,8 +184,34 @@ class SampleIndex:
         return SampleIndex(self.row[index], self.hist_start[index], self.hist_end[index], self.cand_end[index])
 
 
+class DatasetSizes:
+    """What a ranking model is built from, read from ranking.json (`meta`); a subclass gives `_largest_action` (the
+    highest action bitmask in its data) for datasets whose actions are not named."""
+
+    meta: dict
+
+    @property
+    def num_items(self) -> int:
+        """Item embedding rows (largest encoded id + 1)."""
+        return int(self.meta["num_items"])
+
+    @property
+    def contextual_cardinalities(self) -> Dict[str, int]:
+        """Embedding rows per contextual feature."""
+        return {k: int(v) for k, v in self.meta["contextual_cardinalities"].items()}
+
+    @property
+    def num_action_bits(self) -> int:
+        """Bits of the action bitmask (the named actions; else the highest bit set in the data + 1)."""
+        names = self.meta.get("action_names") or []
+        return len(names) if names else max(self._largest_action().bit_length(), 1)
+
+    def _largest_action(self) -> int:
+        raise NotImplementedError
+
+
 @dataclass
-class RankingDataset:
+class RankingDataset(DatasetSizes):
     """Per-user ranking samples in flat arrays, with a train/test split.
 
     Events of row r (its UIH, then its candidates) are items[row_offsets[r]:row_offsets[r+1]] (same for
@@ -200,15 +256,9 @@ class RankingDataset:
                    test_fraction: Optional[float] = None, split_seed: Optional[int] = None, train_windows: int = 1,
                    path: Optional[PathLike] = None) -> "RankingDataset":
         """The dataset of an in-memory processed frame and its ranking.json dict (see `load`)."""
-        chosen = resolve_tasks(tasks, tuple(RankingTask(**t) for t in meta["tasks"]), bool(meta.get("has_watch_time")))
-        if isinstance(train_windows, bool) or int(train_windows) < 0:
-            raise ValueError(f"train_windows must be an integer >= 0 (0: every window), got {train_windows!r}")
-        split = meta.get("split", {})
-        fraction = split.get("test_fraction", 0.25) if test_fraction is None else test_fraction
-        seed = split.get("seed", 0) if split_seed is None else split_seed
-        ds = cls._of_frame(df, {**meta, "split": {"kind": "users", "test_fraction": fraction, "seed": seed}}, chosen,
-                           int(train_windows), path)
-        ds.splits = user_split(len(df), fraction, seed)
+        chosen, meta, windows = read_settings(meta, tasks, test_fraction, split_seed, train_windows)
+        ds = cls._of_frame(df, meta, chosen, windows, path)
+        ds.splits = user_split(len(df), meta["split"]["test_fraction"], meta["split"]["seed"])
         ds.samples = {name: ds._sample_index(rows, windows=ds.train_windows if name == "train" else 1)
                       for name, rows in ds.splits.items()}
         return ds
@@ -245,12 +295,7 @@ class RankingDataset:
         """Move a seeded `fraction` of the training users into a "validation" split (one sample each, their last
         K events), for early stopping; the test users are untouched."""
         train = self.splits["train"]
-        count = int(round(len(train) * fraction))
-        if not 0.0 < fraction < 1.0 or count < 1 or count >= len(train):
-            raise ValueError(f"train.validation_fraction={fraction!r} of {len(train)} training users leaves an empty "
-                             "split; use a fraction in (0, 1) and more users")
-        chosen = np.zeros(len(train), dtype=bool)
-        chosen[np.random.default_rng(seed).permutation(len(train))[:count]] = True
+        chosen = validation_draw(len(train), fraction, seed)
         self.splits["validation"], self.splits["train"] = train[chosen], train[~chosen]
         self.samples["validation"] = self._sample_index(self.splits["validation"], windows=1)
         self.samples["train"] = self._sample_index(self.splits["train"], windows=self.train_windows)
@@ -278,23 +323,8 @@ class RankingDataset:
     def num_rows(self) -> int:
         return len(self.raw_user_ids)
 
-    @property
-    def num_items(self) -> int:
-        """Item embedding rows (largest encoded id + 1)."""
-        return int(self.meta["num_items"])
-
-    @property
-    def contextual_cardinalities(self) -> Dict[str, int]:
-        """Embedding rows per contextual feature."""
-        return {k: int(v) for k, v in self.meta["contextual_cardinalities"].items()}
-
-    @property
-    def num_action_bits(self) -> int:
-        """Bits of the action bitmask (the named actions; else the highest bit set in the data + 1)."""
-        names = self.meta.get("action_names") or []
-        if names:
-            return len(names)
-        return max(int(self.actions.max(initial=0)).bit_length(), 1)
+    def _largest_action(self) -> int:
+        return int(self.actions.max(initial=0))
 
     @property
     def has_watch_time(self) -> bool:
@@ -460,7 +490,7 @@ class RankingSamples:
 _SPLIT_CODES = {"train": 0, "test": 1, "validation": 2}
 
 
-class StreamingRankingDataset:
+class StreamingRankingDataset(DatasetSizes):
     """A preprocess-ranking directory read row group by row group (`merlin_hstu.data.stream`), with the
     `RankingDataset` interface the training loop uses (`batches`, `num_batches`, `hold_out_validation`, the sizes
     a model is built from).
@@ -485,20 +515,13 @@ class StreamingRankingDataset:
 
         self.path = Path(path)
         meta = read_meta(self.path)
-        files = sorted((self.path / "processed").glob("*.parquet"), key=lambda p: (len(p.name), p.name))
-        if not files:
-            raise FileNotFoundError(f"no parquet files under {self.path / 'processed'}; re-run preprocess-ranking")
+        files = processed_files(self.path)
         if shuffle_buffer < 1:
             raise ValueError(f"train.shuffle_buffer must be >= 1 sample, got {shuffle_buffer}")
-        if isinstance(train_windows, bool) or int(train_windows) < 0:
-            raise ValueError(f"train_windows must be an integer >= 0 (0: every window), got {train_windows!r}")
-        self.tasks = resolve_tasks(tasks, tuple(RankingTask(**t) for t in meta["tasks"]),
-                                   bool(meta.get("has_watch_time")))
-        split = meta.get("split", {})
-        fraction = split.get("test_fraction", 0.25) if test_fraction is None else test_fraction
-        seed = split.get("seed", 0) if split_seed is None else split_seed
-        self.meta = {**meta, "split": {"kind": "users", "test_fraction": fraction, "seed": seed}}
-        self.train_windows, self.shuffle_buffer = int(train_windows), shuffle_buffer
+        self.tasks, self.meta, self.train_windows = read_settings(meta, tasks, test_fraction, split_seed,
+                                                                  train_windows)
+        split = self.meta["split"]
+        self.shuffle_buffer = shuffle_buffer
         self.rank, self.world_size, self.train_split = rank, world_size, train_split
         self.groups = row_groups(files)
         self._columns = pq.read_schema(files[0]).names
@@ -507,25 +530,15 @@ class StreamingRankingDataset:
         if self.num_rows == 0:
             raise ValueError(f"{self.path}/processed holds no rows; check the input data")
         self._code = np.full(self.num_rows, _SPLIT_CODES["train"], dtype=np.uint8)
-        self._code[user_split(self.num_rows, fraction, seed)["test"]] = _SPLIT_CODES["test"]
+        self._code[user_split(self.num_rows, split["test_fraction"], split["seed"])["test"]] = _SPLIT_CODES["test"]
         self._has_validation = False
         self._extra: Optional[np.ndarray] = None  # per row: training windows beyond the last-K sample
         self._max_action = 0
         self._scan()
 
-    # --- facts about the data (what a model is built from) ------------------------------------------------
-    @property
-    def num_items(self) -> int:
-        return int(self.meta["num_items"])
-
-    @property
-    def contextual_cardinalities(self) -> Dict[str, int]:
-        return {k: int(v) for k, v in self.meta["contextual_cardinalities"].items()}
-
-    @property
-    def num_action_bits(self) -> int:
-        names = self.meta.get("action_names") or []
-        return len(names) if names else max(self._max_action.bit_length(), 1)
+    # --- facts about the data (what a model is built from: DatasetSizes) ----------------------------------
+    def _largest_action(self) -> int:
+        return self._max_action
 
     @property
     def has_watch_time(self) -> bool:
@@ -586,11 +599,7 @@ class StreamingRankingDataset:
     def hold_out_validation(self, fraction: float, seed: int) -> None:
         """`RankingDataset.hold_out_validation`: the same seeded draw of training users (the same users)."""
         train = np.flatnonzero(self._code == _SPLIT_CODES["train"])
-        count = int(round(len(train) * fraction))
-        if not 0.0 < fraction < 1.0 or count < 1 or count >= len(train):
-            raise ValueError(f"train.validation_fraction={fraction!r} of {len(train)} training users leaves an empty "
-                             "split; use a fraction in (0, 1) and more users")
-        self._code[train[np.random.default_rng(seed).permutation(len(train))[:count]]] = _SPLIT_CODES["validation"]
+        self._code[train[validation_draw(len(train), fraction, seed)]] = _SPLIT_CODES["validation"]
         self._has_validation = True
 
     def summary(self) -> str:
