@@ -462,6 +462,28 @@ def test_served_top_k_equals_offline_beam_search(processed, tmp_path):
     assert np.all(np.isfinite(served.scores)) and np.all(np.diff(served.scores, axis=1) <= 0)
 
 
+def test_bench_amazon_records_the_selection_figures(processed, tmp_path, capsys):
+    """`bench amazon` on tiny settings: test metrics per preset, and beside them the validation figures of the epoch
+    early stopping kept (what hyperparameters are chosen on), equal to the run's own validation history."""
+    from merlin_hstu.cli.main import main
+
+    tiny = ["--set", "data.max_history=10", "--set", "model.max_seq_len=21", "--set", "model.embedding_dim=16",
+            "--set", "train.early_stopping_patience=1"]
+    assert main(["bench", "amazon", "--datasets", str(processed), "--models", "hstu-amazon,sasrec-amazon",
+                 "--seeds", "1", "--id-epochs", "2", "--max-steps", "6", "--threads", "1", "--no-progress",
+                 "--output", str(tmp_path / "amazon"), *tiny]) == 0
+    out = capsys.readouterr().out
+    assert "selection (validation item only)" in out
+    record = json.loads((tmp_path / "amazon" / "bench.json").read_text())
+    section = record["sections"][str(processed)]
+    for preset in ("hstu-amazon", "sasrec-amazon"):
+        chosen = section["selection"][preset][0]
+        assert chosen["seed"] == 42 and 1 <= chosen["best_epoch"] <= chosen["epochs"] <= 2
+        assert 0.0 <= chosen["validation_ndcg@10"] <= chosen["validation_recall@10"] <= 1.0
+        assert section["runs"][preset][0]["recall@10"] >= section["runs"][preset][0]["recall@5"]
+    assert "Selection figures" in record["markdown"] and "val N@10" in record["markdown"]
+
+
 def test_recorded_bench_amazon_command_parses_back():
     """`bench amazon` records the command that reproduces it: only its own options, none of the parent `bench`
     parser's (an `--epochs 3` there made the recorded command fail to parse)."""

@@ -172,6 +172,25 @@ def _record(args, kind: str, sections: dict, text: str, info: dict) -> dict:
             "markdown": text}
 
 
+def selection_record(seed: int, fit) -> dict:
+    """What hyperparameters are chosen on: the validation metrics of the epoch early stopping kept (never test)."""
+    validation = dict(fit.validation_metrics).get(fit.best_epoch, {})
+    return {"seed": seed, "epochs": len(fit.epoch_losses), "best_epoch": fit.best_epoch,
+            "train_seconds": fit.train_seconds,
+            **{f"validation_{k}": v for k, v in as_recall(validation).items() if k in ("recall@10", "ndcg@10")}}
+
+
+def selection_table(selection: Dict[str, List[dict]]) -> str:
+    header = f"{'model':<24} {'seed':>5} {'epochs (best)':>14} {'val R@10':>9} {'val N@10':>9} {'train min':>10}"
+    lines = [header, "-" * len(header)]
+    for preset, records in selection.items():
+        for r in records:
+            lines.append(f"{preset:<24} {r['seed']:>5} {str(r['epochs']) + ' (' + str(r['best_epoch']) + ')':>14} "
+                         f"{r.get('validation_recall@10', float('nan')):>9.4f} "
+                         f"{r.get('validation_ndcg@10', float('nan')):>9.4f} {r['train_seconds'] / 60:>10.1f}")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # bench amazon
 # ------------------------------------------------------------------------------------------------------------
@@ -190,7 +209,7 @@ def run_amazon(args) -> int:
         history = max(load_config(m).data.max_history for m in models)
         table, _, name = load_table(dataset, args.input, args.cache, history, args.users)
         print(f"\n=== {name}: {len(table.items):,} users, {len(table.candidate_ids):,} items ===")
-        runs = {}
+        runs, selection = {}, {}
         for preset in models:
             for seed in _seeds(args):
                 print(f"--- {preset}, seed {seed} ---")
@@ -199,11 +218,15 @@ def run_amazon(args) -> int:
                 print(f"{preset}: {len(result.epoch_losses)} epochs (best {fit.best_epoch}, stopped early: "
                       f"{fit.stopped_early}), test {as_recall(result.metrics[cfg.name])}")
                 runs.setdefault(preset, []).append(as_recall(result.metrics[cfg.name]))
+                selection.setdefault(preset, []).append(selection_record(seed, fit))
         rows = summary_rows(runs, PUBLISHED.get(name, {}))
         text = format_metrics_table(rows, keys=TABLE_KEYS)
-        print(f"\n{name}:\n{text}")
-        sections[name] = {"runs": runs, "rows": rows}
-        lines += [f"### {name}", "", "```", text, "```", ""]
+        chosen = selection_table(selection)
+        print(f"\n{name}:\n{text}\n\nselection (validation item only):\n{chosen}")
+        sections[name] = {"runs": runs, "rows": rows, "selection": selection}
+        lines += [f"### {name}", "", "```", text, "```", "",
+                  "Selection figures (the validation item of every user, at the epoch early stopping kept):", "",
+                  "```", chosen, "```", ""]
     markdown = "\n".join(lines)
     out = Path(args.output or "runs/bench/amazon")
     _write_atomic(out / "bench.json", json.dumps(_record(args, "amazon", sections, markdown, info), indent=2,
