@@ -270,6 +270,54 @@ def test_frozen_mode_never_changes_the_lm_and_finetune_trains_only_the_top_layer
     assert result.refresh_seconds
 
 
+def test_finetune_on_cached_frozen_layers_equals_running_the_whole_lm(data, encoder, tmp_path):
+    """With mean pooling the frozen layers' output depends on the text alone: computing it once per item and running
+    only the trained top layers gives the whole LM's item vectors and gradients, and a finetune run's every step
+    loss and trained weights (to float rounding); with the cache off the whole LM runs."""
+    import copy
+
+    from merlin_hstu.hllm.cache import EmbeddingCache
+    from merlin_hstu.hllm.item_encoder import ItemTextEncoder
+    from merlin_hstu.hllm.train import train_hllm
+
+    def tuned(cached: bool) -> ItemTextEncoder:
+        config = ItemEncoderConfig(pooling="mean", trainable_layers=2, cache_frozen_layers=cached)
+        return ItemTextEncoder(config, encoder.tokenizer, copy.deepcopy(encoder.backbone))
+
+    fast, full = tuned(True), tuned(False)
+    fast.set_trainable(2), full.set_trainable(2)
+    assert fast.caches_frozen_layers() and not full.caches_frozen_layers()
+    fast.train(), full.train()
+    for module in (fast, full):  # dropout off in the trained layers, so that both passes are deterministic
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Dropout):
+                layer.p = 0.0
+    ids, lengths = fast.tokenize(TEXTS)
+    want = full(ids, lengths)
+    got = fast.forward_from_frozen(fast.frozen_states(ids, lengths), lengths)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    (want ** 2).sum().backward(), (got ** 2).sum().backward()
+    trained = [(a, b) for a, b in zip(full.backbone.parameters(), fast.backbone.parameters()) if a.requires_grad]
+    assert len(trained) > 0 and all(b.grad is not None for _, b in trained)
+    for a, b in trained:
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4)
+
+    runs = {}
+    for cached in (True, False):
+        cfg = small_config("train.mode=finetune", "item_encoder.pooling=mean", "item_encoder.trainable_layers=2",
+                           f"item_encoder.cache_frozen_layers={str(cached).lower()}", "train.epochs=1",
+                           "train.max_steps=3", "train.lm_learning_rate=1e-3")
+        runs[cached] = train_hllm(data, cfg, encoder=tuned(cached), cache=EmbeddingCache(tmp_path / str(cached)))
+    assert (runs[True].model._frozen is not None) and (runs[False].model._frozen is None)
+    assert runs[True].fit.steps == runs[False].fit.steps == 3
+    np.testing.assert_allclose(runs[True].fit.step_losses, runs[False].fit.step_losses, rtol=1e-4)
+    for (name, a), (_, b) in zip(runs[False].model.item_encoder.backbone.named_parameters(),
+                                 runs[True].model.item_encoder.backbone.named_parameters()):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=name)
+    assert not torch.equal(runs[True].model.item_encoder.backbone.encoder.layer[5].output.dense.weight,
+                           encoder.backbone.encoder.layer[5].output.dense.weight)  # the top layer did train
+
+
 def test_hybrid_mode_learns_on_the_structured_log(data, encoder, cache):
     """Four taste groups of ten movies: the hybrid model must beat most-popular's HR@10 after training."""
     from merlin_hstu.hllm.train import train_hllm

@@ -49,6 +49,9 @@ class ItemEncoderConfig:
     batch_size: int = 64  # texts per forward pass when the catalogue is encoded
     live_items_per_step: int = 0  # finetune: at most this many of a step's distinct items go through the LM with
     #                               gradients (a random subset); the others read the last encoded table (0: all)
+    cache_frozen_layers: bool = True  # finetune: compute the frozen layers' output once per item (kept in memory,
+    #                                   one float32 vector per text token) and run only the trained top layers per
+    #                                   step; applies to BERT-architecture LMs with mean / first pooling
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -59,6 +62,8 @@ class ItemEncoderConfig:
         _int_at_least(self.trainable_layers, 0, "item_encoder.trainable_layers")
         _int_at_least(self.batch_size, 1, "item_encoder.batch_size")
         _int_at_least(self.live_items_per_step, 0, "item_encoder.live_items_per_step")
+        if not isinstance(self.cache_frozen_layers, bool):
+            raise ValueError(f"item_encoder.cache_frozen_layers must be true or false, got {self.cache_frozen_layers!r}")
 
 
 @dataclass

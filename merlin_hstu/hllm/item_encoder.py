@@ -22,7 +22,12 @@ local Hugging Face model folder (an encoder such as BERT / MiniLM / RoBERTa, or 
 Nothing is ever downloaded: `from_pretrained(..., local_files_only=True)`.
 
 Fine-tuning (`set_trainable(k)`) trains the top k transformer layers and the [ITEM] vector; everything below
-stays frozen (and in eval mode: no dropout in frozen layers).  `fingerprint()` hashes the model identity, the
+stays frozen (and in eval mode: no dropout in frozen layers).  So with `mean` / `first` pooling the hidden states
+entering the first trained layer are a function of the text alone: `frozen_states` computes them once per item
+and `forward_from_frozen` runs only the top k layers on them, which gives what `forward` gives (to float rounding)
+at (L - k) / L less LM work per step (`caches_frozen_layers` says when it applies: BERT-architecture encoders,
+whose layers take the extended attention mask one by one; with `item_token` pooling the [ITEM] row of every
+frozen layer depends on the trained [ITEM] vector, so the whole LM runs).  `fingerprint()` hashes the model identity, the
 text settings and every weight, so an embedding cache keyed by it (merlin_hstu.hllm.cache) is invalidated by any
 change of model, prompt, pooling or weights.
 """
@@ -161,6 +166,13 @@ class ItemTextEncoder(nn.Module):
         return ids, mask.sum(dim=1)
 
     # --- tokens -> embeddings ---------------------------------------------------------------------------
+    def _pool(self, hidden: Tensor, text: Tensor) -> Tensor:
+        """mean / first pooling of hidden [N, W, H] over the text tokens (text [N, W] bool)."""
+        if self.config.pooling == "first":
+            return hidden[:, 0]
+        weights = text.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+
     def forward(self, token_ids: Tensor, lengths: Tensor) -> Tensor:
         """token_ids [N, T] right-padded, lengths [N] -> item embeddings [N, H] (config.pooling)."""
         if token_ids.shape[0] == 0:
@@ -172,10 +184,7 @@ class ItemTextEncoder(nn.Module):
         words = self.backbone.get_input_embeddings()(token_ids)
         if self.config.pooling != "item_token":  # text rows never see the item token: leave it out
             hidden = self.backbone(inputs_embeds=words, attention_mask=text.long()).last_hidden_state
-            if self.config.pooling == "first":
-                return hidden[:, 0]
-            weights = text.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+            return self._pool(hidden, text)
         batch = token_ids.shape[0]
         rows = torch.arange(batch, device=token_ids.device)
         slots = torch.cat([words, words.new_zeros(batch, 1, words.shape[-1])], dim=1)
@@ -190,6 +199,46 @@ class ItemTextEncoder(nn.Module):
             mask = keys
         hidden = self.backbone(inputs_embeds=inputs, attention_mask=mask.long()).last_hidden_state
         return hidden[rows, lengths]
+
+    # --- fine-tuning: the frozen layers run once per item -------------------------------------------------
+    def caches_frozen_layers(self) -> bool:
+        """True when `frozen_states` / `forward_from_frozen` replace `forward` while fine-tuning (module docstring):
+        k >= 1 trained layers, mean / first pooling, a BERT-architecture LM, `cache_frozen_layers` on."""
+        return (self.config.cache_frozen_layers and self.trainable_layers > 0 and self.config.pooling != "item_token"
+                and self.backbone.config.model_type == "bert")
+
+    def _layer_mask(self, text: Tensor, dtype: torch.dtype) -> Tensor:
+        """The additive [N, 1, 1, W] key mask the LM's layers take (what its own forward builds)."""
+        return self.backbone.get_extended_attention_mask(text.long(), tuple(text.shape), dtype=dtype)
+
+    @torch.no_grad()
+    def frozen_states(self, token_ids: Tensor, lengths: Tensor) -> Tensor:
+        """Hidden states [N, W, H] entering the first trained layer (the embeddings and the L - k frozen layers)."""
+        if not self.caches_frozen_layers():
+            raise ValueError("frozen_states needs trainable_layers >= 1, pooling mean or first and a BERT-type LM "
+                             "(caches_frozen_layers())")
+        width = int(lengths.max())
+        text = torch.arange(width, device=token_ids.device).unsqueeze(0) < lengths.unsqueeze(1)
+        hidden = self.backbone.embeddings(inputs_embeds=self.backbone.get_input_embeddings()(token_ids[:, :width]))
+        mask = self._layer_mask(text, hidden.dtype)
+        layers = transformer_layers(self.backbone)
+        for layer in layers[:len(layers) - self.trainable_layers]:
+            hidden = layer(hidden, attention_mask=mask)[0]
+        return hidden
+
+    def forward_from_frozen(self, states: Tensor, lengths: Tensor) -> Tensor:
+        """Item embeddings [N, H] from `frozen_states` [N, >= max(lengths), H]: the trained top k layers and the
+        pooling, with gradients (equal to `forward` on the same tokens, to float rounding)."""
+        if states.shape[0] == 0:
+            return self.item_token.new_zeros(0, self.hidden_size)
+        width = int(lengths.max())
+        hidden = states[:, :width]
+        text = torch.arange(width, device=states.device).unsqueeze(0) < lengths.unsqueeze(1)
+        mask = self._layer_mask(text, hidden.dtype)
+        layers = transformer_layers(self.backbone)
+        for layer in layers[len(layers) - self.trainable_layers:]:
+            hidden = layer(hidden, attention_mask=mask)[0]
+        return self._pool(hidden, text)
 
     # --- whole catalogues ----------------------------------------------------------------------------------
     @torch.no_grad()

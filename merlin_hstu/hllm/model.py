@@ -11,6 +11,9 @@ and finetune at evaluation) or, while a finetune model trains, from the item LM 
 batch (the LM's top layers get gradients).  On a CPU the live LM is the whole cost of a finetune step, so
 `item_encoder.live_items_per_step` can cap it: a random subset of the step's distinct items goes through the LM,
 the others read the table as last encoded (before training: the pretrained LM's; refreshed before evaluations).
+Where the item encoder allows it (`ItemTextEncoder.caches_frozen_layers`), the frozen bottom layers run once per
+item, on the first training step, and are kept ragged (one vector per text token, `frozen_item_states`); each step
+then runs only the trained top layers of the step's items.
 
 User model (a causal sequence model over r; `UserModelConfig.kind`):
 
@@ -202,6 +205,7 @@ class HLLMModel(nn.Module):
             ids, lengths = item_tokens
             self.register_buffer("item_token_ids", ids.long().clone())
             self.register_buffer("item_token_lengths", lengths.long().clone())
+        self._frozen = None  # (trainable layers, flat states [tokens, H], offsets [num_items + 1]): frozen_item_states
         self.input_dropout = nn.Dropout(config.user.dropout)
         if config.user.kind == "hstu":
             self.position_embedding = nn.Embedding(config.max_history + 1, dim)
@@ -230,9 +234,43 @@ class HLLMModel(nn.Module):
         out = self.item_text[distinct].clone()
         if live.numel():
             rows = distinct[live]
-            encoded = self.item_encoder(self.item_token_ids[rows], self.item_token_lengths[rows])
+            lengths = self.item_token_lengths[rows]
+            if self.item_encoder.caches_frozen_layers():
+                encoded = self.item_encoder.forward_from_frozen(self.frozen_item_states(rows), lengths)
+            else:
+                encoded = self.item_encoder(self.item_token_ids[rows], lengths)
             out = out.index_put((live,), encoded.to(out.dtype))
         return out[inverse]
+
+    @torch.no_grad()
+    def frozen_item_states(self, rows: Tensor) -> Tensor:
+        """The item LM's frozen-layer output for items `rows`, right-padded: [n, max length, H].  Computed for the
+        whole catalogue on first use (batches of item_encoder.batch_size), kept ragged: one vector per text token
+        (the frozen layers never change, so neither do these; a new `trainable_layers` or new items recompute)."""
+        k = self.item_encoder.trainable_layers
+        if self._frozen is None or self._frozen[0] != k:
+            lengths = self.item_token_lengths
+            offsets = torch.zeros(len(lengths) + 1, dtype=torch.long, device=lengths.device)
+            offsets[1:] = torch.cumsum(lengths, 0)
+            flat = torch.zeros(int(offsets[-1]), self.item_encoder.hidden_size, device=lengths.device)
+            size = self.config.item_encoder.batch_size
+            order = torch.argsort(lengths)  # similar lengths together: little padding
+            for start in range(0, len(order), size):
+                chunk = order[start:start + size]
+                chunk = chunk[lengths[chunk] > 0]
+                if not chunk.numel():
+                    continue
+                states = self.item_encoder.frozen_states(self.item_token_ids[chunk], lengths[chunk])
+                valid = torch.arange(states.shape[1], device=states.device) < lengths[chunk].unsqueeze(1)
+                where = offsets[chunk].unsqueeze(1) + torch.arange(states.shape[1], device=states.device)
+                flat[where[valid]] = states[valid].float()
+            self._frozen = (k, flat, offsets)
+        _, flat, offsets = self._frozen
+        lengths = self.item_token_lengths[rows]
+        positions = torch.arange(int(lengths.max()) if rows.numel() else 0, device=flat.device)
+        valid = positions.unsqueeze(0) < lengths.unsqueeze(1)
+        index = torch.where(valid, offsets[rows].unsqueeze(1) + positions, 0)
+        return flat[index] * valid.unsqueeze(-1)
 
     def item_representation(self, ids: Tensor) -> Tensor:
         """r(ids) [..., D] (module docstring)."""
@@ -347,5 +385,6 @@ class HLLMModel(nn.Module):
 
             self.item_token_ids = torch.cat([widen(self.item_token_ids), widen(token_ids.to(device))])
             self.item_token_lengths = torch.cat([self.item_token_lengths, token_lengths.to(device)])
+            self._frozen = None  # recomputed with the new items on the next training step
         self.config = dataclasses.replace(self.config, num_items=first + n)
         return torch.arange(first, first + n)
