@@ -310,6 +310,11 @@ def test_finetune_on_cached_frozen_layers_equals_running_the_whole_lm(data, enco
         runs[cached] = train_hllm(data, cfg, encoder=tuned(cached), cache=EmbeddingCache(tmp_path / str(cached)))
     assert (runs[True].model._frozen is not None) and (runs[False].model._frozen is None)
     assert runs[True].fit.steps == runs[False].fit.steps == 3
+    # the evaluation table, refreshed from the frozen states, equals a whole-LM encoding with the trained weights
+    trained = runs[True].model
+    torch.testing.assert_close(trained.item_text[1:NUM_MOVIES + 1],
+                               trained.item_encoder.encode(list(data.texts[1:NUM_MOVIES + 1])), atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(trained.item_text[0]) == 0  # the padding row has no text
     np.testing.assert_allclose(runs[True].fit.step_losses, runs[False].fit.step_losses, rtol=1e-4)
     for (name, a), (_, b) in zip(runs[False].model.item_encoder.backbone.named_parameters(),
                                  runs[True].model.item_encoder.backbone.named_parameters()):

@@ -243,6 +243,24 @@ class HLLMModel(nn.Module):
         return out[inverse]
 
     @torch.no_grad()
+    def encode_from_frozen(self, rows: Tensor) -> Tensor:
+        """t(rows) [n, H] with the LM's current weights, in eval mode, from the frozen-layer states: what
+        `ItemTextEncoder.encode` gives for the same texts (to float rounding) at k / L of its LM work."""
+        encoder = self.item_encoder
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            out = torch.zeros(rows.numel(), encoder.hidden_size, device=rows.device)
+            order = torch.argsort(self.item_token_lengths[rows])
+            for chunk in order.split(self.config.item_encoder.batch_size):
+                ids = rows[chunk]
+                out[chunk] = encoder.forward_from_frozen(self.frozen_item_states(ids),
+                                                         self.item_token_lengths[ids]).float()
+            return out
+        finally:
+            encoder.train(was_training)
+
+    @torch.no_grad()
     def frozen_item_states(self, rows: Tensor) -> Tensor:
         """The item LM's frozen-layer output for items `rows`, right-padded: [n, max length, H].  Computed for the
         whole catalogue on first use (batches of item_encoder.batch_size), kept ragged: one vector per text token

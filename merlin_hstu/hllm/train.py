@@ -105,11 +105,18 @@ class HLLMTrainingTask:
         return model.training_loss(batch, self.pool, self.negatives), {"logit_scale": model.logit_scale().detach()}
 
     def refresh(self, model: HLLMModel) -> None:
-        """Finetune: re-encode the catalogue with the LM's current weights (through the cache) for evaluation."""
+        """Finetune: re-encode the catalogue with the LM's current weights for evaluation: from the frozen-layer
+        states where the model keeps them, else the whole LM through the cache."""
         if model.item_encoder is None:
             return
         start = time.perf_counter()
-        model.set_item_text(encode_item_table(model.item_encoder, self.texts, self.cache))
+        if model.item_encoder.caches_frozen_layers():  # only the trained top layers run (HLLMModel docstring)
+            table = torch.zeros_like(model.item_text)
+            rows = torch.from_numpy(catalogue_texts(self.texts)[0]).to(table.device)
+            table[rows] = model.encode_from_frozen(rows)
+            model.set_item_text(table)
+        else:
+            model.set_item_text(encode_item_table(model.item_encoder, self.texts, self.cache))
         self.refresh_seconds.append(time.perf_counter() - start)
 
     def evaluate(self, model: HLLMModel, split: str, progress: bool = False) -> dict:
