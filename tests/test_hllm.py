@@ -323,6 +323,15 @@ def test_finetune_on_cached_frozen_layers_equals_running_the_whole_lm(data, enco
                            encoder.backbone.encoder.layer[5].output.dense.weight)  # the top layer did train
 
 
+def test_streaming_is_refused_with_the_setting_named(data, encoder, cache):
+    """HLLM reads its sequences in memory: train.streaming=true is an error that names the setting and the tasks
+    that do stream, not a silently in-memory run."""
+    from merlin_hstu.hllm.train import train_hllm
+
+    with pytest.raises(ValueError, match=r"train.streaming.*hllm task reads its data in memory.*ranking"):
+        train_hllm(data, small_config("train.mode=frozen", "train.streaming=true"), encoder=encoder, cache=cache)
+
+
 def test_hybrid_mode_learns_on_the_structured_log(data, encoder, cache):
     """Four taste groups of ten movies: the hybrid model must beat most-popular's HR@10 after training."""
     from merlin_hstu.hllm.train import train_hllm

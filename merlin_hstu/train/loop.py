@@ -451,7 +451,7 @@ def fit(task: TrainingTask, model: torch.nn.Module,
     log_epoch = log_epoch or (lambda epoch, loss, metrics: None)
     if getattr(config, "streaming", False) and not getattr(task, "streams", False):
         raise ValueError(f"train.streaming: the {task.name} task reads its data in memory (streaming is implemented "
-                         "for retrieval and CTR); set train.streaming=false")
+                         "for the retrieval, ranking and CTR tasks); set train.streaming=false")
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     device = resolve_device(config.device)
     run = DistributedRun.start(task, model, make_optimizer, config, device)
