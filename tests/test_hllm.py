@@ -309,6 +309,8 @@ def test_finetune_on_cached_frozen_layers_equals_running_the_whole_lm(data, enco
                            "train.max_steps=3", "train.lm_learning_rate=1e-3")
         runs[cached] = train_hllm(data, cfg, encoder=tuned(cached), cache=EmbeddingCache(tmp_path / str(cached)))
     assert (runs[True].model._frozen is not None) and (runs[False].model._frozen is None)
+    start = runs[True].model._frozen[2]
+    assert start[0] == -1 and int((start >= 0).sum()) == sum(t is not None for t in data.texts)  # items with text only
     assert runs[True].fit.steps == runs[False].fit.steps == 3
     # the evaluation table, refreshed from the frozen states, equals a whole-LM encoding with the trained weights
     trained = runs[True].model
@@ -321,6 +323,15 @@ def test_finetune_on_cached_frozen_layers_equals_running_the_whole_lm(data, enco
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=name)
     assert not torch.equal(runs[True].model.item_encoder.backbone.encoder.layer[5].output.dense.weight,
                            encoder.backbone.encoder.layer[5].output.dense.weight)  # the top layer did train
+    tuned_model = runs[True].model
+    # an item added later gets its frozen states when first asked for; the others are kept
+    new_text = ["title: Toy Story 5 (2031). genres: Animation, Comedy."]
+    ids, lengths = tuned_model.item_encoder.tokenize(new_text)
+    kept = tuned_model._frozen[1].shape[0]
+    (new_id,) = tuned_model.add_items(tuned_model.item_encoder.encode(new_text), ids, lengths).tolist()
+    got = tuned_model.frozen_item_states(torch.tensor([new_id]))
+    torch.testing.assert_close(got, tuned_model.item_encoder.frozen_states(ids, lengths), atol=1e-6, rtol=1e-6)
+    assert tuned_model._frozen[1].shape[0] == kept + int(lengths[0])
 
 
 def test_streaming_is_refused_with_the_setting_named(data, encoder, cache):

@@ -63,7 +63,8 @@ class ItemEncoderConfig:
         _int_at_least(self.batch_size, 1, "item_encoder.batch_size")
         _int_at_least(self.live_items_per_step, 0, "item_encoder.live_items_per_step")
         if not isinstance(self.cache_frozen_layers, bool):
-            raise ValueError(f"item_encoder.cache_frozen_layers must be true or false, got {self.cache_frozen_layers!r}")
+            raise ValueError("item_encoder.cache_frozen_layers must be true or false, got "
+                             f"{self.cache_frozen_layers!r}")
 
 
 @dataclass

@@ -27,9 +27,10 @@ entering the first trained layer are a function of the text alone: `frozen_state
 and `forward_from_frozen` runs only the top k layers on them, which gives what `forward` gives (to float rounding)
 at (L - k) / L less LM work per step (`caches_frozen_layers` says when it applies: BERT-architecture encoders,
 whose layers take the extended attention mask one by one; with `item_token` pooling the [ITEM] row of every
-frozen layer depends on the trained [ITEM] vector, so the whole LM runs).  `fingerprint()` hashes the model identity, the
-text settings and every weight, so an embedding cache keyed by it (merlin_hstu.hllm.cache) is invalidated by any
-change of model, prompt, pooling or weights.
+frozen layer depends on the trained [ITEM] vector, so the whole LM runs).
+
+`fingerprint()` hashes the model identity, the text settings and every weight, so an embedding cache keyed by it
+(merlin_hstu.hllm.cache) is invalidated by any change of model, prompt, pooling or weights.
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ batch (the LM's top layers get gradients).  On a CPU the live LM is the whole co
 `item_encoder.live_items_per_step` can cap it: a random subset of the step's distinct items goes through the LM,
 the others read the table as last encoded (before training: the pretrained LM's; refreshed before evaluations).
 Where the item encoder allows it (`ItemTextEncoder.caches_frozen_layers`), the frozen bottom layers run once per
-item, on the first training step, and are kept ragged (one vector per text token, `frozen_item_states`); each step
-then runs only the trained top layers of the step's items.
+item, the first time the item is in a step, and are kept ragged (one vector per text token, `frozen_item_states`);
+each step then runs only the trained top layers of the step's items.
 
 User model (a causal sequence model over r; `UserModelConfig.kind`):
 
@@ -205,7 +205,7 @@ class HLLMModel(nn.Module):
             ids, lengths = item_tokens
             self.register_buffer("item_token_ids", ids.long().clone())
             self.register_buffer("item_token_lengths", lengths.long().clone())
-        self._frozen = None  # (trainable layers, flat states [tokens, H], offsets [num_items + 1]): frozen_item_states
+        self._frozen = None  # frozen_item_states: (trainable layers, states [tokens, H], start [num_items], -1: none)
         self.input_dropout = nn.Dropout(config.user.dropout)
         if config.user.kind == "hstu":
             self.position_embedding = nn.Embedding(config.max_history + 1, dim)
@@ -262,32 +262,33 @@ class HLLMModel(nn.Module):
 
     @torch.no_grad()
     def frozen_item_states(self, rows: Tensor) -> Tensor:
-        """The item LM's frozen-layer output for items `rows`, right-padded: [n, max length, H].  Computed for the
-        whole catalogue on first use (batches of item_encoder.batch_size), kept ragged: one vector per text token
-        (the frozen layers never change, so neither do these; a new `trainable_layers` or new items recompute)."""
+        """The item LM's frozen-layer output for items `rows`, right-padded: [n, max length, H].  Each item's is
+        computed the first time it is asked for (batches of item_encoder.batch_size) and kept ragged, one vector
+        per text token: the frozen layers never change, so neither do these (another `trainable_layers` or new
+        items start afresh).  Only items that are asked for are computed: id spaces with gaps cost nothing."""
         k = self.item_encoder.trainable_layers
         if self._frozen is None or self._frozen[0] != k:
-            lengths = self.item_token_lengths
-            offsets = torch.zeros(len(lengths) + 1, dtype=torch.long, device=lengths.device)
-            offsets[1:] = torch.cumsum(lengths, 0)
-            flat = torch.zeros(int(offsets[-1]), self.item_encoder.hidden_size, device=lengths.device)
-            size = self.config.item_encoder.batch_size
-            order = torch.argsort(lengths)  # similar lengths together: little padding
-            for start in range(0, len(order), size):
-                chunk = order[start:start + size]
-                chunk = chunk[lengths[chunk] > 0]
-                if not chunk.numel():
-                    continue
-                states = self.item_encoder.frozen_states(self.item_token_ids[chunk], lengths[chunk])
+            width = self.item_encoder.hidden_size
+            self._frozen = (k, self.item_text.new_zeros(0, width),
+                            torch.full((len(self.item_token_lengths),), -1, dtype=torch.long, device=rows.device))
+        _, flat, start = self._frozen
+        missing = torch.unique(rows[start[rows] < 0])
+        if missing.numel():
+            missing = missing[torch.argsort(self.item_token_lengths[missing])]  # similar lengths: little padding
+            lengths = self.item_token_lengths[missing]
+            offsets = flat.shape[0] + torch.cumsum(lengths, 0) - lengths
+            pieces = [flat]
+            for chunk in torch.arange(missing.numel(), device=rows.device).split(self.config.item_encoder.batch_size):
+                states = self.item_encoder.frozen_states(self.item_token_ids[missing[chunk]], lengths[chunk])
                 valid = torch.arange(states.shape[1], device=states.device) < lengths[chunk].unsqueeze(1)
-                where = offsets[chunk].unsqueeze(1) + torch.arange(states.shape[1], device=states.device)
-                flat[where[valid]] = states[valid].float()
-            self._frozen = (k, flat, offsets)
-        _, flat, offsets = self._frozen
+                pieces.append(states[valid].float())  # item by item, its tokens in order: the offsets' layout
+            flat = torch.cat(pieces)
+            start[missing] = offsets
+            self._frozen = (k, flat, start)
         lengths = self.item_token_lengths[rows]
         positions = torch.arange(int(lengths.max()) if rows.numel() else 0, device=flat.device)
         valid = positions.unsqueeze(0) < lengths.unsqueeze(1)
-        index = torch.where(valid, offsets[rows].unsqueeze(1) + positions, 0)
+        index = torch.where(valid, start[rows].unsqueeze(1) + positions, 0)
         return flat[index] * valid.unsqueeze(-1)
 
     def item_representation(self, ids: Tensor) -> Tensor:
@@ -403,6 +404,8 @@ class HLLMModel(nn.Module):
 
             self.item_token_ids = torch.cat([widen(self.item_token_ids), widen(token_ids.to(device))])
             self.item_token_lengths = torch.cat([self.item_token_lengths, token_lengths.to(device)])
-            self._frozen = None  # recomputed with the new items on the next training step
+            if self._frozen is not None:  # the new items' frozen states are computed when first asked for
+                k, flat, start = self._frozen
+                self._frozen = (k, flat, torch.cat([start, start.new_full((n,), -1)]))
         self.config = dataclasses.replace(self.config, num_items=first + n)
         return torch.arange(first, first + n)
