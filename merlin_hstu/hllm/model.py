@@ -264,8 +264,8 @@ class HLLMModel(nn.Module):
     def frozen_item_states(self, rows: Tensor) -> Tensor:
         """The item LM's frozen-layer output for items `rows`, right-padded: [n, max length, H].  Each item's is
         computed the first time it is asked for (batches of item_encoder.batch_size) and kept ragged, one vector
-        per text token: the frozen layers never change, so neither do these (another `trainable_layers` or new
-        items start afresh).  Only items that are asked for are computed: id spaces with gaps cost nothing."""
+        per text token: the frozen layers never change, so neither do these (another `trainable_layers` starts
+        afresh).  Only items that are asked for are computed: id spaces with gaps cost nothing."""
         k = self.item_encoder.trainable_layers
         if self._frozen is None or self._frozen[0] != k:
             width = self.item_encoder.hidden_size
