@@ -208,9 +208,18 @@ class ItemTextEncoder(nn.Module):
         return (self.config.cache_frozen_layers and self.trainable_layers > 0 and self.config.pooling != "item_token"
                 and self.backbone.config.model_type == "bert")
 
-    def _layer_mask(self, text: Tensor, dtype: torch.dtype) -> Tensor:
-        """The additive [N, 1, 1, W] key mask the LM's layers take (what its own forward builds)."""
-        return self.backbone.get_extended_attention_mask(text.long(), tuple(text.shape), dtype=dtype)
+    def _run_layers(self, hidden: Tensor, lengths: Tensor, frozen: bool) -> Tuple[Tensor, Tensor]:
+        """hidden [N, >= max(lengths), H] through the frozen bottom L - k layers (`frozen`) or the trained top k,
+        one by one with the additive key mask the LM's own forward builds -> (hidden [N, W, H], text [N, W])."""
+        width = int(lengths.max())
+        hidden = hidden[:, :width]
+        text = torch.arange(width, device=hidden.device).unsqueeze(0) < lengths.unsqueeze(1)
+        mask = self.backbone.get_extended_attention_mask(text.long(), tuple(text.shape), dtype=hidden.dtype)
+        layers = transformer_layers(self.backbone)
+        split = len(layers) - self.trainable_layers
+        for layer in layers[:split] if frozen else layers[split:]:
+            hidden = layer(hidden, attention_mask=mask)[0]
+        return hidden, text
 
     @torch.no_grad()
     def frozen_states(self, token_ids: Tensor, lengths: Tensor) -> Tensor:
@@ -218,28 +227,15 @@ class ItemTextEncoder(nn.Module):
         if not self.caches_frozen_layers():
             raise ValueError("frozen_states needs trainable_layers >= 1, pooling mean or first and a BERT-type LM "
                              "(caches_frozen_layers())")
-        width = int(lengths.max())
-        text = torch.arange(width, device=token_ids.device).unsqueeze(0) < lengths.unsqueeze(1)
-        hidden = self.backbone.embeddings(inputs_embeds=self.backbone.get_input_embeddings()(token_ids[:, :width]))
-        mask = self._layer_mask(text, hidden.dtype)
-        layers = transformer_layers(self.backbone)
-        for layer in layers[:len(layers) - self.trainable_layers]:
-            hidden = layer(hidden, attention_mask=mask)[0]
-        return hidden
+        words = self.backbone.get_input_embeddings()(token_ids[:, :int(lengths.max())])
+        return self._run_layers(self.backbone.embeddings(inputs_embeds=words), lengths, frozen=True)[0]
 
     def forward_from_frozen(self, states: Tensor, lengths: Tensor) -> Tensor:
         """Item embeddings [N, H] from `frozen_states` [N, >= max(lengths), H]: the trained top k layers and the
         pooling, with gradients (equal to `forward` on the same tokens, to float rounding)."""
         if states.shape[0] == 0:
             return self.item_token.new_zeros(0, self.hidden_size)
-        width = int(lengths.max())
-        hidden = states[:, :width]
-        text = torch.arange(width, device=states.device).unsqueeze(0) < lengths.unsqueeze(1)
-        mask = self._layer_mask(text, hidden.dtype)
-        layers = transformer_layers(self.backbone)
-        for layer in layers[len(layers) - self.trainable_layers:]:
-            hidden = layer(hidden, attention_mask=mask)[0]
-        return self._pool(hidden, text)
+        return self._pool(*self._run_layers(states, lengths, frozen=False))
 
     # --- whole catalogues ----------------------------------------------------------------------------------
     @torch.no_grad()
