@@ -334,6 +334,41 @@ def test_finetune_on_cached_frozen_layers_equals_running_the_whole_lm(data, enco
     assert tuned_model._frozen[1].shape[0] == kept + int(lengths[0])
 
 
+def test_a_killed_finetune_run_resumes_to_the_uninterrupted_end(data, encoder, tmp_path):
+    """A finetune run with the frozen-layer cache, stopped in the middle of its second epoch and resumed from its
+    checkpoint in a fresh model (whose frozen states are recomputed on first use), ends with the uninterrupted run's
+    epoch losses, trained weights and metrics; a checkpoint of another config is refused."""
+    import copy
+
+    from merlin_hstu.hllm.item_encoder import ItemTextEncoder
+    from merlin_hstu.hllm.train import train_hllm
+
+    overrides = ["train.mode=finetune", "item_encoder.pooling=mean", "item_encoder.trainable_layers=1",
+                 "train.lm_learning_rate=1e-3", "train.checkpoint_every=1"]
+    cfg = small_config(*overrides)
+
+    def run(**kwargs):
+        fresh = ItemTextEncoder(ItemEncoderConfig(pooling="mean", trainable_layers=1), encoder.tokenizer,
+                                copy.deepcopy(encoder.backbone))
+        return train_hllm(data, cfg, encoder=fresh, cache=EmbeddingCache(tmp_path / "cache"), **kwargs)
+
+    full = run()
+    per_epoch = full.fit.steps // cfg.train.epochs
+    assert cfg.train.epochs == 2 and per_epoch >= 2
+    killed = run(checkpoint_dir=tmp_path / "ck", stop_after_steps=per_epoch + 1)  # one step into epoch 2
+    assert killed.fit.steps == per_epoch + 1 and killed.model._frozen is not None
+    resumed = run(checkpoint_dir=tmp_path / "ck", resume=True)
+    assert resumed.fit.resumed_from == per_epoch + 1
+    assert resumed.fit.epoch_losses == full.fit.epoch_losses
+    assert resumed.fit.step_losses == full.fit.step_losses[per_epoch + 1:]
+    assert resumed.metrics == full.metrics
+    for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="different configuration or dataset"):
+        train_hllm(data, small_config(*overrides, "train.learning_rate=5e-4"), encoder=encoder,
+                   cache=EmbeddingCache(tmp_path / "cache"), checkpoint_dir=tmp_path / "ck", resume=True)
+
+
 def test_streaming_is_refused_with_the_setting_named(data, encoder, cache):
     """HLLM reads its sequences in memory: train.streaming=true is an error that names the setting and the tasks
     that do stream, not a silently in-memory run."""

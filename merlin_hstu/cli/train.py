@@ -19,8 +19,6 @@ from merlin_hstu.common import schema as roles  # light: no Merlin import
 
 TASKS = ("retrieval", "ranking", "ctr")
 DEFAULT_PRESETS = {"retrieval": "demo", "ranking": "dlrm-hstu", "ctr": "wukong"}
-# Loop settings that may differ between a checkpoint and its resume without changing the numbers.
-RESUMABLE_CHANGES = ("device", "checkpoint_every", "keep_checkpoints", "threads", "sharding")
 
 
 def add_loop_arguments(p) -> None:
@@ -50,12 +48,9 @@ def loop_overrides(args) -> list:
 
 
 def fingerprint_of(cfg_dict: dict, data: str) -> str:
-    from merlin_hstu.train.loop import config_fingerprint
+    from merlin_hstu.train.loop import run_fingerprint
 
-    cfg = json.loads(json.dumps(cfg_dict, default=str))
-    for key in RESUMABLE_CHANGES:
-        cfg.get("train", {}).pop(key, None)
-    return config_fingerprint({"config": cfg, "data": str(Path(data).resolve())})
+    return run_fingerprint(cfg_dict, data=str(Path(data).resolve()))
 
 
 KERNEL_MODELS = ("dlrm-hstu",)  # ranking / CTR model types with STU layers (a `kernel` field)

@@ -36,7 +36,7 @@ from merlin_hstu.hllm.model import HLLMModel, HLLMModelConfig
 from merlin_hstu.retrieval.data import LeaveOneOut
 from merlin_hstu.retrieval.train import evaluate_model
 from merlin_hstu.train.config import resolve_device
-from merlin_hstu.train.loop import EpochShuffle, FitResult, fit
+from merlin_hstu.train.loop import EpochShuffle, FitResult, fit, run_fingerprint
 
 
 @dataclass
@@ -176,14 +176,20 @@ def build_model(data: HLLMData, cfg: HLLMConfig, encoder: Optional[ItemTextEncod
 
 def train_hllm(data: HLLMData, cfg: HLLMConfig, *, split: Optional[LeaveOneOut] = None,
                pool: Optional[np.ndarray] = None, eval_samples=None, encoder: Optional[ItemTextEncoder] = None,
-               cache: Optional[EmbeddingCache] = None, progress: bool = False, log_epoch=None) -> HLLMResult:
+               cache: Optional[EmbeddingCache] = None, progress: bool = False, log_epoch=None,
+               checkpoint_dir: Optional[Path] = None, resume: bool = False, stop_after_steps: int = 0) -> HLLMResult:
     """Train an HLLM model on `data` in `cfg.train.mode` and evaluate it (module docstring).
 
     `split`: the leave-one-out samples (default: built from `data.table` with `cfg.data.max_history`); `pool`: the
     ids negatives are drawn from (default: the catalogue; the cold-start protocol passes the warm items);
     `eval_samples`: evaluate on these samples of `split` (e.g. `merlin_hstu.hllm.data.cold_eval_samples`);
     `encoder`: an item encoder to use (a finetune run trains it: pass a fresh one); `cache`: the embedding cache
-    (default: the configured directory)."""
+    (default: the configured directory).  `checkpoint_dir` / `resume`: the loop's resumable checkpoints (every
+    `train.checkpoint_every` steps and at epoch ends); a killed run called again with `resume=True` and the same
+    config and data continues from the newest one and ends where an uninterrupted run ends (a checkpoint of
+    another config or dataset is refused).  The frozen-layer states of a finetune run are not checkpointed: they
+    depend on the text alone and are recomputed on first use.  `stop_after_steps`: end this call after that many
+    steps without the final evaluation (tests of resuming)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
@@ -201,9 +207,12 @@ def train_hllm(data: HLLMData, cfg: HLLMConfig, *, split: Optional[LeaveOneOut] 
     device = resolve_device(cfg.train.device)
     pool_ids = torch.as_tensor(pool if pool is not None else data.table.candidate_ids.numpy(), dtype=torch.long)
     task = HLLMTrainingTask(split, cfg, pool_ids, device, data.texts, cache, eval_samples)
+    fingerprint = run_fingerprint(cfg.to_dict(), texts=list(data.texts), num_items=data.table.num_items,
+                                  train_samples=len(split.train.lengths))
     fitted = fit(task, model, make_optimizer(cfg), cfg.train, epochs=cfg.train.epochs, max_steps=cfg.train.max_steps,
                  eval_every=cfg.train.eval_every, progress=progress, desc=f"train HLLM {cfg.mode}",
-                 log_epoch=log_epoch)
+                 log_epoch=log_epoch, checkpoint_dir=checkpoint_dir, resume=resume, fingerprint=fingerprint,
+                 stop_after_steps=stop_after_steps)
     return HLLMResult(model, split, fitted.metrics, fitted, encode_seconds, cache.hits - hits,
                       cache.misses - misses, task.refresh_seconds)
 

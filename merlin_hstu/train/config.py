@@ -15,6 +15,9 @@ import torch
 
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# Loop settings that may differ between a checkpoint and its resume without changing the numbers (left out of the
+# fingerprint a resumed checkpoint must match).
+RESUMABLE_CHANGES = ("device", "checkpoint_every", "keep_checkpoints", "threads", "sharding")
 
 
 @dataclass

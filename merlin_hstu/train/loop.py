@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from merlin_hstu.train.config import LoopConfig, autocast, resolve_device
+from merlin_hstu.train.config import RESUMABLE_CHANGES, LoopConfig, autocast, resolve_device
 
 CHECKPOINT_FORMAT = 1
 
@@ -212,6 +212,15 @@ def _set_rng_state(state: dict) -> None:
 def config_fingerprint(description: Any) -> str:
     """A short hash of what must not change between a checkpoint and its resume (config, data)."""
     return hashlib.sha1(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_fingerprint(cfg_dict: dict, **data: Any) -> str:
+    """`config_fingerprint` of a run's config (its `to_dict()`) and a description of its data, without the loop
+    settings a resume may change (`RESUMABLE_CHANGES`: device, threads, checkpoint cadence, sharding)."""
+    cfg = json.loads(json.dumps(cfg_dict, default=str))
+    for key in RESUMABLE_CHANGES:
+        cfg.get("train", {}).pop(key, None)
+    return config_fingerprint({"config": cfg, **data})
 
 
 def checkpoint_paths(directory: Path) -> List[Path]:
