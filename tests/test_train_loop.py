@@ -126,14 +126,19 @@ def test_gradient_clipping_bounds_the_update():
         torch.testing.assert_close(u, g * (clip / (norm + 1e-6)), rtol=1e-4, atol=1e-7)
 
 
-def test_early_stopping_stops_at_patience_and_restores_the_best_weights(tmp_path):
+def test_early_stopping_stops_at_patience_and_restores_the_best_weights(tmp_path, capsys):
     curve = [0.1, 0.3, 0.2, 0.25, 0.28, 0.9]  # best at epoch 2, then two evaluations without improvement
     task = ToyTask(validation_curve=curve)
     model = toy_model()
     result = fit(task, model, sgd(), LoopConfig(early_stopping_patience=2, validation_fraction=0.1), epochs=10,
-                 progress=False, log_epoch=None)
+                 progress=False, log_epoch=None, desc="toy")
     assert result.stopped_early and result.best_epoch == 2 and len(result.epoch_losses) == 4
     assert [m["score"] for _, m in result.validation_metrics] == curve[:4]
+    # without a bar, each validation is a log line that says where early stopping stands
+    lines = [line for line in capsys.readouterr().out.splitlines() if "validation" in line]
+    assert len(lines) == 4 and lines[0].startswith("toy: epoch 1, loss ")
+    assert lines[1].endswith("validation score 0.3000 (best 0.3000 at epoch 2, 0 of 2 without improvement)")
+    assert lines[3].endswith("validation score 0.2500 (best 0.3000 at epoch 2, 2 of 2 without improvement)")
     # the restored weights are those after epoch 2: retrain two epochs from the same start and compare
     again = toy_model()
     fit(ToyTask(), again, sgd(), LoopConfig(), epochs=2, progress=False)

@@ -595,6 +595,12 @@ def fit(task: TrainingTask, model: torch.nn.Module,
                         state.evaluations_without_improvement >= config.early_stopping_patience:
                     state.stopped_early = True
             bar.set_postfix(epoch=state.epoch, loss=f"{state.epoch_losses[-1]:.4f}", **{f"val_{name}": f"{monitored:.4f}"})
+            if not progress and reports:  # a log without a bar still shows how early stopping stands
+                patience = (f", {state.evaluations_without_improvement} of {config.early_stopping_patience} "
+                            "without improvement" if config.early_stopping_patience else "")
+                print(f"{desc}: epoch {state.epoch}, loss {state.epoch_losses[-1]:.4f}, validation {name} "
+                      f"{monitored:.4f} (best {state.best_value:.4f} at epoch {state.best_epoch}{patience})",
+                      flush=True)
         if eval_every and state.epoch % eval_every == 0 and not last and not state.stopped_early:
             metrics = task.evaluate(model, "eval")
             state.epoch_metrics.append((state.epoch, metrics))
