@@ -26,6 +26,11 @@ RECORD = json.loads((Path(__file__).parent / "fixtures" / "legacy_8118952" / "re
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
+# Seeded runs agree to float rounding across CPUs, not bit for bit: the matmul kernels (AVX2, AVX-512) sum in
+# different orders, and Adam turns last-bit gradient differences into small weight differences.  A loop that
+# trained differently (another batch, sample, negative or update) moves these losses by far more (>1e-3).
+CROSS_CPU = 1e-5
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # a toy task: least squares on fixed data, validation = -MSE on held-out rows
@@ -230,7 +235,9 @@ def test_retrieval_reproduces_the_old_loop_and_trains_in_bf16(retrieval_data, tm
     overrides = [a for a in RETRIEVAL_ARGS if a != "--set"] + ["train.epochs=1", "train.max_steps=4"]
     cfg = load_config("demo", overrides)
     result = train_retrieval(table, cfg, progress=False)
-    assert result.epoch_losses == RECORD["retrieval_losses"]  # bit for bit, recorded by the replaced loop
+    # recorded by the replaced loop (tests/fixtures/README.md); to float rounding, which differs between CPUs'
+    # matmul kernels (AVX2 / AVX-512)
+    assert result.epoch_losses == pytest.approx(RECORD["retrieval_losses"], rel=CROSS_CPU)
     again = train_retrieval(table, load_config("demo", overrides), progress=False)
     assert again.epoch_losses == result.epoch_losses  # seeded determinism
     bf16 = train_retrieval(table, load_config("demo", overrides + ["train.precision=bf16", "train.max_steps=8",
@@ -271,9 +278,9 @@ def test_ranking_reproduces_the_old_loop_resumes_and_trains_in_bf16(ranking_data
                            RankingTrainConfig(epochs=2, batch_size=8, max_steps=5, eval_every=0), progress=False)
     # recorded by the replaced loop; equal to float rounding, not bit for bit, since the attention runs per length
     # group (kernels/attention_ops.py), which reassociates the matmul sums
-    assert result.epoch_losses == pytest.approx(RECORD["ranking_losses"], rel=1e-6)
+    assert result.epoch_losses == pytest.approx(RECORD["ranking_losses"], rel=CROSS_CPU)
     for task, values in RECORD["ranking_metrics"].items():
-        assert result.metrics[task] == pytest.approx(values, rel=1e-5, abs=1e-7), task
+        assert result.metrics[task] == pytest.approx(values, rel=CROSS_CPU, abs=1e-7), task
     # resume after an interruption in the middle of epoch 2 (3 steps per epoch), with dropout on
     cfg = RankingTrainConfig(epochs=3, batch_size=8, eval_every=1, checkpoint_every=1)
     full = train_ranking(_ranking_model(ranking_dataset), ranking_dataset, cfg, progress=False)
@@ -307,7 +314,8 @@ def test_ctr_reproduces_the_old_loop_and_resumes(tmp_path):
         return build_ctr_model("wukong", data.cardinalities, data.num_dense, small)
 
     result = train_ctr(model(), data, CTRTrainConfig(epochs=2, batch_size=64, max_steps=6))
-    assert result.epoch_losses == RECORD["ctr_losses"] and result.metrics == RECORD["ctr_metrics"]
+    assert result.epoch_losses == pytest.approx(RECORD["ctr_losses"], rel=CROSS_CPU)
+    assert result.metrics == pytest.approx(RECORD["ctr_metrics"], rel=CROSS_CPU)
     cfg = CTRTrainConfig(epochs=2, batch_size=64, checkpoint_every=3)  # 8 steps per epoch
     full = train_ctr(model(), data, cfg)
     train_ctr(model(), data, cfg, checkpoint_dir=tmp_path / "ck", stop_after_steps=11)

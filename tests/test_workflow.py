@@ -116,6 +116,51 @@ def test_categorify_layout_pad_null_oov_then_real_ids(hand_result, hand_frame):
     assert roles.embedding_table_size(hand_result.schema, roles.ACTION_LIST) == 6
 
 
+def test_item_ids_follow_count_then_value_so_every_cpu_assigns_the_same(hand_result):
+    """Ids by count, descending, and equal counts by raw value, ascending (workflows/cluster.py
+    canonical_categories): NVTabular leaves ties to numpy's quicksort, which orders them differently with and
+    without AVX-512."""
+    counts = pd.Series([r[1] for r in HAND_ROWS]).value_counts()
+    expected = sorted(counts.index, key=lambda item: (-counts[item], item))
+    assert list(load_item_id_mapping(hand_result.workflow_path)[3:]) == expected
+    assert len(set(counts.values)) < len(counts)  # the log has ties, so the order is really chosen here
+
+
+def test_canonical_categories_undo_the_sort_kernels_tie_order(tmp_path, monkeypatch):
+    """Two fits whose size sort breaks ties in opposite orders (as the AVX-512 and the plain quicksort do) write
+    different vocabularies; canonical_categories makes them the same file and the same encoded column."""
+    import nvtabular as nvt
+    from nvtabular import ops
+
+    from merlin_hstu.workflows.cluster import canonical_categories
+
+    frame = pd.DataFrame({"item": [5, 9, 2, 9, 7, 2, 4, 5, 8, 1]})  # counts: 2 x {2, 5, 9}, 1 x {1, 4, 7, 8}
+    plain_sort = pd.DataFrame.sort_values
+
+    def ties_reversed(self, by, *args, **kwargs):  # a stable sort of the reversed rows: ties by value, descending
+        if isinstance(by, str) and by.endswith("_size") and kwargs.get("ascending") is False:
+            return plain_sort(self.iloc[::-1], by, *args, **{**kwargs, "kind": "stable"})
+        return plain_sort(self, by, *args, **kwargs)
+
+    def fit(name, tie_order):
+        workflow = nvt.Workflow(["item"] >> ops.Categorify(out_path=str(tmp_path / name)))
+        with monkeypatch.context() as patch:
+            if tie_order == "reversed":
+                patch.setattr(pd.DataFrame, "sort_values", ties_reversed)
+            workflow.fit(Dataset(frame, cpu=True))
+        return workflow, tmp_path / name / "categories" / "unique.item.parquet"
+
+    (first, first_file), (second, second_file) = fit("a", "stable"), fit("b", "reversed")
+    assert not pd.read_parquet(first_file).equals(pd.read_parquet(second_file))  # the kernels disagree on ties
+    assert canonical_categories(first) + canonical_categories(second) >= 1
+    a, b = pd.read_parquet(first_file), pd.read_parquet(second_file)
+    pd.testing.assert_frame_equal(a, b)
+    assert a["item"].tolist() == [2, 5, 9, 1, 4, 7, 8] and a.index.tolist() == list(range(3, 10))
+    encoded = [w.transform(Dataset(frame, cpu=True)).to_ddf().compute()["item"].tolist() for w in (first, second)]
+    assert encoded[0] == encoded[1] == [4, 5, 3, 5, 8, 3, 7, 4, 9, 6]
+    assert canonical_categories(first) == 0  # already canonical: nothing rewritten
+
+
 def test_schema_tags_read_back_from_disk(hand_result):
     path = hand_result.path
     assert (path / "schema.pbtxt").exists()

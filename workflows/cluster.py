@@ -115,12 +115,75 @@ def fit_transform(workflow, frame: pd.DataFrame, keys: Sequence[str] = (), fit: 
     ignored), the order the single-process Groupby gives; without keys partitions come back in order."""
     dataset = dataset_of(frame, keys, partitions)
     if fit:
-        workflow.fit(dataset)
+        fit_workflow(workflow, dataset)
     result = workflow.transform(dataset).to_ddf().compute()
     present = [k for k in keys if k in result.columns]
     if active_cluster() is not None and present:
         result = result.sort_values(present, kind="stable")
     return result.reset_index(drop=True)
+
+
+def fit_workflow(workflow, dataset) -> None:
+    """`workflow.fit(dataset)`, then every Categorify vocabulary put in its canonical order (`canonical_categories`),
+    so the ids a fit assigns depend on the data alone, not on the CPU it ran on."""
+    workflow.fit(dataset)
+    canonical_categories(workflow)
+
+
+def canonical_categories(workflow) -> int:
+    """Order each fitted Categorify vocabulary by count, descending, and equal counts by value, ascending; returns
+    how many vocabulary files were rewritten.
+
+    NVTabular 23.08 sorts a vocabulary by value and then by count with pandas' default (unstable) quicksort, so
+    the order of values with equal counts, hence their ids, is up to numpy's sort kernel: numpy 1.26 uses an
+    AVX-512 quicksort where the CPU has AVX-512 and its own introsort elsewhere, and the two disagree on ties.
+    The same log then got different item ids, so different seeded training, on different machines.  The labels
+    (the files' index: 3, 4, ... after padding, null and OOV) stay where they are; only which value holds each
+    one changes, and only among values of equal count.  Call before any transform (workers cache vocabularies)."""
+    from merlin.dag import postorder_iter_nodes
+    from nvtabular import ops
+
+    rewritten = 0
+    for node in postorder_iter_nodes(workflow.output_node):
+        if isinstance(node.op, ops.Categorify):
+            for path in dict.fromkeys(str(p) for p in node.op.categories.values()):
+                rewritten += _canonical_vocabulary(path)
+    return rewritten
+
+
+def _canonical_vocabulary(path: str) -> int:
+    import re
+    from pathlib import Path
+
+    root = Path(path)
+    if root.is_dir():  # one vocabulary written in parts (part.0.parquet, part.1.parquet, ...), labels running on
+        files = sorted(root.glob("part.*.parquet"), key=lambda f: int(re.findall(r"\d+", f.name)[-1]))
+    elif root.is_file():
+        files = [root]
+    else:
+        return 0
+    parts = [pd.read_parquet(f) for f in files]
+    frame = pd.concat(parts) if len(parts) > 1 else parts[0]
+    sizes = [c for c in frame.columns if c.endswith("_size")]
+    values = [c for c in frame.columns if c not in sizes]
+    if len(frame) < 2 or len(sizes) != 1:  # no counts recorded (e.g. a vocabulary fitted without them): keep it
+        return 0
+    ordered = frame.sort_values([sizes[0], *values], ascending=[False] + [True] * len(values), kind="stable",
+                                na_position="first")
+    if ordered.index.equals(frame.index):
+        return 0
+    start, changed = 0, 0
+    for file, part in zip(files, parts):
+        piece = ordered.iloc[start:start + len(part)]
+        start += len(part)
+        piece = piece.set_axis(part.index, axis=0)  # the same labels, in the same place
+        if piece.equals(part):
+            continue
+        staged = file.with_name(f".{file.name}.tmp")
+        piece.to_parquet(staged, compression=None)
+        os.replace(staged, file)
+        changed += 1
+    return changed
 
 
 def default_workers() -> int:

@@ -58,7 +58,7 @@ from merlin.schema.io.tensorflow_metadata import TensorflowMetadata
 from nvtabular import ops
 
 from merlin_hstu.common.atomic_dir import publish_dir, staging_dir
-from merlin_hstu.workflows.cluster import dataset_of, fit_transform
+from merlin_hstu.workflows.cluster import dataset_of, fit_transform, fit_workflow
 from merlin_hstu.workflows.session_workflow import _relocate_paths
 
 PathLike = Union[str, os.PathLike]
@@ -308,7 +308,7 @@ def preprocess_criteo(source: Union[PathLike, pd.DataFrame], output_dir: PathLik
     try:
         workflow_dir = staging / "workflow"
         workflow = build_criteo_workflow(config, categories_dir=workflow_dir)
-        workflow.fit(dataset_of(parts[TRAIN]))
+        fit_workflow(workflow, dataset_of(parts[TRAIN]))
         schema = _relocate_paths(workflow.output_schema, str(staging), str(output_dir))
         rows = {}
         for name, part in parts.items():
