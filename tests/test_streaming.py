@@ -120,7 +120,9 @@ def test_streaming_with_a_small_buffer_trains_every_sample_and_is_close(data, on
     stream_run = _train(data, "train.epochs=4", "train.streaming=true", "train.shuffle_buffer=24")
     a, b = memory_run.metrics["HSTU"], stream_run.metrics["HSTU"]
     assert stream_run.epoch_losses != memory_run.epoch_losses  # another order: another trajectory
-    assert abs(stream_run.epoch_losses[-1] - memory_run.epoch_losses[-1]) < 0.05 * memory_run.epoch_losses[-1]
+    # as close as another shuffle is: over train.seed 42..47 the in-memory last-epoch loss spans 1.235..1.360, and
+    # streamed vs in-memory differ by 1.7%..8.3% (7.6% at the default seed)
+    assert abs(stream_run.epoch_losses[-1] - memory_run.epoch_losses[-1]) < 0.10 * memory_run.epoch_losses[-1]
     for key, tol in (("hr@10", 0.08), ("ndcg@50", 0.07), ("hr@50", 0.05)):
         assert abs(a[key] - b[key]) <= tol, (key, a, b)
     assert stream_run.metrics["most-popular"] == memory_run.metrics["most-popular"]  # the same counts

@@ -139,8 +139,11 @@ def canonical_categories(workflow) -> int:
     AVX-512 quicksort where the CPU has AVX-512 and its own introsort elsewhere, and the two disagree on ties.
     The same log then got different item ids, so different seeded training, on different machines.  The labels
     (the files' index: 3, 4, ... after padding, null and OOV) stay where they are; only which value holds each
-    one changes, and only among values of equal count.  Call before any transform (workers cache vocabularies)."""
+    one changes, and only among values of equal count.  Dask workers read vocabularies during the fit and keep them
+    in a cache keyed by path: after a rewrite the caches are cleared, here and on every worker."""
+    from merlin.core.utils import global_dask_client
     from merlin.dag import postorder_iter_nodes
+    from merlin.io.worker import clean_worker_cache
     from nvtabular import ops
 
     rewritten = 0
@@ -148,7 +151,20 @@ def canonical_categories(workflow) -> int:
         if isinstance(node.op, ops.Categorify):
             for path in dict.fromkeys(str(p) for p in node.op.categories.values()):
                 rewritten += _canonical_vocabulary(path)
+    if rewritten:
+        client = global_dask_client()
+        if client is not None:
+            client.run(_forget_vocabularies)
+        clean_worker_cache()
     return rewritten
+
+
+def _forget_vocabularies(dask_worker) -> None:
+    """Drop a worker's cached tables (merlin.io.worker keeps them on `worker.worker_cache`).  Not merlin's
+    `clean_worker_cache`: inside `Client.run` its `get_worker()` finds no worker, so it clears the process-global
+    cache and leaves the worker's in place."""
+    if hasattr(dask_worker, "worker_cache"):
+        dask_worker.worker_cache = {}
 
 
 def _canonical_vocabulary(path: str) -> int:
