@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import pandas as pd
@@ -135,9 +137,9 @@ def canonical_categories(workflow) -> int:
     how many vocabulary files were rewritten.
 
     NVTabular 23.08 sorts a vocabulary by value and then by count with pandas' default (unstable) quicksort, so
-    the order of values with equal counts, hence their ids, is up to numpy's sort kernel: numpy 1.26 uses an
-    AVX-512 quicksort where the CPU has AVX-512 and its own introsort elsewhere, and the two disagree on ties.
-    The same log then got different item ids, so different seeded training, on different machines.  The labels
+    the order of values with equal counts, hence their ids, is up to numpy's sort kernel (numpy 1.26 dispatches
+    it to an AVX-512 kernel where the CPU has one).  Measured: the machine that recorded tests/fixtures and an
+    AVX2-only one gave the same log different item ids, so different seeded training.  The labels
     (the files' index: 3, 4, ... after padding, null and OOV) stay where they are; only which value holds each
     one changes, and only among values of equal count.  Dask workers read vocabularies during the fit and keep them
     in a cache keyed by path: after a rewrite the caches are cleared, here and on every worker."""
@@ -168,9 +170,6 @@ def _forget_vocabularies(dask_worker) -> None:
 
 
 def _canonical_vocabulary(path: str) -> int:
-    import re
-    from pathlib import Path
-
     root = Path(path)
     if root.is_dir():  # one vocabulary written in parts (part.0.parquet, part.1.parquet, ...), labels running on
         files = sorted(root.glob("part.*.parquet"), key=lambda f: int(re.findall(r"\d+", f.name)[-1]))
