@@ -82,3 +82,42 @@ def test_exclusive_lets_one_of_several_processes_build_a_cached_output(tmp_path)
         p.join(30)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert log.read_text() == "built\n"
+
+
+def test_write_file_text_bytes_and_writer_keep_the_suffix_and_leave_no_temp(tmp_path):
+    from merlin_hstu.common.atomic_dir import write_file
+
+    assert write_file(tmp_path / "sub" / "a.json", '{"x": 1}') == tmp_path / "sub" / "a.json"
+    assert (tmp_path / "sub" / "a.json").read_text() == '{"x": 1}'
+    write_file(tmp_path / "b.bin", b"\x00\x01")
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    seen = []
+
+    def writer(tmp):
+        seen.append(tmp)
+        tmp.write_text("from the writer")
+
+    write_file(tmp_path / "c.png", writer)
+    assert seen[0].suffix == ".png" and seen[0].parent == tmp_path  # savefig picks its format by the suffix
+    assert (tmp_path / "c.png").read_text() == "from the writer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bin", "c.png", "sub"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "c.png").stat().st_mode) == 0o666 & ~umask  # an ordinary file, not 0600
+
+
+def test_write_file_failure_keeps_the_old_file_and_a_writer_that_writes_nothing_publishes_nothing(tmp_path):
+    from merlin_hstu.common.atomic_dir import write_file
+
+    target = tmp_path / "bench.json"
+    target.write_text("old")
+
+    def half_then_crash(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        write_file(target, half_then_crash)
+    assert target.read_text() == "old"
+    assert write_file(tmp_path / "plot.png", lambda tmp: None) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]

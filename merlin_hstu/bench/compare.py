@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
+from merlin_hstu.common.atomic_dir import write_file
+
 TABLE_METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "mrr")
 
 
@@ -75,10 +77,10 @@ def plot(records: List[dict], path: Path, title: Optional[str] = None) -> Option
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.rename(path)
+    try:
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -88,9 +90,7 @@ def run(args) -> int:
     print(table)
     if args.markdown:
         out = Path(args.markdown)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(table + "\n")
-        tmp.rename(out)
+        write_file(out, table + "\n")
         print(f"wrote {out}")
     if args.output:
         written = plot(records, Path(args.output), args.title)

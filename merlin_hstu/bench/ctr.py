@@ -34,6 +34,7 @@ from typing import Dict, List, Optional
 import torch
 
 from merlin_hstu.bench.retrieval import machine_info, machine_summary, mean_std
+from merlin_hstu.common.atomic_dir import write_file
 from merlin_hstu.common.overrides import overrides_by_section, replace_fields
 from merlin_hstu.ctr.config import CTRExperimentConfig
 from merlin_hstu.ctr.data import CTRData, load_ctr_dataset
@@ -103,7 +104,8 @@ def run_bench(args) -> int:
                                data_dir=data.info.get("path"))
             print(f"        model saved as a run directory: {run_dir}")
     record = summarize(runs, data, train_cfg, info, args, sections)
-    write_atomic(out, {"ctr_bench.json": json.dumps(record, indent=2, default=str), "ctr_bench.md": record["markdown"]})
+    write_file(out / "ctr_bench.json", json.dumps(record, indent=2, default=str))
+    write_file(out / "ctr_bench.md", record["markdown"])
     print()
     print(record["markdown"])
     print(f"\nwrote {out / 'ctr_bench.json'}, {out / 'ctr_bench.md'}")
@@ -180,18 +182,6 @@ def summarize(runs: Dict[str, List[dict]], data: CTRData, train_cfg: CTRTrainCon
             "markdown": "\n".join(lines), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def write_atomic(out: Path, files: Dict[str, object]) -> None:
-    """Write text (str) or bytes-producing callables (path -> None) to temp names, then rename each."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        tmp = out / f".{name}.tmp{Path(name).suffix}"
-        if callable(content):
-            content(tmp)
-        else:
-            tmp.write_text(content)
-        tmp.rename(out / name)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # scaling curve
 # ---------------------------------------------------------------------------------------------------------
@@ -250,7 +240,8 @@ def run_scaling(args, data: CTRData, train_cfg: CTRTrainConfig, sections, info: 
         files["scaling.png"] = lambda path: plot_scaling(points, baselines, ceilings, path)
     except ImportError:
         print("matplotlib is not installed: scaling.png skipped")
-    write_atomic(out, files)
+    for name, content in files.items():
+        write_file(out / name, content)
     print()
     print(record["markdown"])
     print(f"\nwrote {', '.join(str(out / f) for f in files)}")

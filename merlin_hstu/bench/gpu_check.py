@@ -54,12 +54,13 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
+
+from merlin_hstu.common.atomic_dir import write_file
 
 PRESET = "hstu-large-ml1m"
 ML1M_ITEMS = 3706  # movies with at least one rating in MovieLens-1M: the preset's catalogue size
@@ -212,15 +213,6 @@ def print_table(header: list, rows: list, aligns: str = "") -> None:
         if n == 0:
             print("  " + "  ".join("-" * w for w in widths))
     sys.stdout.flush()
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    """Temp file + rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2, allow_nan=True)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -659,7 +651,7 @@ def run(args: argparse.Namespace) -> int:
         report["seconds"] = time.perf_counter() - started
         report["passed"] = not report["failures"]
         if args.output:
-            _write_json(Path(args.output), report)
+            write_file(Path(args.output), json.dumps(report, indent=2, allow_nan=True))
         _free(device)
     verdict = "PASS" if report["passed"] else "FAIL: " + "; ".join(report["failures"])
     print(f"\n{verdict} ({report['seconds']:.1f} s on {info['name']})")

@@ -18,6 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
+from merlin_hstu.common.atomic_dir import write_file
+
 VARIANTS = {
     "dot-sampled": [],
     "dot-in_batch-logq": ["train.negatives=in_batch", "train.logq_correction=true"],
@@ -101,10 +103,8 @@ def main(argv=None) -> int:
     print(f"peak RSS of the process (all variants together): {peak_rss_gb():.2f} GB")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".heads.json.tmp"
-    tmp.write_text(json.dumps({"dataset": dataset_name, "preset": args.model, "machine": info, "rows": rows,
-                               "peak_rss_gb": peak_rss_gb()}, indent=2))
-    tmp.rename(out / "heads.json")
+    write_file(out / "heads.json", json.dumps({"dataset": dataset_name, "preset": args.model, "machine": info,
+                                               "rows": rows, "peak_rss_gb": peak_rss_gb()}, indent=2))
     print(f"wrote {out / 'heads.json'}")
     return 0
 

@@ -27,6 +27,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from merlin_hstu.common.atomic_dir import write_file
+
 DATASETS = ("ml-1m-prefix", "ml-latest-small")
 MODELS = ("most-popular", "id-hstu", "hllm-frozen", "hllm-finetune", "hllm-hybrid")
 PROTOCOLS = ("warm", "cold")
@@ -222,12 +224,6 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.rename(path)
-
-
 def run(args) -> int:
     import torch
 
@@ -275,8 +271,8 @@ def run(args) -> int:
               "hllm_config": base_cfg.to_dict(), "sections": sections,
               "command": "merlin-hstu bench hllm " + " ".join(_argv(args))}
     text = markdown(record)
-    _write_atomic(out / "bench.json", json.dumps(record, indent=2, default=str))
-    _write_atomic(out / "bench.md", text + "\n")
+    write_file(out / "bench.json", json.dumps(record, indent=2, default=str))
+    write_file(out / "bench.md", text + "\n")
     print()
     print(text)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}")

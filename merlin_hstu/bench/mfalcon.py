@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from merlin_hstu.common.atomic_dir import write_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,14 +58,6 @@ def _positive(args, *names) -> None:
         value = getattr(args, name)
         if value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
                          "model": config.to_dict(), "seed": args.seed},
               "rows": rows, "max_abs_diff_vs_one_by_one": max_diff, "best_ratio": best["vs_one_by_one"]}
     out = Path(args.output)
-    _atomic_write(out / "mfalcon.json", json.dumps(record, indent=2))
+    write_file(out / "mfalcon.json", json.dumps(record, indent=2))
     md = [f"# M-FALCON benchmark ({record['date']})", "",
           f"Machine: {info['cpu']}, {info['cores']} cores, GPU {info['gpu'] or 'none'}, torch {info['torch']}, "
           f"device {device}.", "",
@@ -208,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
           "| mode | m | passes | ms (M candidates) | candidates/s | vs one-by-one full | note |",
           "|---|---|---|---|---|---|---|", *lines, "",
           f"Max |M-FALCON - one-by-one| = {max_diff:.2e}."]
-    _atomic_write(out / "mfalcon.md", "\n".join(md) + "\n")
+    write_file(out / "mfalcon.md", "\n".join(md) + "\n")
     print(f"wrote {out / 'mfalcon.json'} and {out / 'mfalcon.md'}")
     return 0
 

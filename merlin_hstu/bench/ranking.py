@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from merlin_hstu.common.atomic_dir import write_file
 from merlin_hstu.common.overrides import overrides_by_section
 from merlin_hstu.bench.retrieval import mean_std, machine_info, machine_summary, peak_rss_gb
 from merlin_hstu.ranking.baselines import ItemPriorBaseline
@@ -276,9 +277,5 @@ def write_outputs(record: dict, out: Path) -> None:
     """bench.json / bench.md / bench.png, each written to a temporary name and renamed."""
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("bench.json", json.dumps(record, indent=2, default=str)), ("bench.md", record["markdown"])):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.rename(out / name)
-    tmp = out / ".bench.png.tmp.png"
-    if plot_ranking_curves(record, tmp) is not None:
-        tmp.rename(out / "bench.png")
+        write_file(out / name, text)
+    write_file(out / "bench.png", lambda tmp: plot_ranking_curves(record, tmp))

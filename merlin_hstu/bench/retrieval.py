@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from merlin_hstu.common.atomic_dir import write_file
+
 # Published results (reference README, "verified 04/15/2024"; reference-hstu.md §3), full datasets, 101/201 epochs.
 PAPER = {
     ("ml-1m", "sasrec-ml1m"): {"hr@10": 0.2853, "ndcg@10": 0.1603},
@@ -206,15 +208,11 @@ def summarize(runs: list, cfg, dataset_name: str, info: dict, args) -> dict:
 def write_outputs(record: dict, out: Path, plot_fn) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("bench.json", json.dumps(record, indent=2, default=str)), ("bench.md", record["markdown"])):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.rename(out / name)
+        write_file(out / name, text)
     first = record["runs"][0]
     curve = {"epoch_losses": first["epoch_losses"], "epoch_metrics": first["epoch_metrics"],
              "metrics": {"most-popular": first["most_popular"]}}
-    tmp = out / ".bench.png.tmp.png"
-    if plot_fn(curve, tmp) is not None:
-        tmp.rename(out / "bench.png")
+    write_file(out / "bench.png", lambda tmp: plot_fn(curve, tmp))
 
 
 # `--task` -> the module whose `run_bench(args)` runs it (retrieval is this module).  Each task module reads the

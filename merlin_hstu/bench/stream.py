@@ -25,7 +25,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-from merlin_hstu.common.atomic_dir import publish_dir
+from merlin_hstu.common.atomic_dir import publish_dir, write_file
 
 CHILD = r"""
 import sys, torch
@@ -317,9 +317,7 @@ def run_stream(args) -> int:
         record["growth"][kind] = ten / one - 1
         print(f"{kind:<10} {one / 1024:>9.0f} MiB {ten / 1024:>10.0f} MiB {100 * (ten / one - 1):>7.1f}%")
     out = work / "stream.json"
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out)
+    write_file(out, json.dumps(record, indent=2))
     print(f"record: {out}")
     return 0
 

@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from merlin_hstu.common.atomic_dir import write_file
+
 KS = (10,)
 T4R_KEYS = {"hr@10": "eval_/next-item/recall_at_10", "ndcg@10": "eval_/next-item/ndcg_at_10"}
 HF_SCHEDULES = {"constant": "constant", "linear": "linear", "cosine": "cosine"}
@@ -227,9 +229,7 @@ def run(args) -> int:
                   "metrics": rows, "timing": timing, **losses, "command": command, "markdown": markdown}
         for name, text in (("t4r_vs_native.json", json.dumps(record, indent=2, default=str)),
                            ("t4r_vs_native.md", markdown + "\n")):
-            tmp = out / f".{name}.tmp"
-            tmp.write_text(text)
-            tmp.rename(out / name)
+            write_file(out / name, text)
         print(f"\nwrote {out / 't4r_vs_native.json'}, {out / 't4r_vs_native.md'}")
     return 0
 

@@ -1,8 +1,10 @@
-"""Directories that appear complete or not at all: build in a staging directory beside the target, then rename.
+"""Files and directories that appear complete or not at all: build beside the target, then rename.
 
-Every writer of a multi-file output (preprocess outputs, run directories, model repositories) uses these two
-functions, so an interrupted write never leaves a half-written directory under the final name, and a
-replaced output is swapped in one rename (the old one is restored if that rename fails). `exclusive(target)`
+Every writer of a multi-file output (preprocess outputs, run directories, model repositories) uses
+`staging_dir` + `publish_dir`, so an interrupted write never leaves a half-written directory under the final
+name, and a replaced output is swapped in one rename (the old one is restored if that rename fails). Every
+single-file writer (bench records, plots, checkpoints, cache entries) uses `write_file`: a temporary name in the
+same folder, fsync, one rename. `exclusive(target)`
 lets one process build a cached output while the others (the ranks of `--nproc`, two commands sharing a cache)
 wait for it and then read it.
 """
@@ -14,7 +16,9 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional, Union
+
+FileContent = Union[str, bytes, Callable[[Path], object]]
 
 
 def staging_dir(target: Path) -> Path:
@@ -43,6 +47,35 @@ def publish_dir(staging: Path, target: Path) -> None:
         os.rename(trash, target)
         raise
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def write_file(path: Path, content: FileContent) -> Optional[Path]:
+    """Write `path` so that a reader sees the old file or the whole new one, never part of it.
+
+    `content` is text, bytes, or a writer called with a temporary path in the same folder (`path`'s suffix kept,
+    so `savefig` / `to_parquet` pick the format by name). The temporary file is fsynced, then renamed over
+    `path`; on any error it is removed and `path` is left as it was. A writer that creates no file (a plot
+    without matplotlib) publishes nothing: the return value is then None, else `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}"
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content)
+        elif isinstance(content, (bytes, bytearray)):
+            tmp.write_bytes(content)
+        else:
+            content(tmp)
+            if not tmp.exists():
+                return None
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 @contextlib.contextmanager

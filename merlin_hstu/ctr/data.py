@@ -47,7 +47,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +57,7 @@ import pandas as pd
 import torch
 
 from merlin_hstu.common import schema as roles
+from merlin_hstu.common.atomic_dir import write_file
 from merlin_hstu.common.overrides import replace_fields
 
 PathLike = Union[str, os.PathLike]
@@ -188,14 +188,7 @@ def write_criteo_tsv(frame: pd.DataFrame, path: PathLike) -> Path:
     """Write rows in the Criteo layout (tab-separated, no header, empty = missing); temp file then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            frame.to_csv(f, sep="\t", header=False, index=False, na_rep="")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file(path, lambda tmp: frame.to_csv(tmp, sep="\t", header=False, index=False, na_rep=""))
     return path
 
 
@@ -674,9 +667,7 @@ def synthetic_criteo_dataset(cache_root: Path, overrides: Dict[str, object], log
             ceilings = synthetic.ceiling_aucs(slice(cfg.num_rows - n_valid, None))
             for name, text in (("config.json", json.dumps(described, indent=2)),
                                ("ceilings.json", json.dumps({"config": described, "valid_ceiling_auc": ceilings}))):
-                tmp = out / f".{name}.tmp"  # ceilings.json last: its presence marks a complete cache entry
-                tmp.write_text(text)
-                tmp.rename(out / name)
+                write_file(out / name, text)  # ceilings.json last: its presence marks a complete cache entry
     data = _open_criteo(out, streaming, shuffle_buffer)
     data.name = "synthetic-criteo"
     data.info["config"] = described

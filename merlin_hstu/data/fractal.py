@@ -35,7 +35,6 @@ written to a temp name and renamed), and memory holds one block (about nnz(R) * 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -44,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from merlin_hstu.common import schema as roles
+from merlin_hstu.common.atomic_dir import write_file
 
 MANIFEST = "fractal.json"
 
@@ -156,12 +156,6 @@ def expand_block(src: SourceMatrix, probabilities: np.ndarray, a: int, config: F
     return out.sort_values(order, kind="stable").reset_index(drop=True)
 
 
-def _write_atomic(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def expand(events: pd.DataFrame, output: str | Path, config: Optional[FractalConfig] = None,
            on_block: Optional[Callable[[int, int, int], None]] = None) -> Dict:
     """Write the fractal expansion of `events` as `output/part_*.parquet` (one file per user block) and
@@ -185,7 +179,8 @@ def expand(events: pd.DataFrame, output: str | Path, config: Optional[FractalCon
                                   "--output or remove it")
     for name, ids in (("source_users.parquet", src.user_ids), ("source_items.parquet", src.item_ids)):
         if not (output / name).is_file():
-            _write_atomic(pd.DataFrame({"index": np.arange(len(ids)), "source_id": ids}), output / name)
+            frame = pd.DataFrame({"index": np.arange(len(ids)), "source_id": ids})
+            write_file(output / name, lambda tmp: frame.to_parquet(tmp, index=False))
     total = 0
     for a in range(config.user_factor):
         path = output / f"part_{a:05d}.parquet"
@@ -194,15 +189,13 @@ def expand(events: pd.DataFrame, output: str | Path, config: Optional[FractalCon
         else:
             block = expand_block(src, probabilities, a, config)
             rows = len(block)
-            _write_atomic(block, path)
+            write_file(path, lambda tmp: block.to_parquet(tmp, index=False))
         manifest["parts"].append({"file": path.name, "users": [a * m + 1, a * m + m], "events": int(rows)})
         total += rows
         if on_block is not None:
             on_block(a, config.user_factor, rows)
     manifest["events"] = int(total)
-    tmp = output / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, output / MANIFEST)
+    write_file(output / MANIFEST, json.dumps(manifest, indent=2, default=str))
     return manifest
 
 

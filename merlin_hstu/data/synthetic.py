@@ -33,7 +33,6 @@ So the next item is mostly a first-order function of the current item, and *time
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Union
@@ -42,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from merlin_hstu.common import schema as roles
+from merlin_hstu.common.atomic_dir import write_file
 
 __all__ = [
     "SyntheticConfig",
@@ -308,17 +308,10 @@ def write_event_log(path: Union[str, os.PathLike], config: SyntheticConfig = Syn
     if not path.parent.is_dir():
         raise FileNotFoundError(f"write_event_log: directory {str(path.parent)!r} does not exist; create it first")
     events = generate_event_log(config)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if suffix == ".csv":
-            events.to_csv(tmp_name, index=False)
-        else:
-            events.to_parquet(tmp_name, index=False)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    if suffix == ".csv":
+        write_file(path, lambda tmp: events.to_csv(tmp, index=False))
+    else:
+        write_file(path, lambda tmp: events.to_parquet(tmp, index=False))
     return path
 
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
+
+from merlin_hstu.common.atomic_dir import write_file
 
 CACHE_ENV = "MERLIN_HSTU_CACHE"
 
@@ -37,17 +38,6 @@ def text_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class EmbeddingCache:
@@ -106,10 +96,9 @@ class EmbeddingCache:
         folder.mkdir(parents=True, exist_ok=True)
         keys = np.array([text_key(t) for t in texts])
         if describe is not None and not (folder / "model.json").is_file():
-            _atomic_write(folder / "model.json", lambda h: h.write(json.dumps(
-                {"fingerprint": model_key, **describe}, indent=2).encode()))
+            write_file(folder / "model.json", json.dumps({"fingerprint": model_key, **describe}, indent=2))
         name = hashlib.sha256("".join(keys.tolist()).encode()).hexdigest()[:20]
-        _atomic_write(folder / f"shard-{name}.npz", lambda h: np.savez(h, keys=keys, vectors=vectors))
+        write_file(folder / f"shard-{name}.npz", lambda tmp: np.savez(tmp, keys=keys, vectors=vectors))
         self._entries(model_key).update(zip(keys.tolist(), vectors))
 
     def encode(self, encoder, texts: Sequence[str], model_key: Optional[str] = None) -> torch.Tensor:

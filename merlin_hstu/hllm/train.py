@@ -17,9 +17,7 @@ continuing generator; negatives from a second one), as `RetrievalTrainingTask` i
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from merlin_hstu.common.atomic_dir import write_file
 from merlin_hstu.hllm.cache import EmbeddingCache
 from merlin_hstu.hllm.config import HLLMConfig
 from merlin_hstu.hllm.data import HLLMData
@@ -232,14 +231,7 @@ def save_model(model: HLLMModel, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"format": MODEL_FILE_FORMAT, "task": "hllm", "config": model.config.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file(path, lambda tmp: torch.save(blob, tmp))
     return path
 
 

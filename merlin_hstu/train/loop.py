@@ -39,7 +39,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from merlin_hstu.common.atomic_dir import write_file
 from merlin_hstu.train.config import RESUMABLE_CHANGES, LoopConfig, autocast, resolve_device
 
 CHECKPOINT_FORMAT = 1
@@ -234,12 +234,7 @@ def save_checkpoint(directory: Path, payload: dict, step: int, keep: int) -> Pat
     """Write `step-NNNNNNNN.pt` atomically (temporary file, fsync, rename) and drop all but the newest `keep`."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:08d}.pt"
-    tmp = directory / f".{final.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
+    write_file(final, lambda tmp: torch.save(payload, tmp))
     for old in checkpoint_paths(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return final
