@@ -484,6 +484,59 @@ def test_bench_amazon_records_the_selection_figures(processed, tmp_path, capsys)
     assert "Selection figures" in record["markdown"] and "val N@10" in record["markdown"]
 
 
+def _bench_amazon_command(processed, output, extra=()):
+    import sys
+
+    tiny = ["--set", "data.max_history=10", "--set", "model.max_seq_len=21", "--set", "model.embedding_dim=16",
+            "--set", "train.batch_size=8", "--set", "train.early_stopping_patience=2", "--set", "train.checkpoint_every=2"]
+    return [sys.executable, "-m", "merlin_hstu.cli.main", "bench", "amazon", "--datasets", str(processed),
+            "--models", "hstu-amazon", "--seeds", "2", "--id-epochs", "4", "--threads", "1", "--no-progress",
+            "--output", str(output), *tiny, *extra]
+
+
+def test_bench_amazon_killed_mid_run_resumes_to_the_uninterrupted_result(processed, tmp_path):
+    """A real SIGKILL during the second seed: `--resume` reuses the first seed's finished result, continues the
+    second from its newest checkpoint, and writes the bench.json an uninterrupted bench writes; nothing is
+    published under the final name before that. Without --resume an unfinished folder is discarded."""
+    import os
+    import subprocess
+
+    from process_helpers import sigkill_when
+
+    from merlin_hstu.bench.sid import run_dir_name
+    from merlin_hstu.train.loop import checkpoint_paths
+
+    env = {**os.environ, "MERLIN_HSTU_MALLOC": "default", "PYTHONUNBUFFERED": "1"}
+    # the uninterrupted bench; it finds an unfinished folder under its name and, without --resume, discards it
+    full = tmp_path / "full"
+    stale = tmp_path / "full.incomplete" / run_dir_name(str(processed), "hstu-amazon", 42)
+    stale.mkdir(parents=True)
+    (stale / "result.json").write_text("{}")
+    fresh = subprocess.run(_bench_amazon_command(processed, full), env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "discarding the unfinished bench" in fresh.stdout and "reusing" not in fresh.stdout
+    assert not (tmp_path / "full.incomplete").exists()
+    killed = tmp_path / "killed"
+    work = tmp_path / "killed.incomplete"
+    first, second = (work / run_dir_name(str(processed), "hstu-amazon", seed) for seed in (42, 43))
+    sigkill_when(_bench_amazon_command(processed, killed), lambda: bool(checkpoint_paths(second / "checkpoints")), env)
+    assert not killed.exists()
+    assert (first / "result.json").is_file() and not (first / "checkpoints").exists()
+    steps_at_kill = int(checkpoint_paths(second / "checkpoints")[-1].name[5:-3])
+    resumed = subprocess.run(_bench_amazon_command(processed, killed, ["--resume"]), env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "seed 42: finished before the interruption; reusing" in resumed.stdout
+    assert not work.exists()  # the work folder goes once bench.json is written
+    want, got = (json.loads((d / "bench.json").read_text())["sections"][str(processed)] for d in (full, killed))
+    assert got["runs"] == want["runs"] and got["rows"] == want["rows"]
+    for a, b in zip(got["selection"]["hstu-amazon"], want["selection"]["hstu-amazon"]):
+        assert {k: v for k, v in a.items() if k != "train_seconds"} == \
+            {k: v for k, v in b.items() if k != "train_seconds"}
+    assert f"hstu-amazon, seed 43: continued from step {steps_at_kill} of the interrupted run" in resumed.stdout
+
+
 def test_recorded_bench_amazon_command_parses_back():
     """`bench amazon` records the command that reproduces it: only its own options, none of the parent `bench`
     parser's (an `--epochs 3` there made the recorded command fail to parse)."""
@@ -499,3 +552,13 @@ def test_recorded_bench_amazon_command_parses_back():
     again = build_parser().parse_args(shlex.split(command)[1:])
     for key in ("datasets", "models", "seeds", "threads", "output", "seed", "cache"):
         assert getattr(again, key) == getattr(args, key), key
+
+
+def test_resume_refuses_a_finished_run_of_another_configuration(tmp_path):
+    from merlin_hstu.bench.sid import RUN_RESULT_FORMAT, finished_run
+
+    assert finished_run(tmp_path, "abc") is None
+    (tmp_path / "result.json").write_text(json.dumps({"format": RUN_RESULT_FORMAT, "fingerprint": "abc", "test": {}}))
+    assert finished_run(tmp_path, "abc")["test"] == {}
+    with pytest.raises(ValueError, match="another configuration or dataset.*without --resume"):
+        finished_run(tmp_path, "other")

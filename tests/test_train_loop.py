@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -332,24 +330,14 @@ def _train_command(data: Path, output: Path, extra=()):
 
 
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(retrieval_data, tmp_path):
+    from process_helpers import sigkill_when
+
     env = {**os.environ, "MERLIN_HSTU_MALLOC": "default", "PYTHONUNBUFFERED": "1"}
     full = tmp_path / "full"
     subprocess.run(_train_command(retrieval_data, full), check=True, env=env, capture_output=True, timeout=600)
     killed = tmp_path / "killed"
     checkpoints = killed.parent / "killed.incomplete" / "checkpoints"
-    proc = subprocess.Popen(_train_command(retrieval_data, killed), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not checkpoint_paths(checkpoints) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.005)
-        assert proc.poll() is None, "training ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(_train_command(retrieval_data, killed), lambda: bool(checkpoint_paths(checkpoints)), env)
     assert not killed.exists()  # nothing half-written under the final name
     steps_at_kill = int(checkpoint_paths(checkpoints)[-1].name[5:-3])  # 6 steps per epoch (40 users, batch 7)
     resumed = subprocess.run(_train_command(retrieval_data, killed, ["--resume"]), env=env, capture_output=True,

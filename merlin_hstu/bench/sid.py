@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from merlin_hstu.common.atomic_dir import write_file
 
 DATASETS = ("amazon-s3rec-beauty", "amazon-s3rec-sports", "amazon-s3rec-toys")
 ID_PRESETS = ("sasrec-amazon", "hstu-amazon", "hstu-large-amazon")
@@ -47,13 +50,6 @@ PUBLISHED: Dict[str, Dict[str, dict]] = {
 def as_recall(metrics: dict) -> dict:
     """Our hr@K is Recall@K under leave-one-out (one held-out item): the published papers' name."""
     return {(f"recall@{k[3:]}" if k.startswith("hr@") else k): v for k, v in metrics.items()}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.rename(path)
 
 
 def _seeds(args) -> List[int]:
@@ -117,10 +113,9 @@ def tail_samples(split, tail):
                                            else getattr(samples, f.name)[keep] for f in dataclasses.fields(samples)})
 
 
-def train_id_model(table, preset: str, overrides: List[str], seed: int, args, progress: bool):
-    """One ID model (a retrieval preset) under the Amazon protocol -> (TrainResult, config)."""
+def id_model_config(table, preset: str, overrides: List[str], seed: int, args):
+    """The config of one ID model (a retrieval preset) under the Amazon protocol, with the bench's options."""
     from merlin_hstu.retrieval.config import load_config
-    from merlin_hstu.retrieval.train import train_retrieval
 
     extra = [f"train.seed={seed}"]
     if args.id_epochs:
@@ -131,8 +126,15 @@ def train_id_model(table, preset: str, overrides: List[str], seed: int, args, pr
         extra.append(f"train.threads={args.threads}")
     cfg = load_config(preset, [*extra, *overrides])
     _no_time(cfg, table)
-    result = train_retrieval(table, cfg, progress=progress, model_name=cfg.name)
-    return result, cfg
+    return cfg
+
+
+def train_id_model(table, preset: str, overrides: List[str], seed: int, args, progress: bool):
+    """One ID model (a retrieval preset) under the Amazon protocol -> (TrainResult, config)."""
+    from merlin_hstu.retrieval.train import train_retrieval
+
+    cfg = id_model_config(table, preset, overrides, seed, args)
+    return train_retrieval(table, cfg, progress=progress, model_name=cfg.name), cfg
 
 
 def summary_rows(runs: Dict[str, List[dict]], published: Dict[str, dict]) -> Dict[str, dict]:
@@ -194,11 +196,71 @@ def selection_table(selection: Dict[str, List[dict]]) -> str:
 # ------------------------------------------------------------------------------------------------------------
 # bench amazon
 # ------------------------------------------------------------------------------------------------------------
+RUN_RESULT_FORMAT = 1
+
+
+def run_dir_name(dataset: str, preset: str, seed: int) -> str:
+    """`<dataset>/<preset>-s<seed>` with the dataset (a name or a path) made one safe folder name."""
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', dataset).strip('_') or 'dataset'}/{preset}-s{seed}"
+
+
+def finished_run(run_dir: Path, fingerprint: str) -> Optional[dict]:
+    """The result.json of a run that finished before the bench was killed, or None. One of another config or
+    dataset is refused: it is not this bench's run."""
+    path = run_dir / "result.json"
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    if done.get("format") != RUN_RESULT_FORMAT or done.get("fingerprint") != fingerprint:
+        raise ValueError(f"{path} is the result of another configuration or dataset; resume with the same "
+                         "arguments, or run without --resume (which starts again) or into another --output")
+    return done
+
+
+def amazon_run(table, data_dir: Path, preset: str, seed: int, args, work: Path, name: str) -> dict:
+    """Train (or, under --resume, continue or reuse) one preset and seed -> its result.json record: test metrics,
+    the selection figures and the epoch count. Checkpoints go to `<work>/<dataset>/<preset>-s<seed>/checkpoints`
+    (every epoch end, or `--set train.checkpoint_every=N` steps); result.json is written when the run ends and
+    the checkpoints are then removed."""
+    import shutil
+
+    from merlin_hstu.retrieval.train import train_retrieval
+    from merlin_hstu.train.loop import run_fingerprint
+
+    cfg = id_model_config(table, preset, args.overrides, seed, args)
+    fingerprint = run_fingerprint(cfg.to_dict(), data=str(Path(data_dir).resolve()), users=args.users)
+    run_dir = work / run_dir_name(name, preset, seed)
+    done = finished_run(run_dir, fingerprint) if args.resume else None
+    if done is not None:
+        print(f"{preset}, seed {seed}: finished before the interruption; reusing {run_dir / 'result.json'}")
+        return done
+    result = train_retrieval(table, cfg, progress=not args.no_progress, model_name=cfg.name,
+                             checkpoint_dir=run_dir / "checkpoints", resume=args.resume, fingerprint=fingerprint)
+    fit = result.fit
+    if fit.resumed_from is not None:
+        print(f"{preset}, seed {seed}: continued from step {fit.resumed_from} of the interrupted run")
+    done = {"format": RUN_RESULT_FORMAT, "fingerprint": fingerprint, "dataset": name, "preset": preset,
+            "seed": seed, "test": as_recall(result.metrics[cfg.name]), "selection": selection_record(seed, fit),
+            "stopped_early": fit.stopped_early, "resumed_from": fit.resumed_from}
+    write_file(run_dir / "result.json", json.dumps(done, indent=2, default=str))
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return done
+
+
 def run_amazon(args) -> int:
+    import shutil
+
     from merlin_hstu.bench.retrieval import machine_info, machine_summary
     from merlin_hstu.retrieval.config import load_config
     from merlin_hstu.retrieval.metrics import format_metrics_table
 
+    out = Path(args.output or "runs/bench/amazon")
+    work = out.parent / f"{out.name}.incomplete"  # per-run checkpoints and results until bench.json is written
+    if work.exists() and not args.resume:
+        print(f"note: discarding the unfinished bench in {work} (pass --resume to continue it)")
+        shutil.rmtree(work)
+    elif args.resume and not work.exists():
+        print(f"note: --resume but {work} does not exist; starting from the beginning")
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     info = machine_info()
@@ -207,18 +269,18 @@ def run_amazon(args) -> int:
                            f"Machine: {machine_summary(info)}. Command: `{command_line('amazon', args)}`.", ""]
     for dataset in datasets:
         history = max(load_config(m).data.max_history for m in models)
-        table, _, name = load_table(dataset, args.input, args.cache, history, args.users)
+        table, data_dir, name = load_table(dataset, args.input, args.cache, history, args.users)
         print(f"\n=== {name}: {len(table.items):,} users, {len(table.candidate_ids):,} items ===")
         runs, selection = {}, {}
         for preset in models:
             for seed in _seeds(args):
                 print(f"--- {preset}, seed {seed} ---")
-                result, cfg = train_id_model(table, preset, args.overrides, seed, args, not args.no_progress)
-                fit = result.fit
-                print(f"{preset}: {len(result.epoch_losses)} epochs (best {fit.best_epoch}, stopped early: "
-                      f"{fit.stopped_early}), test {as_recall(result.metrics[cfg.name])}")
-                runs.setdefault(preset, []).append(as_recall(result.metrics[cfg.name]))
-                selection.setdefault(preset, []).append(selection_record(seed, fit))
+                done = amazon_run(table, data_dir, preset, seed, args, work, name)
+                chosen = done["selection"]
+                print(f"{preset}: {chosen['epochs']} epochs (best {chosen['best_epoch']}, stopped early: "
+                      f"{done['stopped_early']}), test {done['test']}")
+                runs.setdefault(preset, []).append(done["test"])
+                selection.setdefault(preset, []).append(chosen)
         rows = summary_rows(runs, PUBLISHED.get(name, {}))
         text = format_metrics_table(rows, keys=TABLE_KEYS)
         chosen = selection_table(selection)
@@ -228,10 +290,10 @@ def run_amazon(args) -> int:
                   "Selection figures (the validation item of every user, at the epoch early stopping kept):", "",
                   "```", chosen, "```", ""]
     markdown = "\n".join(lines)
-    out = Path(args.output or "runs/bench/amazon")
-    _write_atomic(out / "bench.json", json.dumps(_record(args, "amazon", sections, markdown, info), indent=2,
-                                                 default=str))
-    _write_atomic(out / "bench.md", markdown + "\n")
+    write_file(out / "bench.json", json.dumps(_record(args, "amazon", sections, markdown, info), indent=2,
+                                              default=str))
+    write_file(out / "bench.md", markdown + "\n")
+    shutil.rmtree(work, ignore_errors=True)
     print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}")
     return 0
 
@@ -365,8 +427,8 @@ def run_sid_bench(args) -> int:
         f"- command: `{command_line('sid', args)}`"])
     print("\n" + markdown)
     record = _record(args, "sid", {name: {"runs": runs, "rows": rows, "details": details}}, markdown, info)
-    _write_atomic(out / "bench.json", json.dumps(record, indent=2, default=str))
-    _write_atomic(out / "bench.md", markdown + "\n")
+    write_file(out / "bench.json", json.dumps(record, indent=2, default=str))
+    write_file(out / "bench.md", markdown + "\n")
     print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}")
     return 0
 
@@ -473,8 +535,8 @@ def run_decode_bench(args) -> int:
     print("\n" + markdown)
     out = Path(args.output or f"runs/bench/sid-decode-{name}")
     record = _record(args, "sid-decode", {name: rows}, markdown, info)
-    _write_atomic(out / "bench.json", json.dumps(record, indent=2, default=str))
-    _write_atomic(out / "bench.md", markdown + "\n")
+    write_file(out / "bench.json", json.dumps(record, indent=2, default=str))
+    write_file(out / "bench.md", markdown + "\n")
     print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}")
     return 0
 
@@ -508,6 +570,9 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
     p.add_argument("--models", default=",".join(ID_PRESETS), help=f"retrieval presets (default: {', '.join(ID_PRESETS)})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a value of every model's config (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed bench: runs that finished are reused, the interrupted one continues from "
+                        "its newest checkpoint (in OUTPUT.incomplete/); without it that folder is discarded")
     _common(p)
     _training(p)
     p.set_defaults(func=run_amazon, _parser=p)
