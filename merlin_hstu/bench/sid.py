@@ -253,9 +253,10 @@ def run_amazon(args) -> int:
     from merlin_hstu.bench.retrieval import machine_info, machine_summary
     from merlin_hstu.retrieval.config import load_config
     from merlin_hstu.retrieval.metrics import format_metrics_table
+    from merlin_hstu.train.run_dir import work_dir
 
     out = Path(args.output or "runs/bench/amazon")
-    work = out.parent / f"{out.name}.incomplete"  # per-run checkpoints and results until bench.json is written
+    work = work_dir(out)  # per-run checkpoints and results until bench.json is written
     if work.exists() and not args.resume:
         print(f"note: discarding the unfinished bench in {work} (pass --resume to continue it)")
         shutil.rmtree(work)
