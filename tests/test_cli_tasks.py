@@ -105,7 +105,7 @@ def test_train_ranking_resume_continues_an_interrupted_run(ranking_data, tmp_pat
     capsys.readouterr()
     assert main(["train", "--task", "ranking", "--data", str(ranking_data), "--output", str(tmp_path / "fresh"),
                  *args]) == 0
-    assert "discarding the checkpoints" in capsys.readouterr().out
+    assert "discarding the unfinished run" in capsys.readouterr().out
     assert json.loads((tmp_path / "fresh" / "run.json").read_text())["resumed_from"] is None
 
 

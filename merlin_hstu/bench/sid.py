@@ -204,10 +204,10 @@ def run_dir_name(dataset: str, preset: str, seed: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', dataset).strip('_') or 'dataset'}/{preset}-s{seed}"
 
 
-def finished_run(run_dir: Path, fingerprint: str) -> Optional[dict]:
-    """The result.json of a run that finished before the bench was killed, or None. One of another config or
-    dataset is refused: it is not this bench's run."""
-    path = run_dir / "result.json"
+def finished_run(run_dir: Path, fingerprint: str, record: str = "result.json") -> Optional[dict]:
+    """The record (`run_dir / record`) of a run or stage that finished before the bench was killed, or None. One of
+    another config or dataset is refused: it is not this bench's run."""
+    path = run_dir / record
     if not path.is_file():
         return None
     done = json.loads(path.read_text())
@@ -253,15 +253,10 @@ def run_amazon(args) -> int:
     from merlin_hstu.bench.retrieval import machine_info, machine_summary
     from merlin_hstu.retrieval.config import load_config
     from merlin_hstu.retrieval.metrics import format_metrics_table
-    from merlin_hstu.train.run_dir import work_dir
+    from merlin_hstu.train.run_dir import open_work_dir, work_dir
 
     out = Path(args.output or "runs/bench/amazon")
-    work = work_dir(out)  # per-run checkpoints and results until bench.json is written
-    if work.exists() and not args.resume:
-        print(f"note: discarding the unfinished bench in {work} (pass --resume to continue it)")
-        shutil.rmtree(work)
-    elif args.resume and not work.exists():
-        print(f"note: --resume but {work} does not exist; starting from the beginning")
+    work = open_work_dir(work_dir(out), args.resume, "bench")  # per-run checkpoints and results until bench.json
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     info = machine_info()
@@ -323,15 +318,94 @@ def item_embeddings(cfg, args, table, data_dir: Path, id_model):
     return catalogue, vectors, source
 
 
+def sid_seed(table, data_dir: Path, name: str, cfg, id_preset: str, seed: int, args, stage: Path, out: Path) -> dict:
+    """One seed of `bench sid` in two stages, each ending in a record in `stage` (OUTPUT.incomplete/seed-<seed>):
+
+    id.json   the ID model (checkpoints in id-checkpoints/ while it trains): test and tail-target metrics and the
+              tail items; the tokenizer fitted on its item embeddings is saved beside it (tokenizer/) first
+    sid.json  the decoder trained on that tokenizer (sid-checkpoints/ while it trains), published to
+              OUTPUT/seed-<seed>: test and tail-target metrics
+
+    Under --resume a stage with a record is reused and the interrupted one continues from its newest checkpoint; a
+    record of other arguments is refused (`finished_run`). -> {"id": id.json, "sid": sid.json, "sids": tokenizer}."""
+    import shutil
+
+    import numpy as np
+
+    from merlin_hstu.retrieval.train import evaluate_model, train_retrieval
+    from merlin_hstu.sid.decode import SemanticIdTrie
+    from merlin_hstu.sid.tokenizer import SemanticIds, fit_tokenizer, format_statistics
+    from merlin_hstu.sid.train import evaluate_sid, save_sid_run, train_sid
+    from merlin_hstu.train.loop import run_fingerprint
+
+    cfg.train.seed, cfg.tokenizer.seed = seed, seed
+    progress = not args.no_progress
+    data = str(Path(data_dir).resolve())
+    id_cfg = id_model_config(table, id_preset, args.id_overrides, seed, args)
+    id_fingerprint = run_fingerprint(id_cfg.to_dict(), data=data, users=args.users,
+                                     tokenizer=cfg.tokenizer.to_dict(), head_fraction=args.head_fraction,
+                                     embeddings=[cfg.data.embeddings, cfg.data.embeddings_path])
+    id_done = finished_run(stage, id_fingerprint, "id.json") if args.resume else None
+    if id_done is None:
+        result = train_retrieval(table, id_cfg, progress=progress, model_name=id_cfg.name,
+                                 checkpoint_dir=stage / "id-checkpoints", resume=args.resume,
+                                 fingerprint=id_fingerprint)
+        if result.fit.resumed_from is not None:
+            print(f"ID model, seed {seed}: continued from step {result.fit.resumed_from} of the interrupted run")
+        tail = tail_items(result.split, args.head_fraction)
+        tail_eval = tail_samples(result.split, tail)
+        t0 = time.perf_counter()
+        catalogue, vectors, source = item_embeddings(cfg, args, table, data_dir, result.model)
+        fit_tokenizer(catalogue, vectors, cfg.tokenizer, source).save(stage / "tokenizer")
+        id_done = {"format": RUN_RESULT_FORMAT, "fingerprint": id_fingerprint, "name": f"ID-{id_cfg.name}",
+                   "test": as_recall(result.metrics[id_cfg.name]),
+                   "tail": as_recall(evaluate_model(result.model, result.split, id_cfg, samples=tail_eval)),
+                   "epochs": len(result.epoch_losses), "best_epoch": result.fit.best_epoch,
+                   "tail_items": [int(i) for i in tail], "tail_eval_users": int(len(tail_eval.lengths)),
+                   "tokenizer_seconds": time.perf_counter() - t0}
+        write_file(stage / "id.json", json.dumps(id_done, indent=2))
+        shutil.rmtree(stage / "id-checkpoints", ignore_errors=True)
+    else:
+        print(f"ID model, seed {seed}: finished before the interruption; reusing {stage / 'id.json'} and its "
+              "tokenizer")
+    sids = SemanticIds.load(stage / "tokenizer")  # the saved tokenizer, resumed or not: one path
+    print(format_statistics(sids.stats) + f"\n(fitted in {id_done['tokenizer_seconds']:.1f} s)")
+
+    sid_fingerprint = run_fingerprint(cfg.to_dict(), data=data, users=args.users, id_stage=id_fingerprint)
+    sid_done = finished_run(stage, sid_fingerprint, "sid.json") if args.resume else None
+    if sid_done is None:
+        result = train_sid(table, sids, cfg, progress=progress, model_name=cfg.name,
+                           checkpoint_dir=stage / "sid-checkpoints", resume=args.resume, fingerprint=sid_fingerprint)
+        fit = result.fit
+        if fit.resumed_from is not None:
+            print(f"SID decoder, seed {seed}: continued from step {fit.resumed_from} of the interrupted run")
+        model = result.model
+        device = next(model.parameters()).device
+        tail_eval = tail_samples(result.split, np.asarray(id_done["tail_items"], dtype=np.int64))
+        tail = evaluate_sid(model, SemanticIdTrie.from_semantic_ids(sids).to(device),
+                            sids.token_table(table.num_items).to(device), result.split, tail_eval, cfg)
+        run_dir = save_sid_run(out / f"seed-{seed}", result, cfg, extra={"dataset": name, "id_model": id_preset},
+                               data_dir=data_dir)
+        sid_done = {"format": RUN_RESULT_FORMAT, "fingerprint": sid_fingerprint, "name": f"SID-{cfg.name}",
+                    "test": as_recall(result.metrics[cfg.name]), "tail": as_recall(tail),
+                    "epochs": len(result.epoch_losses), "best_epoch": fit.best_epoch,
+                    "train_seconds": fit.train_seconds, "resumed_from": fit.resumed_from, "run": str(run_dir)}
+        write_file(stage / "sid.json", json.dumps(sid_done, indent=2))
+        shutil.rmtree(stage / "sid-checkpoints", ignore_errors=True)
+    else:
+        print(f"SID decoder, seed {seed}: finished before the interruption; reusing {stage / 'sid.json'}")
+    return {"id": id_done, "sid": sid_done, "sids": sids}
+
+
 def run_sid_bench(args) -> int:
+    import shutil
+
     from merlin_hstu.bench.retrieval import machine_info, machine_summary
     from merlin_hstu.retrieval.config import load_config
     from merlin_hstu.retrieval.metrics import format_metrics_table
-    from merlin_hstu.retrieval.train import evaluate_model
     from merlin_hstu.sid.config import load_sid_config
-    from merlin_hstu.sid.decode import SemanticIdTrie
-    from merlin_hstu.sid.tokenizer import fit_tokenizer, format_statistics
-    from merlin_hstu.sid.train import evaluate_sid, save_sid_run, train_sid
+    from merlin_hstu.sid.tokenizer import format_statistics
+    from merlin_hstu.train.run_dir import open_work_dir, work_dir
 
     overrides = list(args.overrides)
     if args.epochs:
@@ -359,41 +433,24 @@ def run_sid_bench(args) -> int:
     print(f"dataset {name}: {len(table.items):,} users, {len(table.candidate_ids):,} items; SID config {cfg.name} "
           f"({cfg.tokenizer.method} {cfg.tokenizer.levels} x {cfg.tokenizer.codebook_size}, embeddings "
           f"{cfg.data.embeddings}); ID model {id_preset}; seeds {_seeds(args)}")
+    work = open_work_dir(work_dir(out), args.resume, "bench")  # per-seed stage records and checkpoints
     runs: Dict[str, List[dict]] = {}
     details = []
     for seed in _seeds(args):
         print(f"\n--- seed {seed} ---")
-        cfg.train.seed, cfg.tokenizer.seed = seed, seed
-        id_result, id_cfg = train_id_model(table, id_preset, args.id_overrides, seed, args, not args.no_progress)
-        split = id_result.split
-        tail = tail_items(split, args.head_fraction)
-        id_name = f"ID-{id_cfg.name}"
-        runs.setdefault(id_name, []).append(as_recall(id_result.metrics[id_cfg.name]))
-        runs.setdefault(f"{id_name}, tail targets", []).append(
-            as_recall(evaluate_model(id_result.model, split, id_cfg, samples=tail_samples(split, tail))))
-        t0 = time.perf_counter()
-        catalogue, vectors, source = item_embeddings(cfg, args, table, data_dir, id_result.model)
-        sids = fit_tokenizer(catalogue, vectors, cfg.tokenizer, source)
-        print(format_statistics(sids.stats) + f"\n(fitted in {time.perf_counter() - t0:.1f} s)")
-        result = train_sid(table, sids, cfg, progress=not args.no_progress, model_name=cfg.name)
-        model = result.model
-        trie = SemanticIdTrie.from_semantic_ids(sids)
-        token_table = sids.token_table(table.num_items)
-        sid_name = f"SID-{cfg.name}"
-        runs.setdefault(sid_name, []).append(as_recall(result.metrics[cfg.name]))
-        runs.setdefault(f"{sid_name}, tail targets", []).append(as_recall(evaluate_sid(
-            model, trie.to(next(model.parameters()).device), token_table.to(next(model.parameters()).device),
-            result.split, tail_samples(result.split, tail), cfg)))
-        run_dir = save_sid_run(out / f"seed-{seed}", result, cfg, extra={"dataset": name, "id_model": id_preset},
-                               data_dir=data_dir)
-        fit = result.fit
-        details.append({"seed": seed, "tokenizer": sids.stats, "sid_epochs": len(result.epoch_losses),
-                        "sid_best_epoch": fit.best_epoch, "sid_train_seconds": fit.train_seconds,
-                        "id_epochs": len(id_result.epoch_losses), "id_best_epoch": id_result.fit.best_epoch,
-                        "tail_items": int(len(tail)), "tail_eval_users": int(len(tail_samples(split, tail).lengths)),
-                        "run": str(run_dir)})
-        print(f"{sid_name}: {len(result.epoch_losses)} epochs (best {fit.best_epoch}), test "
-              f"{runs[sid_name][-1]}; saved -> {run_dir}")
+        done = sid_seed(table, data_dir, name, cfg, id_preset, seed, args, work / f"seed-{seed}", out)
+        id_done, sid_done, sids = done["id"], done["sid"], done["sids"]
+        id_name, sid_name = id_done["name"], sid_done["name"]
+        for row, record in ((id_name, id_done), (sid_name, sid_done)):
+            runs.setdefault(row, []).append(record["test"])
+            runs.setdefault(f"{row}, tail targets", []).append(record["tail"])
+        details.append({"seed": seed, "tokenizer": sids.stats, "sid_epochs": sid_done["epochs"],
+                        "sid_best_epoch": sid_done["best_epoch"], "sid_train_seconds": sid_done["train_seconds"],
+                        "id_epochs": id_done["epochs"], "id_best_epoch": id_done["best_epoch"],
+                        "tail_items": len(id_done["tail_items"]), "tail_eval_users": id_done["tail_eval_users"],
+                        "run": sid_done["run"]})
+        print(f"{sid_name}: {sid_done['epochs']} epochs (best {sid_done['best_epoch']}), test "
+              f"{sid_done['test']}; saved -> {sid_done['run']}")
     if args.nvtabular_step:  # the pipeline's NVTabular step on the last tokenizer, checked against the model's table
         import numpy as np
 
@@ -401,7 +458,7 @@ def run_sid_bench(args) -> int:
         from merlin_hstu.workflows.semantic_ids import write_semantic_ids
 
         rows = write_semantic_ids(data_dir, sids)
-        table_np = token_table.numpy()
+        table_np = sids.token_table(table.num_items).numpy()
         for items, tokens in zip(rows[roles.ITEM_LIST], rows[roles.SEMANTIC_ID_LIST]):
             if not np.array_equal(table_np[np.asarray(items)].reshape(-1), np.asarray(tokens)):
                 raise AssertionError("the NVTabular semantic-ID step disagrees with the tokenizer's token table")
@@ -430,6 +487,7 @@ def run_sid_bench(args) -> int:
     record = _record(args, "sid", {name: {"runs": runs, "rows": rows, "details": details}}, markdown, info)
     write_file(out / "bench.json", json.dumps(record, indent=2, default=str))
     write_file(out / "bench.md", markdown + "\n")
+    shutil.rmtree(work, ignore_errors=True)
     print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}")
     return 0
 
@@ -560,6 +618,10 @@ def _training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=0, help="stop every training after this many steps (smoke runs)")
     p.add_argument("--id-epochs", type=int, default=0, help="epochs of the ID models (default: the preset's, with "
                                                             "early stopping)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed bench: runs (and stages) that finished are reused, the interrupted one "
+                        "continues from its newest checkpoint (in OUTPUT.incomplete/); without it that folder is "
+                        "discarded")
 
 
 def register_subcommands(subparsers, bench_subparsers) -> None:
@@ -571,9 +633,6 @@ def register_subcommands(subparsers, bench_subparsers) -> None:
     p.add_argument("--models", default=",".join(ID_PRESETS), help=f"retrieval presets (default: {', '.join(ID_PRESETS)})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a value of every model's config (repeatable)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue a killed bench: runs that finished are reused, the interrupted one continues from "
-                        "its newest checkpoint (in OUTPUT.incomplete/); without it that folder is discarded")
     _common(p)
     _training(p)
     p.set_defaults(func=run_amazon, _parser=p)

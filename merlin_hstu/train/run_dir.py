@@ -53,6 +53,18 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return work_dir(run_dir) / "checkpoints"
 
 
+def open_work_dir(work: Path, resume: bool, what: str = "run") -> Path:
+    """Start or continue the unfinished `work` folder of a run or bench: with `resume` it is kept (a note when there
+    is none, then the work starts from the beginning); without it an unfinished one is discarded, with a note."""
+    work = Path(work)
+    if resume and not work.exists():
+        print(f"note: --resume but {work} does not exist; starting from the beginning")
+    elif not resume and work.exists():
+        print(f"note: discarding the unfinished {what} in {work} (pass --resume to continue it)")
+        shutil.rmtree(work)
+    return work
+
+
 def run_record(fitted, model_type: str, data_dir=None, workflow_dir=None, steps: int = 0) -> dict:
     """The run.json fields every task records: model type, data and workflow paths, and the loop's facts
     (`fitted`: the `FitResult` of `merlin_hstu.train.loop.fit`, None for a model trained elsewhere)."""
