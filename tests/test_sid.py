@@ -395,9 +395,10 @@ def test_bench_commands_run_on_tiny_settings(processed, tmp_path, capsys):
     id_tiny = ["--id-model", "hstu-amazon", "--id-set", "data.max_history=10", "--id-set", "model.max_seq_len=21",
                "--id-set", "model.num_blocks=1", "--id-set", "model.embedding_dim=16",
                "--id-set", "model.attention_dim=16", "--id-set", "model.linear_dim=16"]
-    assert main(["bench", "sid", "--dataset", str(processed), "--seeds", "1", "--epochs", "1", "--id-epochs", "1",
-                 "--max-steps", "2", "--threads", "1", "--no-progress", "--output", str(tmp_path / "sid"),
-                 "--nvtabular-step", *tiny, *id_tiny]) == 0
+    # the spelling, `bench --model sid-hstu-...`, is `bench sid --model sid-hstu-...`
+    assert main(["bench", "--model", "sid-hstu-amazon", "--dataset", str(processed), "--seeds", "1", "--epochs", "1",
+                 "--id-epochs", "1", "--max-steps", "2", "--threads", "1", "--no-progress",
+                 "--output", str(tmp_path / "sid"), "--nvtabular-step", *tiny, *id_tiny]) == 0
     out = capsys.readouterr().out
     for phrase in ("recon. error", "SID-sid-hstu-amazon (mean of 1)", "ID-hstu-amazon, tail targets",
                    "NVTabular step", "equal to the tokenizer's table"):
@@ -618,3 +619,15 @@ def test_bench_sid_killed_in_the_decoder_stage_resumes_to_the_uninterrupted_resu
     refused = subprocess.run(_bench_sid_command(processed, killed, ["--resume"]), env=env, capture_output=True,
                              text=True, timeout=600)
     assert refused.returncode != 0 and "another configuration or dataset" in refused.stderr
+
+
+def test_plain_bench_naming_a_sid_preset_is_the_sid_bench():
+    from merlin_hstu.cli.main import sid_bench_argv
+
+    assert sid_bench_argv(["bench", "--dataset", "d", "--model", "sid-hstu-amazon", "--epochs", "2"]) == \
+        ["bench", "sid", "--dataset", "d", "--model", "sid-hstu-amazon", "--epochs", "2"]
+    assert sid_bench_argv(["bench", "--model=sid-hstu-amazon"]) == ["bench", "sid", "--model=sid-hstu-amazon"]
+    for unchanged in (["bench", "--model", "hstu-amazon"], ["bench", "sid", "--model", "sid-hstu-amazon"],
+                      ["bench", "--task", "ranking", "--model", "sid-hstu-amazon"], ["train", "--model", "x"],
+                      ["bench", "sid-decode", "--model", "sid-hstu-amazon"]):
+        assert sid_bench_argv(list(unchanged)) == unchanged

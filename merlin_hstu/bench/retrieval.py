@@ -272,7 +272,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="dataset name (see `merlin-hstu preprocess --help`) or a preprocessed directory")
     p.add_argument("--input", help="raw files of a named dataset (default: the staged copy, where there is one)")
     p.add_argument("--model", default=None,
-                   help="retrieval: preset name or YAML (default hstu-large-ml1m); ranking / ctr: see their docs")
+                   help="retrieval: preset name or YAML (default hstu-large-ml1m); a semantic-ID preset (sid-*) "
+                        "runs `bench sid` with the same options; ranking / ctr: see their docs")
     p.add_argument("--epochs", type=int, default=3, help="epochs per seed (default 3)")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds, run one after another (default 1)")
     p.add_argument("--seed", type=int, default=42, help="first seed (default 42)")

@@ -568,7 +568,7 @@ def _quiet_known_warnings() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_known_warnings()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(sid_bench_argv(list(sys.argv[1:] if argv is None else argv)))
     try:
         if getattr(args, "workers", None) or getattr(args, "scheduler", None):
             from merlin_hstu.workflows.cluster import dask_cluster
@@ -588,6 +588,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         context = sys.modules.get("merlin_hstu.distributed.context")
         if context is not None:
             context.shutdown()
+
+
+def sid_bench_argv(argv: list) -> list:
+    """`bench --model sid-hstu-... [options]` (the plain bench naming a semantic-ID preset) -> `bench sid --model
+    sid-hstu-... [options]`: the semantic-ID bench runs it, with its own options. Anything else is unchanged."""
+    if len(argv) < 2 or argv[0] != "bench" or not argv[1].startswith("-"):
+        return argv
+    values = {}
+    for i, token in enumerate(argv[1:], 1):
+        for name in ("--model", "--task"):
+            if token == name and i + 1 < len(argv):
+                values[name] = argv[i + 1]
+            elif token.startswith(name + "="):
+                values[name] = token.split("=", 1)[1]
+    if values.get("--task", "retrieval") != "retrieval" or "--model" not in values:
+        return argv
+    from merlin_hstu.sid.config import preset_names
+
+    return ["bench", "sid", *argv[1:]] if values["--model"] in preset_names() else argv
 
 
 def entry() -> None:
