@@ -565,47 +565,45 @@ def test_resume_refuses_a_finished_run_of_another_configuration(tmp_path):
         finished_run(tmp_path, "other")
 
 
-def _bench_sid_command(processed, output, extra=()):
-    import sys
-
+def _bench_sid_arguments(processed, output, extra=()):
     tiny = ["--set", "tokenizer.codebook_size=4", "--set", "tokenizer.levels=2", "--set", "model.num_blocks=1",
             "--set", "model.embedding_dim=16", "--set", "model.attention_dim=8", "--set", "model.linear_dim=8",
             "--set", "data.max_history=6", "--set", "decode.beam_width=10", "--set", "train.batch_size=16",
             "--set", "train.checkpoint_every=2"]
     id_tiny = ["--id-model", "hstu-amazon", "--id-set", "data.max_history=10", "--id-set", "model.max_seq_len=21",
                "--id-set", "model.embedding_dim=16", "--id-set", "train.batch_size=16"]
-    return [sys.executable, "-m", "merlin_hstu.cli.main", "bench", "sid", "--dataset", str(processed), "--seeds", "1",
-            "--epochs", "3", "--id-epochs", "2", "--threads", "1", "--no-progress", "--output", str(output),
-            *tiny, *id_tiny, *extra]
+    return ["bench", "sid", "--dataset", str(processed), "--seeds", "1", "--epochs", "3", "--id-epochs", "2",
+            "--threads", "1", "--no-progress", "--output", str(output), *tiny, *id_tiny, *extra]
 
 
-def test_bench_sid_killed_in_the_decoder_stage_resumes_to_the_uninterrupted_result(processed, tmp_path):
+def test_bench_sid_killed_in_the_decoder_stage_resumes_to_the_uninterrupted_result(processed, tmp_path, capsys):
     """`bench sid --resume` after a real SIGKILL while the decoder trains: the ID stage (model, tail items,
     tokenizer) is reused from its record, the decoder continues from its newest checkpoint, and bench.json equals
     the uninterrupted bench's; the work folder is gone once it is written."""
     import os
-    import subprocess
+    import sys
 
     from process_helpers import sigkill_when
 
+    from merlin_hstu.cli.main import main
     from merlin_hstu.train.loop import checkpoint_paths
 
-    env = {**os.environ, "MERLIN_HSTU_MALLOC": "default", "PYTHONUNBUFFERED": "1"}
     full = tmp_path / "full"
-    fresh = subprocess.run(_bench_sid_command(processed, full), env=env, capture_output=True, text=True, timeout=600)
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert main(_bench_sid_arguments(processed, full)) == 0
     assert not (tmp_path / "full.incomplete").exists()
     killed = tmp_path / "killed"
     stage = tmp_path / "killed.incomplete" / "seed-42"
-    sigkill_when(_bench_sid_command(processed, killed), lambda: bool(checkpoint_paths(stage / "sid-checkpoints")), env)
+    env = {**os.environ, "MERLIN_HSTU_MALLOC": "default", "PYTHONUNBUFFERED": "1"}
+    sigkill_when([sys.executable, "-m", "merlin_hstu.cli.main", *_bench_sid_arguments(processed, killed)],
+                 lambda: bool(checkpoint_paths(stage / "sid-checkpoints")), env)
     assert not (killed / "bench.json").exists()
     assert (stage / "id.json").is_file() and (stage / "tokenizer").is_dir() and not (stage / "id-checkpoints").exists()
     steps_at_kill = int(checkpoint_paths(stage / "sid-checkpoints")[-1].name[5:-3])
-    resumed = subprocess.run(_bench_sid_command(processed, killed, ["--resume"]), env=env, capture_output=True,
-                             text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "ID model, seed 42: finished before the interruption; reusing" in resumed.stdout
-    assert f"SID decoder, seed 42: continued from step {steps_at_kill} of the interrupted run" in resumed.stdout
+    capsys.readouterr()
+    assert main(_bench_sid_arguments(processed, killed, ["--resume"])) == 0
+    out = capsys.readouterr().out
+    assert "ID model, seed 42: finished before the interruption; reusing" in out
+    assert f"SID decoder, seed 42: continued from step {steps_at_kill} of the interrupted run" in out
     assert not (tmp_path / "killed.incomplete").exists() and (killed / "seed-42" / "model.pt").is_file()
     want, got = (json.loads((d / "bench.json").read_text())["sections"][str(processed)] for d in (full, killed))
     assert got["runs"] == want["runs"] and got["rows"] == want["rows"]
@@ -613,12 +611,10 @@ def test_bench_sid_killed_in_the_decoder_stage_resumes_to_the_uninterrupted_resu
         assert {k: v for k, v in a.items() if k not in ("sid_train_seconds", "run")} == \
             {k: v for k, v in b.items() if k not in ("sid_train_seconds", "run")}
     # a stage record of other arguments is refused, not mixed into this bench
-    (stage.parent).mkdir(parents=True)
-    stage.mkdir()
-    (stage / "id.json").write_text((json.dumps({"format": 1, "fingerprint": "another run"})))
-    refused = subprocess.run(_bench_sid_command(processed, killed, ["--resume"]), env=env, capture_output=True,
-                             text=True, timeout=600)
-    assert refused.returncode != 0 and "another configuration or dataset" in refused.stderr
+    stage.mkdir(parents=True)
+    (stage / "id.json").write_text(json.dumps({"format": 1, "fingerprint": "another run"}))
+    assert main(_bench_sid_arguments(processed, killed, ["--resume"])) == 2
+    assert "another configuration or dataset" in capsys.readouterr().err
 
 
 def test_plain_bench_naming_a_sid_preset_is_the_sid_bench():
