@@ -543,3 +543,51 @@ def test_t4r_model_reads_the_text_table_as_its_item_table(dataset, data, encoder
     with torch.no_grad():
         scores = model(batch)
     assert scores.shape == (16, data.table.num_items) and torch.isfinite(scores[:, 1:]).all()
+
+
+def _bench_hllm_arguments(dataset, output, cache_dir, extra=()):
+    return ["bench", "hllm", "--datasets", str(dataset["path"]), "--models", "most-popular,id-hstu,hllm-frozen",
+            "--protocols", "warm", "--seeds", "0", "--epochs", "2", "--batch-size", "16", "--max-history", str(H),
+            "--pooling", "mean", "--user-dim", "16", "--threads", "1", "--throughput-items", "8",
+            "--embedding-cache", str(cache_dir), "--set", "train.checkpoint_every=2", "--no-progress",
+            "--output", str(output), *extra]
+
+
+def test_bench_hllm_on_a_dataset_directory_killed_mid_run_resumes_to_the_uninterrupted_result(dataset, tmp_path,
+                                                                                               capsys):
+    """`bench hllm` on our own preprocessed directory (with its item table); a real SIGKILL while HLLM trains, then
+    `--resume`: ID-HSTU's finished run is reused, HLLM continues from its newest checkpoint, and the metrics equal
+    the uninterrupted bench's."""
+    import json
+    import os
+    import sys
+
+    from process_helpers import sigkill_when
+
+    from merlin_hstu.cli.main import main
+    from merlin_hstu.train.loop import checkpoint_paths
+    from merlin_hstu.train.run_dir import run_dir_name
+
+    full = tmp_path / "full"
+    assert main(_bench_hllm_arguments(dataset, full, tmp_path / "cache")) == 0
+    killed = tmp_path / "killed"
+    work = tmp_path / "killed.incomplete"
+    name = str(dataset["path"])
+    hllm_run = work / run_dir_name(name, "warm-hllm-frozen", 0)
+    env = {**os.environ, "MERLIN_HSTU_MALLOC": "default", "PYTHONUNBUFFERED": "1"}
+    sigkill_when([sys.executable, "-m", "merlin_hstu.cli.main",
+                  *_bench_hllm_arguments(dataset, killed, tmp_path / "cache")],
+                 lambda: bool(checkpoint_paths(hllm_run / "checkpoints")), env)
+    assert (work / run_dir_name(name, "warm-id-hstu", 0) / "result.json").is_file()
+    assert not (killed / "bench.json").exists()
+    steps_at_kill = int(checkpoint_paths(hllm_run / "checkpoints")[-1].name[5:-3])
+    capsys.readouterr()
+    assert main(_bench_hllm_arguments(dataset, killed, tmp_path / "cache", ["--resume"])) == 0
+    out = capsys.readouterr().out
+    assert "id-hstu, warm, seed 0: finished before the interruption; reusing" in out
+    assert f"hllm-frozen, warm, seed 0: continued from step {steps_at_kill} of the interrupted run" in out
+    assert not work.exists()
+    want, got = (json.loads((d / "bench.json").read_text())["sections"][0] for d in (full, killed))
+    assert got["dataset"] == name and got["mean"] == want["mean"]
+    for model in ("id-hstu", "hllm-frozen"):
+        assert got["runs"][model][0]["epoch_losses"] == want["runs"][model][0]["epoch_losses"]

@@ -504,7 +504,7 @@ def test_bench_amazon_killed_mid_run_resumes_to_the_uninterrupted_result(process
 
     from process_helpers import sigkill_when
 
-    from merlin_hstu.bench.sid import run_dir_name
+    from merlin_hstu.train.run_dir import run_dir_name
     from merlin_hstu.train.loop import checkpoint_paths
 
     env = {**os.environ, "MERLIN_HSTU_MALLOC": "default", "PYTHONUNBUFFERED": "1"}
@@ -556,7 +556,7 @@ def test_recorded_bench_amazon_command_parses_back():
 
 
 def test_resume_refuses_a_finished_run_of_another_configuration(tmp_path):
-    from merlin_hstu.bench.sid import RUN_RESULT_FORMAT, finished_run
+    from merlin_hstu.train.run_dir import RUN_RESULT_FORMAT, finished_run
 
     assert finished_run(tmp_path, "abc") is None
     (tmp_path / "result.json").write_text(json.dumps({"format": RUN_RESULT_FORMAT, "fingerprint": "abc", "test": {}}))

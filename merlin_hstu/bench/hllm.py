@@ -15,7 +15,10 @@ HLLM hybrid (ID + text).  Also printed: item-encoding throughput (items/s, the c
 this CPU, nothing cached) and the cost per training step of each model (median seconds, first step excluded).
 
 Small settings for a quick check: `--users 300 --epochs 1 --throughput-items 200`.  Outputs bench.json and
-bench.md in --output (written atomically).
+bench.md in --output (written atomically).  `--datasets` also takes preprocessed dataset directories with an item
+table (merlin_hstu.workflows.item_text).  A killed bench continues with `--resume` (same arguments): each trained
+run keeps its checkpoints and, when it ends, its result.json in OUTPUT.incomplete/<dataset>/<protocol>-<model>-s<seed>/;
+finished runs are reused, the interrupted one continues from its newest checkpoint.
 """
 from __future__ import annotations
 
@@ -26,8 +29,10 @@ import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 from merlin_hstu.common.atomic_dir import write_file
+from merlin_hstu.train.run_dir import RUN_RESULT_FORMAT, finished_run, run_dir_name
 
 DATASETS = ("ml-1m-prefix", "ml-latest-small")
 MODELS = ("most-popular", "id-hstu", "hllm-frozen", "hllm-finetune", "hllm-hybrid")
@@ -43,10 +48,19 @@ def _names(value: str, allowed, what: str) -> list:
     return names
 
 
+def _datasets(value: str) -> list:
+    """--datasets: recipe names, or preprocessed dataset directories that hold item texts (item_text/)."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    recipes = [n for n in names if not Path(n).is_dir()]
+    if recipes or not names:
+        _names(",".join(recipes) or value, list(_recipes()), "datasets")  # an error naming the unknown ones
+    return names
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datasets", default=DATASETS[0],
-                   help=f"comma-separated: {', '.join(DATASETS)} (or other ITEM_TEXT_RECIPES names); default "
-                        f"{DATASETS[0]}")
+                   help=f"comma-separated: {', '.join(DATASETS)} (or other ITEM_TEXT_RECIPES names), or preprocessed "
+                        f"dataset directories with an item table (item_text/); default {DATASETS[0]}")
     p.add_argument("--input", help="input directory of the (single) dataset, when it is not staged under shared/data")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     p.add_argument("--protocols", default=",".join(PROTOCOLS), help="warm, cold or both (default both)")
@@ -71,6 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="HLLM config overrides for every HLLM model (merlin_hstu.hllm.config), repeatable")
     p.add_argument("--output", help="output directory (default runs/bench/hllm)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed bench: runs that finished are reused, the interrupted one continues from "
+                        "its newest checkpoint (in OUTPUT.incomplete/); without it that folder is discarded")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -104,9 +121,10 @@ def _steady(step_times: list) -> float:
     return statistics.median(steady) if steady else float("nan")
 
 
-def run_id_hstu(table, split, samples, pool, args, seed: int) -> dict:
+def run_id_hstu(table, split, samples, pool, args, seed: int, checkpoint_dir: Optional[Path] = None,
+                fingerprint: str = "") -> dict:
     """ID-HSTU through the retrieval package (its model, loss and task), negatives from `pool`, evaluated on
-    `samples` (all of them ranked over the whole catalogue)."""
+    `samples` (all of them ranked over the whole catalogue). Resumable from `checkpoint_dir` under --resume."""
     import torch
 
     from merlin_hstu.retrieval.train import (RetrievalTrainingTask, build_model, evaluate_model,
@@ -124,12 +142,15 @@ def run_id_hstu(table, split, samples, pool, args, seed: int) -> dict:
     task.pool = torch.as_tensor(pool, dtype=torch.long, device=device)  # cold start: warm negatives only
     task.evaluate = lambda m, which, progress=False: evaluate_model(m, split, cfg, samples=samples)
     fitted = fit(task, model, make_retrieval_optimizer(cfg), cfg.train, epochs=cfg.train.epochs,
-                 progress=not args.no_progress, desc="train ID-HSTU")
+                 progress=not args.no_progress, desc="train ID-HSTU", checkpoint_dir=checkpoint_dir,
+                 resume=args.resume, fingerprint=fingerprint)
     return {"metrics": fitted.metrics, "seconds_per_step": _steady(fitted.step_times), "steps": fitted.steps,
-            "train_seconds": fitted.train_seconds, "epoch_losses": fitted.epoch_losses}
+            "train_seconds": fitted.train_seconds, "epoch_losses": fitted.epoch_losses,
+            "resumed_from": fitted.resumed_from}
 
 
-def run_hllm(data, split, samples, pool, args, mode: str, seed: int, base_encoder, cache) -> dict:
+def run_hllm(data, split, samples, pool, args, mode: str, seed: int, base_encoder, cache,
+             checkpoint_dir: Optional[Path] = None) -> dict:
     from merlin_hstu.hllm.item_encoder import ItemTextEncoder
     from merlin_hstu.hllm.train import train_hllm
 
@@ -140,14 +161,43 @@ def run_hllm(data, split, samples, pool, args, mode: str, seed: int, base_encode
     elif cfg.item_encoder != base_encoder.config:
         encoder = ItemTextEncoder(cfg.item_encoder, base_encoder.tokenizer, base_encoder.backbone)
     result = train_hllm(data, cfg, split=split, pool=pool, eval_samples=samples, encoder=encoder, cache=cache,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, checkpoint_dir=checkpoint_dir, resume=args.resume)
     return {"metrics": result.metrics, "seconds_per_step": _steady(result.step_times), "steps": result.fit.steps,
             "train_seconds": result.fit.train_seconds, "epoch_losses": result.fit.epoch_losses,
             "encode_seconds": result.encode_seconds, "refresh_seconds": result.refresh_seconds,
-            "logit_scale": float(result.model.logit_scale().detach())}
+            "logit_scale": float(result.model.logit_scale().detach()), "resumed_from": result.fit.resumed_from}
 
 
-def run_protocol(name: str, protocol: str, data, args, models: list, seeds: list, encoder, cache) -> dict:
+# the arguments a run's result depends on (not which runs, threads, paths or progress bars)
+RUN_SETTINGS = ("users", "epochs", "batch_size", "max_history", "cold_fraction", "cold_seed", "finetune_layers",
+                "finetune_live_items", "pooling", "user_dim", "overrides")
+
+
+def trained_run(name: str, protocol: str, model: str, seed: int, args, work: Path, train) -> dict:
+    """`train(checkpoint_dir, fingerprint)` of one trained model and seed, or, under --resume, its result.json from
+    before the interruption (the interrupted one continues from its newest checkpoint)."""
+    import shutil
+
+    from merlin_hstu.train.loop import run_fingerprint
+
+    fingerprint = run_fingerprint({k: getattr(args, k) for k in RUN_SETTINGS}, dataset=name, protocol=protocol,
+                                  model=model, seed=seed)
+    run_dir = work / run_dir_name(name, f"{protocol}-{model}", seed)
+    done = finished_run(run_dir, fingerprint) if args.resume else None
+    if done is not None:
+        print(f"{model}, {protocol}, seed {seed}: finished before the interruption; reusing {run_dir / 'result.json'}")
+        return done["out"]
+    out = train(run_dir / "checkpoints", fingerprint)
+    if out.get("resumed_from") is not None:
+        print(f"{model}, {protocol}, seed {seed}: continued from step {out['resumed_from']} of the interrupted run")
+    write_file(run_dir / "result.json", json.dumps({"format": RUN_RESULT_FORMAT, "fingerprint": fingerprint,
+                                                    "out": out}, indent=2, default=str))
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return out
+
+
+def run_protocol(name: str, protocol: str, data, args, models: list, seeds: list, encoder, cache,
+                 work: Path) -> dict:
     import copy as _copy
 
     from merlin_hstu.hllm.data import HLLMData, cold_eval_samples, cold_start_split
@@ -177,10 +227,15 @@ def run_protocol(name: str, protocol: str, data, args, models: list, seeds: list
                     popular_split.eval = samples
                 out = {"metrics": evaluate_most_popular(popular_split, _id_config(args, seed, True))}
             elif model == "id-hstu":
-                out = run_id_hstu(table, split, samples, pool, args, seed)
+                out = trained_run(name, protocol, model, seed, args, work, lambda checkpoints, fingerprint: {
+                    **run_id_hstu(table, split, samples, pool, args, seed, checkpoints, fingerprint),
+                    "seed": seed, "wall_seconds": time.perf_counter() - start})
             else:
-                out = run_hllm(view, split, samples, pool, args, model.split("-", 1)[1], seed, encoder, cache)
-            out["seed"], out["wall_seconds"] = seed, time.perf_counter() - start
+                out = trained_run(name, protocol, model, seed, args, work, lambda checkpoints, fingerprint: {
+                    **run_hllm(view, split, samples, pool, args, model.split("-", 1)[1], seed, encoder, cache,
+                               checkpoints), "seed": seed, "wall_seconds": time.perf_counter() - start})
+            out["seed"] = seed
+            out.setdefault("wall_seconds", time.perf_counter() - start)
             runs[model].append(out)
             m = out["metrics"]
             print(f"seed {seed}  {model:14s} " + "  ".join(f"{k} {m[k]:.4f}" for k in TABLE_KEYS) +
@@ -225,6 +280,8 @@ def markdown(record: dict) -> str:
 
 
 def run(args) -> int:
+    import shutil
+
     import torch
 
     from merlin_hstu.bench.retrieval import machine_info, machine_summary
@@ -232,8 +289,9 @@ def run(args) -> int:
     from merlin_hstu.hllm.data import first_users, load_hllm_data, prepare_dataset, HLLMData
     from merlin_hstu.hllm.item_encoder import ItemTextEncoder
     from merlin_hstu.hllm.train import catalogue_texts
+    from merlin_hstu.train.run_dir import open_work_dir, work_dir
 
-    datasets = _names(args.datasets, list(_recipes()), "datasets")
+    datasets = _datasets(args.datasets)
     models = _names(args.models, MODELS, "models")
     protocols = _names(args.protocols, PROTOCOLS, "protocols")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -245,6 +303,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.output or "runs/bench/hllm")
     out.mkdir(parents=True, exist_ok=True)
+    work = open_work_dir(work_dir(out), args.resume, "bench")  # finished runs and checkpoints until bench.json
     info = machine_info()
     print(f"machine: {machine_summary(info)}")
     base_cfg = _hllm_config(args, "frozen", seeds[0])
@@ -252,7 +311,8 @@ def run(args) -> int:
     cache = EmbeddingCache(base_cfg.data.cache_dir)
     sections, throughput = [], None
     for name in datasets:
-        data = load_hllm_data(prepare_dataset(name, args.cache, args.max_history, args.input))
+        data = load_hllm_data(name if Path(name).is_dir() else
+                              prepare_dataset(name, args.cache, args.max_history, args.input))
         data = HLLMData(first_users(data.table, args.users), data.texts, data.path)
         print(f"dataset {name}: {len(data.table.items):,} users, {len(data.table.candidate_ids):,} catalogue items")
         if throughput is None:
@@ -263,7 +323,7 @@ def run(args) -> int:
             print(f"item encoding: {throughput['items_per_second']:.1f} items/s ({throughput['items']} items in "
                   f"{throughput['seconds']:.1f} s, {torch.get_num_threads()} threads, nothing cached)")
         for protocol in protocols:
-            sections.append(run_protocol(name, protocol, data, args, models, seeds, encoder, cache))
+            sections.append(run_protocol(name, protocol, data, args, models, seeds, encoder, cache, work))
     record = {"benchmark": "hllm", "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "machine": info,
               "epochs": args.epochs, "seeds": seeds, "batch_size": args.batch_size,
               "max_history": args.max_history, "users": args.users, "cold_fraction": args.cold_fraction,
@@ -273,6 +333,7 @@ def run(args) -> int:
     text = markdown(record)
     write_file(out / "bench.json", json.dumps(record, indent=2, default=str))
     write_file(out / "bench.md", text + "\n")
+    shutil.rmtree(work, ignore_errors=True)
     print()
     print(text)
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import time
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from merlin_hstu.common.atomic_dir import write_file
+from merlin_hstu.train.run_dir import RUN_RESULT_FORMAT, finished_run, run_dir_name
 
 DATASETS = ("amazon-s3rec-beauty", "amazon-s3rec-sports", "amazon-s3rec-toys")
 ID_PRESETS = ("sasrec-amazon", "hstu-amazon", "hstu-large-amazon")
@@ -196,27 +196,6 @@ def selection_table(selection: Dict[str, List[dict]]) -> str:
 # ------------------------------------------------------------------------------------------------------------
 # bench amazon
 # ------------------------------------------------------------------------------------------------------------
-RUN_RESULT_FORMAT = 1
-
-
-def run_dir_name(dataset: str, preset: str, seed: int) -> str:
-    """`<dataset>/<preset>-s<seed>` with the dataset (a name or a path) made one safe folder name."""
-    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', dataset).strip('_') or 'dataset'}/{preset}-s{seed}"
-
-
-def finished_run(run_dir: Path, fingerprint: str, record: str = "result.json") -> Optional[dict]:
-    """The record (`run_dir / record`) of a run or stage that finished before the bench was killed, or None. One of
-    another config or dataset is refused: it is not this bench's run."""
-    path = run_dir / record
-    if not path.is_file():
-        return None
-    done = json.loads(path.read_text())
-    if done.get("format") != RUN_RESULT_FORMAT or done.get("fingerprint") != fingerprint:
-        raise ValueError(f"{path} is the result of another configuration or dataset; resume with the same "
-                         "arguments, or run without --resume (which starts again) or into another --output")
-    return done
-
-
 def amazon_run(table, data_dir: Path, preset: str, seed: int, args, work: Path, name: str) -> dict:
     """Train (or, under --resume, continue or reuse) one preset and seed -> its result.json record: test metrics,
     the selection figures and the epoch count. Checkpoints go to `<work>/<dataset>/<preset>-s<seed>/checkpoints`

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,30 @@ def open_work_dir(work: Path, resume: bool, what: str = "run") -> Path:
         print(f"note: discarding the unfinished {what} in {work} (pass --resume to continue it)")
         shutil.rmtree(work)
     return work
+
+
+# A bench's finished runs and stages, kept in its work folder so that `--resume` reuses them (bench amazon, sid,
+# hllm): each is a JSON record with this format and the run's fingerprint.
+RUN_RESULT_FORMAT = 1
+
+
+def run_dir_name(dataset: str, name: str, seed: int) -> str:
+    """`<dataset>/<name>-s<seed>`: where a bench keeps one run in its work folder, the dataset (a name or a path)
+    made one safe folder name."""
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', dataset).strip('_') or 'dataset'}/{name}-s{seed}"
+
+
+def finished_run(run_dir: Path, fingerprint: str, record: str = "result.json") -> Optional[dict]:
+    """The record (`run_dir / record`) of a run or stage that finished before the bench was killed, or None. One of
+    another config or dataset is refused: it is not this bench's run."""
+    path = run_dir / record
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    if done.get("format") != RUN_RESULT_FORMAT or done.get("fingerprint") != fingerprint:
+        raise ValueError(f"{path} is the result of another configuration or dataset; resume with the same "
+                         "arguments, or run without --resume (which starts again) or into another --output")
+    return done
 
 
 def run_record(fitted, model_type: str, data_dir=None, workflow_dir=None, steps: int = 0) -> dict:
