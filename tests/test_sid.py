@@ -482,7 +482,14 @@ def test_bench_amazon_records_the_selection_figures(processed, tmp_path, capsys)
         assert chosen["seed"] == 42 and 1 <= chosen["best_epoch"] <= chosen["epochs"] <= 2
         assert 0.0 <= chosen["validation_ndcg@10"] <= chosen["validation_recall@10"] <= 1.0
         assert section["runs"][preset][0]["recall@10"] >= section["runs"][preset][0]["recall@5"]
+        # the curve early stopping chose from: every evaluated epoch, the kept one at its best NDCG@10
+        curve = chosen["validation_curve"]
+        assert [c[0] for c in curve] == list(range(1, chosen["epochs"] + 1))
+        kept = dict((c[0], c) for c in curve)[chosen["best_epoch"]]
+        assert kept[1:] == [chosen["validation_recall@10"], chosen["validation_ndcg@10"]]
+        assert kept[2] == max(c[2] for c in curve)
     assert "Selection figures" in record["markdown"] and "val N@10" in record["markdown"]
+    assert (tmp_path / "amazon" / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _bench_amazon_command(processed, output, extra=()):

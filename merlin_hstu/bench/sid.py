@@ -175,11 +175,49 @@ def _record(args, kind: str, sections: dict, text: str, info: dict) -> dict:
 
 
 def selection_record(seed: int, fit) -> dict:
-    """What hyperparameters are chosen on: the validation metrics of the epoch early stopping kept (never test)."""
+    """What hyperparameters are chosen on: the validation metrics of the epoch early stopping kept (never test),
+    and the validation curve it was chosen from ([epoch, recall@10, ndcg@10] per evaluated epoch)."""
     validation = dict(fit.validation_metrics).get(fit.best_epoch, {})
+    curve = [[epoch, as_recall(m).get("recall@10"), m.get("ndcg@10")] for epoch, m in fit.validation_metrics]
     return {"seed": seed, "epochs": len(fit.epoch_losses), "best_epoch": fit.best_epoch,
             "train_seconds": fit.train_seconds,
-            **{f"validation_{k}": v for k, v in as_recall(validation).items() if k in ("recall@10", "ndcg@10")}}
+            **{f"validation_{k}": v for k, v in as_recall(validation).items() if k in ("recall@10", "ndcg@10")},
+            "validation_curve": curve}
+
+
+def plot_validation_curves(sections: Dict[str, dict], path: Path, title: str) -> Optional[Path]:
+    """Validation NDCG@10 per epoch of every preset and seed, one panel per dataset, the kept epoch marked: how
+    early stopping chose. None when matplotlib is missing or no run recorded a curve."""
+    curves = {name: {preset: [r for r in records if r.get("validation_curve")]
+                     for preset, records in section["selection"].items()} for name, section in sections.items()}
+    if not any(r for presets in curves.values() for r in presets.values()):
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
+    for ax, (name, presets) in zip(axes[0], curves.items()):
+        for color, (preset, records) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], presets.items()):
+            for i, r in enumerate(records):
+                epochs, ndcg = [c[0] for c in r["validation_curve"]], [c[2] for c in r["validation_curve"]]
+                ax.plot(epochs, ndcg, color=color, alpha=0.85, linewidth=1.2,
+                        label=preset if i == 0 else None)
+                best = dict(zip(epochs, ndcg)).get(r["best_epoch"])
+                if best is not None:
+                    ax.plot([r["best_epoch"]], [best], marker="*", markersize=10, color=color)
+        ax.set(title=f"{name}: validation NDCG@10 (* kept epoch)", xlabel="epoch", ylabel="NDCG@10")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    try:
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)
+    return path
 
 
 def selection_table(selection: Dict[str, List[dict]]) -> str:
@@ -268,8 +306,9 @@ def run_amazon(args) -> int:
     write_file(out / "bench.json", json.dumps(_record(args, "amazon", sections, markdown, info), indent=2,
                                               default=str))
     write_file(out / "bench.md", markdown + "\n")
+    plotted = plot_validation_curves(sections, out / "bench.png", f"bench amazon, seeds {_seeds(args)}")
     shutil.rmtree(work, ignore_errors=True)
-    print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}")
+    print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}" + (f", {plotted}" if plotted else ""))
     return 0
 
 
