@@ -180,8 +180,8 @@ def trained_run(name: str, protocol: str, model: str, seed: int, args, work: Pat
 
     from merlin_hstu.train.loop import run_fingerprint
 
-    fingerprint = run_fingerprint({k: getattr(args, k) for k in RUN_SETTINGS}, dataset=name, protocol=protocol,
-                                  model=model, seed=seed)
+    fingerprint = run_fingerprint({k: getattr(args, k) for k in RUN_SETTINGS}, dataset=name, input=args.input,
+                                  protocol=protocol, model=model, seed=seed)
     run_dir = work / run_dir_name(name, f"{protocol}-{model}", seed)
     done = finished_run(run_dir, fingerprint) if args.resume else None
     if done is not None:
