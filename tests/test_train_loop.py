@@ -391,3 +391,16 @@ def test_move_to_moves_nested_tensors_and_leaves_what_is_already_there():
     assert moved.name == "x" and pair.values.device == cpu
     moved = move_to(nested, meta)
     assert moved["a"][0].device == meta and moved["a"][1][0].device == meta and moved["a"][1][1] == 3
+
+
+def test_run_fingerprint_ignores_what_a_resume_may_change_and_nothing_else():
+    from merlin_hstu.retrieval.config import load_config
+    from merlin_hstu.train.loop import run_fingerprint
+
+    base = load_config("hstu-amazon").to_dict()
+    same = load_config("hstu-amazon", ["train.threads=1", "train.checkpoint_every=5"]).to_dict()
+    same["description"] = "reworded"
+    other = load_config("hstu-amazon", ["model.embedding_dim=32"]).to_dict()
+    assert run_fingerprint(base, data="d") == run_fingerprint(same, data="d")
+    assert run_fingerprint(base, data="d") != run_fingerprint(other, data="d")
+    assert run_fingerprint(base, data="d") != run_fingerprint(base, data="e")

@@ -216,10 +216,12 @@ def config_fingerprint(description: Any) -> str:
 
 def run_fingerprint(cfg_dict: dict, **data: Any) -> str:
     """`config_fingerprint` of a run's config (its `to_dict()`) and a description of its data, without the loop
-    settings a resume may change (`RESUMABLE_CHANGES`: device, threads, checkpoint cadence, sharding)."""
+    settings a resume may change (`RESUMABLE_CHANGES`: device, threads, checkpoint cadence, sharding) and without
+    the config's prose `description` (a preset whose text is reworded is the same run)."""
     cfg = json.loads(json.dumps(cfg_dict, default=str))
     for key in RESUMABLE_CHANGES:
         cfg.get("train", {}).pop(key, None)
+    cfg.pop("description", None)
     return config_fingerprint({"config": cfg, **data})
 
 
