@@ -540,8 +540,10 @@ def test_bench_amazon_killed_mid_run_resumes_to_the_uninterrupted_result(process
     want, got = (json.loads((d / "bench.json").read_text())["sections"][str(processed)] for d in (full, killed))
     assert got["runs"] == want["runs"] and got["rows"] == want["rows"]
     for a, b in zip(got["selection"]["hstu-amazon"], want["selection"]["hstu-amazon"]):
-        assert {k: v for k, v in a.items() if k != "train_seconds"} == \
-            {k: v for k, v in b.items() if k != "train_seconds"}
+        assert {k: v for k, v in a.items() if k not in ("train_seconds", "resumed_from")} == \
+            {k: v for k, v in b.items() if k not in ("train_seconds", "resumed_from")}
+    assert [r["resumed_from"] for r in got["selection"]["hstu-amazon"]] == [None, steps_at_kill]
+    assert "* resumed after a kill" in json.loads((killed / "bench.json").read_text())["markdown"]
     assert f"hstu-amazon, seed 43: continued from step {steps_at_kill} of the interrupted run" in resumed.stdout
 
 

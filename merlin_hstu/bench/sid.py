@@ -180,7 +180,7 @@ def selection_record(seed: int, fit) -> dict:
     validation = dict(fit.validation_metrics).get(fit.best_epoch, {})
     curve = [[epoch, as_recall(m).get("recall@10"), m.get("ndcg@10")] for epoch, m in fit.validation_metrics]
     return {"seed": seed, "epochs": len(fit.epoch_losses), "best_epoch": fit.best_epoch,
-            "train_seconds": fit.train_seconds,
+            "train_seconds": fit.train_seconds, "resumed_from": fit.resumed_from,
             **{f"validation_{k}": v for k, v in as_recall(validation).items() if k in ("recall@10", "ndcg@10")},
             "validation_curve": curve}
 
@@ -223,11 +223,16 @@ def plot_validation_curves(sections: Dict[str, dict], path: Path, title: str) ->
 def selection_table(selection: Dict[str, List[dict]]) -> str:
     header = f"{'model':<24} {'seed':>5} {'epochs (best)':>14} {'val R@10':>9} {'val N@10':>9} {'train min':>10}"
     lines = [header, "-" * len(header)]
+    resumed = False
     for preset, records in selection.items():
         for r in records:
+            minutes = f"{r['train_seconds'] / 60:.1f}" + ("*" if r.get("resumed_from") is not None else "")
+            resumed = resumed or r.get("resumed_from") is not None
             lines.append(f"{preset:<24} {r['seed']:>5} {str(r['epochs']) + ' (' + str(r['best_epoch']) + ')':>14} "
                          f"{r.get('validation_recall@10', float('nan')):>9.4f} "
-                         f"{r.get('validation_ndcg@10', float('nan')):>9.4f} {r['train_seconds'] / 60:>10.1f}")
+                         f"{r.get('validation_ndcg@10', float('nan')):>9.4f} {minutes:>10}")
+    if resumed:
+        lines.append("* resumed after a kill: the training minutes of the process that finished the run only")
     return "\n".join(lines)
 
 
