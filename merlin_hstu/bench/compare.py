@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from merlin_hstu.common.atomic_dir import write_file
+from merlin_hstu.common.plots import pyplot, save_figure
 
 TABLE_METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "mrr")
 
@@ -50,12 +51,8 @@ def markdown_table(records: List[dict]) -> str:
 
 def plot(records: List[dict], path: Path, title: Optional[str] = None) -> Optional[Path]:
     """Loss, HR@10 and NDCG@10 per epoch (first seed of each record); None when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for r in records:
@@ -76,11 +73,7 @@ def plot(records: List[dict], path: Path, title: Optional[str] = None) -> Option
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        write_file(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    finally:
-        plt.close(fig)
+    write_file(path, lambda tmp: save_figure(fig, tmp))
     return path
 
 

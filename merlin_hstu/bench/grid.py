@@ -32,6 +32,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from merlin_hstu.common.atomic_dir import write_file
+from merlin_hstu.common.plots import pyplot, save_figure
+
 METRIC_KEYS = ["ndcg@5", "ndcg@10", "ndcg@50", "hr@5", "hr@10", "hr@50", "mrr", "eval_loss"]
 
 
@@ -156,12 +159,8 @@ def markdown_table(results: Dict[str, Optional[Dict]], most_popular: Optional[Di
 
 
 def plot(results: Dict[str, Optional[Dict]], path: Path, title: str) -> Optional[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     names = [n for n, r in results.items() if r is not None]
     if not names:
@@ -175,9 +174,7 @@ def plot(results: Dict[str, Optional[Dict]], path: Path, title: str) -> Optional
         ax.invert_yaxis()
         ax.set(title=key.upper(), xlabel=key)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_file(path, lambda tmp: save_figure(fig, tmp))
     return path
 
 

@@ -29,6 +29,7 @@ import torch
 
 from merlin_hstu.common.atomic_dir import write_file
 from merlin_hstu.common.overrides import overrides_by_section
+from merlin_hstu.common.plots import pyplot, save_figure
 from merlin_hstu.bench.retrieval import mean_std, machine_info, machine_summary, peak_rss_gb
 from merlin_hstu.ranking.baselines import ItemPriorBaseline
 from merlin_hstu.ranking.config import MODELS as RANKING_MODELS
@@ -241,12 +242,8 @@ def summarize(runs, model_name, model_config, num_params, train_cfg, data, datas
 
 def plot_ranking_curves(record: dict, path: Path) -> Optional[Path]:
     """Loss per epoch and per-task AUC / GAUC per epoch (first seed), item prior dashed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # the numbers are in bench.json
+    plt = pyplot()
+    if plt is None:  # the numbers are in bench.json
         return None
     run = record["runs"][0]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
@@ -267,10 +264,7 @@ def plot_ranking_curves(record: dict, path: Path) -> Optional[Path]:
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{record['model']} on {record['dataset']} (seed {run['seed']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_outputs(record: dict, out: Path) -> None:

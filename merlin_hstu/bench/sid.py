@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from merlin_hstu.common.atomic_dir import write_file
+from merlin_hstu.common.plots import pyplot, save_figure
 from merlin_hstu.train.run_dir import RUN_RESULT_FORMAT, finished_run, run_dir_name
 
 DATASETS = ("amazon-s3rec-beauty", "amazon-s3rec-sports", "amazon-s3rec-toys")
@@ -192,12 +193,8 @@ def plot_validation_curves(sections: Dict[str, dict], path: Path, title: str) ->
                      for preset, records in section["selection"].items()} for name, section in sections.items()}
     if not any(r for presets in curves.values() for r in presets.values()):
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
     for ax, (name, presets) in zip(axes[0], curves.items()):
@@ -212,11 +209,7 @@ def plot_validation_curves(sections: Dict[str, dict], path: Path, title: str) ->
         ax.set(title=f"{name}: validation NDCG@10 (* kept epoch)", xlabel="epoch", ylabel="NDCG@10")
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    try:
-        write_file(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    finally:
-        plt.close(fig)
+    write_file(path, lambda tmp: save_figure(fig, tmp))
     return path
 
 

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from merlin_hstu.common.embeddings import torchrec_tables
+from merlin_hstu.common.plots import pyplot, save_figure
 from merlin_hstu.retrieval.baselines import MostPopular
 from merlin_hstu.retrieval.config import ExperimentConfig, dump_config, encoder_type, load_config
 from merlin_hstu.retrieval.data import (LeaveOneOut, SequenceTable, SessionSplits, SessionTables, StreamingLeaveOneOut,
@@ -333,12 +334,8 @@ def train_retrieval(table, cfg: ExperimentConfig, progress: bool = True,
 
 def plot_training_curves(record: dict, path: Path) -> Optional[Path]:
     """Loss per epoch and, when recorded, HR@10 / NDCG@10 per epoch against the most-popular level."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plotting is a convenience; the numbers are in metrics.json
+    plt = pyplot()
+    if plt is None:  # plotting is a convenience; the numbers are in metrics.json
         return None
     has_eval = bool(record.get("epoch_metrics"))
     fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(10 if has_eval else 5, 3.6), squeeze=False)
@@ -355,10 +352,7 @@ def plot_training_curves(record: dict, path: Path) -> Optional[Path]:
             ax.axhline(pop["hr@10"], color="gray", linestyle="--", label="most-popular hr@10")
         ax.set(title="evaluation (leave-one-out, last item)", xlabel="epoch")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --- run directories ------------------------------------------------------------------------------

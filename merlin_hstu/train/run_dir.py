@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 from merlin_hstu.common.atomic_dir import publish_dir, staging_dir
+from merlin_hstu.common.plots import pyplot, save_figure
 
 RUN_FORMAT = 2
 RUN_FILE = "run.json"
@@ -187,17 +188,10 @@ def load_run(run_dir: str | Path, expected_task: Optional[str] = None) -> Loaded
 
 def plot_losses(losses, path, title: str):
     """Training loss per epoch as a PNG (a convenience: the numbers are in metrics.json)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.6))
     ax.plot(range(1, len(losses) + 1), losses, marker="o")
     ax.set(title=f"{title}: training loss", xlabel="epoch", ylabel="loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
