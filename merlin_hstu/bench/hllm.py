@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 from merlin_hstu.common.atomic_dir import write_file
-from merlin_hstu.train.run_dir import RUN_RESULT_FORMAT, finished_run, run_dir_name
+from merlin_hstu.train.run_dir import resumable_run, run_dir_name
 
 DATASETS = ("ml-1m-prefix", "ml-latest-small")
 MODELS = ("most-popular", "id-hstu", "hllm-frozen", "hllm-finetune", "hllm-hybrid")
@@ -175,25 +175,13 @@ RUN_SETTINGS = ("users", "epochs", "batch_size", "max_history", "cold_fraction",
 
 def trained_run(name: str, protocol: str, model: str, seed: int, args, work: Path, train) -> dict:
     """`train(checkpoint_dir, fingerprint)` of one trained model and seed, or, under --resume, its result.json from
-    before the interruption (the interrupted one continues from its newest checkpoint)."""
-    import shutil
-
+    before the interruption (the interrupted one continues from its newest checkpoint; `resumable_run`)."""
     from merlin_hstu.train.loop import run_fingerprint
 
     fingerprint = run_fingerprint({k: getattr(args, k) for k in RUN_SETTINGS}, dataset=name, input=args.input,
                                   protocol=protocol, model=model, seed=seed)
-    run_dir = work / run_dir_name(name, f"{protocol}-{model}", seed)
-    done = finished_run(run_dir, fingerprint) if args.resume else None
-    if done is not None:
-        print(f"{model}, {protocol}, seed {seed}: finished before the interruption; reusing {run_dir / 'result.json'}")
-        return done["out"]
-    out = train(run_dir / "checkpoints", fingerprint)
-    if out.get("resumed_from") is not None:
-        print(f"{model}, {protocol}, seed {seed}: continued from step {out['resumed_from']} of the interrupted run")
-    write_file(run_dir / "result.json", json.dumps({"format": RUN_RESULT_FORMAT, "fingerprint": fingerprint,
-                                                    "out": out}, indent=2, default=str))
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return out
+    return resumable_run(work / run_dir_name(name, f"{protocol}-{model}", seed), fingerprint, args.resume,
+                         f"{model}, {protocol}, seed {seed}", lambda checkpoints: train(checkpoints, fingerprint))
 
 
 def run_protocol(name: str, protocol: str, data, args, models: list, seeds: list, encoder, cache,

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 
 from merlin_hstu.common.atomic_dir import write_file
 from merlin_hstu.common.plots import pyplot, save_figure
-from merlin_hstu.train.run_dir import RUN_RESULT_FORMAT, finished_run, run_dir_name
+from merlin_hstu.train.run_dir import resumable_run, run_dir_name
 
 DATASETS = ("amazon-s3rec-beauty", "amazon-s3rec-sports", "amazon-s3rec-toys")
 ID_PRESETS = ("sasrec-amazon", "hstu-amazon", "hstu-large-amazon")
@@ -128,14 +128,6 @@ def id_model_config(table, preset: str, overrides: List[str], seed: int, args):
     cfg = load_config(preset, [*extra, *overrides])
     _no_time(cfg, table)
     return cfg
-
-
-def train_id_model(table, preset: str, overrides: List[str], seed: int, args, progress: bool):
-    """One ID model (a retrieval preset) under the Amazon protocol -> (TrainResult, config)."""
-    from merlin_hstu.retrieval.train import train_retrieval
-
-    cfg = id_model_config(table, preset, overrides, seed, args)
-    return train_retrieval(table, cfg, progress=progress, model_name=cfg.name), cfg
 
 
 def summary_rows(runs: Dict[str, List[dict]], published: Dict[str, dict]) -> Dict[str, dict]:
@@ -237,29 +229,22 @@ def amazon_run(table, data_dir: Path, preset: str, seed: int, args, work: Path, 
     the selection figures and the epoch count. Checkpoints go to `<work>/<dataset>/<preset>-s<seed>/checkpoints`
     (every epoch end, or `--set train.checkpoint_every=N` steps); result.json is written when the run ends and
     the checkpoints are then removed."""
-    import shutil
-
     from merlin_hstu.retrieval.train import train_retrieval
     from merlin_hstu.train.loop import run_fingerprint
 
     cfg = id_model_config(table, preset, args.overrides, seed, args)
     fingerprint = run_fingerprint(cfg.to_dict(), data=str(Path(data_dir).resolve()), users=args.users)
-    run_dir = work / run_dir_name(name, preset, seed)
-    done = finished_run(run_dir, fingerprint) if args.resume else None
-    if done is not None:
-        print(f"{preset}, seed {seed}: finished before the interruption; reusing {run_dir / 'result.json'}")
-        return done
-    result = train_retrieval(table, cfg, progress=not args.no_progress, model_name=cfg.name,
-                             checkpoint_dir=run_dir / "checkpoints", resume=args.resume, fingerprint=fingerprint)
-    fit = result.fit
-    if fit.resumed_from is not None:
-        print(f"{preset}, seed {seed}: continued from step {fit.resumed_from} of the interrupted run")
-    done = {"format": RUN_RESULT_FORMAT, "fingerprint": fingerprint, "dataset": name, "preset": preset,
-            "seed": seed, "test": as_recall(result.metrics[cfg.name]), "selection": selection_record(seed, fit),
-            "stopped_early": fit.stopped_early, "resumed_from": fit.resumed_from}
-    write_file(run_dir / "result.json", json.dumps(done, indent=2, default=str))
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return done
+
+    def train(checkpoints: Path) -> dict:
+        result = train_retrieval(table, cfg, progress=not args.no_progress, model_name=cfg.name,
+                                 checkpoint_dir=checkpoints, resume=args.resume, fingerprint=fingerprint)
+        fit = result.fit
+        return {"dataset": name, "preset": preset, "seed": seed, "test": as_recall(result.metrics[cfg.name]),
+                "selection": selection_record(seed, fit), "stopped_early": fit.stopped_early,
+                "resumed_from": fit.resumed_from}
+
+    return resumable_run(work / run_dir_name(name, preset, seed), fingerprint, args.resume, f"{preset}, seed {seed}",
+                         train)
 
 
 def run_amazon(args) -> int:
@@ -343,9 +328,7 @@ def sid_seed(table, data_dir: Path, name: str, cfg, id_preset: str, seed: int, a
               OUTPUT/seed-<seed>: test and tail-target metrics
 
     Under --resume a stage with a record is reused and the interrupted one continues from its newest checkpoint; a
-    record of other arguments is refused (`finished_run`). -> {"id": id.json, "sid": sid.json, "sids": tokenizer}."""
-    import shutil
-
+    record of other arguments is refused (`resumable_run`). -> {"id": id.json, "sid": sid.json, "sids": tokenizer}."""
     import numpy as np
 
     from merlin_hstu.retrieval.train import evaluate_model, train_retrieval
@@ -361,55 +344,44 @@ def sid_seed(table, data_dir: Path, name: str, cfg, id_preset: str, seed: int, a
     id_fingerprint = run_fingerprint(id_cfg.to_dict(), data=data, users=args.users,
                                      tokenizer=cfg.tokenizer.to_dict(), head_fraction=args.head_fraction,
                                      embeddings=[cfg.data.embeddings, cfg.data.embeddings_path])
-    id_done = finished_run(stage, id_fingerprint, "id.json") if args.resume else None
-    if id_done is None:
-        result = train_retrieval(table, id_cfg, progress=progress, model_name=id_cfg.name,
-                                 checkpoint_dir=stage / "id-checkpoints", resume=args.resume,
-                                 fingerprint=id_fingerprint)
-        if result.fit.resumed_from is not None:
-            print(f"ID model, seed {seed}: continued from step {result.fit.resumed_from} of the interrupted run")
+
+    def train_id(checkpoints: Path) -> dict:  # the ID model, then the tokenizer fitted on its item table
+        result = train_retrieval(table, id_cfg, progress=progress, model_name=id_cfg.name, checkpoint_dir=checkpoints,
+                                 resume=args.resume, fingerprint=id_fingerprint)
         tail = tail_items(result.split, args.head_fraction)
         tail_eval = tail_samples(result.split, tail)
         t0 = time.perf_counter()
         catalogue, vectors, source = item_embeddings(cfg, args, table, data_dir, result.model)
         fit_tokenizer(catalogue, vectors, cfg.tokenizer, source).save(stage / "tokenizer")
-        id_done = {"format": RUN_RESULT_FORMAT, "fingerprint": id_fingerprint, "name": f"ID-{id_cfg.name}",
-                   "test": as_recall(result.metrics[id_cfg.name]),
-                   "tail": as_recall(evaluate_model(result.model, result.split, id_cfg, samples=tail_eval)),
-                   "epochs": len(result.epoch_losses), "best_epoch": result.fit.best_epoch,
-                   "tail_items": [int(i) for i in tail], "tail_eval_users": int(len(tail_eval.lengths)),
-                   "tokenizer_seconds": time.perf_counter() - t0}
-        write_file(stage / "id.json", json.dumps(id_done, indent=2))
-        shutil.rmtree(stage / "id-checkpoints", ignore_errors=True)
-    else:
-        print(f"ID model, seed {seed}: finished before the interruption; reusing {stage / 'id.json'} and its "
-              "tokenizer")
+        return {"name": f"ID-{id_cfg.name}", "test": as_recall(result.metrics[id_cfg.name]),
+                "tail": as_recall(evaluate_model(result.model, result.split, id_cfg, samples=tail_eval)),
+                "epochs": len(result.epoch_losses), "best_epoch": result.fit.best_epoch,
+                "tail_items": [int(i) for i in tail], "tail_eval_users": int(len(tail_eval.lengths)),
+                "tokenizer_seconds": time.perf_counter() - t0, "resumed_from": result.fit.resumed_from}
+
+    id_done = resumable_run(stage, id_fingerprint, args.resume, f"ID model, seed {seed}", train_id, "id.json",
+                            "id-checkpoints")
     sids = SemanticIds.load(stage / "tokenizer")  # the saved tokenizer, resumed or not: one path
     print(format_statistics(sids.stats) + f"\n(fitted in {id_done['tokenizer_seconds']:.1f} s)")
 
     sid_fingerprint = run_fingerprint(cfg.to_dict(), data=data, users=args.users, id_stage=id_fingerprint)
-    sid_done = finished_run(stage, sid_fingerprint, "sid.json") if args.resume else None
-    if sid_done is None:
-        result = train_sid(table, sids, cfg, progress=progress, model_name=cfg.name,
-                           checkpoint_dir=stage / "sid-checkpoints", resume=args.resume, fingerprint=sid_fingerprint)
-        fit = result.fit
-        if fit.resumed_from is not None:
-            print(f"SID decoder, seed {seed}: continued from step {fit.resumed_from} of the interrupted run")
-        model = result.model
+
+    def train_decoder(checkpoints: Path) -> dict:
+        result = train_sid(table, sids, cfg, progress=progress, model_name=cfg.name, checkpoint_dir=checkpoints,
+                           resume=args.resume, fingerprint=sid_fingerprint)
+        model, fit = result.model, result.fit
         device = next(model.parameters()).device
         tail_eval = tail_samples(result.split, np.asarray(id_done["tail_items"], dtype=np.int64))
         tail = evaluate_sid(model, SemanticIdTrie.from_semantic_ids(sids).to(device),
                             sids.token_table(table.num_items).to(device), result.split, tail_eval, cfg)
         run_dir = save_sid_run(out / f"seed-{seed}", result, cfg, extra={"dataset": name, "id_model": id_preset},
                                data_dir=data_dir)
-        sid_done = {"format": RUN_RESULT_FORMAT, "fingerprint": sid_fingerprint, "name": f"SID-{cfg.name}",
-                    "test": as_recall(result.metrics[cfg.name]), "tail": as_recall(tail),
-                    "epochs": len(result.epoch_losses), "best_epoch": fit.best_epoch,
-                    "train_seconds": fit.train_seconds, "resumed_from": fit.resumed_from, "run": str(run_dir)}
-        write_file(stage / "sid.json", json.dumps(sid_done, indent=2))
-        shutil.rmtree(stage / "sid-checkpoints", ignore_errors=True)
-    else:
-        print(f"SID decoder, seed {seed}: finished before the interruption; reusing {stage / 'sid.json'}")
+        return {"name": f"SID-{cfg.name}", "test": as_recall(result.metrics[cfg.name]), "tail": as_recall(tail),
+                "epochs": len(result.epoch_losses), "best_epoch": fit.best_epoch, "train_seconds": fit.train_seconds,
+                "resumed_from": fit.resumed_from, "run": str(run_dir)}
+
+    sid_done = resumable_run(stage, sid_fingerprint, args.resume, f"SID decoder, seed {seed}", train_decoder,
+                             "sid.json", "sid-checkpoints")
     return {"id": id_done, "sid": sid_done, "sids": sids}
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
-from merlin_hstu.common.atomic_dir import publish_dir, staging_dir
+from merlin_hstu.common.atomic_dir import publish_dir, staging_dir, write_file
 from merlin_hstu.common.plots import pyplot, save_figure
 
 RUN_FORMAT = 2
@@ -89,6 +89,25 @@ def finished_run(run_dir: Path, fingerprint: str, record: str = "result.json") -
         raise ValueError(f"{path} is the result of another configuration or dataset; resume with the same "
                          "arguments, or run without --resume (which starts again) or into another --output")
     return done
+
+
+def resumable_run(run_dir: Path, fingerprint: str, resume: bool, label: str, train: Callable[[Path], dict],
+                  record: str = "result.json", checkpoints: str = "checkpoints") -> dict:
+    """One run (or stage) of a bench that survives a kill: under `resume`, the record of a run that finished is
+    reused (`finished_run`); otherwise `train(run_dir / checkpoints)` trains it, continuing from the newest
+    checkpoint there under `resume`, and returns its record (with "resumed_from", the loop's). The record is
+    written to `run_dir / record` with the format and `fingerprint`, then the checkpoints are removed. -> the
+    record, without the format and fingerprint."""
+    done = finished_run(run_dir, fingerprint, record) if resume else None
+    if done is not None:
+        print(f"{label}: finished before the interruption; reusing {run_dir / record}")
+    else:
+        done = {"format": RUN_RESULT_FORMAT, "fingerprint": fingerprint, **train(run_dir / checkpoints)}
+        if done.get("resumed_from") is not None:
+            print(f"{label}: continued from step {done['resumed_from']} of the interrupted run")
+        write_file(run_dir / record, json.dumps(done, indent=2, default=str))
+        shutil.rmtree(run_dir / checkpoints, ignore_errors=True)
+    return {k: v for k, v in done.items() if k not in ("format", "fingerprint")}
 
 
 def run_record(fitted, model_type: str, data_dir=None, workflow_dir=None, steps: int = 0) -> dict:
