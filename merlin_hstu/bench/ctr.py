@@ -35,6 +35,7 @@ import torch
 
 from merlin_hstu.bench.retrieval import machine_info, machine_summary, mean_std
 from merlin_hstu.common.atomic_dir import write_file
+from merlin_hstu.common.plots import pyplot, save_figure
 from merlin_hstu.common.overrides import overrides_by_section, replace_fields
 from merlin_hstu.ctr.config import CTRExperimentConfig
 from merlin_hstu.ctr.data import CTRData, load_ctr_dataset
@@ -234,12 +235,10 @@ def run_scaling(args, data: CTRData, train_cfg: CTRTrainConfig, sections, info: 
               "train": dataclasses.asdict(train_cfg), "points": points, "baselines": baselines,
               "markdown": "\n".join(lines), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     files = {"scaling.json": json.dumps(record, indent=2, default=str), "scaling.md": record["markdown"]}
-    try:
-        import matplotlib  # noqa: F401
-
-        files["scaling.png"] = lambda path: plot_scaling(points, baselines, ceilings, path)
-    except ImportError:
+    if pyplot() is None:
         print("matplotlib is not installed: scaling.png skipped")
+    else:
+        files["scaling.png"] = lambda path: plot_scaling(points, baselines, ceilings, path)
     for name, content in files.items():
         write_file(out / name, content)
     print()
@@ -261,12 +260,7 @@ def plot_scaling(points: List[dict], baselines: Dict[str, dict], ceilings: Optio
                  path: Path) -> None:
     """AUC and log loss against the parameters outside the embedding tables, one line per depth.  The y range
     fits WuKong, DLRM and the full ceiling; a baseline outside it is named in the legend with its value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.2))
     for metric, ax in zip(("auc", "logloss"), axes):
         shown = [p[metric] for p in points]
         for num_layers in sorted({p["layers"] for p in points}):
@@ -295,6 +289,4 @@ def plot_scaling(points: List[dict], baselines: Dict[str, dict], ceilings: Optio
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("WuKong scaling on synthetic Criteo-layout data (width w: n_F = n_L = k = w)")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

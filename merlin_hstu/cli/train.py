@@ -67,7 +67,7 @@ def _check_kernel(cfg, args) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
     from merlin_hstu.distributed import launch
-    from merlin_hstu.train.run_dir import checkpoint_dir, open_work_dir
+    from merlin_hstu.train.run_dir import checkpoint_dir, open_work_dir, work_dir
 
     if launch.wants_launch(args):  # --nproc / --nnodes: this command again, under torchrun (docs/scaling.md)
         return launch.relaunch(args, args.train_parser)
@@ -83,7 +83,7 @@ def cmd_train(args) -> int:
                               "another --output (an unfinished run is continued with --resume)")
     checkpoints = checkpoint_dir(run_dir)
     if launch.is_rank0():  # rank 0 alone keeps or discards the unfinished folder of an earlier run
-        open_work_dir(checkpoints.parent, args.resume, "run")
+        open_work_dir(work_dir(run_dir), args.resume, "run")
     common = dict(checkpoint_dir=checkpoints, resume=args.resume, progress=not args.no_progress)
     if args.task == "retrieval":
         return _train_retrieval(args, run_dir, common)
