@@ -525,6 +525,7 @@ def test_bench_amazon_killed_mid_run_resumes_to_the_uninterrupted_result(process
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "discarding the unfinished bench" in fresh.stdout and "reusing" not in fresh.stdout
     assert not (tmp_path / "full.incomplete").exists()
+    assert json.loads((full / "bench.json").read_text())["machine"]["threads"] == 1  # --threads, as trained
     killed = tmp_path / "killed"
     work = tmp_path / "killed.incomplete"
     first, second = (work / run_dir_name(str(processed), "hstu-amazon", seed) for seed in (42, 43))
@@ -600,6 +601,7 @@ def test_bench_sid_killed_in_the_decoder_stage_resumes_to_the_uninterrupted_resu
     full = tmp_path / "full"
     assert main(_bench_sid_arguments(processed, full)) == 0
     assert not (tmp_path / "full.incomplete").exists()
+    assert json.loads((full / "bench.json").read_text())["machine"]["threads"] == 1  # --threads, as trained
     killed = tmp_path / "killed"
     stage = tmp_path / "killed.incomplete" / "seed-42"
     env = {**os.environ, "MERLIN_HSTU_MALLOC": "default", "PYTHONUNBUFFERED": "1"}

@@ -247,10 +247,22 @@ def amazon_run(table, data_dir: Path, preset: str, seed: int, args, work: Path, 
                          train)
 
 
+def _machine(args) -> dict:
+    """`machine_info()` after `--threads` is applied, so the recorded thread count is the one the runs train with
+    (training sets it again from train.threads, to the same value)."""
+    import torch
+
+    from merlin_hstu.bench.retrieval import machine_info
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return machine_info()
+
+
 def run_amazon(args) -> int:
     import shutil
 
-    from merlin_hstu.bench.retrieval import machine_info, machine_summary
+    from merlin_hstu.bench.retrieval import machine_summary
     from merlin_hstu.retrieval.config import load_config
     from merlin_hstu.retrieval.metrics import format_metrics_table
     from merlin_hstu.train.run_dir import open_work_dir, work_dir
@@ -259,7 +271,7 @@ def run_amazon(args) -> int:
     work = open_work_dir(work_dir(out), args.resume, "bench")  # per-run checkpoints and results until bench.json
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    info = machine_info()
+    info = _machine(args)
     print(f"machine: {machine_summary(info)}")
     sections, lines = {}, [f"## Amazon benchmark ({', '.join(models)}), seeds {_seeds(args)}", "",
                            f"Machine: {machine_summary(info)}. Command: `{command_line('amazon', args)}`.", ""]
@@ -388,7 +400,7 @@ def sid_seed(table, data_dir: Path, name: str, cfg, id_preset: str, seed: int, a
 def run_sid_bench(args) -> int:
     import shutil
 
-    from merlin_hstu.bench.retrieval import machine_info, machine_summary
+    from merlin_hstu.bench.retrieval import machine_summary
     from merlin_hstu.retrieval.config import load_config
     from merlin_hstu.retrieval.metrics import format_metrics_table
     from merlin_hstu.sid.config import load_sid_config
@@ -415,7 +427,7 @@ def run_sid_bench(args) -> int:
     if cfg.model.time_bias and table.timestamps is None:
         print("note: the data has no timestamps: the decoder's time bias is switched off (model.time_bias=false)")
         cfg.model.time_bias = False
-    info = machine_info()
+    info = _machine(args)
     out = Path(args.output or f"runs/bench/sid-{name}-{cfg.name}")
     print(f"machine: {machine_summary(info)}")
     print(f"dataset {name}: {len(table.items):,} users, {len(table.candidate_ids):,} items; SID config {cfg.name} "
