@@ -21,7 +21,8 @@ from merlin_hstu.retrieval.losses import (
     softmax_loss_over_sample,
 )
 from merlin_hstu.retrieval.negatives import NegativeSample, in_batch_negatives, sample_negatives, uniform_negatives
-from merlin_hstu.retrieval.model import HSTURetrievalModel, RetrievalModelConfig, next_item_training_loss, supervision
+from merlin_hstu.retrieval.model import HSTURetrievalModel, RetrievalModelConfig, next_item_training_loss, seen_before, \
+    supervision
 from merlin_hstu.retrieval.similarity import MoLConfig, RetrievalHeadConfig
 
 V, D = 30, 8
@@ -152,6 +153,51 @@ def test_full_softmax_matches_plain_loop_and_sampled_softmax_over_the_whole_cata
 
 
 @pytest.mark.parametrize("similarity", ["dot", "mol"])
+def test_full_softmax_without_history_negatives_matches_plain_loop(similarity):
+    """history_negatives=False: position i of a row sums over the catalogue minus the row's ids 0..i, and its own
+    positive stays in the sum even when it was seen before (the metrics always rank the target)."""
+    model = tiny_model(similarity, item_norm="none").eval()
+    ids = torch.tensor([[5, 9, 7, 9, 12, 0, 0], [3, 4, 20, 0, 0, 0, 0], [29, 6, 6, 8, 11, 13, 4]])
+    lengths = torch.tensor([5, 2, 6])  # rows: a repeat (9, supervised as a positive after it was seen), a short row
+    supervised, labels = supervision(ids, lengths)
+    user = queries(int(supervised.sum()), seed=3)
+    catalogue = torch.arange(3, V)
+    cfg = RetrievalLossConfig(loss="full_softmax", temperature=0.2, history_negatives=False)
+    got = full_softmax_loss(model, user, labels[supervised], catalogue, cfg, seen_before(ids, supervised))
+    want, p = 0.0, 0
+    for row in range(ids.shape[0]):
+        for i in range(int(lengths[row])):
+            target = int(ids[row, i + 1])
+            if target == 0:
+                continue
+            seen = set(ids[row, :i + 1].tolist())
+            logits = [plain_score(model, user[p], target) / 0.2] + [
+                plain_score(model, user[p], j) / 0.2 for j in catalogue.tolist() if j != target and j not in seen]
+            want -= plain_log_softmax_first(logits)
+            p += 1
+    assert p == int(supervised.sum())
+    assert got.item() == pytest.approx(want / p, rel=1e-9)
+    # the default keeps seen items as negatives: a different (larger) loss on the same inputs
+    default = full_softmax_loss(model, user, labels[supervised], catalogue, RetrievalLossConfig(loss="full_softmax",
+                                                                                                 temperature=0.2))
+    assert default.item() > got.item()
+    # next_item_training_loss builds the seen ids itself
+    batch = {"ids": ids, "lengths": lengths}
+    through_model = next_item_training_loss(model, batch, catalogue, cfg)
+    expected = full_softmax_loss(model, model.user_vectors(ids, lengths)[supervised], labels[supervised], catalogue,
+                                 cfg, seen_before(ids, supervised))
+    assert through_model.item() == pytest.approx(expected.item(), rel=1e-12)
+    with pytest.raises(ValueError, match="seen_before"):
+        full_softmax_loss(model, user, labels[supervised], catalogue, cfg)
+
+
+def test_seen_before_lists_each_positions_prefix():
+    ids = torch.tensor([[5, 9, 7, 0], [3, 4, 0, 0]])
+    supervised, _ = supervision(ids, torch.tensor([3, 2]))
+    assert seen_before(ids, supervised).tolist() == [[5, 0, 0, 0], [5, 9, 0, 0], [3, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("similarity", ["dot", "mol"])
 @pytest.mark.parametrize("negatives", ["uniform", "in_batch"])
 def test_bce_matches_plain_loop(similarity, negatives):
     model = tiny_model(similarity).eval()
@@ -197,6 +243,8 @@ def test_mol_mi_loss_is_added_with_its_weight():
     (dict(num_negatives=0), "num_negatives must be an int >= 1"),
     (dict(loss="softmax"), "loss must be one of"),
     (dict(negatives="popularity"), "negatives must be one of"),
+    (dict(history_negatives=False), "loss='full_softmax' only"),
+    (dict(loss="full_softmax", history_negatives="no"), "history_negatives must be true or false"),
 ])
 def test_invalid_combinations_are_rejected_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -216,6 +264,13 @@ def test_config_file_rejects_invalid_objectives_with_the_key_names():
         load_config("hstu-ml1m", ["head.similarity=cosine"])
     cfg = load_config("hstu-ml1m", ["train.loss=bce", "train.num_negatives=1", "train.temperature=1"])
     assert cfg.train.loss_config().loss == "bce"
+    with pytest.raises(ValueError, match="train.history_negatives"):
+        load_config("hstu-ml1m", ["train.history_negatives=false"])
+    cfg = load_config("sasrec-amazon", ["train.history_negatives=false"])
+    assert cfg.train.loss_config().history_negatives is False
+    assert cfg.to_dict()["train"]["history_negatives"] is False
+    # the default is not written out: configs from before the key dump (and fingerprint) as they did
+    assert "history_negatives" not in load_config("sasrec-amazon").to_dict()["train"]
 
 
 # --- every combination trains --------------------------------------------------------------------------
@@ -225,6 +280,7 @@ COMBINATIONS = [
     ("bce", "uniform", False, "dot"), ("bce", "in_batch", False, "dot"),
     ("sampled_softmax", "uniform", False, "mol"), ("sampled_softmax", "in_batch", True, "mol"),
     ("full_softmax", "uniform", False, "mol"), ("bce", "uniform", False, "mol"),
+    ("full_softmax-no-history", "uniform", False, "dot"),
 ]
 
 
@@ -238,7 +294,9 @@ def test_a_tiny_training_run_decreases_the_loss(loss, negatives, logq, similarit
     ids = ids.masked_fill(torch.arange(10).unsqueeze(0) > lengths.unsqueeze(1), 0)
     batch = {"ids": ids, "lengths": lengths}
     bce = loss == "bce"
-    cfg = RetrievalLossConfig(num_negatives=1 if bce else 8, temperature=1.0 if bce else 0.1, loss=loss,
+    history_negatives = not loss.endswith("-no-history")
+    cfg = RetrievalLossConfig(num_negatives=1 if bce else 8, temperature=1.0 if bce else 0.1,
+                              loss=loss.removesuffix("-no-history"), history_negatives=history_negatives,
                               negatives=negatives, logq_correction=logq,
                               mi_loss_weight=0.001 if similarity == "mol" else 0.0)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)

@@ -81,6 +81,9 @@ class TrainConfig(LoopConfig):
     negatives: str = "uniform"  # uniform (over the catalogue) | in_batch (the batch's supervised positives)
     logq_correction: bool = False  # in-batch negatives only: logit - log q(item)
     mi_loss_weight: float = 0.0  # MoL heads: weight of the gates' mutual-information aux loss
+    # full_softmax only: false keeps each position's already-seen items out of its softmax (the metrics never rank
+    # them); written out only when false, so earlier configs dump (and fingerprint) as they did
+    history_negatives: bool = True
     # leave_one_out: per user, train on s_1..s_{T-1}, evaluate s_T (processed/); sessions: the Merlin train / valid /
     # test files of DATA/splits/ (train on train, validate on valid, final metrics on test; last item per session)
     split: str = "leave_one_out"
@@ -100,7 +103,7 @@ class TrainConfig(LoopConfig):
             self.loss_config()
         except ValueError as error:
             raise ValueError(f"train section: {error} (keys train.loss, train.negatives, train.num_negatives, "
-                             "train.temperature, train.logq_correction, train.mi_loss_weight)") from None
+                             "train.temperature, train.logq_correction, train.mi_loss_weight, train.history_negatives)") from None
 
     @property
     def validates(self) -> bool:
@@ -109,7 +112,7 @@ class TrainConfig(LoopConfig):
     def loss_config(self) -> RetrievalLossConfig:
         return RetrievalLossConfig(num_negatives=self.num_negatives, temperature=self.temperature, loss=self.loss,
                                    negatives=self.negatives, logq_correction=self.logq_correction,
-                                   mi_loss_weight=self.mi_loss_weight)
+                                   mi_loss_weight=self.mi_loss_weight, history_negatives=self.history_negatives)
 
 
 @dataclass
@@ -134,6 +137,8 @@ class ExperimentConfig:
             del d["inputs"]
         if d["train"]["split"] == TrainConfig.split:  # written only when set: leave-one-out configs dump as before
             del d["train"]["split"]
+        if d["train"]["history_negatives"] is TrainConfig.history_negatives:
+            del d["train"]["history_negatives"]
         return d
 
 

@@ -9,6 +9,9 @@ Notation: P supervised positions, query u_p (already normalised by the head), po
   loss = mean_p [ -log softmax(z_p)_0 ].
 * **full_softmax**: every catalogue item is a negative: z_pj = s(u_p, j) / tau for j in C (plus y_p itself),
   loss = mean_p [ logsumexp_j z_pj - z_p,y_p ].  Equal to sampled softmax whose negatives are C minus y_p.
+  With `history_negatives=False` the items position p has already seen (its own row's ids 0..p) leave the sum
+  too, except y_p: the metrics (merlin_hstu.retrieval.metrics) never rank them, so training does not spend its
+  gradient pushing them down.
 * **bce** (reference `BCELoss`): one negative n_p, tau = 1;
   loss = sum_p w_p 0.5 (BCE(z_p0, 1) + BCE(z_p1, 0)) / sum_p w_p with w_p = [n_p != y_p].
 
@@ -48,6 +51,7 @@ class RetrievalLossConfig:
     negatives: str = "uniform"  # uniform | in_batch (sampled losses)
     logq_correction: bool = False  # subtract log q(j) from each logit (in-batch negatives only)
     mi_loss_weight: float = 0.0  # weight of MoL's mutual-information aux loss (MoL only)
+    history_negatives: bool = True  # False: items a position has already seen are not its negatives (full softmax)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -70,6 +74,13 @@ class RetrievalLossConfig:
             raise ValueError(
                 f"loss='full_softmax' uses every catalogue item as a negative and samples none; negatives="
                 f"{self.negatives!r} would be ignored: leave negatives at 'uniform' or use loss='sampled_softmax'")
+        if not isinstance(self.history_negatives, bool):
+            raise ValueError(f"history_negatives must be true or false, got {self.history_negatives!r}")
+        if not self.history_negatives and self.loss != "full_softmax":
+            raise ValueError(
+                f"history_negatives=false masks each position's already-seen items out of the softmax; it is "
+                f"implemented for loss='full_softmax' only, got loss={self.loss!r}: set loss='full_softmax' or "
+                "history_negatives=true")
         if self.logq_correction and (self.negatives != "in_batch" or self.loss != "sampled_softmax"):
             raise ValueError(
                 "logq_correction corrects the popularity bias of in-batch negatives in the sampled softmax; with "
@@ -135,14 +146,24 @@ def softmax_loss_over_sample(model, user: Tensor, positives: Tensor, sample: Neg
 
 
 def full_softmax_loss(model, user: Tensor, positives: Tensor, catalogue: Tensor,
-                      config: RetrievalLossConfig) -> Tensor:
-    """Softmax over the whole catalogue (ids `catalogue`; other table rows are masked, the positive never is)."""
+                      config: RetrievalLossConfig, seen: Optional[Tensor] = None) -> Tensor:
+    """Softmax over the whole catalogue (ids `catalogue`; other table rows are masked, the positive never is).
+
+    seen [P, W]: each position's already-seen ids (0 = padding), masked too when `config.history_negatives` is
+    False; `merlin_hstu.retrieval.model.seen_before` builds it."""
+    if not config.history_negatives and seen is None:
+        raise ValueError("history_negatives=false needs each position's seen ids (seen=[P, W]); the caller passed "
+                         "none: build them with merlin_hstu.retrieval.model.seen_before(ids, supervised)")
     head = _head(model)
     items = model.item_vectors()
     logits = _at_least_fp32(head.catalogue_scores(user, items)) / config.temperature  # [P, V]
     outside = torch.ones(items.shape[0], dtype=torch.bool, device=user.device)
     outside[catalogue] = False
     outside = outside.unsqueeze(0).expand_as(logits).clone()
+    if not config.history_negatives:
+        history = torch.zeros_like(outside).scatter_(1, seen.to(device=user.device, dtype=torch.long), True)
+        history[:, 0] = False  # padding
+        outside |= history
     outside[torch.arange(positives.numel(), device=user.device), positives] = False
     logits = logits.masked_fill(outside, MASKED_LOGIT)
     loss = (torch.logsumexp(logits, dim=1) - logits.gather(1, positives.unsqueeze(1)).squeeze(1)).mean()
@@ -171,10 +192,11 @@ def bce_loss(model, user: Tensor, positives: Tensor, negative_pool: Tensor, conf
 
 
 def retrieval_loss(model, user: Tensor, positives: Tensor, catalogue: Tensor, config: RetrievalLossConfig,
-                   generator: Optional[torch.Generator] = None) -> Tensor:
-    """The configured loss.  `catalogue` holds the ids uniform negatives and the full softmax range over."""
+                   generator: Optional[torch.Generator] = None, seen: Optional[Tensor] = None) -> Tensor:
+    """The configured loss.  `catalogue` holds the ids uniform negatives and the full softmax range over; `seen`
+    [P, W] each position's already-seen ids (needed with `history_negatives=False`)."""
     if config.loss == "full_softmax":
-        return full_softmax_loss(model, user, positives, catalogue, config)
+        return full_softmax_loss(model, user, positives, catalogue, config, seen)
     if config.loss == "bce":
         return bce_loss(model, user, positives, catalogue, config, generator)
     return sampled_softmax_loss(model, user, positives, catalogue, config, generator)

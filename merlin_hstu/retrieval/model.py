@@ -283,7 +283,16 @@ def next_item_training_loss(model, batch: dict, negative_pool, config: Retrieval
     `negative_pool` is the catalogue: what uniform negatives and the full softmax range over."""
     user = model.user_vectors(batch["ids"], batch["lengths"], batch.get("timestamps"), batch.get("actions"))
     supervised, labels = supervision(batch["ids"], batch["lengths"])
-    return retrieval_loss(model, user[supervised], labels[supervised], negative_pool, config, generator)
+    seen = None if config.history_negatives else seen_before(batch["ids"], supervised)
+    return retrieval_loss(model, user[supervised], labels[supervised], negative_pool, config, generator, seen)
+
+
+def seen_before(ids: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
+    """[P, W]: for each supervised position (row-major, as `user[supervised]` orders them) at column i of its row,
+    the ids 0..i of that row, the items the query there has seen; later columns 0."""
+    rows, columns = supervised.nonzero(as_tuple=True)
+    later = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) > columns.unsqueeze(1)
+    return ids[rows].masked_fill(later, 0)
 
 
 def supervision(ids: torch.Tensor, lengths: torch.Tensor):

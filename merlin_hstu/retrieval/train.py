@@ -22,7 +22,8 @@ from merlin_hstu.retrieval.data import (LeaveOneOut, SequenceTable, SessionSplit
                                         open_streaming, popularity_counts, train_sequences)
 from merlin_hstu.retrieval.metrics import RetrievalMetricAccumulator, target_ranks
 from merlin_hstu.retrieval.losses import retrieval_loss, softmax_loss_over_sample
-from merlin_hstu.retrieval.model import HSTURetrievalModel, RetrievalModelConfig, next_item_training_loss, supervision
+from merlin_hstu.retrieval.model import HSTURetrievalModel, RetrievalModelConfig, next_item_training_loss, \
+    seen_before, supervision
 from merlin_hstu.retrieval.negatives import NegativeSample, sample_negatives
 from merlin_hstu.retrieval.topk import rankable_from_invalid
 from merlin_hstu.train.config import resolve_device
@@ -198,7 +199,8 @@ class RetrievalTrainingTask:
         user, positives = user[supervised], labels[supervised]
         config = self.loss_config
         if config.loss == "full_softmax":
-            return retrieval_loss(model, user, positives, self.pool, config)
+            seen = None if config.history_negatives else seen_before(batch["ids"], supervised)
+            return retrieval_loss(model, user, positives, self.pool, config, seen=seen)
         every = sample_negatives(config.negatives, batch["global_positives"], self.pool, config.num_negatives,
                                  self.negatives, config.logq_correction)
         mine = slice(int(batch["positive_offset"]), int(batch["positive_offset"]) + positives.numel())
