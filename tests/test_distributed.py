@@ -68,22 +68,25 @@ def _metrics_close(a: dict, b: dict):
 # ---------------------------------------------------------------------------------------------------------------
 # real process groups
 # ---------------------------------------------------------------------------------------------------------------
-def test_cli_two_processes_equal_one_process_replicated_tables(data, tmp_path):
-    """nn.Embedding tables: DDP over 2 processes started by `merlin-hstu train --nproc 2` == one plain process."""
+@pytest.mark.parametrize("objective", [[], ["train.loss=full_softmax", "train.history_negatives=false"]],
+                         ids=["sampled", "full-no-history"])
+def test_cli_two_processes_equal_one_process_replicated_tables(data, tmp_path, objective):
+    """nn.Embedding tables: DDP over 2 processes started by `merlin-hstu train --nproc 2` == one plain process; with
+    the full softmax minus each position's seen items, every rank masks its own slice's histories."""
     from merlin_hstu.retrieval.config import load_config
     from merlin_hstu.retrieval.data import load_processed
     from merlin_hstu.retrieval.train import train_retrieval
     from merlin_hstu.train.run_dir import load_run
 
     out = tmp_path / "run"
-    args = [a for o in SMALL for a in ("--set", o)]
+    args = [a for o in SMALL + objective for a in ("--set", o)]
     proc = subprocess.run([sys.executable, "-m", "merlin_hstu.cli.main", "train", "--data", str(data), "--output",
                            str(out), "--no-progress", "--nproc", "2", *args], capture_output=True, text=True,
                           env=_env(), cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "starting 2 process(es)" in proc.stdout and "run saved to" in proc.stdout
     record = json.loads((out / "metrics.json").read_text())
-    one = train_retrieval(load_processed(data), load_config("demo", SMALL), progress=False)
+    one = train_retrieval(load_processed(data), load_config("demo", SMALL + objective), progress=False)
     _close(record["epoch_losses"], one.epoch_losses)
     _metrics_close(record["metrics"]["HSTU"], one.metrics["HSTU"])
     run = load_run(out)  # written once, by rank 0, in the one run-directory format
