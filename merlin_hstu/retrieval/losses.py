@@ -157,13 +157,12 @@ def full_softmax_loss(model, user: Tensor, positives: Tensor, catalogue: Tensor,
     head = _head(model)
     items = model.item_vectors()
     logits = _at_least_fp32(head.catalogue_scores(user, items)) / config.temperature  # [P, V]
-    outside = torch.ones(items.shape[0], dtype=torch.bool, device=user.device)
-    outside[catalogue] = False
-    outside = outside.unsqueeze(0).expand_as(logits).clone()
+    not_ranked = torch.ones(items.shape[0], dtype=torch.bool, device=user.device)
+    not_ranked[catalogue] = False
+    outside = not_ranked.unsqueeze(0).expand_as(logits).clone()
     if not config.history_negatives:
-        history = torch.zeros_like(outside).scatter_(1, seen.to(device=user.device, dtype=torch.long), True)
-        history[:, 0] = False  # padding
-        outside |= history
+        outside.scatter_(1, seen.to(device=user.device, dtype=torch.long), True)
+        outside[:, 0] = not_ranked[0]  # 0 pads `seen`: row 0 keeps its catalogue status
     outside[torch.arange(positives.numel(), device=user.device), positives] = False
     logits = logits.masked_fill(outside, MASKED_LOGIT)
     loss = (torch.logsumexp(logits, dim=1) - logits.gather(1, positives.unsqueeze(1)).squeeze(1)).mean()
