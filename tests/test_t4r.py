@@ -643,6 +643,47 @@ def test_retrieval_task_full_softmax_matches_a_plain_loop_on_the_clm_targets():
     assert out["loss"].item() == pytest.approx(total / len(want_labels), rel=1e-5)
 
 
+def test_retrieval_task_without_history_negatives_matches_a_plain_loop():
+    """history_negatives=False: position i's softmax leaves out the ids its row showed it (0..i), except its
+    own positive, which the plain loop keeps even when it was seen before (row 0 repeats an item)."""
+    model = build_retrieval_model(loss="full_softmax", temperature=0.5, history_negatives=False).train()
+    lengths = [8, 3, 6]
+    batch = padded_batch(lengths, seed=3)
+    batch["item_id-list"][0, 5] = batch["item_id-list"][0, 1]  # position 4's positive was seen at position 1
+    ids = batch["item_id-list"]
+    out = model(dict(batch), training=True)
+    targets = [(b, i, int(ids[b, i + 1])) for b, n in enumerate(lengths) for i in range(n - 1)]
+    assert out["labels"].tolist() == [y for _, _, y in targets]
+    table = model.heads[0].prediction_task_dict["next-item"].item_embedding_table.weight.detach().double()
+    items = table / table.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    total = everything = 0.0
+    for u, (b, i, y) in zip(out["predictions"].double(), targets):
+        seen = set(ids[b, :i + 1].tolist()) - {y}
+        logits = {j: float(u @ items[j]) / 0.5 for j in range(1, N_ITEMS)}
+        kept = [v for j, v in logits.items() if j not in seen]
+        total += math.log(sum(math.exp(v) for v in kept)) - logits[y]
+        everything += math.log(sum(math.exp(v) for v in logits.values())) - logits[y]
+    assert out["loss"].item() == pytest.approx(total / len(targets), rel=1e-5)
+    assert total < everything - 1e-3  # the seen items did leave the softmax
+
+
+def test_retrieval_task_history_negatives_needs_the_hstu_masking():
+    with pytest.raises(ValueError, match="history_negatives"):
+        merlin_hstu.GenerativeRetrievalTask(history_negatives=False)  # the sampled softmax: refused
+    torch.manual_seed(0)
+    items_only = small_schema().excluding_by_name(["timestamp-list"])
+    inputs = tr.TabularSequenceFeatures.from_schema(items_only, max_sequence_length=MAX_LEN,
+                                                    embedding_dim_default=D_MODEL, d_output=D_MODEL,
+                                                    masking="causal")
+    config = t4r.T4RecHSTUConfig.build(D_MODEL, 2, 2, MAX_LEN, dropout=0.0, time_bias=False)
+    body = tr.SequentialBlock(inputs, tr.TransformerBlock(config, masking=inputs.masking))
+    task = merlin_hstu.GenerativeRetrievalTask(loss="full_softmax", history_negatives=False)
+    model = tr.Model(tr.Head(body, task)).train()
+    batch = padded_batch([8, 3, 6], seed=3)
+    with pytest.raises(ValueError, match="masking='hstu-clm'"):
+        model({"item_id-list": batch["item_id-list"]}, training=True)
+
+
 def test_retrieval_task_evaluation_inference_top_k_and_trace():
     model = build_retrieval_model(similarity="mol", query_norm="layer_norm", l2_norm=False, temperature=1.0,
                                   mol=SMALL_MOL, topk_chunk_size=16).eval()  # 60 items: 4 chunks

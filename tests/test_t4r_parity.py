@@ -146,6 +146,21 @@ def test_trainer_and_native_loop_train_the_same_model(data, tmp_path, one_thread
         torch.testing.assert_close(trained[name], weight, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_trainer_and_native_loop_agree_without_history_negatives(data, tmp_path, one_thread):
+    """train.history_negatives=false reaches the T4R task through `from_configs`: the Trainer's losses equal the
+    native loop's with the same option, and differ from the native loss that keeps seen items as negatives."""
+    processed, splits = data
+    cfg = load_config("demo", OVERRIDES + ["train.history_negatives=false", "train.epochs=1", "train.max_steps=4"])
+    table = load_processed(processed.path)
+    initial, batches, t4r_losses, _, _ = train_with_trainer(cfg, processed, splits, tmp_path)
+    assert len(t4r_losses) == 4
+    native_losses, _ = replay_natively(cfg, table, initial, batches)
+    assert t4r_losses == pytest.approx(native_losses, rel=1e-5)
+    with_history = load_config("demo", OVERRIDES + ["train.epochs=1", "train.max_steps=4"])
+    unmasked_losses, _ = replay_natively(with_history, table, initial, batches[:1])
+    assert t4r_losses[0] < unmasked_losses[0] - 1e-3  # seen items left the first step's softmax
+
+
 def test_t4r_stock_input_stack_is_a_different_model(data, tmp_path, one_thread):
     """input_stack="t4r" (T4R's unscaled embeddings, its N(0, 0.05) init) stays available and is not the native
     model: with its own weights copied into the native model, the first losses differ (the sqrt(D) scale)."""

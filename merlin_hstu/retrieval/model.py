@@ -283,7 +283,7 @@ def next_item_training_loss(model, batch: dict, negative_pool, config: Retrieval
     `negative_pool` is the catalogue: what uniform negatives and the full softmax range over."""
     user = model.user_vectors(batch["ids"], batch["lengths"], batch.get("timestamps"), batch.get("actions"))
     supervised, labels = supervision(batch["ids"], batch["lengths"])
-    seen = None if config.history_negatives else seen_before(batch["ids"], supervised)
+    seen = history_exclusions(config, batch["ids"], supervised)
     return retrieval_loss(model, user[supervised], labels[supervised], negative_pool, config, generator, seen)
 
 
@@ -293,6 +293,13 @@ def seen_before(ids: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
     rows, columns = supervised.nonzero(as_tuple=True)
     later = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) > columns.unsqueeze(1)
     return ids[rows].masked_fill(later, 0)
+
+
+def history_exclusions(config: RetrievalLossConfig, ids: torch.Tensor,
+                       supervised: torch.Tensor) -> Optional[torch.Tensor]:
+    """What `retrieval_loss(..., seen=)` takes for `config`: None when history items stay negatives
+    (`history_negatives=True`, the default), else `seen_before(ids, supervised)`."""
+    return None if config.history_negatives else seen_before(ids, supervised)
 
 
 def supervision(ids: torch.Tensor, lengths: torch.Tensor):

@@ -23,7 +23,7 @@ from merlin_hstu.retrieval.data import (LeaveOneOut, SequenceTable, SessionSplit
 from merlin_hstu.retrieval.metrics import RetrievalMetricAccumulator, target_ranks
 from merlin_hstu.retrieval.losses import retrieval_loss, softmax_loss_over_sample
 from merlin_hstu.retrieval.model import HSTURetrievalModel, RetrievalModelConfig, next_item_training_loss, \
-    seen_before, supervision
+    history_exclusions, supervision
 from merlin_hstu.retrieval.negatives import NegativeSample, sample_negatives
 from merlin_hstu.retrieval.topk import rankable_from_invalid
 from merlin_hstu.train.config import resolve_device
@@ -199,7 +199,7 @@ class RetrievalTrainingTask:
         user, positives = user[supervised], labels[supervised]
         config = self.loss_config
         if config.loss == "full_softmax":
-            seen = None if config.history_negatives else seen_before(batch["ids"], supervised)
+            seen = history_exclusions(config, batch["ids"], supervised)
             return retrieval_loss(model, user, positives, self.pool, config, seen=seen)
         every = sample_negatives(config.negatives, batch["global_positives"], self.pool, config.num_negatives,
                                  self.negatives, config.logq_correction)

@@ -339,7 +339,8 @@ class T4RecHSTUTimeConfig(T4RecConfig, HSTUConfig):
 class HSTUCausalLanguageModeling(CausalLanguageModeling):
     """T4R causal LM masking (labels, input masking: unchanged) that also passes the encoder
     `lengths` [B] (non-padding items per row) and, when `HSTUSequenceFeatures` handed them over for this
-    batch, `timestamps` [B, L] with padded positions set to the row's last event time.
+    batch, `timestamps` [B, L] with padded positions set to the row's last event time.  It keeps the batch's
+    `item_ids` [B, L] too: what `GenerativeRetrievalTask(history_negatives=False)` masks out of each softmax.
 
     The timestamps are handed over per batch (`hand_over_timestamps` right before `forward`) and consumed
     by `forward`, so a batch without timestamps never sees the previous batch's.
@@ -363,6 +364,7 @@ class HSTUCausalLanguageModeling(CausalLanguageModeling):
         self._incoming_timestamps: Optional[torch.Tensor] = None
         self.timestamps: Optional[torch.Tensor] = None
         self.lengths: Optional[torch.Tensor] = None
+        self.item_ids: Optional[torch.Tensor] = None
 
     def hand_over_timestamps(self, timestamps: torch.Tensor) -> None:
         """Timestamps [B, L] aligned with the item-id sequence of the batch about to be masked."""
@@ -379,6 +381,7 @@ class HSTUCausalLanguageModeling(CausalLanguageModeling):
         real = item_ids != self.padding_idx
         lengths = real.sum(dim=1)
         self.lengths = lengths
+        self.item_ids = item_ids
         self.timestamps = None
         if timestamps is not None:
             if not torch.jit.is_tracing() and timestamps.shape != item_ids.shape:

@@ -4,6 +4,8 @@ A drop-in replacement for T4R's `NextItemPredictionTask` (merlin-integration.md 
 options of merlin_hstu, each independent of the others:
 
     loss            sampled_softmax | full_softmax | bce                 (merlin_hstu.retrieval.losses)
+    history_negatives  True | False: with the full softmax, False keeps each position's already-seen items
+                    out of its softmax (masking "hstu-clm" hands the task the batch's item ids)
     negatives       uniform (over the catalogue) | in_batch, + logq_correction   (merlin_hstu.retrieval.negatives)
     num_negatives   R per supervised position;  temperature tau > 0
     l2_norm         L2-normalise query and item vectors (on: the reference's cosine / tau)
@@ -44,6 +46,7 @@ from transformers4rec.torch.model.prediction_task import NextItemPredictionTask
 from merlin_hstu.common import schema as roles
 from merlin_hstu.encoders.hstu import HSTUEncoderConfig
 from merlin_hstu.retrieval.losses import RetrievalLossConfig, retrieval_loss
+from merlin_hstu.retrieval.model import history_exclusions
 from merlin_hstu.retrieval.similarity import MoLConfig, RetrievalHead, RetrievalHeadConfig
 
 
@@ -80,10 +83,12 @@ class RetrievalOutput(nn.Module):
             scores = scores / self.loss_config.temperature
         return scores, targets
 
-    def loss(self, inputs: Tensor, positives: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Configured loss of body outputs [P, D] at supervised positions with positive ids [P]."""
+    def loss(self, inputs: Tensor, positives: Tensor, generator: Optional[torch.Generator] = None,
+             seen: Optional[Tensor] = None) -> Tensor:
+        """Configured loss of body outputs [P, D] at supervised positions with positive ids [P]; `seen` [P, W]
+        each position's already-seen ids (`history_negatives=False`)."""
         return retrieval_loss(self, self.head.normalize_query(inputs), positives, self.catalogue,
-                              self.loss_config, generator)
+                              self.loss_config, generator, seen)
 
 
 class GenerativeRetrievalTask(NextItemPredictionTask):
@@ -91,6 +96,7 @@ class GenerativeRetrievalTask(NextItemPredictionTask):
 
     Arguments (see the module docstring): loss, negatives, num_negatives, temperature, logq_correction, l2_norm,
     similarity, mol (MoLConfig or dict; default: the RAILS ML-1M shape), mi_loss_weight (MoL's aux loss),
+    history_negatives (full softmax: False leaves each position's already-seen items out of its softmax),
     query_norm ("l2" | "layer_norm" | "none"; overrides l2_norm for the query side), first_item_id (smallest
     real item id: negatives, the full softmax and recommendations use ids >= it; default padding_idx + 1; use 3
     for NVTabular Categorify's 0 pad / 1 null / 2 OOV), topk_chunk_size (items scored at a time when scoring the
@@ -108,6 +114,7 @@ class GenerativeRetrievalTask(NextItemPredictionTask):
         similarity: str = "dot",
         mol: Optional[Union[MoLConfig, dict]] = None,
         mi_loss_weight: float = 0.0,
+        history_negatives: bool = True,
         query_norm: Optional[str] = None,
         first_item_id: Optional[int] = None,
         topk_chunk_size: int = 0,
@@ -118,7 +125,7 @@ class GenerativeRetrievalTask(NextItemPredictionTask):
         # Both configs validate here, so a bad combination fails at construction, not at the first batch.
         loss_config = RetrievalLossConfig(num_negatives=num_negatives, temperature=temperature, loss=loss,
                                                negatives=negatives, logq_correction=logq_correction,
-                                               mi_loss_weight=mi_loss_weight)
+                                               mi_loss_weight=mi_loss_weight, history_negatives=history_negatives)
         head_config = RetrievalHeadConfig(similarity=similarity,
                                           query_norm=query_norm or ("l2" if l2_norm else "none"),
                                           item_norm="l2" if l2_norm else "none",
@@ -140,7 +147,8 @@ class GenerativeRetrievalTask(NextItemPredictionTask):
         head = head or RetrievalHeadConfig()
         return cls(loss=loss.loss, negatives=loss.negatives, num_negatives=loss.num_negatives,
                    temperature=loss.temperature, logq_correction=loss.logq_correction,
-                   mi_loss_weight=loss.mi_loss_weight, l2_norm=head.item_norm == "l2", query_norm=head.query_norm,
+                   mi_loss_weight=loss.mi_loss_weight, history_negatives=loss.history_negatives,
+                   l2_norm=head.item_norm == "l2", query_norm=head.query_norm,
                    similarity=head.similarity, mol=head.mol, topk_chunk_size=head.topk_chunk_size, **kwargs)
 
     def build(self, body, input_size, device=None, inputs=None, task_block=None, pre=None):
@@ -165,12 +173,23 @@ class GenerativeRetrievalTask(NextItemPredictionTask):
         x = x.float()
         if self.task_block:
             x = self.task_block(x)
-        labels = self.masking.masked_targets.flatten()
+        labels = self.masking.masked_targets
         supervised = labels != self.padding_idx
-        x = self.remove_pad_3d(x, supervised)
+        x = self.remove_pad_3d(x, supervised.flatten())
         positives = labels[supervised].long()
-        loss = self.output.loss(x, positives)
+        loss = self.output.loss(x, positives, seen=self._seen(supervised))
         return {"loss": loss, "labels": positives, "predictions": self.output.head.normalize_query(x).detach()}
+
+    def _seen(self, supervised: Tensor) -> Optional[Tensor]:
+        """[P, W] each supervised position's already-seen ids when `history_negatives=False`, else None."""
+        if self.loss_config.history_negatives:
+            return None
+        item_ids = getattr(self.masking, "item_ids", None)
+        if item_ids is None:
+            raise ValueError(f"history_negatives=False needs each batch's item ids from the masking, and masking "
+                             f"{type(self.masking).__name__} keeps none: build the inputs with masking='hstu-clm' "
+                             "(retrieval_model_from_schema does) or set history_negatives=True")
+        return history_exclusions(self.loss_config, item_ids, supervised)
 
     def _get_name(self) -> str:
         return "GenerativeRetrievalTask"
