@@ -342,9 +342,11 @@ def test_bench_flags_select_the_objective_and_reject_bad_combinations(tmp_path, 
     from merlin_hstu.bench import heads as retrieval_bench
 
     assert retrieval_bench.main(["--dataset", str(tmp_path / "data"), "--model", "demo", "--rounds", "1",
-                                 "--variants", "dot-sampled,dot-bce", "--output", str(tmp_path / "heads")]) == 0
+                                 "--variants", "dot-sampled,dot-bce,dot-full,dot-full-unseen",
+                                 "--output", str(tmp_path / "heads")]) == 0
     rows = json.loads((tmp_path / "heads" / "heads.json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["dot-sampled", "dot-bce"] and rows[0]["ratio"] == 1.0
+    assert [r["variant"] for r in rows] == ["dot-sampled", "dot-bce", "dot-full", "dot-full-unseen"]
+    assert rows[0]["ratio"] == 1.0 and all(r["seconds_per_step"] > 0 for r in rows)
 
 
 def test_bench_summary_prints_stored_reference_times_as_anchors_never_as_a_ratio():

@@ -6,8 +6,9 @@ one training step (forward, backward, AdamW) of each in turn, round after round,
 to the first variant is what to read.  It prints the machine, a markdown table (median s/step, ratio, peak RSS of
 the process) and writes `<output>/heads.json`.
 
-Variants (`--variants`, comma separated): dot-sampled (the preset's objective), dot-in_batch-logq, dot-full,
-dot-bce, mol-sampled (the preset with `head.similarity=mol`, RAILS MoL shape, layer-norm query, raw items,
+Variants (`--variants`, comma separated): dot-sampled (the preset's objective), dot-in_batch-logq, dot-full (every
+catalogue item a negative), dot-full-unseen (the full softmax without each position's seen items:
+`train.history_negatives=false`), dot-bce, mol-sampled (the preset with `head.similarity=mol`, RAILS MoL shape, layer-norm query, raw items,
 temperature 1, mi loss 0.001 - what the `*-mol-*` presets set).
 """
 from __future__ import annotations
@@ -23,8 +24,9 @@ from merlin_hstu.common.atomic_dir import write_file
 VARIANTS = {
     "dot-sampled": [],
     "dot-in_batch-logq": ["train.negatives=in_batch", "train.logq_correction=true"],
-    "dot-full": ["train.loss=full_softmax"],
-    "dot-bce": ["train.loss=bce", "train.num_negatives=1", "train.temperature=1.0"],
+    "dot-full": ["train.loss=full_softmax", "train.history_negatives=true"],
+    "dot-full-unseen": ["train.loss=full_softmax", "train.history_negatives=false"],
+    "dot-bce": ["train.loss=bce", "train.num_negatives=1", "train.temperature=1.0", "train.history_negatives=true"],
     "mol-sampled": ["head.similarity=mol", "head.query_norm=layer_norm", "head.item_norm=none",
                     "train.temperature=1.0", "train.mi_loss_weight=0.001"],
 }
