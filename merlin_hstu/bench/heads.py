@@ -8,8 +8,8 @@ the process) and writes `<output>/heads.json`.
 
 Variants (`--variants`, comma separated): dot-sampled (the preset's objective), dot-in_batch-logq, dot-full (every
 catalogue item a negative), dot-full-unseen (the full softmax without each position's seen items:
-`train.history_negatives=false`), dot-bce, mol-sampled (the preset with `head.similarity=mol`, RAILS MoL shape, layer-norm query, raw items,
-temperature 1, mi loss 0.001 - what the `*-mol-*` presets set).
+`train.history_negatives=false`), dot-bce, mol-sampled (the preset with `head.similarity=mol`, RAILS MoL shape,
+layer-norm query, raw items, temperature 1, mi loss 0.001 - what the `*-mol-*` presets set).
 """
 from __future__ import annotations
 
