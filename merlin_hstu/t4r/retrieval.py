@@ -153,6 +153,10 @@ class GenerativeRetrievalTask(NextItemPredictionTask):
 
     def build(self, body, input_size, device=None, inputs=None, task_block=None, pre=None):
         super().build(body, input_size, device=device, inputs=inputs, task_block=task_block, pre=pre)
+        if not self.loss_config.history_negatives and not hasattr(self.masking, "item_ids"):
+            raise ValueError(f"history_negatives=False needs each batch's item ids from the masking, and masking "
+                             f"{type(self.masking).__name__} keeps none: build the inputs with masking='hstu-clm' "
+                             "(retrieval_model_from_schema does) or set history_negatives=True")
         table = self.item_embedding_table
         dim = table.weight.shape[1]  # weight tying: T4R projects the body output to the item width if needed
         head = RetrievalHead(self.head_config, dim, dim)
@@ -177,19 +181,9 @@ class GenerativeRetrievalTask(NextItemPredictionTask):
         supervised = labels != self.padding_idx
         x = self.remove_pad_3d(x, supervised.flatten())
         positives = labels[supervised].long()
-        loss = self.output.loss(x, positives, seen=self._seen(supervised))
+        item_ids = getattr(self.masking, "item_ids", None)  # kept by "hstu-clm"; `build` checked it is there
+        loss = self.output.loss(x, positives, seen=history_exclusions(self.loss_config, item_ids, supervised))
         return {"loss": loss, "labels": positives, "predictions": self.output.head.normalize_query(x).detach()}
-
-    def _seen(self, supervised: Tensor) -> Optional[Tensor]:
-        """[P, W] each supervised position's already-seen ids when `history_negatives=False`, else None."""
-        if self.loss_config.history_negatives:
-            return None
-        item_ids = getattr(self.masking, "item_ids", None)
-        if item_ids is None:
-            raise ValueError(f"history_negatives=False needs each batch's item ids from the masking, and masking "
-                             f"{type(self.masking).__name__} keeps none: build the inputs with masking='hstu-clm' "
-                             "(retrieval_model_from_schema does) or set history_negatives=True")
-        return history_exclusions(self.loss_config, item_ids, supervised)
 
     def _get_name(self) -> str:
         return "GenerativeRetrievalTask"
